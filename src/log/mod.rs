@@ -1,0 +1,537 @@
+//! The event log: append-only, on sled, in one data directory.
+//!
+//! # Layout of a data directory
+//!
+//! ```text
+//! DIR/LOCK          flock'd by the one process using DIR; holds its pid
+//! DIR/FORMAT.json   the layout version and every event kind's version ever written here
+//! DIR/log/          the sled database
+//!     tree events       u64 big-endian seq -> envelope JSON
+//!     tree by_session   session id ++ 0x00 ++ u64 BE seq -> (empty); key WATERMARK -> u64 BE
+//! DIR/checkpoints/  one JSON file per projection, replaced atomically
+//! ```
+//!
+//! # Invariants
+//! - Sequence numbers start at 1 and have no gaps; an entry, once written, is never rewritten.
+//! - A batch of events is applied with one `sled::Batch` (atomic); with [`Durability::EveryBatch`]
+//!   the database is flushed before `append` returns, so an acknowledged event survives a crash.
+//! - The session index is written after its events, with its watermark in the same atomic batch.
+//!   A crash between the two leaves the index behind, never ahead: opening for writing re-indexes
+//!   the tail, and reads by session scan whatever lies past the watermark.
+//! - `FORMAT.json` is checked before sled is opened: a directory written by a newer agentsync
+//!   is refused with nothing modified.
+//! - Undecodable entries are reported with their sequence number, never skipped silently.
+
+mod checkpoint;
+mod format;
+mod lock;
+
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_core::Stream;
+use uuid::Uuid;
+
+pub use checkpoint::{
+    load_views, CatchUp, CheckpointError, CheckpointPolicy, CheckpointStore, LiveViews, Origin,
+};
+pub use format::Format;
+
+use crate::events::{DecodeError, Envelope, EventKind, NewEvent};
+
+const EVENTS_TREE: &str = "events";
+const SESSION_TREE: &str = "by_session";
+/// Sorts after every `id ++ 0x00 ++ seq` key whose id does not start with 0xFF.
+const WATERMARK_KEY: &[u8] = b"\xff\xffwatermark";
+/// How many events a blocking reader hands over at a time.
+const READ_CHUNK: usize = 1024;
+
+/// When appended events are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Flush at the end of every batch: `append` returns only once the batch is on disk.
+    EveryBatch,
+    /// Flush at the end of a batch when this much time has passed since the last flush.
+    /// Events in between may be lost by a crash (not by a clean shutdown, which flushes).
+    Interval(Duration),
+}
+
+/// How to open a log.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Create the directory if it does not exist (the worker does; inspection commands do not).
+    pub create: bool,
+    /// Durability policy for appends.
+    pub durability: Durability,
+    /// sled's page cache in bytes. Set deliberately: the default let a 200 MB log use 390 MB.
+    pub cache_bytes: u64,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            create: false,
+            durability: Durability::EveryBatch,
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// What can go wrong with the log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The directory holds no log and `create` was not asked for.
+    #[error("no agentsync data directory at {0} (expected {0}/log); check --data-dir")]
+    NotFound(PathBuf),
+    /// Another process holds the directory.
+    #[error("data directory {dir} is in use by another agentsync process{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The holder's pid, when it could be read.
+        pid: Option<u32>,
+    },
+    /// The directory was written by a newer agentsync.
+    #[error(
+        "data directory {dir} was written by a newer agentsync: {reason}; nothing was modified"
+    )]
+    NewerSchema {
+        /// The directory.
+        dir: PathBuf,
+        /// What is newer.
+        reason: String,
+    },
+    /// An entry could not be decoded.
+    #[error("event seq {seq} cannot be decoded: {source}")]
+    Corrupt {
+        /// Its sequence number.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: DecodeError,
+    },
+    /// A key in the events tree is not an 8-byte sequence number.
+    #[error("the events tree holds a malformed key {key:?}: the log is corrupt")]
+    BadKey {
+        /// The key's bytes.
+        key: Vec<u8>,
+    },
+    /// sled failed.
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+    /// The file system failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LogError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        LogError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// True when the error is about how the log was asked for (bad path, newer schema, locked),
+    /// rather than a failure while using it: the CLI exits 2 for these.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            LogError::NotFound(_) | LogError::NewerSchema { .. } | LogError::Locked { .. }
+        )
+    }
+}
+
+/// Which events to read.
+#[derive(Debug, Clone)]
+pub struct ReadFilter {
+    /// Sequence numbers to read, inclusive.
+    pub range: RangeInclusive<u64>,
+    /// Only events about this session (chat or agent id).
+    pub session: Option<String>,
+    /// Only events of these kinds (`None`: all).
+    pub kinds: Option<Vec<EventKind>>,
+}
+
+impl Default for ReadFilter {
+    fn default() -> Self {
+        Self {
+            range: 1..=u64::MAX,
+            session: None,
+            kinds: None,
+        }
+    }
+}
+
+impl ReadFilter {
+    /// Every event from `from` on.
+    pub fn from(from: u64) -> Self {
+        Self {
+            range: from..=u64::MAX,
+            ..Self::default()
+        }
+    }
+
+    fn wants_kind(&self, kind: EventKind) -> bool {
+        self.kinds.as_ref().is_none_or(|k| k.contains(&kind))
+    }
+}
+
+/// The append-only event log of one data directory.
+pub struct EventLog {
+    dir: PathBuf,
+    db: sled::Db,
+    events: sled::Tree,
+    by_session: sled::Tree,
+    durability: Durability,
+    writer: Mutex<WriterState>,
+    _lock: lock::DirLock,
+}
+
+struct WriterState {
+    /// The last sequence number appended.
+    last_seq: u64,
+    /// The last sequence number known to be on disk.
+    durable_seq: u64,
+    last_flush: Instant,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog").field("dir", &self.dir).finish()
+    }
+}
+
+impl EventLog {
+    /// Opens (or, with `create`, creates) the log in `dir`: takes the directory lock, checks the
+    /// schema marker, opens sled, and repairs the session index if a crash left it behind.
+    /// Blocking: call it off the async runtime.
+    pub fn open(dir: impl AsRef<Path>, opts: &LogOptions) -> Result<EventLog, LogError> {
+        let dir = dir.as_ref().to_path_buf();
+        let db_path = dir.join("log");
+        if !db_path.exists() {
+            if !opts.create {
+                return Err(LogError::NotFound(dir));
+            }
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| LogError::io(format!("cannot create {}", dir.display()), e))?;
+        }
+        let lock = lock::DirLock::acquire(&dir)?;
+        let format = Format::load(&dir)?;
+        if let Some(reason) = format.as_ref().and_then(Format::newer_than_this_binary) {
+            return Err(LogError::NewerSchema { dir, reason });
+        }
+        let db = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(opts.cache_bytes)
+            .open()?;
+        let events = db.open_tree(EVENTS_TREE)?;
+        let by_session = db.open_tree(SESSION_TREE)?;
+        let last_seq = match events.last()? {
+            Some((k, _)) => seq_of(&k)?,
+            None => 0,
+        };
+        // A writer records the versions it writes before it writes anything; inspection
+        // commands (opened without `create`) leave the directory as they found it.
+        let merged = Format::current().merged_with(format.as_ref());
+        if opts.create && format.as_ref() != Some(&merged) {
+            merged.store(&dir)?;
+        }
+        let log = EventLog {
+            dir,
+            db,
+            events,
+            by_session,
+            durability: opts.durability,
+            writer: Mutex::new(WriterState {
+                last_seq,
+                durable_seq: last_seq,
+                last_flush: Instant::now(),
+            }),
+            _lock: lock,
+        };
+        log.repair_session_index()?;
+        Ok(log)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The last sequence number appended (0 for an empty log).
+    pub fn last_seq(&self) -> u64 {
+        self.writer.lock().expect("log writer poisoned").last_seq
+    }
+
+    /// The last sequence number known to be on disk.
+    pub fn durable_seq(&self) -> u64 {
+        self.writer.lock().expect("log writer poisoned").durable_seq
+    }
+
+    /// Appends events as one atomic batch and returns them as stored. With
+    /// [`Durability::EveryBatch`] they are on disk when this returns. Blocking.
+    pub fn append(&self, batch: Vec<NewEvent>) -> Result<Vec<Envelope>, LogError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut w = self.writer.lock().expect("log writer poisoned");
+        let mut events = sled::Batch::default();
+        let mut index = sled::Batch::default();
+        let mut stored = Vec::with_capacity(batch.len());
+        let mut seq = w.last_seq;
+        for new in batch {
+            seq += 1;
+            let env = Envelope {
+                seq,
+                id: uuid_v7_at(new.at),
+                at: new.at,
+                v: new.event.kind().version(),
+                event: new.event,
+                cause: new.cause,
+            };
+            events.insert(&seq.to_be_bytes(), env.encode());
+            for id in env.event.session_ids() {
+                index.insert(session_key(id, seq), &[]);
+            }
+            stored.push(env);
+        }
+        index.insert(WATERMARK_KEY, &seq.to_be_bytes());
+        self.events.apply_batch(events)?;
+        self.by_session.apply_batch(index)?;
+        w.last_seq = seq;
+        let due = match self.durability {
+            Durability::EveryBatch => true,
+            Durability::Interval(every) => w.last_flush.elapsed() >= every,
+        };
+        if due {
+            self.db.flush()?;
+            w.durable_seq = seq;
+            w.last_flush = Instant::now();
+        }
+        Ok(stored)
+    }
+
+    /// Flushes everything appended so far to disk. Blocking.
+    pub fn flush(&self) -> Result<u64, LogError> {
+        let mut w = self.writer.lock().expect("log writer poisoned");
+        self.db.flush()?;
+        w.durable_seq = w.last_seq;
+        w.last_flush = Instant::now();
+        Ok(w.durable_seq)
+    }
+
+    /// Reads events matching `filter` in sequence order. An undecodable entry is yielded as
+    /// [`LogError::Corrupt`] and reading goes on after it: the caller decides to stop or skip.
+    /// Blocking: use [`EventLog::stream`] from async code.
+    pub fn read(
+        &self,
+        filter: ReadFilter,
+    ) -> Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send + '_> {
+        match filter.session.clone() {
+            None => Box::new(self.scan(filter)),
+            Some(session) => Box::new(self.read_session(session, filter)),
+        }
+    }
+
+    /// [`EventLog::read`] as an async stream: the scan and decoding run on a blocking thread and
+    /// hand events over in chunks, so the async workers never wait on sled.
+    pub fn stream(
+        self: &Arc<Self>,
+        filter: ReadFilter,
+    ) -> impl Stream<Item = Result<Envelope, LogError>> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Result<Envelope, LogError>>>(4);
+        let log = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut chunk = Vec::with_capacity(READ_CHUNK);
+            for item in log.read(filter) {
+                chunk.push(item);
+                if chunk.len() == READ_CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(READ_CHUNK));
+                    if tx.blocking_send(full).is_err() {
+                        return; // the reader went away
+                    }
+                }
+            }
+            if !chunk.is_empty() {
+                let _ = tx.blocking_send(chunk);
+            }
+        });
+        async_stream::stream! {
+            while let Some(chunk) = rx.recv().await {
+                for item in chunk {
+                    yield item;
+                }
+            }
+        }
+    }
+
+    /// Reads one event by sequence number. Blocking.
+    pub fn get(&self, seq: u64) -> Result<Option<Envelope>, LogError> {
+        match self.events.get(seq.to_be_bytes())? {
+            None => Ok(None),
+            Some(bytes) => decode_at(seq, &bytes).map(Some),
+        }
+    }
+
+    /// Bytes used on disk by the whole data directory.
+    pub fn size_on_disk(&self) -> Result<u64, LogError> {
+        fn walk(p: &Path) -> std::io::Result<u64> {
+            let mut total = 0;
+            for entry in std::fs::read_dir(p)? {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                total += if meta.is_dir() {
+                    walk(&entry.path())?
+                } else {
+                    meta.len()
+                };
+            }
+            Ok(total)
+        }
+        walk(&self.dir)
+            .map_err(|e| LogError::io(format!("cannot measure {}", self.dir.display()), e))
+    }
+
+    /// Where checkpoints of this log live.
+    pub fn checkpoints(&self) -> CheckpointStore {
+        CheckpointStore::new(self.dir.join("checkpoints"))
+    }
+
+    fn scan(&self, filter: ReadFilter) -> impl Iterator<Item = Result<Envelope, LogError>> + '_ {
+        let (from, to) = (*filter.range.start(), *filter.range.end());
+        self.events
+            .range(from.to_be_bytes()..=to.to_be_bytes())
+            .filter_map(move |item| {
+                let (k, v) = match item {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(e.into())),
+                };
+                let seq = match seq_of(&k) {
+                    Ok(s) => s,
+                    Err(e) => return Some(Err(e)),
+                };
+                match &filter.kinds {
+                    None => Some(decode_at(seq, &v)),
+                    Some(_) => match Envelope::decode(&v) {
+                        Ok(env) if filter.wants_kind(env.kind()) => Some(Ok(env)),
+                        Ok(_) => None,
+                        Err(source) => Some(Err(LogError::Corrupt { seq, source })),
+                    },
+                }
+            })
+    }
+
+    fn read_session(
+        &self,
+        session: String,
+        filter: ReadFilter,
+    ) -> impl Iterator<Item = Result<Envelope, LogError>> + '_ {
+        let watermark = self.index_watermark().unwrap_or(0);
+        let (from, to) = (*filter.range.start(), *filter.range.end());
+        let mut prefix = session.clone().into_bytes();
+        prefix.push(0);
+        let indexed = self
+            .by_session
+            .range(session_key_bytes(&prefix, from)..=session_key_bytes(&prefix, to.min(watermark)))
+            .map(move |item| -> Result<Option<Envelope>, LogError> {
+                let (k, _) = item?;
+                let seq = seq_of(&k[k.len() - 8..])?;
+                self.get(seq)
+            })
+            .filter_map(Result::transpose);
+        // Past the watermark (a crash cut the index short, read-only open): scan.
+        let tail_filter = ReadFilter {
+            range: from.max(watermark + 1)..=to,
+            session: None,
+            kinds: None,
+        };
+        let tail: Box<dyn Iterator<Item = Result<Envelope, LogError>> + Send> =
+            if watermark < to && watermark < self.last_seq() {
+                Box::new(self.scan(tail_filter).collect::<Vec<_>>().into_iter())
+            } else {
+                Box::new(std::iter::empty())
+            };
+        let wanted = session.clone();
+        indexed.chain(tail).filter(move |item| match item {
+            // The index is keyed by id prefix: confirm the event really names the session,
+            // and apply the kind filter.
+            Ok(env) => {
+                filter.wants_kind(env.kind()) && env.event.session_ids().contains(&wanted.as_str())
+            }
+            Err(_) => true,
+        })
+    }
+
+    fn index_watermark(&self) -> Result<u64, LogError> {
+        match self.by_session.get(WATERMARK_KEY)? {
+            Some(v) => seq_of(&v),
+            None => Ok(0),
+        }
+    }
+
+    /// Indexes events past the index watermark (left by a crash between the two batches).
+    fn repair_session_index(&self) -> Result<(), LogError> {
+        let watermark = self.index_watermark()?;
+        let last = self.last_seq();
+        if watermark >= last {
+            return Ok(());
+        }
+        tracing::warn!(
+            watermark,
+            last,
+            "session index behind the log after a crash; re-indexing the tail"
+        );
+        let mut index = sled::Batch::default();
+        for item in self.scan(ReadFilter::from(watermark + 1)) {
+            let env = item?;
+            for id in env.event.session_ids() {
+                index.insert(session_key(id, env.seq), &[]);
+            }
+        }
+        index.insert(WATERMARK_KEY, &last.to_be_bytes());
+        self.by_session.apply_batch(index)?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// A UUID v7 whose time part is the event's (injected) time.
+fn uuid_v7_at(at: u64) -> Uuid {
+    let ts =
+        uuid::Timestamp::from_unix(uuid::NoContext, at / 1000, ((at % 1000) * 1_000_000) as u32);
+    Uuid::new_v7(ts)
+}
+
+fn session_key(id: &str, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.len() + 9);
+    key.extend_from_slice(id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn session_key_bytes(prefix: &[u8], seq: u64) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn seq_of(key: &[u8]) -> Result<u64, LogError> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| LogError::BadKey { key: key.to_vec() })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn decode_at(seq: u64, bytes: &[u8]) -> Result<Envelope, LogError> {
+    Envelope::decode(bytes).map_err(|source| LogError::Corrupt { seq, source })
+}

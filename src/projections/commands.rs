@@ -1,0 +1,153 @@
+//! `commands`: the ledger of every command ever planned and where it stands.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::Projection;
+use crate::clock::Millis;
+use crate::events::{Command, CommandId, Envelope, ErrorClass, Event, Op, Subject};
+
+/// Every command by id. Re-planning an id that is already here changes nothing: that is what
+/// makes planning idempotent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommandLedger {
+    /// Commands by id.
+    pub commands: BTreeMap<CommandId, LedgerEntry>,
+}
+
+/// Where a command stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandState {
+    /// Planned, not started.
+    Planned,
+    /// An attempt is running.
+    InFlight,
+    /// Done.
+    Succeeded,
+    /// The last attempt failed: retryable ones wait for `next_attempt_at`, terminal ones are over.
+    Failed,
+    /// Out of attempts.
+    Dead,
+}
+
+/// One command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// Its operation.
+    pub op: Op,
+    /// What it is about.
+    pub subject: Subject,
+    /// The command, kept only while it may still run (the log keeps it forever).
+    pub command: Option<Command>,
+    /// Why it was planned.
+    pub reason: String,
+    /// Where it stands.
+    pub state: CommandState,
+    /// Attempts started.
+    pub attempts: u32,
+    /// The class of the last failure.
+    pub last_class: Option<ErrorClass>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// When the next attempt may start.
+    pub next_attempt_at: Option<Millis>,
+    /// The seq of the event that planned it.
+    pub planned_seq: u64,
+    /// When it was planned.
+    pub planned_at: Millis,
+    /// When its state last changed.
+    pub updated_at: Millis,
+}
+
+impl LedgerEntry {
+    /// True when nothing more will happen to it: succeeded, dead, or failed terminally.
+    pub fn is_final(&self) -> bool {
+        match self.state {
+            CommandState::Succeeded | CommandState::Dead => true,
+            CommandState::Failed => self.last_class == Some(ErrorClass::Terminal),
+            CommandState::Planned | CommandState::InFlight => false,
+        }
+    }
+
+    fn finish(&mut self, state: CommandState, at: Millis) {
+        self.state = state;
+        self.updated_at = at;
+        if self.is_final() {
+            self.command = None;
+            self.next_attempt_at = None;
+        }
+    }
+}
+
+impl CommandLedger {
+    /// Commands that are not final, in id order.
+    pub fn open(&self) -> impl Iterator<Item = (&CommandId, &LedgerEntry)> {
+        self.commands.iter().filter(|(_, e)| !e.is_final())
+    }
+}
+
+impl Projection for CommandLedger {
+    const NAME: &'static str = "commands";
+    const VERSION: u32 = 1;
+
+    fn apply(&mut self, e: &Envelope) {
+        match &e.event {
+            Event::CommandPlanned(b) => {
+                self.commands
+                    .entry(b.command_id.clone())
+                    .or_insert_with(|| LedgerEntry {
+                        op: b.command.op(),
+                        subject: b.command.subject(),
+                        command: Some(b.command.clone()),
+                        reason: b.reason.clone(),
+                        state: CommandState::Planned,
+                        attempts: 0,
+                        last_class: None,
+                        last_error: None,
+                        next_attempt_at: None,
+                        planned_seq: e.seq,
+                        planned_at: e.at,
+                        updated_at: e.at,
+                    });
+            }
+            Event::AttemptStarted(b) => {
+                if let Some(c) = self.commands.get_mut(&b.command_id) {
+                    if !c.is_final() {
+                        c.attempts = c.attempts.max(b.attempt);
+                        c.next_attempt_at = None;
+                        c.finish(CommandState::InFlight, e.at);
+                    }
+                }
+            }
+            Event::CommandSucceeded(b) => {
+                if let Some(c) = self.commands.get_mut(&b.command_id) {
+                    c.attempts = c.attempts.max(b.attempt);
+                    c.finish(CommandState::Succeeded, e.at);
+                }
+            }
+            Event::CommandFailed(b) => {
+                if let Some(c) = self.commands.get_mut(&b.command_id) {
+                    if !c.is_final() {
+                        c.attempts = c.attempts.max(b.attempt);
+                        c.last_class = Some(b.class);
+                        c.last_error = Some(b.error.clone());
+                        c.next_attempt_at = b.next_attempt_at;
+                        c.finish(CommandState::Failed, e.at);
+                    }
+                }
+            }
+            Event::CommandDeadLettered(b) => {
+                if let Some(c) = self.commands.get_mut(&b.command_id) {
+                    if !c.is_final() {
+                        c.attempts = c.attempts.max(b.attempts);
+                        c.last_error = Some(b.last_error.clone());
+                        c.finish(CommandState::Dead, e.at);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}

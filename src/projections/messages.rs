@@ -1,0 +1,303 @@
+//! `messages`: every user message's way from seen to answered or failed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::Projection;
+use crate::clock::Millis;
+use crate::events::{
+    ChatSessionId, ChatStatus, Effect, Envelope, ErrorClass, Event, MessageId, MessageInfo, Op,
+    Role,
+};
+
+/// The state of every user message, and which are still pending per chat session.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MessagesView {
+    /// User messages by id.
+    pub messages: BTreeMap<MessageId, MessageRow>,
+    /// Pending (seen or prompting) messages per chat session, so that ending a session ends its
+    /// messages without scanning them all.
+    pub pending_by_chat: BTreeMap<ChatSessionId, BTreeSet<MessageId>>,
+}
+
+/// Where a user message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageState {
+    /// Seen, waiting to be prompted (or to be prompted again after a retryable failure).
+    Seen,
+    /// A prompt attempt is running.
+    Prompting,
+    /// The agent answered (see `delivered`).
+    Answered,
+    /// It failed, with a reason (see `delivered`).
+    Failed,
+    /// Its session ended before it was answered, with a reason (see `delivered`).
+    Abandoned,
+}
+
+impl MessageState {
+    /// Seen or prompting: still owed an answer or a failure.
+    pub fn is_pending(self) -> bool {
+        matches!(self, MessageState::Seen | MessageState::Prompting)
+    }
+}
+
+/// One user message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageRow {
+    /// Its chat session.
+    pub chat_session_id: ChatSessionId,
+    /// Where it stands.
+    pub state: MessageState,
+    /// Prompt attempts started.
+    pub attempts: u32,
+    /// When the user wrote it.
+    pub timestamp: Millis,
+    /// Its text, kept only while it may still be prompted.
+    pub text: Option<String>,
+    /// The agent's answer, kept only until the backend holds it.
+    pub answer: Option<String>,
+    /// Why it failed or was abandoned.
+    pub reason: Option<String>,
+    /// Whether the backend holds the outcome (answer or failure).
+    pub delivered: bool,
+    /// An incomplete assistant reply seen in the backend (a sign of an interrupted attempt).
+    pub incomplete_reply: Option<MessageId>,
+    /// When its state last changed.
+    pub updated_at: Millis,
+}
+
+impl MessagesView {
+    fn set_state(&mut self, id: &MessageId, state: MessageState, at: Millis) {
+        let Some(row) = self.messages.get_mut(id) else {
+            return;
+        };
+        row.state = state;
+        row.updated_at = at;
+        if state.is_pending() {
+            self.pending_by_chat
+                .entry(row.chat_session_id.clone())
+                .or_default()
+                .insert(id.clone());
+        } else {
+            row.text = None;
+            if let Some(set) = self.pending_by_chat.get_mut(&row.chat_session_id) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.pending_by_chat.remove(&row.chat_session_id);
+                }
+            }
+        }
+    }
+
+    /// Ends a message with a reason unless it already has an outcome.
+    fn end(
+        &mut self,
+        id: &MessageId,
+        state: MessageState,
+        reason: &str,
+        delivered: bool,
+        at: Millis,
+    ) {
+        let Some(row) = self.messages.get_mut(id) else {
+            return;
+        };
+        if !row.state.is_pending() {
+            return; // the first outcome stands
+        }
+        row.reason = Some(reason.to_owned());
+        row.delivered = delivered;
+        row.answer = None;
+        self.set_state(id, state, at);
+    }
+
+    fn abandon_session(&mut self, chat: &ChatSessionId, reason: &str, at: Millis) {
+        let pending: Vec<MessageId> = self
+            .pending_by_chat
+            .get(chat)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for id in pending {
+            self.end(&id, MessageState::Abandoned, reason, false, at);
+        }
+    }
+
+    fn observe(&mut self, m: &MessageInfo, at: Millis) {
+        match m.role {
+            Role::User => {
+                if !self.messages.contains_key(&m.message_id) {
+                    self.messages.insert(
+                        m.message_id.clone(),
+                        MessageRow {
+                            chat_session_id: m.chat_session_id.clone(),
+                            state: MessageState::Seen,
+                            attempts: 0,
+                            timestamp: m.timestamp,
+                            text: Some(m.content.clone()),
+                            answer: None,
+                            reason: None,
+                            delivered: false,
+                            incomplete_reply: None,
+                            updated_at: at,
+                        },
+                    );
+                    self.set_state(&m.message_id, MessageState::Seen, at);
+                } else if let Some(row) = self.messages.get_mut(&m.message_id) {
+                    if row.state.is_pending() {
+                        row.text = Some(m.content.clone());
+                    }
+                }
+                if let Some(error) = &m.error {
+                    self.end(&m.message_id, MessageState::Failed, error, true, at);
+                    if let Some(row) = self.messages.get_mut(&m.message_id) {
+                        row.delivered = true;
+                    }
+                }
+            }
+            Role::Assistant => {
+                let Some(user) = &m.reply_to else { return };
+                if m.completed && m.error.is_none() {
+                    let row = self
+                        .messages
+                        .entry(user.clone())
+                        .or_insert_with(|| MessageRow {
+                            chat_session_id: m.chat_session_id.clone(),
+                            state: MessageState::Seen,
+                            attempts: 0,
+                            timestamp: m.timestamp,
+                            text: None,
+                            answer: None,
+                            reason: None,
+                            delivered: false,
+                            incomplete_reply: None,
+                            updated_at: at,
+                        });
+                    row.delivered = true;
+                    row.answer = None;
+                    row.incomplete_reply = None;
+                    row.reason = None;
+                    self.set_state(user, MessageState::Answered, at);
+                } else if let Some(row) = self.messages.get_mut(user) {
+                    if !m.completed && row.state.is_pending() {
+                        row.incomplete_reply = Some(m.message_id.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Projection for MessagesView {
+    const NAME: &'static str = "messages";
+    const VERSION: u32 = 1;
+
+    fn apply(&mut self, e: &Envelope) {
+        match &e.event {
+            Event::BackendMessageSeen(m) => self.observe(m, e.at),
+            Event::BackendSessionSeen(s) | Event::BackendSessionChanged(s) => match s.status {
+                ChatStatus::Deleted => {
+                    self.abandon_session(&s.chat_session_id, "session deleted", e.at)
+                }
+                ChatStatus::Failed => {
+                    self.abandon_session(&s.chat_session_id, "session failed", e.at)
+                }
+                ChatStatus::Active => {}
+            },
+            Event::BackendSessionGone(s) => {
+                self.abandon_session(&s.chat_session_id, "session gone from the backend", e.at)
+            }
+            Event::AttemptStarted(b) if b.op == Op::Prompt => {
+                if let Some(id) = &b.subject.message_id {
+                    if self.messages.get(id).is_some_and(|r| r.state.is_pending()) {
+                        if let Some(row) = self.messages.get_mut(id) {
+                            row.attempts += 1;
+                        }
+                        self.set_state(id, MessageState::Prompting, e.at);
+                    }
+                }
+            }
+            Event::CommandFailed(b) if b.op == Op::Prompt => {
+                if let Some(id) = &b.subject.message_id {
+                    match b.class {
+                        ErrorClass::Retryable => {
+                            if self
+                                .messages
+                                .get(id)
+                                .is_some_and(|r| r.state == MessageState::Prompting)
+                            {
+                                self.set_state(id, MessageState::Seen, e.at);
+                            }
+                        }
+                        ErrorClass::Terminal => {
+                            self.end(id, MessageState::Failed, &b.error, false, e.at)
+                        }
+                    }
+                }
+            }
+            Event::CommandDeadLettered(b) if b.op == Op::Prompt => {
+                if let Some(id) = &b.subject.message_id {
+                    let reason = format!("gave up after {} attempts: {}", b.attempts, b.last_error);
+                    self.end(id, MessageState::Failed, &reason, false, e.at);
+                }
+            }
+            Event::CommandSucceeded(b) => match &b.effect {
+                Effect::PromptAnswered {
+                    message_id,
+                    content,
+                    ..
+                } => {
+                    if self
+                        .messages
+                        .get(message_id)
+                        .is_some_and(|r| r.state.is_pending())
+                    {
+                        if let Some(row) = self.messages.get_mut(message_id) {
+                            row.answer = Some(content.clone());
+                            row.delivered = false;
+                        }
+                        self.set_state(message_id, MessageState::Answered, e.at);
+                    }
+                }
+                Effect::MessageCompleted { message_id, .. } => {
+                    if let Some(row) = self.messages.get_mut(message_id) {
+                        row.delivered = true;
+                        row.answer = None;
+                        row.incomplete_reply = None;
+                    }
+                    self.set_state(message_id, MessageState::Answered, e.at);
+                }
+                Effect::MessageFailed {
+                    message_id, reason, ..
+                } => {
+                    let keep = self
+                        .messages
+                        .get(message_id)
+                        .is_some_and(|r| r.state == MessageState::Abandoned);
+                    if let Some(row) = self.messages.get_mut(message_id) {
+                        row.delivered = true;
+                        row.answer = None;
+                        row.reason.get_or_insert_with(|| reason.clone());
+                    }
+                    if !keep {
+                        self.set_state(message_id, MessageState::Failed, e.at);
+                    }
+                }
+                Effect::SessionDeleted { chat_session_id } => {
+                    self.abandon_session(chat_session_id, "session deleted", e.at)
+                }
+                Effect::SessionFailed {
+                    chat_session_id,
+                    reason,
+                } => self.abandon_session(
+                    chat_session_id,
+                    &format!("session failed: {reason}"),
+                    e.at,
+                ),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+}

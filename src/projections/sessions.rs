@@ -1,0 +1,313 @@
+//! `sessions`: the active-session view — both sides of every session and the links between them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::Projection;
+use crate::clock::Millis;
+use crate::events::{
+    AgentSessionId, AgentSessionInfo, AgentStatus, ChatSessionId, ChatSessionInfo, ChatStatus,
+    Effect, Envelope, Event, ModelRef, Source,
+};
+
+/// The agent server's sessions, the backend's chat sessions, how they link, and how fresh each
+/// source's knowledge is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionsView {
+    /// Agent sessions that exist (as last observed), by id.
+    pub agent: BTreeMap<AgentSessionId, AgentSessionRow>,
+    /// Chat sessions known to the backend (any status), by id.
+    pub chat: BTreeMap<ChatSessionId, ChatSessionRow>,
+    /// Per source: its last complete listing and last failure. A deletion is only ever derived
+    /// from a complete listing newer than the link it breaks.
+    pub listings: BTreeMap<Source, ListingState>,
+    /// The agent server's model list, as last fetched.
+    pub models: Option<ModelCache>,
+}
+
+/// One agent session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentSessionRow {
+    /// Its title.
+    pub title: String,
+    /// Its directory.
+    pub directory: Option<String>,
+    /// Its project (filled once, never overwritten).
+    pub project: Option<String>,
+    /// Its model (filled once, never overwritten).
+    pub model: Option<ModelRef>,
+    /// What it is doing.
+    pub status: AgentStatus,
+    /// Since when it has been busy without a break, if busy.
+    pub busy_since: Option<Millis>,
+    /// Its last activity.
+    pub last_activity: Millis,
+}
+
+/// One chat session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatSessionRow {
+    /// The agent session it is linked to (in the backend, or created for it and not yet linked).
+    pub agent_session_id: Option<AgentSessionId>,
+    /// Whether the backend is known to hold that link.
+    pub link_confirmed: bool,
+    /// The seq of the event that established the current link.
+    pub linked_seq: Option<u64>,
+    /// Its title in the backend.
+    pub title: String,
+    /// Its model, `provider/model` (filled once, never overwritten).
+    pub model: Option<String>,
+    /// Its status.
+    pub status: ChatStatus,
+    /// Its last activity.
+    pub last_activity: Millis,
+    /// Its project (filled once, never overwritten).
+    pub project: Option<String>,
+}
+
+/// What is known about one source's listings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListingState {
+    /// The seq of the last complete, successful listing.
+    pub last_complete_seq: Option<u64>,
+    /// When it finished.
+    pub last_complete_at: Option<Millis>,
+    /// The seq of the last failed observation.
+    pub last_failure_seq: Option<u64>,
+    /// Its error.
+    pub last_error: Option<String>,
+}
+
+/// The cached model list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCache {
+    /// The agent-server generation it was fetched from.
+    pub generation: u64,
+    /// When it was fetched.
+    pub fetched_at: Millis,
+    /// The models.
+    pub models: Vec<ModelRef>,
+    /// The server's default.
+    pub default: Option<ModelRef>,
+}
+
+/// Sets `slot` from `observed` only when `slot` is empty: a later observation backfills a
+/// missing field but never overwrites a known one.
+fn backfill<T: Clone>(slot: &mut Option<T>, observed: &Option<T>) {
+    if slot.is_none() {
+        slot.clone_from(observed);
+    }
+}
+
+impl SessionsView {
+    /// The chat session linked to an agent session, if any (a scan: the reconciler builds its
+    /// own index once per pass).
+    pub fn chat_for_agent(&self, id: &AgentSessionId) -> Option<(&ChatSessionId, &ChatSessionRow)> {
+        self.chat
+            .iter()
+            .find(|(_, c)| c.agent_session_id.as_ref() == Some(id))
+    }
+
+    fn observe_agent(&mut self, info: &AgentSessionInfo) {
+        let row = self
+            .agent
+            .entry(info.agent_session_id.clone())
+            .or_insert_with(|| AgentSessionRow {
+                title: String::new(),
+                directory: None,
+                project: None,
+                model: None,
+                status: AgentStatus::Idle,
+                busy_since: None,
+                last_activity: 0,
+            });
+        row.title.clone_from(&info.title);
+        if info.directory.is_some() {
+            row.directory.clone_from(&info.directory);
+        }
+        backfill(&mut row.project, &info.project);
+        backfill(&mut row.model, &info.model);
+        row.last_activity = row.last_activity.max(info.updated_at);
+    }
+
+    fn observe_chat(&mut self, info: &ChatSessionInfo, seq: u64) {
+        let row = self
+            .chat
+            .entry(info.chat_session_id.clone())
+            .or_insert_with(|| ChatSessionRow {
+                agent_session_id: None,
+                link_confirmed: false,
+                linked_seq: None,
+                title: String::new(),
+                model: None,
+                status: info.status,
+                last_activity: 0,
+                project: None,
+            });
+        if let Some(agent) = &info.agent_session_id {
+            if row.agent_session_id.as_ref() != Some(agent) {
+                row.agent_session_id = Some(agent.clone());
+                row.linked_seq = Some(seq);
+            }
+            row.link_confirmed = true;
+        }
+        row.title.clone_from(&info.title);
+        row.status = info.status;
+        row.last_activity = row.last_activity.max(info.last_activity);
+        backfill(&mut row.model, &info.model);
+        backfill(&mut row.project, &info.project);
+    }
+
+    fn apply_effect(&mut self, effect: &Effect, e: &Envelope) {
+        match effect {
+            Effect::ChatSessionCreated {
+                chat_session_id,
+                agent_session_id,
+                title,
+                model,
+            } => {
+                let row =
+                    self.chat
+                        .entry(chat_session_id.clone())
+                        .or_insert_with(|| ChatSessionRow {
+                            agent_session_id: None,
+                            link_confirmed: false,
+                            linked_seq: None,
+                            title: title.clone(),
+                            model: None,
+                            status: ChatStatus::Active,
+                            last_activity: e.at,
+                            project: None,
+                        });
+                if row.agent_session_id.as_ref() != Some(agent_session_id) {
+                    row.agent_session_id = Some(agent_session_id.clone());
+                    row.linked_seq = Some(e.seq);
+                }
+                row.link_confirmed = true;
+                backfill(&mut row.model, model);
+            }
+            Effect::AgentSessionCreated {
+                chat_session_id,
+                agent_session_id,
+                title,
+            } => {
+                self.agent
+                    .entry(agent_session_id.clone())
+                    .or_insert_with(|| AgentSessionRow {
+                        title: title.clone(),
+                        directory: None,
+                        project: None,
+                        model: None,
+                        status: AgentStatus::Idle,
+                        busy_since: None,
+                        last_activity: e.at,
+                    });
+                if let Some(row) = self.chat.get_mut(chat_session_id) {
+                    row.agent_session_id = Some(agent_session_id.clone());
+                    row.link_confirmed = false;
+                    row.linked_seq = Some(e.seq);
+                }
+            }
+            Effect::AgentSessionLinked {
+                chat_session_id,
+                agent_session_id,
+            } => {
+                if let Some(row) = self.chat.get_mut(chat_session_id) {
+                    if row.agent_session_id.as_ref() != Some(agent_session_id) {
+                        row.linked_seq = Some(e.seq);
+                    }
+                    row.agent_session_id = Some(agent_session_id.clone());
+                    row.link_confirmed = true;
+                }
+            }
+            Effect::SessionRenamed {
+                chat_session_id,
+                title,
+            } => {
+                if let Some(row) = self.chat.get_mut(chat_session_id) {
+                    row.title.clone_from(title);
+                }
+            }
+            Effect::SessionDeleted { chat_session_id } => {
+                if let Some(row) = self.chat.get_mut(chat_session_id) {
+                    row.status = ChatStatus::Deleted;
+                }
+            }
+            Effect::SessionFailed {
+                chat_session_id, ..
+            } => {
+                if let Some(row) = self.chat.get_mut(chat_session_id) {
+                    row.status = ChatStatus::Failed;
+                }
+            }
+            Effect::PromptAnswered {
+                chat_session_id, ..
+            } => {
+                if let Some(row) = self.chat.get_mut(chat_session_id) {
+                    row.last_activity = row.last_activity.max(e.at);
+                }
+            }
+            Effect::MessageCompleted { .. }
+            | Effect::MessageFailed { .. }
+            | Effect::AgentSessionAborted { .. } => {}
+        }
+    }
+}
+
+impl Projection for SessionsView {
+    const NAME: &'static str = "sessions";
+    const VERSION: u32 = 1;
+
+    fn apply(&mut self, e: &Envelope) {
+        match &e.event {
+            Event::AgentSessionSeen(info) | Event::AgentSessionChanged(info) => {
+                self.observe_agent(info)
+            }
+            Event::AgentSessionGone(b) => {
+                self.agent.remove(&b.agent_session_id);
+            }
+            Event::AgentSessionStatus(b) => {
+                // A status for a session not (yet) listed carries no title: wait for the listing.
+                if let Some(row) = self.agent.get_mut(&b.agent_session_id) {
+                    let busy = !matches!(b.status, AgentStatus::Idle);
+                    row.busy_since = match (busy, row.busy_since) {
+                        (false, _) => None,
+                        (true, None) => Some(e.at),
+                        (true, since) => since,
+                    };
+                    row.status = b.status.clone();
+                    row.last_activity = row.last_activity.max(e.at);
+                }
+            }
+            Event::ModelsListed(b) => {
+                self.models = Some(ModelCache {
+                    generation: b.generation,
+                    fetched_at: e.at,
+                    models: b.models.clone(),
+                    default: b.default.clone(),
+                })
+            }
+            Event::BackendSessionSeen(info) | Event::BackendSessionChanged(info) => {
+                self.observe_chat(info, e.seq)
+            }
+            Event::BackendSessionGone(b) => {
+                self.chat.remove(&b.chat_session_id);
+            }
+            Event::ListingCompleted(b) => {
+                if b.complete {
+                    let l = self.listings.entry(b.source).or_default();
+                    l.last_complete_seq = Some(e.seq);
+                    l.last_complete_at = Some(e.at);
+                }
+            }
+            Event::ObservationFailed(b) => {
+                let l = self.listings.entry(b.source).or_default();
+                l.last_failure_seq = Some(e.seq);
+                l.last_error = Some(b.error.clone());
+            }
+            Event::CommandSucceeded(b) => self.apply_effect(&b.effect, e),
+            _ => {}
+        }
+    }
+}
