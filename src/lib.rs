@@ -15,3 +15,4 @@ pub mod clock;
 pub mod events;
 pub mod log;
 pub mod projections;
+pub mod testkit;

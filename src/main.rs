@@ -1,1 +1,5 @@
-fn main() {}
+//! The `agentsync` binary: see [`agentsync::cli`].
+
+fn main() -> std::process::ExitCode {
+    agentsync::cli::main()
+}

@@ -263,9 +263,12 @@ pub struct Envelope {
     pub cause: Option<Uuid>,
 }
 
-/// An event to append: the log assigns its sequence number and id.
+/// An event to append: the log assigns its sequence number. Its id is chosen here, so that
+/// events appended in one batch can already name each other as causes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
+    /// Its id: a UUID v7 whose time part is `at`.
+    pub id: Uuid,
     /// The event.
     pub event: Event,
     /// When it happened (injected clock).
@@ -277,7 +280,13 @@ pub struct NewEvent {
 impl NewEvent {
     /// An event at `at` with no cause.
     pub fn new(event: Event, at: Millis) -> Self {
+        let ts = uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            at / 1000,
+            ((at % 1000) * 1_000_000) as u32,
+        );
         Self {
+            id: Uuid::new_v7(ts),
             event,
             at,
             cause: None,

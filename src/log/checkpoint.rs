@@ -76,6 +76,28 @@ impl CheckpointStore {
             })
     }
 
+    /// Loads projection `name`'s checkpoint with its state as stored, untyped: what
+    /// `rebuild --verify` compares against, so that nothing the typed state drops is hidden.
+    pub fn load_raw(
+        &self,
+        name: &str,
+    ) -> Result<Option<Checkpoint<serde_json::Value>>, CheckpointError> {
+        let path = self.path(name);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| CheckpointError {
+                    path,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CheckpointError {
+                path,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
     /// Writes a checkpoint atomically.
     pub fn save<P: Projection>(&self, c: &Checkpoint<P>) -> Result<(), LogError> {
         std::fs::create_dir_all(&self.dir)
@@ -294,4 +316,63 @@ impl LiveViews {
         self.last_write_at = now;
         Ok(seq)
     }
+}
+
+/// What comparing a stored checkpoint with a rebuild found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// There is no checkpoint.
+    Missing,
+    /// The checkpoint matches a rebuild from scratch up to its seq.
+    Matches {
+        /// The checkpoint's seq.
+        seq: u64,
+    },
+    /// The checkpoint differs: every difference, `path: checkpoint -> rebuilt`.
+    Differs {
+        /// The checkpoint's seq.
+        seq: u64,
+        /// The differences.
+        diffs: Vec<String>,
+    },
+    /// The checkpoint cannot be compared (unreadable, other version, past the log's end).
+    Unusable(String),
+}
+
+/// Rebuilds projection `name` from scratch up to its stored checkpoint's seq and compares the
+/// two, as stored (untyped), so that nothing is hidden. Blocking.
+pub fn verify_checkpoint(
+    log: &EventLog,
+    name: ProjectionName,
+    progress: impl FnMut(u64),
+) -> Result<Verification, LogError> {
+    let stored = match log.checkpoints().load_raw(name.as_str()) {
+        Ok(Some(c)) => c,
+        Ok(None) => return Ok(Verification::Missing),
+        Err(e) => return Ok(Verification::Unusable(e.to_string())),
+    };
+    if stored.version != name.version() {
+        return Ok(Verification::Unusable(format!(
+            "checkpoint is v{}, projection is v{}: run `agentsync rebuild --projection {name}`",
+            stored.version,
+            name.version()
+        )));
+    }
+    if stored.seq > log.last_seq() {
+        return Ok(Verification::Unusable(format!(
+            "checkpoint at seq {} is past the end of the log (seq {})",
+            stored.seq,
+            log.last_seq()
+        )));
+    }
+    let (views, _) = load_views(log, Some(stored.seq), Some(name), true, progress)?;
+    let diffs = crate::projections::diff_states(&stored.state, &views.to_json(name));
+    Ok(if diffs.is_empty() {
+        Verification::Matches { seq: stored.seq }
+    } else {
+        Verification::Differs {
+            seq: stored.seq,
+            diffs,
+        }
+    })
 }

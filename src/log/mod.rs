@@ -31,13 +31,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_core::Stream;
-use uuid::Uuid;
-
 pub use checkpoint::{
-    load_views, CatchUp, CheckpointError, CheckpointPolicy, CheckpointStore, LiveViews, Origin,
+    load_views, verify_checkpoint, CatchUp, CheckpointError, CheckpointPolicy, CheckpointStore,
+    LiveViews, Origin, Verification,
 };
 pub use format::Format;
+use futures_core::Stream;
 
 use crate::events::{DecodeError, Envelope, EventKind, NewEvent};
 
@@ -292,7 +291,7 @@ impl EventLog {
             seq += 1;
             let env = Envelope {
                 seq,
-                id: uuid_v7_at(new.at),
+                id: new.id,
                 at: new.at,
                 v: new.event.kind().version(),
                 event: new.event,
@@ -502,13 +501,6 @@ impl EventLog {
         self.db.flush()?;
         Ok(())
     }
-}
-
-/// A UUID v7 whose time part is the event's (injected) time.
-fn uuid_v7_at(at: u64) -> Uuid {
-    let ts =
-        uuid::Timestamp::from_unix(uuid::NoContext, at / 1000, ((at % 1000) * 1_000_000) as u32);
-    Uuid::new_v7(ts)
 }
 
 fn session_key(id: &str, seq: u64) -> Vec<u8> {

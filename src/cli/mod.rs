@@ -1,0 +1,223 @@
+//! The `agentsync` command line. Each subcommand lives in its own file; this one parses,
+//! maps errors to exit codes (2: usage or configuration, 1: runtime) and owns stdout.
+
+mod rebuild;
+mod render;
+mod replay;
+mod stats;
+mod why;
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::events::EventKind;
+use crate::log::{EventLog, LogError, LogOptions};
+use crate::projections::ProjectionName;
+
+/// agentsync: an event-sourced reconciliation engine for AI-agent workers.
+#[derive(Debug, Parser)]
+#[command(name = "agentsync", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the log as a timeline, or the state of a view at a point of it.
+    Replay(ReplayArgs),
+    /// Explain an id: the observations that led to it and the outcomes that followed.
+    Why(WhyArgs),
+    /// Rebuild projections from the log; --verify compares with the stored checkpoints.
+    Rebuild(RebuildArgs),
+    /// Counts by kind, size on disk, checkpoint lag.
+    Stats(StatsArgs),
+    /// The log as JSON lines on stdout.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+struct DataDir {
+    /// The worker's data directory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// First sequence number to show.
+    #[arg(long, value_name = "SEQ", conflicts_with = "at")]
+    from: Option<u64>,
+    /// Last sequence number to show.
+    #[arg(long, value_name = "SEQ", conflicts_with = "at")]
+    to: Option<u64>,
+    /// Only events about this chat or agent session.
+    #[arg(long, value_name = "ID", conflicts_with = "at")]
+    session: Option<String>,
+    /// Only events of this kind (repeatable).
+    #[arg(long, value_name = "KIND", value_parser = parse_kind, conflicts_with = "at")]
+    kind: Vec<EventKind>,
+    /// Print the state of a view as it was after this sequence number.
+    #[arg(long, value_name = "SEQ", requires = "view")]
+    at: Option<u64>,
+    /// The view to print with --at.
+    #[arg(long, value_name = "VIEW", value_parser = parse_projection, requires = "at")]
+    view: Option<ProjectionName>,
+    /// JSON lines (timeline) or one JSON object (view) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Pass over undecodable events, reporting each on stderr, instead of stopping.
+    #[arg(long, conflicts_with = "at")]
+    skip_corrupt: bool,
+}
+
+#[derive(Debug, Args)]
+struct WhyArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// A command id, message id, chat or agent session id, or event id.
+    #[arg(value_name = "ID")]
+    id: String,
+    /// JSON lines, each with its role (cause, subject, outcome).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct RebuildArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// Only this projection (sessions, messages or commands).
+    #[arg(long, value_name = "NAME", value_parser = parse_projection)]
+    projection: Option<ProjectionName>,
+    /// Rebuild up to each stored checkpoint and list every difference; write nothing.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// First sequence number to export.
+    #[arg(long, value_name = "SEQ", default_value_t = 1)]
+    from: u64,
+}
+
+fn parse_kind(s: &str) -> Result<EventKind, String> {
+    EventKind::from_name(s).ok_or_else(|| {
+        let known: Vec<&str> = EventKind::ALL.iter().map(|k| k.name()).collect();
+        format!(
+            "unknown event kind `{s}`; known kinds: {}",
+            known.join(", ")
+        )
+    })
+}
+
+fn parse_projection(s: &str) -> Result<ProjectionName, String> {
+    s.parse()
+}
+
+/// A failed command: its one-line reason and exit code.
+#[derive(Debug)]
+pub struct CliError {
+    code: u8,
+    message: String,
+}
+
+impl CliError {
+    fn runtime(message: impl Into<String>) -> Self {
+        Self {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<LogError> for CliError {
+    fn from(e: LogError) -> Self {
+        Self {
+            code: if e.is_usage() { 2 } else { 1 },
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<io::Error> for CliError {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            // The reader (`| head`) has what it wanted: not a failure.
+            return Self {
+                code: 0,
+                message: String::new(),
+            };
+        }
+        Self::runtime(format!("cannot write output: {e}"))
+    }
+}
+
+/// Where a command prints: buffered stdout, where a closed pipe (`| head`) ends quietly.
+pub(crate) struct Out(io::BufWriter<io::StdoutLock<'static>>);
+
+impl Out {
+    fn new() -> Self {
+        Out(io::BufWriter::new(io::stdout().lock()))
+    }
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+fn open_log(dir: &DataDir) -> Result<EventLog, CliError> {
+    Ok(EventLog::open(&dir.data_dir, &LogOptions::default())?)
+}
+
+/// Runs the command line and returns the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(io::stderr)
+        .init();
+    let mut out = Out::new();
+    let result = match cli.command {
+        Command::Replay(a) => replay::run(a, &mut out),
+        Command::Why(a) => why::run(a, &mut out),
+        Command::Rebuild(a) => rebuild::run(a, &mut out),
+        Command::Stats(a) => stats::run(a, &mut out),
+        Command::Export(a) => replay::export(a, &mut out),
+    };
+    let result = result.and_then(|()| out.flush().map_err(CliError::from));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.code == 0 => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = out.flush();
+            eprintln!("agentsync: error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! The `agentsync` binary as a process, on generated logs: output and exit codes.
+
+mod common;
+
+use agentsync::events::{Event, EventKind};
+use agentsync::projections::{Projection, SessionsView};
+use common::*;
+use serde_json::Value;
+
+fn json_lines(s: &str) -> Vec<Value> {
+    s.lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[test]
+fn replay_prints_every_event_as_a_table_and_as_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = random_log(dir.path(), 7, 200);
+    let table = agentsync_in(dir.path(), "replay", &[]);
+    assert_eq!(table.status.code(), Some(0), "{}", stderr(&table));
+    let text = stdout(&table);
+    assert!(text.lines().next().unwrap().contains("KIND"));
+    assert_eq!(text.lines().count(), stored.len() + 1);
+    // Causes within the shown range are shown as #seq.
+    assert!(text.contains(" #"), "no cause shown as #seq:\n{text}");
+
+    let json = agentsync_in(dir.path(), "replay", &["--json"]);
+    let lines = json_lines(&stdout(&json));
+    assert_eq!(lines.len(), stored.len());
+    for (line, env) in lines.iter().zip(&stored) {
+        assert_eq!(line["seq"], env.seq);
+        assert_eq!(line["kind"], env.kind().name());
+        assert_eq!(line["id"], env.id.to_string());
+    }
+}
+
+#[test]
+fn replay_filters_by_range_kind_and_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = random_log(dir.path(), 11, 300);
+    let out = agentsync_in(
+        dir.path(),
+        "replay",
+        &["--json", "--from", "10", "--to", "20"],
+    );
+    let seqs: Vec<u64> = json_lines(&stdout(&out))
+        .iter()
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (10..=20).collect::<Vec<_>>());
+
+    let out = agentsync_in(
+        dir.path(),
+        "replay",
+        &[
+            "--json",
+            "--kind",
+            "command_planned",
+            "--kind",
+            "listing_completed",
+        ],
+    );
+    let got = json_lines(&stdout(&out));
+    let want = stored
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind(),
+                EventKind::CommandPlanned | EventKind::ListingCompleted
+            )
+        })
+        .count();
+    assert_eq!(got.len(), want);
+    assert!(want > 0);
+
+    let session = stored
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::AgentSessionSeen(s) => Some(s.agent_session_id.to_string()),
+            _ => None,
+        })
+        .unwrap();
+    let out = agentsync_in(dir.path(), "replay", &["--json", "--session", &session]);
+    let got: Vec<u64> = json_lines(&stdout(&out))
+        .iter()
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    let want: Vec<u64> = stored
+        .iter()
+        .filter(|e| e.event.session_ids().contains(&session.as_str()))
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(got, want);
+    assert!(got.len() >= 2);
+}
+
+#[test]
+fn replay_at_prints_the_view_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = story(dir.path());
+    let at = stored.len() as u64 / 2;
+    let mut view = SessionsView::default();
+    for e in stored.iter().take(at as usize) {
+        view.apply(e);
+    }
+    let out = agentsync_in(
+        dir.path(),
+        "replay",
+        &["--at", &at.to_string(), "--view", "sessions", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let doc: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(doc["seq"], at);
+    assert_eq!(doc["state"], serde_json::to_value(&view).unwrap());
+
+    let table = agentsync_in(
+        dir.path(),
+        "replay",
+        &["--at", &at.to_string(), "--view", "messages"],
+    );
+    assert_eq!(table.status.code(), Some(0));
+    assert!(stdout(&table).starts_with(&format!("messages as of seq {at}")));
+}
+
+#[test]
+fn why_explains_a_failed_message_from_observation_to_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = story(dir.path());
+    // The second user message is the one whose prompt overflowed the context.
+    let failed = stored
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::CommandFailed(f) => f.subject.message_id.clone(),
+            _ => None,
+        })
+        .expect("the story has a failed prompt");
+    let out = agentsync_in(dir.path(), "why", &[failed.as_str(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = json_lines(&stdout(&out));
+    let kinds: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["role"].as_str().unwrap(),
+                l["event"]["kind"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("subject", "backend_message_seen")),
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&("subject", "command_failed")), "{kinds:?}");
+    assert!(
+        kinds
+            .iter()
+            .any(|(r, k)| *r == "subject" && *k == "command_succeeded"),
+        "{kinds:?}"
+    );
+    let text = stdout(&agentsync_in(dir.path(), "why", &[failed.as_str()]));
+    assert!(text.contains("ContextOverflowError"), "{text}");
+    assert!(text.contains("failMessage"), "{text}");
+
+    // From a command id: back to the observation that caused it, forward to its outcome.
+    let planned = stored
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::CommandPlanned(p) if p.command.op() == agentsync::events::Op::CreateSession => {
+                Some(p.command_id.to_string())
+            }
+            _ => None,
+        })
+        .unwrap();
+    let lines = json_lines(&stdout(&agentsync_in(
+        dir.path(),
+        "why",
+        &[&planned, "--json"],
+    )));
+    let roles: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["role"].as_str().unwrap(),
+                l["event"]["kind"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(roles[0], ("cause", "agent_session_seen"), "{roles:?}");
+    assert!(
+        roles.contains(&("subject", "command_succeeded")),
+        "{roles:?}"
+    );
+
+    let missing = agentsync_in(dir.path(), "why", &["no-such-id"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("no event in the log mentions `no-such-id`"));
+}
+
+#[test]
+fn rebuild_writes_checkpoints_and_verify_lists_every_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    random_log(dir.path(), 3, 300);
+    let out = agentsync_in(dir.path(), "rebuild", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("rebuilt sessions v1"));
+    let ok = agentsync_in(dir.path(), "rebuild", &["--verify"]);
+    assert_eq!(ok.status.code(), Some(0), "{}{}", stdout(&ok), stderr(&ok));
+    assert_eq!(stdout(&ok).matches("matches a rebuild").count(), 3);
+
+    // Tamper with a stored checkpoint: verify names the place and fails.
+    let path = dir.path().join("checkpoints/sessions.json");
+    let mut doc: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let chat = doc["state"]["chat"].as_object_mut().unwrap();
+    let first = chat.keys().next().unwrap().clone();
+    chat[&first]["title"] = Value::from("tampered");
+    std::fs::write(&path, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let bad = agentsync_in(
+        dir.path(),
+        "rebuild",
+        &["--verify", "--projection", "sessions"],
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    let text = stdout(&bad);
+    assert!(
+        text.contains(&format!("/chat/{first}/title: \"tampered\" ->")),
+        "{text}"
+    );
+    assert!(stderr(&bad).contains("verify found 1 difference(s)"));
+
+    // Rebuilding that projection alone repairs it.
+    let fix = agentsync_in(dir.path(), "rebuild", &["--projection", "sessions"]);
+    assert_eq!(fix.status.code(), Some(0));
+    assert!(!stdout(&fix).contains("messages"));
+    assert_eq!(
+        agentsync_in(dir.path(), "rebuild", &["--verify"])
+            .status
+            .code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn stats_counts_kinds_and_checkpoint_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = random_log(dir.path(), 5, 150);
+    assert_eq!(
+        agentsync_in(dir.path(), "rebuild", &[]).status.code(),
+        Some(0)
+    );
+    // More events after the checkpoint: lag.
+    let more = write_more(dir.path(), 9);
+    let out = agentsync_in(dir.path(), "stats", &["--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let s: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(s["events"], (stored.len() + more) as u64);
+    let planned = stored
+        .iter()
+        .filter(|e| e.kind() == EventKind::CommandPlanned)
+        .count() as u64;
+    assert_eq!(s["by_kind"]["command_planned"], planned);
+    assert!(s["size_on_disk_bytes"].as_u64().unwrap() > 0);
+    for c in s["checkpoints"].as_array().unwrap() {
+        assert_eq!(c["lag"], more as u64, "{c}");
+    }
+    let text = stdout(&agentsync_in(dir.path(), "stats", &[]));
+    assert!(text.contains("command_planned"));
+}
+
+fn write_more(dir: &std::path::Path, n: usize) -> usize {
+    use agentsync::events::{NewEvent, WorkerStopping};
+    let log = agentsync::log::EventLog::open(dir, &create()).unwrap();
+    let batch = (0..n)
+        .map(|i| {
+            NewEvent::new(
+                Event::WorkerStopping(WorkerStopping {
+                    reason: format!("test {i}"),
+                }),
+                1_763_800_000_000,
+            )
+        })
+        .collect();
+    log.append(batch).unwrap().len()
+}
+
+#[test]
+fn export_writes_json_lines_from_a_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = random_log(dir.path(), 9, 100);
+    let out = agentsync_in(dir.path(), "export", &["--from", "5"]);
+    assert_eq!(out.status.code(), Some(0));
+    let lines = json_lines(&stdout(&out));
+    assert_eq!(lines.len(), stored.len() - 4);
+    assert_eq!(lines[0], serde_json::to_value(&stored[4]).unwrap());
+}
+
+#[test]
+fn bad_input_gets_a_one_line_reason_and_the_right_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing-here");
+    let out = agentsync_in(&missing, "replay", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("no agentsync data directory"));
+    assert!(
+        !missing.exists(),
+        "an inspection command created the directory"
+    );
+
+    story(dir.path());
+    let out = agentsync_in(dir.path(), "replay", &["--kind", "nonsense"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown event kind `nonsense`"));
+    let out = agentsync_in(
+        dir.path(),
+        "replay",
+        &["--at", "99999", "--view", "sessions"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("past the end of the log"));
+    let out = agentsync_in(dir.path(), "replay", &["--at", "3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--at without --view is a usage error"
+    );
+    let out = agentsync_in(dir.path(), "rebuild", &["--projection", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = agentsync(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_corrupt_entry_is_an_error_naming_its_seq_unless_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = story(dir.path());
+    {
+        let db = sled::open(dir.path().join("log")).unwrap();
+        let events = db.open_tree("events").unwrap();
+        events
+            .insert(5u64.to_be_bytes(), &b"{\"seq\":5, not json"[..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let out = agentsync_in(dir.path(), "replay", &["--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("event seq 5 cannot be decoded"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        json_lines(&stdout(&out)).len(),
+        4,
+        "events before the corrupt one are printed"
+    );
+
+    let out = agentsync_in(dir.path(), "replay", &["--json", "--skip-corrupt"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json_lines(&stdout(&out)).len(), stored.len() - 1);
+    assert!(stderr(&out).contains("skipped seq 5"));
+
+    let out = agentsync_in(dir.path(), "export", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = agentsync_in(dir.path(), "stats", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("first at seq 5"));
+}
+
+fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_data_dir_from_a_newer_schema_exits_2_and_is_not_modified() {
+    let dir = tempfile::tempdir().unwrap();
+    story(dir.path());
+    let format = dir.path().join("FORMAT.json");
+    let mut doc: Value = serde_json::from_slice(&std::fs::read(&format).unwrap()).unwrap();
+    doc["kinds"]["agent_session_seen"] = Value::from(3);
+    std::fs::write(&format, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let before = snapshot(dir.path());
+    for sub in ["replay", "stats", "export", "rebuild"] {
+        let out = agentsync_in(dir.path(), sub, &[]);
+        assert_eq!(out.status.code(), Some(2), "{sub}: {}", stderr(&out));
+        assert!(stderr(&out).contains("newer agentsync"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("`agent_session_seen` v3"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // A writer is refused too.
+    let err = agentsync::log::EventLog::open(dir.path(), &create()).unwrap_err();
+    assert!(err.is_usage());
+    let mut after = snapshot(dir.path());
+    // The lock file holds the pid of whoever took it last; everything else is byte-identical.
+    after.retain(|(p, _)| !p.ends_with("LOCK"));
+    let mut before = before;
+    before.retain(|(p, _)| !p.ends_with("LOCK"));
+    assert_eq!(before, after);
+}
+
+#[test]
+fn a_second_process_on_the_same_data_dir_fails_at_once_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    story(dir.path());
+    let held = agentsync::log::EventLog::open(dir.path(), &create()).unwrap();
+    let started = std::time::Instant::now();
+    let out = agentsync_in(dir.path(), "replay", &[]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("in use by another agentsync process"), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(held);
+    assert_eq!(
+        agentsync_in(dir.path(), "replay", &[]).status.code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_closed_pipe_is_not_an_error() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    random_log(dir.path(), 1, 3000);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentsync"))
+        .args(["replay", "--data-dir", dir.path().to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 64];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
