@@ -421,3 +421,54 @@ pub enum DecodeError {
         source: serde_json::Error,
     },
 }
+
+/// The envelope's wire shape, for its JSON Schema.
+#[allow(dead_code)]
+#[derive(schemars::JsonSchema)]
+#[schemars(
+    title = "Envelope",
+    description = "One event as stored in the log and printed by `export`."
+)]
+struct EnvelopeSchema {
+    /// Position in the log, from 1, gapless.
+    seq: u64,
+    /// UUID v7 (time-ordered).
+    id: Uuid,
+    /// Wall time in milliseconds since the Unix epoch.
+    at: u64,
+    /// Schema version of `body` for this `kind`.
+    v: u32,
+    /// The event kind; see `KIND.vN.json` for each body.
+    kind: String,
+    /// The body: its schema is `KIND.vV.json`.
+    body: serde_json::Value,
+    /// The id of the event that caused this one.
+    cause: Option<Uuid>,
+}
+
+/// Every JSON Schema of the event format, as `(file name, schema)`: the envelope, and every
+/// version of every kind's body. `schemas/events/` holds these, and a test keeps them in step.
+pub fn schemas() -> Vec<(String, serde_json::Value)> {
+    let mut envelope = schemars::schema_for!(EnvelopeSchema);
+    let names: Vec<&str> = EventKind::ALL.iter().map(|k| k.name()).collect();
+    if let Some(kind) = envelope
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("kind"))
+        .and_then(|k| k.as_object_mut())
+    {
+        kind.insert("enum".into(), serde_json::json!(names));
+    }
+    let mut out = vec![("envelope.json".to_owned(), envelope.to_value())];
+    let titled = |kind: EventKind, v: u32, mut s: schemars::Schema| {
+        s.insert("title".into(), format!("{} v{v}", kind.name()).into());
+        (format!("{}.v{v}.json", kind.name()), s.to_value())
+    };
+    for &kind in EventKind::ALL {
+        out.push(titled(kind, kind.version(), kind.body_schema()));
+    }
+    for (kind, v, schema) in upcast::old_versions() {
+        out.push(titled(kind, v, schema));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
