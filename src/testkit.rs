@@ -6,6 +6,8 @@
 //! exist: any list of steps is a valid history, so property tests can shrink them freely.
 //! [`History`] turns steps into the events a worker would have appended, causes included.
 
+use std::collections::VecDeque;
+
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
@@ -64,7 +66,7 @@ struct Session {
 pub struct History {
     now: Millis,
     sessions: Vec<Session>,
-    pending: Vec<(ChatSessionId, AgentSessionId, MessageId, Uuid)>,
+    pending: VecDeque<(ChatSessionId, AgentSessionId, MessageId, Uuid)>,
     next_id: u64,
     events: Vec<NewEvent>,
     /// The models sessions use, in turn.
@@ -77,7 +79,7 @@ impl History {
         Self {
             now: start,
             sessions: Vec::new(),
-            pending: Vec::new(),
+            pending: VecDeque::new(),
             next_id: 0,
             events: Vec::new(),
             models: vec![
@@ -104,8 +106,13 @@ impl History {
 
     /// `n` random steps from `seed`, with a realistic mix.
     pub fn random_steps(seed: u64, n: usize) -> Vec<Step> {
+        Self::step_stream(seed).take(n).collect()
+    }
+
+    /// An endless stream of random steps from `seed` (the same as [`History::random_steps`]).
+    pub fn step_stream(seed: u64) -> impl Iterator<Item = Step> {
         let mut rng = SmallRng::seed_from_u64(seed);
-        (0..n).map(|_| random_step(&mut rng)).collect()
+        std::iter::repeat_with(move || random_step(&mut rng))
     }
 
     /// Takes the events built so far.
@@ -160,11 +167,12 @@ impl History {
         )
     }
 
+    /// The first live session at or after index `i` (modulo), if any: O(1) while most are live.
     fn live(&self, i: u16) -> Option<usize> {
-        let live: Vec<usize> = (0..self.sessions.len())
-            .filter(|&j| !self.sessions[j].gone)
-            .collect();
-        (!live.is_empty()).then(|| live[i as usize % live.len()])
+        let n = self.sessions.len();
+        (0..n)
+            .map(|k| (i as usize + k) % n)
+            .find(|&j| !self.sessions[j].gone)
     }
 
     /// Appends the events of one step.
@@ -269,13 +277,12 @@ impl History {
                     error: None,
                 };
                 let seen = self.push(Event::BackendMessageSeen(info), None);
-                self.pending.push((chat, agent, message_id, seen));
+                self.pending.push_back((chat, agent, message_id, seen));
             }
             Step::Prompt(outcome) => {
-                if self.pending.is_empty() {
+                let Some((chat, agent, message_id, seen)) = self.pending.pop_front() else {
                     return;
-                }
-                let (chat, agent, message_id, seen) = self.pending.remove(0);
+                };
                 self.prompt(chat, agent, message_id, seen, outcome);
             }
             Step::Listing(source, complete) => {

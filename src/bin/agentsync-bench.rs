@@ -1,1 +1,280 @@
-fn main() {}
+//! `agentsync-bench`: measurements, not tests. Each subcommand prints what it measured, and with
+//! `--json` one JSON object, so runs can be compared within one machine.
+//!
+//! `log --events N`: the event log and projections against raw sled on the same bytes, in the
+//! same run (runs vary by +/-15 % on a shared machine: compare the ratios).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use agentsync::events::{
+    AgentSessionId, AgentSessionInfo, ChatSessionId, ChatSessionInfo, ChatStatus, Envelope, Event,
+    ModelRef, NewEvent,
+};
+use agentsync::log::{load_views, CheckpointPolicy, EventLog, LiveViews, LogOptions, ReadFilter};
+use agentsync::testkit::History;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+/// sled's page cache for every database in the benchmark: the same for ours and raw.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+const BATCH: usize = 1000;
+const START: u64 = 1_763_700_000_000;
+
+#[derive(Parser)]
+#[command(name = "agentsync-bench", about = "agentsync measurements")]
+struct Cli {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Subcommand)]
+enum What {
+    /// Append, rebuild and startup of the log, against raw sled on the same bytes.
+    Log {
+        /// How many events to append and rebuild.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Sessions in the checkpoint loaded by the startup measurement.
+        #[arg(long, default_value_t = 100_000)]
+        startup_sessions: usize,
+        /// Where to put the databases (a fresh folder inside it; removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.what {
+        What::Log {
+            events,
+            startup_sessions,
+            dir,
+            json,
+        } => {
+            let base = dir
+                .unwrap_or_else(std::env::temp_dir)
+                .join(format!("agentsync-bench-{}", std::process::id()));
+            let result = bench_log(&base, events, startup_sessions);
+            let _ = std::fs::remove_dir_all(&base);
+            match result {
+                Ok(report) => {
+                    if json {
+                        println!("{report}");
+                    } else {
+                        for (k, v) in report.as_object().unwrap() {
+                            println!("{k:<22} {v}");
+                        }
+                    }
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("agentsync-bench: error: {e}");
+                    std::process::ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn opts() -> LogOptions {
+    LogOptions {
+        create: true,
+        cache_bytes: CACHE_BYTES,
+        ..LogOptions::default()
+    }
+}
+
+/// Events from the seeded generator, `BATCH` at a time, `total` in all.
+fn batches(total: usize) -> impl Iterator<Item = Vec<NewEvent>> {
+    let mut h = History::new(START);
+    let mut steps = History::step_stream(42);
+    let mut pending: Vec<NewEvent> = Vec::new();
+    let mut left = total;
+    std::iter::from_fn(move || {
+        if left == 0 {
+            return None;
+        }
+        while pending.len() < BATCH.min(left) {
+            h.step(steps.next().expect("endless steps"));
+            pending.extend(h.take());
+        }
+        let n = BATCH.min(left);
+        left -= n;
+        Some(pending.drain(..n).collect())
+    })
+}
+
+fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_json::Value> {
+    std::fs::create_dir_all(base)?;
+    // 1. Our append: encode, one atomic batch (events + session index), flush at each batch end.
+    let ours_dir = base.join("ours");
+    let log = EventLog::open(&ours_dir, &opts())?;
+    let mut append_secs = 0.0;
+    for batch in batches(events) {
+        let t = Instant::now();
+        log.append(batch)?;
+        append_secs += t.elapsed().as_secs_f64();
+    }
+    // 2. Raw sled on the same bytes: sled::Batch of 1,000, flush after each.
+    let raw = sled::Config::new()
+        .path(base.join("raw"))
+        .cache_capacity(CACHE_BYTES)
+        .open()?;
+    let raw_events = raw.open_tree("events")?;
+    let mut raw_append_secs = 0.0;
+    let mut chunk: Vec<Envelope> = Vec::with_capacity(BATCH);
+    let mut insert = |chunk: &mut Vec<Envelope>| -> Res<()> {
+        let encoded: Vec<(u64, Vec<u8>)> = chunk.drain(..).map(|e| (e.seq, e.encode())).collect();
+        let t = Instant::now();
+        let mut b = sled::Batch::default();
+        for (seq, bytes) in encoded {
+            b.insert(&seq.to_be_bytes(), bytes);
+        }
+        raw_events.apply_batch(b)?;
+        raw.flush()?;
+        raw_append_secs += t.elapsed().as_secs_f64();
+        Ok(())
+    };
+    for e in log.read(ReadFilter::default()) {
+        chunk.push(e?);
+        if chunk.len() == BATCH {
+            insert(&mut chunk)?;
+        }
+    }
+    if !chunk.is_empty() {
+        insert(&mut chunk)?;
+    }
+    // 3. Rebuild: every projection from scratch through the log's read path.
+    let t = Instant::now();
+    let (views, catch_up) = load_views(&log, None, None, true, |_| {})?;
+    let rebuild_secs = t.elapsed().as_secs_f64();
+    assert_eq!(catch_up.applied as usize, events);
+    let view_sizes = json!({
+        "agent_sessions": views.sessions.state.agent.len(),
+        "chat_sessions": views.sessions.state.chat.len(),
+        "messages": views.messages.state.messages.len(),
+        "commands": views.commands.state.commands.len(),
+    });
+    drop(views);
+    drop(log);
+    // 4. Raw scan + decode of the same bytes.
+    let t = Instant::now();
+    let mut decoded = 0usize;
+    for kv in raw_events.iter() {
+        let (_, v) = kv?;
+        std::hint::black_box(Envelope::decode(&v)?);
+        decoded += 1;
+    }
+    let raw_scan_secs = t.elapsed().as_secs_f64();
+    assert_eq!(decoded, events);
+    drop(raw_events);
+    drop(raw);
+    // 5. Startup: open + load a checkpoint of `startup_sessions` sessions + catch up 1,000 events.
+    let startup_dir = base.join("startup");
+    prepare_startup(&startup_dir, startup_sessions)?;
+    let t = Instant::now();
+    let log = EventLog::open(&startup_dir, &opts())?;
+    let (views, catch_up) = load_views(&log, None, None, false, |_| {})?;
+    let startup_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(views.sessions.state.chat.len() >= startup_sessions);
+    assert!(catch_up.applied >= 1000);
+    drop(views);
+    drop(log);
+
+    let eps = |n: usize, s: f64| (n as f64 / s).round();
+    let (append_eps, raw_append_eps) = (eps(events, append_secs), eps(events, raw_append_secs));
+    let (rebuild_eps, raw_scan_decode_eps) =
+        (eps(events, rebuild_secs), eps(events, raw_scan_secs));
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    let peak_rss_mb = peak_rss_mb();
+    Ok(json!({
+        "events": events,
+        "append_eps": append_eps,
+        "raw_append_eps": raw_append_eps,
+        "append_ratio": round2(append_eps / raw_append_eps),
+        "rebuild_eps": rebuild_eps,
+        "raw_scan_decode_eps": raw_scan_decode_eps,
+        "rebuild_ratio": round2(rebuild_eps / raw_scan_decode_eps),
+        "startup_ms": round2(startup_ms),
+        "startup_sessions": startup_sessions,
+        "startup_catch_up_events": catch_up.applied,
+        "peak_rss_mb": round2(peak_rss_mb),
+        "views_after_rebuild": view_sizes,
+        "targets_met": {
+            "append_ratio_ge_0_5": append_eps / raw_append_eps >= 0.5,
+            "rebuild_ratio_ge_0_4": rebuild_eps / raw_scan_decode_eps >= 0.4,
+            "startup_le_300ms": startup_ms <= 300.0,
+            "rss_le_200mb": peak_rss_mb <= 200.0,
+        },
+    }))
+}
+
+/// A data dir whose checkpoints hold `n` linked sessions, with 1,000 events after them.
+fn prepare_startup(dir: &Path, n: usize) -> Res<()> {
+    let log = EventLog::open(dir, &opts())?;
+    let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START)?;
+    let model = ModelRef {
+        provider_id: "mock".into(),
+        model_id: "small".into(),
+    };
+    for start in (0..n).step_by(BATCH / 2) {
+        let batch: Vec<NewEvent> = (start..(start + BATCH / 2).min(n))
+            .flat_map(|i| {
+                let agent = AgentSessionId(format!("ses_{i:08}"));
+                let at = START + i as u64;
+                [
+                    NewEvent::new(
+                        Event::AgentSessionSeen(AgentSessionInfo {
+                            agent_session_id: agent.clone(),
+                            title: format!("Session {i}"),
+                            directory: Some("/work/project".into()),
+                            project: Some("project".into()),
+                            model: Some(model.clone()),
+                            updated_at: at,
+                        }),
+                        at,
+                    ),
+                    NewEvent::new(
+                        Event::BackendSessionSeen(ChatSessionInfo {
+                            chat_session_id: ChatSessionId(format!("chat_{i:08}")),
+                            agent_session_id: Some(agent),
+                            title: format!("Session {i}"),
+                            model: Some(model.to_string()),
+                            status: ChatStatus::Active,
+                            last_activity: at,
+                            project: Some("project".into()),
+                        }),
+                        at,
+                    ),
+                ]
+            })
+            .collect();
+        live.apply(&log.append(batch)?);
+    }
+    live.write_checkpoints(&log, START)?;
+    for batch in batches(1000) {
+        log.append(batch)?;
+    }
+    Ok(())
+}
+
+/// The process's peak resident set (VmHWM), in MiB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}

@@ -54,9 +54,9 @@ pub(super) fn run(a: RebuildArgs, out: &mut Out) -> Result<(), CliError> {
     let store = log.checkpoints();
     for &p in &selected {
         match p {
-            ProjectionName::Sessions => store.save(&views.sessions.checkpoint())?,
-            ProjectionName::Messages => store.save(&views.messages.checkpoint())?,
-            ProjectionName::Commands => store.save(&views.commands.checkpoint())?,
+            ProjectionName::Sessions => store.save(&views.sessions)?,
+            ProjectionName::Messages => store.save(&views.messages)?,
+            ProjectionName::Commands => store.save(&views.commands)?,
         }
         writeln!(
             out,
