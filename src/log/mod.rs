@@ -223,10 +223,7 @@ impl EventLog {
         if let Some(reason) = format.as_ref().and_then(Format::newer_than_this_binary) {
             return Err(LogError::NewerSchema { dir, reason });
         }
-        let db = sled::Config::new()
-            .path(&db_path)
-            .cache_capacity(opts.cache_bytes)
-            .open()?;
+        let db = open_sled(&db_path, opts.cache_bytes)?;
         let events = db.open_tree(EVENTS_TREE)?;
         let last_seq = match events.last()? {
             Some((k, _)) => seq_of(&k)?,
@@ -340,9 +337,7 @@ impl EventLog {
                     Err(e) => return Some(Err(e)),
                 };
                 if let Some(n) = &needle {
-                    if memchr::memmem::find(&v, n).is_none() {
-                        return None;
-                    }
+                    memchr::memmem::find(&v, n)?; // not about this session: skip undecoded
                 }
                 match decode_at(seq, &v) {
                     Ok(env) if !filter.wants_kind(env.kind()) => None,
@@ -421,6 +416,26 @@ impl EventLog {
     /// Where checkpoints of this log live.
     pub fn checkpoints(&self) -> CheckpointStore {
         CheckpointStore::new(self.dir.join("checkpoints"))
+    }
+}
+
+/// Opens sled. We hold `DIR/LOCK`, so no other process uses the directory; if sled's own file
+/// lock is still busy, it is held by an instance this process just dropped whose background
+/// flusher has not finished: wait for it (briefly) instead of failing.
+fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, LogError> {
+    let config = sled::Config::new().path(path).cache_capacity(cache_bytes);
+    let mut waited = Duration::ZERO;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if waited < Duration::from_secs(5)
+                    && e.to_string().contains("could not acquire lock") =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+                waited += Duration::from_millis(20);
+            }
+            other => return Ok(other?),
+        }
     }
 }
 

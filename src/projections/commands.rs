@@ -71,7 +71,8 @@ impl LedgerEntry {
         }
     }
 
-    fn finish(&mut self, state: CommandState, at: Millis) {
+    /// Moves to `state`; a final state drops the command body (the log keeps it).
+    fn set_state(&mut self, state: CommandState, at: Millis) {
         self.state = state;
         self.updated_at = at;
         if self.is_final() {
@@ -117,14 +118,14 @@ impl Projection for CommandLedger {
                     if !c.is_final() {
                         c.attempts = c.attempts.max(b.attempt);
                         c.next_attempt_at = None;
-                        c.finish(CommandState::InFlight, e.at);
+                        c.set_state(CommandState::InFlight, e.at);
                     }
                 }
             }
             Event::CommandSucceeded(b) => {
                 if let Some(c) = self.commands.get_mut(&b.command_id) {
                     c.attempts = c.attempts.max(b.attempt);
-                    c.finish(CommandState::Succeeded, e.at);
+                    c.set_state(CommandState::Succeeded, e.at);
                 }
             }
             Event::CommandFailed(b) => {
@@ -134,7 +135,7 @@ impl Projection for CommandLedger {
                         c.last_class = Some(b.class);
                         c.last_error = Some(b.error.clone());
                         c.next_attempt_at = b.next_attempt_at;
-                        c.finish(CommandState::Failed, e.at);
+                        c.set_state(CommandState::Failed, e.at);
                     }
                 }
             }
@@ -143,7 +144,7 @@ impl Projection for CommandLedger {
                     if !c.is_final() {
                         c.attempts = c.attempts.max(b.attempts);
                         c.last_error = Some(b.last_error.clone());
-                        c.finish(CommandState::Dead, e.at);
+                        c.set_state(CommandState::Dead, e.at);
                     }
                 }
             }

@@ -247,18 +247,16 @@ impl Projection for MessagesView {
                     message_id,
                     content,
                     ..
-                } => {
-                    if self
-                        .messages
-                        .get(message_id)
-                        .is_some_and(|r| r.state.is_pending())
-                    {
-                        if let Some(row) = self.messages.get_mut(message_id) {
-                            row.answer = Some(content.clone());
-                            row.delivered = false;
-                        }
-                        self.set_state(message_id, MessageState::Answered, e.at);
+                } if self
+                    .messages
+                    .get(message_id)
+                    .is_some_and(|r| r.state.is_pending()) =>
+                {
+                    if let Some(row) = self.messages.get_mut(message_id) {
+                        row.answer = Some(content.clone());
+                        row.delivered = false;
                     }
+                    self.set_state(message_id, MessageState::Answered, e.at);
                 }
                 Effect::MessageCompleted { message_id, .. } => {
                     if let Some(row) = self.messages.get_mut(message_id) {

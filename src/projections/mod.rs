@@ -222,3 +222,128 @@ pub fn diff_states(left: &serde_json::Value, right: &serde_json::Value) -> Vec<S
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::*;
+
+    fn env(seq: u64, event: Event) -> Envelope {
+        Envelope {
+            seq,
+            id: uuid::Uuid::nil(),
+            at: 1_000 * seq,
+            v: event.kind().version(),
+            event,
+            cause: None,
+        }
+    }
+
+    fn chat(project: Option<&str>, model: Option<&str>, status: ChatStatus) -> Event {
+        Event::BackendSessionChanged(ChatSessionInfo {
+            chat_session_id: "c1".into(),
+            agent_session_id: Some("a1".into()),
+            title: "t".into(),
+            model: model.map(Into::into),
+            status,
+            last_activity: 5,
+            project: project.map(Into::into),
+        })
+    }
+
+    #[test]
+    fn a_later_observation_backfills_an_empty_field_but_never_overwrites_one() {
+        let mut v = SessionsView::default();
+        v.apply(&env(1, chat(None, Some("p/m"), ChatStatus::Active)));
+        v.apply(&env(2, chat(Some("proj"), None, ChatStatus::Active)));
+        v.apply(&env(
+            3,
+            chat(Some("other"), Some("p/other"), ChatStatus::Active),
+        ));
+        let row = &v.chat[&ChatSessionId::from("c1")];
+        assert_eq!(row.project.as_deref(), Some("proj"));
+        assert_eq!(row.model.as_deref(), Some("p/m"));
+        assert_eq!(row.linked_seq, Some(1));
+    }
+
+    #[test]
+    fn pending_messages_of_a_deleted_session_are_abandoned_with_a_reason() {
+        let mut v = MessagesView::default();
+        let msg = |id: &str| {
+            Event::BackendMessageSeen(MessageInfo {
+                chat_session_id: "c1".into(),
+                message_id: id.into(),
+                role: Role::User,
+                content: "hi".into(),
+                completed: true,
+                timestamp: 1,
+                reply_to: None,
+                error: None,
+            })
+        };
+        v.apply(&env(1, msg("m1")));
+        v.apply(&env(2, msg("m2")));
+        let answered = Event::CommandSucceeded(CommandSucceeded {
+            command_id: "p".into(),
+            op: Op::Prompt,
+            subject: Subject::default(),
+            attempt: 1,
+            effect: Effect::PromptAnswered {
+                chat_session_id: "c1".into(),
+                message_id: "m1".into(),
+                content: "yo".into(),
+            },
+        });
+        v.apply(&env(3, answered));
+        v.apply(&env(4, chat(None, None, ChatStatus::Deleted)));
+        assert_eq!(
+            v.messages[&MessageId::from("m1")].state,
+            MessageState::Answered
+        );
+        let m2 = &v.messages[&MessageId::from("m2")];
+        assert_eq!(m2.state, MessageState::Abandoned);
+        assert_eq!(m2.reason.as_deref(), Some("session deleted"));
+        assert!(
+            m2.text.is_none(),
+            "text is dropped once it cannot be prompted"
+        );
+        assert!(v.pending_by_chat.is_empty());
+    }
+
+    #[test]
+    fn re_planning_an_id_changes_nothing_and_final_commands_drop_their_body() {
+        let mut l = CommandLedger::default();
+        let plan = |reason: &str| {
+            Event::CommandPlanned(CommandPlanned {
+                command_id: "rename:c1".into(),
+                command: Command::RenameSession {
+                    chat_session_id: "c1".into(),
+                    title: "x".into(),
+                },
+                reason: reason.into(),
+            })
+        };
+        l.apply(&env(1, plan("first")));
+        l.apply(&env(2, plan("second")));
+        let id = CommandId::from("rename:c1");
+        assert_eq!(l.commands[&id].reason, "first");
+        assert_eq!(l.commands[&id].planned_seq, 1);
+        let subject = l.commands[&id].subject.clone();
+        l.apply(&env(
+            3,
+            Event::CommandFailed(CommandFailed {
+                command_id: id.clone(),
+                op: Op::RenameSession,
+                subject,
+                attempt: 1,
+                class: ErrorClass::Terminal,
+                error: "HTTP 400".into(),
+                next_attempt_at: None,
+            }),
+        ));
+        let e = &l.commands[&id];
+        assert!(e.is_final());
+        assert!(e.command.is_none());
+        assert_eq!(l.open().count(), 0);
+    }
+}

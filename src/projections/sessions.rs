@@ -294,12 +294,11 @@ impl Projection for SessionsView {
             Event::BackendSessionGone(b) => {
                 self.chat.remove(&b.chat_session_id);
             }
-            Event::ListingCompleted(b) => {
-                if b.complete {
-                    let l = self.listings.entry(b.source).or_default();
-                    l.last_complete_seq = Some(e.seq);
-                    l.last_complete_at = Some(e.at);
-                }
+            // A partial listing proves nothing about absence: only complete ones are recorded.
+            Event::ListingCompleted(b) if b.complete => {
+                let l = self.listings.entry(b.source).or_default();
+                l.last_complete_seq = Some(e.seq);
+                l.last_complete_at = Some(e.at);
             }
             Event::ObservationFailed(b) => {
                 let l = self.listings.entry(b.source).or_default();
