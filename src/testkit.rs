@@ -167,6 +167,28 @@ impl History {
         )
     }
 
+    /// Plans `failMessage` and runs it to success.
+    fn fail_message(
+        &mut self,
+        chat: ChatSessionId,
+        message_id: MessageId,
+        reason: String,
+        why: &str,
+        cause: Uuid,
+    ) {
+        let cmd = Command::FailMessage {
+            chat_session_id: chat.clone(),
+            message_id: message_id.clone(),
+            reason: reason.clone(),
+        };
+        let effect = Effect::MessageFailed {
+            chat_session_id: chat,
+            message_id,
+            reason,
+        };
+        self.run(cmd, why, Some(cause), effect);
+    }
+
     /// The first live session at or after index `i` (modulo), if any: O(1) while most are live.
     fn live(&self, i: u16) -> Option<usize> {
         let n = self.sessions.len();
@@ -347,21 +369,12 @@ impl History {
                     .collect();
                 self.pending.retain(|p| p.0 != chat);
                 for (chat, _, message_id, seen) in orphans {
-                    let reason = "session deleted".to_owned();
-                    let cmd = Command::FailMessage {
-                        chat_session_id: chat.clone(),
-                        message_id: message_id.clone(),
-                        reason: reason.clone(),
-                    };
-                    self.run(
-                        cmd,
+                    self.fail_message(
+                        chat,
+                        message_id,
+                        "session deleted".into(),
                         "message of a deleted session",
-                        Some(seen),
-                        Effect::MessageFailed {
-                            chat_session_id: chat,
-                            message_id,
-                            reason,
-                        },
+                        seen,
                     );
                 }
             }
@@ -538,21 +551,7 @@ impl History {
                 );
             }
             Some((reason, cause)) => {
-                let cmd = Command::FailMessage {
-                    chat_session_id: chat.clone(),
-                    message_id: message_id.clone(),
-                    reason: reason.clone(),
-                };
-                self.run(
-                    cmd,
-                    "prompt failed",
-                    Some(cause),
-                    Effect::MessageFailed {
-                        chat_session_id: chat,
-                        message_id,
-                        reason,
-                    },
-                );
+                self.fail_message(chat, message_id, reason, "prompt failed", cause);
             }
         }
     }
