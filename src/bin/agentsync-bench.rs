@@ -113,6 +113,7 @@ fn batches(total: usize) -> impl Iterator<Item = Vec<NewEvent>> {
 
 fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_json::Value> {
     std::fs::create_dir_all(base)?;
+    let mut phases = Phases::default();
     // 1. Our append: encode, one atomic batch (events + session index), flush at each batch end.
     let ours_dir = base.join("ours");
     let log = EventLog::open(&ours_dir, &opts())?;
@@ -122,6 +123,7 @@ fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_j
         log.append(batch)?;
         append_secs += t.elapsed().as_secs_f64();
     }
+    phases.mark("append");
     // 2. Raw sled on the same bytes: sled::Batch of 1,000, flush after each.
     let raw = sled::Config::new()
         .path(base.join("raw"))
@@ -151,6 +153,7 @@ fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_j
     if !chunk.is_empty() {
         insert(&mut chunk)?;
     }
+    phases.mark("raw_append");
     // 3. Rebuild: every projection from scratch through the log's read path.
     let t = Instant::now();
     let (views, catch_up) = load_views(&log, None, None, true, |_| {})?;
@@ -164,6 +167,7 @@ fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_j
     });
     drop(views);
     drop(log);
+    phases.mark("rebuild");
     // 4. Raw scan + decode of the same bytes.
     let t = Instant::now();
     let mut decoded = 0usize;
@@ -176,9 +180,11 @@ fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_j
     assert_eq!(decoded, events);
     drop(raw_events);
     drop(raw);
+    phases.mark("raw_scan_decode");
     // 5. Startup: open + load a checkpoint of `startup_sessions` sessions + catch up 1,000 events.
     let startup_dir = base.join("startup");
     prepare_startup(&startup_dir, startup_sessions)?;
+    phases.mark("startup_prepare");
     let t = Instant::now();
     let log = EventLog::open(&startup_dir, &opts())?;
     let (views, catch_up) = load_views(&log, None, None, false, |_| {})?;
@@ -187,13 +193,14 @@ fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_j
     assert!(catch_up.applied >= 1000);
     drop(views);
     drop(log);
+    phases.mark("startup");
 
     let eps = |n: usize, s: f64| (n as f64 / s).round();
     let (append_eps, raw_append_eps) = (eps(events, append_secs), eps(events, raw_append_secs));
     let (rebuild_eps, raw_scan_decode_eps) =
         (eps(events, rebuild_secs), eps(events, raw_scan_secs));
     let round2 = |x: f64| (x * 100.0).round() / 100.0;
-    let peak_rss_mb = peak_rss_mb();
+    let peak_rss_mb = phases.peak_mb;
     Ok(json!({
         "events": events,
         "append_eps": append_eps,
@@ -206,6 +213,7 @@ fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_j
         "startup_sessions": startup_sessions,
         "startup_catch_up_events": catch_up.applied,
         "peak_rss_mb": round2(peak_rss_mb),
+        "peak_rss_mb_by_phase": phases.by_phase,
         "views_after_rebuild": view_sizes,
         "targets_met": {
             "append_ratio_ge_0_5": append_eps / raw_append_eps >= 0.5,
@@ -263,6 +271,23 @@ fn prepare_startup(dir: &Path, n: usize) -> Res<()> {
         log.append(batch)?;
     }
     Ok(())
+}
+
+/// Peak RSS per phase: the kernel's high-water mark is read, then reset, at each phase's end.
+#[derive(Default)]
+struct Phases {
+    by_phase: serde_json::Map<String, serde_json::Value>,
+    peak_mb: f64,
+}
+
+impl Phases {
+    fn mark(&mut self, phase: &str) {
+        let mb = (peak_rss_mb() * 100.0).round() / 100.0;
+        self.peak_mb = self.peak_mb.max(mb);
+        self.by_phase.insert(phase.to_owned(), json!(mb));
+        // Resets VmHWM to the current RSS (Linux); if refused, later phases report the overall peak.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
 }
 
 /// The process's peak resident set (VmHWM), in MiB.
