@@ -170,23 +170,9 @@ impl From<io::Error> for CliError {
     }
 }
 
-/// Where a command prints: buffered stdout, where a closed pipe (`| head`) ends quietly.
-pub(crate) struct Out(io::BufWriter<io::StdoutLock<'static>>);
-
-impl Out {
-    fn new() -> Self {
-        Out(io::BufWriter::new(io::stdout().lock()))
-    }
-}
-
-impl Write for Out {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
-    }
-}
+/// Where a command prints: buffered stdout, where a closed pipe (`| head`) ends quietly
+/// (see `From<io::Error> for CliError`).
+pub(crate) type Out = io::BufWriter<io::StdoutLock<'static>>;
 
 fn open_log(dir: &DataDir) -> Result<EventLog, CliError> {
     Ok(EventLog::open(&dir.data_dir, &LogOptions::default())?)
@@ -202,7 +188,7 @@ pub fn main() -> ExitCode {
         )
         .with_writer(io::stderr)
         .init();
-    let mut out = Out::new();
+    let mut out = Out::new(io::stdout().lock());
     let result = match cli.command {
         Command::Replay(a) => replay::run(a, &mut out),
         Command::Why(a) => why::run(a, &mut out),

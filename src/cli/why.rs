@@ -28,8 +28,10 @@ impl Role {
     }
 }
 
-fn mentions(e: &Envelope, id: &str) -> bool {
-    e.id.to_string() == id
+/// Whether `e` is about `id` (its event id, when `id` parses as one, or a command, message or
+/// session id it names).
+fn mentions(e: &Envelope, id: &str, event_id: Option<Uuid>) -> bool {
+    event_id == Some(e.id)
         || e.event.command_id().is_some_and(|c| c.as_str() == id)
         || e.event.message_id().is_some_and(|m| m.as_str() == id)
         || e.event.session_ids().contains(&id)
@@ -38,16 +40,19 @@ fn mentions(e: &Envelope, id: &str) -> bool {
 pub(super) fn run(a: WhyArgs, out: &mut Out) -> Result<(), CliError> {
     let log = open_log(&a.dir)?;
     // One pass keeps only what the chain needs: each event's id and cause, and the subjects.
+    let event_id = Uuid::parse_str(&a.id).ok();
     let mut seq_of: HashMap<Uuid, u64> = HashMap::new();
     let mut cause_of: HashMap<u64, Uuid> = HashMap::new();
+    let mut by_seq: Vec<(u64, Uuid)> = Vec::new(); // in seq order, as read
     let mut subjects: Vec<u64> = Vec::new();
     for item in log.read(ReadFilter::default()) {
         let e = item?;
         seq_of.insert(e.id, e.seq);
+        by_seq.push((e.seq, e.id));
         if let Some(c) = e.cause {
             cause_of.insert(e.seq, c);
         }
-        if mentions(&e, &a.id) {
+        if mentions(&e, &a.id, event_id) {
             subjects.push(e.seq);
         }
     }
@@ -73,8 +78,6 @@ pub(super) fn run(a: WhyArgs, out: &mut Out) -> Result<(), CliError> {
     // so one pass in seq order finds the whole closure).
     let first = subjects[0];
     let mut reached: HashSet<Uuid> = HashSet::new();
-    let mut by_seq: Vec<(u64, Uuid)> = seq_of.iter().map(|(id, seq)| (*seq, *id)).collect();
-    by_seq.sort_unstable();
     for (seq, id) in by_seq.into_iter().filter(|(s, _)| *s >= first) {
         let role = chain.get(&seq).copied();
         if matches!(role, Some(Role::Subject) | Some(Role::Outcome)) {

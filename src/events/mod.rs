@@ -162,7 +162,13 @@ impl Event {
             }
             Event::BackendSessionGone(b) => vec![b.chat_session_id.as_str()],
             Event::BackendMessageSeen(b) => vec![b.chat_session_id.as_str()],
-            Event::CommandPlanned(b) => command_session_ids(&b.command),
+            Event::CommandPlanned(b) => {
+                let r = b.command.subject_refs();
+                let chat = r.chat_session_id.map(|i| i.as_str());
+                chat.into_iter()
+                    .chain(r.agent_session_id.map(|i| i.as_str()))
+                    .collect()
+            }
             Event::AttemptStarted(b) => subject(&b.subject),
             Event::CommandSucceeded(b) => subject(&b.subject),
             Event::CommandFailed(b) => subject(&b.subject),
@@ -196,52 +202,13 @@ impl Event {
     pub fn message_id(&self) -> Option<&MessageId> {
         match self {
             Event::BackendMessageSeen(b) => Some(&b.message_id),
-            Event::CommandPlanned(b) => match &b.command {
-                Command::CompleteMessage { message_id, .. }
-                | Command::FailMessage { message_id, .. }
-                | Command::Prompt { message_id, .. } => Some(message_id),
-                _ => None,
-            },
+            Event::CommandPlanned(b) => b.command.subject_refs().message_id,
             Event::AttemptStarted(b) => b.subject.message_id.as_ref(),
             Event::CommandSucceeded(b) => b.subject.message_id.as_ref(),
             Event::CommandFailed(b) => b.subject.message_id.as_ref(),
             Event::CommandDeadLettered(b) => b.subject.message_id.as_ref(),
             _ => None,
         }
-    }
-}
-
-fn command_session_ids(c: &Command) -> Vec<&str> {
-    match c {
-        Command::CreateSession {
-            agent_session_id, ..
-        }
-        | Command::AbortAgentSession { agent_session_id } => vec![agent_session_id.as_str()],
-        Command::LinkAgentSession {
-            chat_session_id,
-            agent_session_id,
-        }
-        | Command::Prompt {
-            chat_session_id,
-            agent_session_id,
-            ..
-        } => vec![chat_session_id.as_str(), agent_session_id.as_str()],
-        Command::RenameSession {
-            chat_session_id, ..
-        }
-        | Command::MarkSessionDeleted { chat_session_id }
-        | Command::MarkSessionFailed {
-            chat_session_id, ..
-        }
-        | Command::CompleteMessage {
-            chat_session_id, ..
-        }
-        | Command::FailMessage {
-            chat_session_id, ..
-        }
-        | Command::CreateAgentSession {
-            chat_session_id, ..
-        } => vec![chat_session_id.as_str()],
     }
 }
 

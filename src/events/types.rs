@@ -457,23 +457,26 @@ impl Command {
         }
     }
 
-    /// The sessions and message the command is about.
-    pub fn subject(&self) -> Subject {
-        let mut s = Subject::default();
+    /// The sessions and message the command is about, borrowed: the one place that knows
+    /// which ids each command names.
+    pub fn subject_refs(&self) -> SubjectRef<'_> {
+        let none = SubjectRef::default();
         match self {
             Command::CreateSession {
                 agent_session_id, ..
             }
-            | Command::AbortAgentSession { agent_session_id } => {
-                s.agent_session_id = Some(agent_session_id.clone());
-            }
+            | Command::AbortAgentSession { agent_session_id } => SubjectRef {
+                agent_session_id: Some(agent_session_id),
+                ..none
+            },
             Command::LinkAgentSession {
                 chat_session_id,
                 agent_session_id,
-            } => {
-                s.chat_session_id = Some(chat_session_id.clone());
-                s.agent_session_id = Some(agent_session_id.clone());
-            }
+            } => SubjectRef {
+                chat_session_id: Some(chat_session_id),
+                agent_session_id: Some(agent_session_id),
+                ..none
+            },
             Command::RenameSession {
                 chat_session_id, ..
             }
@@ -483,7 +486,10 @@ impl Command {
             }
             | Command::CreateAgentSession {
                 chat_session_id, ..
-            } => s.chat_session_id = Some(chat_session_id.clone()),
+            } => SubjectRef {
+                chat_session_id: Some(chat_session_id),
+                ..none
+            },
             Command::CompleteMessage {
                 chat_session_id,
                 message_id,
@@ -493,23 +499,44 @@ impl Command {
                 chat_session_id,
                 message_id,
                 ..
-            } => {
-                s.chat_session_id = Some(chat_session_id.clone());
-                s.message_id = Some(message_id.clone());
-            }
+            } => SubjectRef {
+                chat_session_id: Some(chat_session_id),
+                message_id: Some(message_id),
+                ..none
+            },
             Command::Prompt {
                 chat_session_id,
                 agent_session_id,
                 message_id,
                 ..
-            } => {
-                s.chat_session_id = Some(chat_session_id.clone());
-                s.agent_session_id = Some(agent_session_id.clone());
-                s.message_id = Some(message_id.clone());
-            }
+            } => SubjectRef {
+                chat_session_id: Some(chat_session_id),
+                agent_session_id: Some(agent_session_id),
+                message_id: Some(message_id),
+            },
         }
-        s
     }
+
+    /// The sessions and message the command is about.
+    pub fn subject(&self) -> Subject {
+        let r = self.subject_refs();
+        Subject {
+            chat_session_id: r.chat_session_id.cloned(),
+            agent_session_id: r.agent_session_id.cloned(),
+            message_id: r.message_id.cloned(),
+        }
+    }
+}
+
+/// [`Subject`], borrowed from a command.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubjectRef<'a> {
+    /// The chat session, if any.
+    pub chat_session_id: Option<&'a ChatSessionId>,
+    /// The agent session, if any.
+    pub agent_session_id: Option<&'a AgentSessionId>,
+    /// The user message, if any.
+    pub message_id: Option<&'a MessageId>,
 }
 
 /// The sessions and message a command is about, repeated on its attempt and outcome events so

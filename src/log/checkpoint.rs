@@ -147,12 +147,26 @@ pub struct CatchUp {
     pub applied: u64,
 }
 
+/// Where projection `P` starts: parked at `upto` when another projection was asked for (so it
+/// is neither read for nor folded), from scratch when asked, else from its checkpoint if usable.
 fn start<P: Projection>(
     store: &CheckpointStore,
     upto: u64,
+    only: Option<ProjectionName>,
+    scratch: bool,
     origins: &mut Vec<(ProjectionName, Origin)>,
     name: ProjectionName,
 ) -> Tracked<P> {
+    if only.is_some_and(|o| o != name) {
+        return Tracked {
+            state: P::default(),
+            seq: upto,
+        };
+    }
+    if scratch {
+        origins.push((name, Origin::Scratch("rebuild requested".into())));
+        return Tracked::default();
+    }
     let (tracked, origin) = match store.load::<P>() {
         Ok(None) => (Tracked::default(), Origin::Scratch("no checkpoint".into())),
         Ok(Some(c)) if c.version != P::VERSION => (
@@ -194,31 +208,32 @@ pub fn load_views(
     let upto = upto.unwrap_or(last).min(last);
     let store = log.checkpoints();
     let mut origins = Vec::new();
-    let mut views = Views::default();
-    for name in ProjectionName::ALL {
-        if only.is_some_and(|o| o != name) {
-            continue;
-        }
-        if scratch {
-            origins.push((name, Origin::Scratch("rebuild requested".into())));
-            continue;
-        }
-        match name {
-            ProjectionName::Sessions => views.sessions = start(&store, upto, &mut origins, name),
-            ProjectionName::Messages => views.messages = start(&store, upto, &mut origins, name),
-            ProjectionName::Commands => views.commands = start(&store, upto, &mut origins, name),
-        }
-    }
-    // Projections not asked for are parked at `upto` so they are neither read for nor folded.
-    for name in ProjectionName::ALL {
-        if only.is_some_and(|o| o != name) {
-            match name {
-                ProjectionName::Sessions => views.sessions.seq = upto,
-                ProjectionName::Messages => views.messages.seq = upto,
-                ProjectionName::Commands => views.commands.seq = upto,
-            }
-        }
-    }
+    let mut views = Views {
+        sessions: start(
+            &store,
+            upto,
+            only,
+            scratch,
+            &mut origins,
+            ProjectionName::Sessions,
+        ),
+        messages: start(
+            &store,
+            upto,
+            only,
+            scratch,
+            &mut origins,
+            ProjectionName::Messages,
+        ),
+        commands: start(
+            &store,
+            upto,
+            only,
+            scratch,
+            &mut origins,
+            ProjectionName::Commands,
+        ),
+    };
     let mut applied = 0;
     let from = views.min_seq() + 1;
     if from <= upto {
