@@ -14,5 +14,7 @@ pub mod cli;
 pub mod clock;
 pub mod events;
 pub mod log;
+pub mod ports;
 pub mod projections;
+pub mod reconcile;
 pub mod testkit;

@@ -117,6 +117,8 @@ event_catalogue! {
     CommandFailed(CommandFailed) = "command_failed", version 1;
     /// A command ran out of attempts.
     CommandDeadLettered(CommandDeadLettered) = "command_dead_lettered", version 1;
+    /// A command was dropped before running because its purpose is gone.
+    CommandCancelled(CommandCancelled) = "command_cancelled", version 1;
     // Lifecycle.
     /// The worker process started.
     WorkerStarted(WorkerStarted) = "worker_started", version 1;
@@ -173,6 +175,7 @@ impl Event {
             Event::CommandSucceeded(b) => subject(&b.subject),
             Event::CommandFailed(b) => subject(&b.subject),
             Event::CommandDeadLettered(b) => subject(&b.subject),
+            Event::CommandCancelled(b) => subject(&b.subject),
             Event::ModelsListed(_)
             | Event::ListingCompleted(_)
             | Event::ObservationFailed(_)
@@ -194,6 +197,7 @@ impl Event {
             Event::CommandSucceeded(b) => Some(&b.command_id),
             Event::CommandFailed(b) => Some(&b.command_id),
             Event::CommandDeadLettered(b) => Some(&b.command_id),
+            Event::CommandCancelled(b) => Some(&b.command_id),
             _ => None,
         }
     }
@@ -207,6 +211,7 @@ impl Event {
             Event::CommandSucceeded(b) => b.subject.message_id.as_ref(),
             Event::CommandFailed(b) => b.subject.message_id.as_ref(),
             Event::CommandDeadLettered(b) => b.subject.message_id.as_ref(),
+            Event::CommandCancelled(b) => b.subject.message_id.as_ref(),
             _ => None,
         }
     }

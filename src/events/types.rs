@@ -721,6 +721,20 @@ pub struct CommandDeadLettered {
     pub last_error: String,
 }
 
+/// A command was dropped before its next attempt because what it was for no longer holds
+/// (say, a prompt for a message that has since been failed as stale).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CommandCancelled {
+    /// The command.
+    pub command_id: CommandId,
+    /// Its operation.
+    pub op: Op,
+    /// What it is about.
+    pub subject: Subject,
+    /// Why it no longer applies.
+    pub reason: String,
+}
+
 /// The worker process started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct WorkerStarted {

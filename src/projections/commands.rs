@@ -30,6 +30,8 @@ pub enum CommandState {
     Failed,
     /// Out of attempts.
     Dead,
+    /// Dropped because its purpose no longer holds.
+    Cancelled,
 }
 
 /// One command.
@@ -65,7 +67,7 @@ impl LedgerEntry {
     /// True when nothing more will happen to it: succeeded, dead, or failed terminally.
     pub fn is_final(&self) -> bool {
         match self.state {
-            CommandState::Succeeded | CommandState::Dead => true,
+            CommandState::Succeeded | CommandState::Dead | CommandState::Cancelled => true,
             CommandState::Failed => self.last_class == Some(ErrorClass::Terminal),
             CommandState::Planned | CommandState::InFlight => false,
         }
@@ -91,7 +93,8 @@ impl CommandLedger {
 
 impl Projection for CommandLedger {
     const NAME: &'static str = "commands";
-    const VERSION: u32 = 1;
+    // v2: the `cancelled` state.
+    const VERSION: u32 = 2;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
@@ -145,6 +148,14 @@ impl Projection for CommandLedger {
                         c.attempts = c.attempts.max(b.attempts);
                         c.last_error = Some(b.last_error.clone());
                         c.set_state(CommandState::Dead, e.at);
+                    }
+                }
+            }
+            Event::CommandCancelled(b) => {
+                if let Some(c) = self.commands.get_mut(&b.command_id) {
+                    if !c.is_final() {
+                        c.last_error = Some(b.reason.clone());
+                        c.set_state(CommandState::Cancelled, e.at);
                     }
                 }
             }

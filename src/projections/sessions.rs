@@ -24,6 +24,9 @@ pub struct SessionsView {
     pub listings: BTreeMap<Source, ListingState>,
     /// The agent server's model list, as last fetched.
     pub models: Option<ModelCache>,
+    /// The running agent server's generation (bumped on every restart): a model list of an
+    /// older generation is stale.
+    pub agent_generation: u64,
 }
 
 /// One agent session.
@@ -31,6 +34,11 @@ pub struct SessionsView {
 pub struct AgentSessionRow {
     /// Its title.
     pub title: String,
+    /// The seq of the event that set the title: a rename is planned once per title change.
+    pub title_seq: u64,
+    /// The seq of the event that first put it in the view: a listing that started before it
+    /// cannot prove it gone.
+    pub first_seq: u64,
     /// Its directory.
     pub directory: Option<String>,
     /// Its project (filled once, never overwritten).
@@ -41,13 +49,15 @@ pub struct AgentSessionRow {
     pub status: AgentStatus,
     /// Since when it has been busy without a break, if busy.
     pub busy_since: Option<Millis>,
-    /// Its last activity.
+    /// Its last activity (the agent server's `updated_at`; status reports are not progress).
     pub last_activity: Millis,
 }
 
 /// One chat session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatSessionRow {
+    /// The seq of the event that first put it in the view (see [`AgentSessionRow::first_seq`]).
+    pub first_seq: u64,
     /// The agent session it is linked to (in the backend, or created for it and not yet linked).
     pub agent_session_id: Option<AgentSessionId>,
     /// Whether the backend is known to hold that link.
@@ -109,12 +119,14 @@ impl SessionsView {
             .find(|(_, c)| c.agent_session_id.as_ref() == Some(id))
     }
 
-    fn observe_agent(&mut self, info: &AgentSessionInfo) {
+    fn observe_agent(&mut self, info: &AgentSessionInfo, seq: u64) {
         let row = self
             .agent
             .entry(info.agent_session_id.clone())
             .or_insert_with(|| AgentSessionRow {
                 title: String::new(),
+                title_seq: seq,
+                first_seq: seq,
                 directory: None,
                 project: None,
                 model: None,
@@ -122,7 +134,10 @@ impl SessionsView {
                 busy_since: None,
                 last_activity: 0,
             });
-        row.title.clone_from(&info.title);
+        if row.title != info.title {
+            row.title.clone_from(&info.title);
+            row.title_seq = seq;
+        }
         if info.directory.is_some() {
             row.directory.clone_from(&info.directory);
         }
@@ -136,6 +151,7 @@ impl SessionsView {
             .chat
             .entry(info.chat_session_id.clone())
             .or_insert_with(|| ChatSessionRow {
+                first_seq: seq,
                 agent_session_id: None,
                 link_confirmed: false,
                 linked_seq: None,
@@ -171,6 +187,7 @@ impl SessionsView {
                     self.chat
                         .entry(chat_session_id.clone())
                         .or_insert_with(|| ChatSessionRow {
+                            first_seq: e.seq,
                             agent_session_id: None,
                             link_confirmed: false,
                             linked_seq: None,
@@ -196,6 +213,8 @@ impl SessionsView {
                     .entry(agent_session_id.clone())
                     .or_insert_with(|| AgentSessionRow {
                         title: title.clone(),
+                        title_seq: e.seq,
+                        first_seq: e.seq,
                         directory: None,
                         project: None,
                         model: None,
@@ -257,12 +276,13 @@ impl SessionsView {
 
 impl Projection for SessionsView {
     const NAME: &'static str = "sessions";
-    const VERSION: u32 = 1;
+    // v2: `title_seq`, `first_seq`, `agent_generation`; status reports no longer count as activity.
+    const VERSION: u32 = 2;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
             Event::AgentSessionSeen(info) | Event::AgentSessionChanged(info) => {
-                self.observe_agent(info)
+                self.observe_agent(info, e.seq)
             }
             Event::AgentSessionGone(b) => {
                 self.agent.remove(&b.agent_session_id);
@@ -277,7 +297,6 @@ impl Projection for SessionsView {
                         (true, since) => since,
                     };
                     row.status = b.status.clone();
-                    row.last_activity = row.last_activity.max(e.at);
                 }
             }
             Event::ModelsListed(b) => {
@@ -306,6 +325,7 @@ impl Projection for SessionsView {
                 l.last_error = Some(b.error.clone());
             }
             Event::CommandSucceeded(b) => self.apply_effect(&b.effect, e),
+            Event::AgentServerStarted(b) => self.agent_generation = b.generation,
             _ => {}
         }
     }

@@ -1,0 +1,166 @@
+//! Ports: the two small traits the core defines and the adapters implement.
+//!
+//! [`AgentServer`] is what the worker needs from an agent server (OpenCode in production, a
+//! simulation in tests and `agentsync demo`); [`Backend`] is what it needs from the web app's
+//! database (the Convex functions of DESIGN.md, or the embedded local backend). Both return a
+//! [`PortError`] that already carries its [`ErrorClass`], so the dispatcher decides retry or
+//! give-up without knowing the transport.
+//!
+//! The methods return boxed futures so that the traits stay object-safe: the worker picks its
+//! adapters at run time (`--backend local|convex`).
+
+use std::fmt;
+
+use futures_core::future::BoxFuture;
+
+use crate::clock::Millis;
+use crate::events::{
+    AgentSessionId, AgentSessionInfo, AgentSessionStatus, ChatSessionId, ChatSessionInfo, Command,
+    CommandId, ErrorClass, MessageInfo, ModelRef,
+};
+
+/// What a port call returns.
+pub type PortResult<T> = Result<T, PortError>;
+
+/// A port call in flight.
+pub type PortFuture<'a, T> = BoxFuture<'a, PortResult<T>>;
+
+/// A failed call, classified for the dispatcher.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PortError {
+    /// Retryable (timeouts, refused connections, 5xx, 429) or terminal (4xx, context overflow,
+    /// a function that threw).
+    pub class: ErrorClass,
+    /// One line saying what went wrong. Never contains a secret.
+    pub message: String,
+    /// How long the other side asked us to wait (HTTP `Retry-After`).
+    pub retry_after_ms: Option<Millis>,
+}
+
+impl fmt::Display for PortError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl PortError {
+    /// A failure worth another attempt.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Retryable,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// A failure that will repeat: no retry.
+    pub fn terminal(message: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Terminal,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// The same error, asking for a wait of at least `ms` before the next attempt.
+    pub fn with_retry_after(mut self, ms: Millis) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.class == ErrorClass::Retryable
+    }
+}
+
+/// One listing of the agent server's sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentListing {
+    /// The sessions listed.
+    pub sessions: Vec<AgentSessionInfo>,
+    /// False when the adapter knows the listing is not the whole set (a page limit was hit):
+    /// such a listing never proves a session gone.
+    pub complete: bool,
+}
+
+/// The agent server's models.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelList {
+    /// Every model available.
+    pub models: Vec<ModelRef>,
+    /// The server's default, if it has one.
+    pub default: Option<ModelRef>,
+}
+
+/// The agent server: sessions are data inside it; prompts are answered by its model.
+pub trait AgentServer: Send + Sync {
+    /// Whether it answers at all.
+    fn health(&self) -> PortFuture<'_, ()>;
+    /// Its sessions: all of them (`since: None`), or those updated at or after `since`.
+    fn list_sessions(&self, since: Option<Millis>) -> PortFuture<'_, AgentListing>;
+    /// Creates a session.
+    fn create_session<'a>(&'a self, title: &'a str) -> PortFuture<'a, AgentSessionInfo>;
+    /// Renames a session.
+    fn rename_session<'a>(&'a self, id: &'a AgentSessionId, title: &'a str) -> PortFuture<'a, ()>;
+    /// Deletes a session.
+    fn delete_session<'a>(&'a self, id: &'a AgentSessionId) -> PortFuture<'a, ()>;
+    /// Prompts a session and waits for the answer's text. An answer that carries an error
+    /// (e.g. a context overflow) is an error, not an answer.
+    fn prompt<'a>(
+        &'a self,
+        id: &'a AgentSessionId,
+        text: &'a str,
+        model: Option<&'a ModelRef>,
+    ) -> PortFuture<'a, String>;
+    /// Aborts whatever a session is doing.
+    fn abort<'a>(&'a self, id: &'a AgentSessionId) -> PortFuture<'a, ()>;
+    /// The status of every session that is not idle.
+    fn status(&self) -> PortFuture<'_, Vec<AgentSessionStatus>>;
+    /// Its models (`GET /config/providers`): expensive, so the dispatcher caches it.
+    fn list_models(&self) -> PortFuture<'_, ModelList>;
+}
+
+/// One page of a paginated backend listing (Convex's pagination shape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items.
+    pub page: Vec<T>,
+    /// Whether this was the last page.
+    pub is_done: bool,
+    /// The cursor of the next page (for messages: also where the next poll starts).
+    pub continue_cursor: String,
+}
+
+/// What a backend mutation returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MutationReply {
+    /// `null`.
+    Done,
+    /// `createSession`'s `{chatSessionId}`.
+    Created(ChatSessionId),
+}
+
+/// The backend: the web app's chat sessions and messages.
+pub trait Backend: Send + Sync {
+    /// One page of this worker's chat sessions (`listSessions`).
+    fn list_sessions<'a>(
+        &'a self,
+        cursor: Option<&'a str>,
+        limit: u32,
+    ) -> PortFuture<'a, Page<ChatSessionInfo>>;
+    /// One page of the messages changed after `cursor` (`listMessages`).
+    fn list_messages<'a>(
+        &'a self,
+        cursor: Option<&'a str>,
+        limit: u32,
+    ) -> PortFuture<'a, Page<MessageInfo>>;
+    /// Applies a backend command, at most once per `command_id` (the backend keeps the ids it
+    /// applied and answers a repeat with the first reply). Agent-server commands are refused
+    /// as terminal errors.
+    fn mutate<'a>(
+        &'a self,
+        command_id: &'a CommandId,
+        command: &'a Command,
+    ) -> PortFuture<'a, MutationReply>;
+}

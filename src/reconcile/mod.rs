@@ -1,0 +1,449 @@
+//! The reconciler: a pure function from the views, the time and a policy to the commands that
+//! would bring the two sides together.
+//!
+//! It does no I/O and keeps no state: everything it knows is in the projections, so planning
+//! the same views twice plans the same commands, and each command's id says what it is for
+//! ([`ids`]). The command ledger decides what is already planned, running, done or dead: a
+//! command whose id is in the ledger is never planned again, whatever its state. That is what
+//! makes the incidents of DESIGN.md impossible by construction here:
+//!
+//! - deletions are derived only from a complete, successful agent listing newer than the link,
+//!   and none while the agent side's last observation failed;
+//! - agent sessions are created lazily, for a message that needs one, never restored eagerly;
+//! - nothing is prompted before the worker is Ready, and messages that were already older than
+//!   the retry window when the worker started are failed once, not retried;
+//! - a message whose prompt failed terminally or ran out of attempts, or whose session ended,
+//!   is failed in the backend with a reason; none stays pending.
+
+pub mod ids;
+
+use std::collections::{HashMap, HashSet};
+
+use crate::clock::Millis;
+use crate::events::{
+    AgentSessionId, ChatSessionId, ChatStatus, Command, CommandId, CommandPlanned, ErrorClass,
+    ModelRef, Source,
+};
+use crate::projections::{
+    ChatSessionRow, CommandLedger, CommandState, MessageState, MessagesView, SessionsView, Views,
+};
+
+/// What the reconciler may decide, as numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// A message still incomplete this long before the worker started is failed, not retried.
+    pub retry_window_ms: Millis,
+    /// A session busy this long with no progress is marked failed.
+    pub stale_busy_ms: Millis,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            retry_window_ms: 5 * 60 * 1000,
+            stale_busy_ms: 6 * 60 * 60 * 1000,
+        }
+    }
+}
+
+/// The moment a pass runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Context {
+    /// Now.
+    pub now: Millis,
+    /// When this worker process started: messages older than the retry window at this moment
+    /// were "found at start".
+    pub started_at: Millis,
+    /// Whether the worker is Ready (first complete listings of both sides done).
+    pub ready: bool,
+}
+
+/// One reconciliation pass: the commands to plan, each not yet in the ledger.
+pub fn reconcile(views: &Views, ctx: &Context, policy: &Policy) -> Vec<CommandPlanned> {
+    let mut plan = Planner {
+        ledger: &views.commands.state,
+        planned: HashSet::new(),
+        out: Vec::new(),
+    };
+    let sessions = &views.sessions.state;
+    let messages = &views.messages.state;
+    plan_sessions(&mut plan, sessions, ctx, policy);
+    plan_deletions(&mut plan, sessions);
+    plan_outcomes(&mut plan, messages);
+    plan_pending(&mut plan, sessions, messages, ctx, policy);
+    plan.out
+}
+
+/// Collects commands, skipping ids the ledger (or this pass) already has.
+struct Planner<'a> {
+    ledger: &'a CommandLedger,
+    planned: HashSet<CommandId>,
+    out: Vec<CommandPlanned>,
+}
+
+impl Planner<'_> {
+    fn known(&self, id: &CommandId) -> bool {
+        self.ledger.commands.contains_key(id) || self.planned.contains(id)
+    }
+
+    fn plan(&mut self, command_id: CommandId, command: impl FnOnce() -> Command, reason: String) {
+        if self.known(&command_id) {
+            return;
+        }
+        self.planned.insert(command_id.clone());
+        self.out.push(CommandPlanned {
+            command_id,
+            command: command(),
+            reason,
+        });
+    }
+
+    /// The state of a command in the ledger, if it is there.
+    fn state(&self, id: &CommandId) -> Option<(CommandState, Option<ErrorClass>)> {
+        self.ledger
+            .commands
+            .get(id)
+            .map(|e| (e.state, e.last_class))
+    }
+
+    /// Whether a command ended without success (dead, failed terminally or cancelled).
+    fn gave_up(&self, id: &CommandId) -> Option<String> {
+        let e = self.ledger.commands.get(id)?;
+        let failed = matches!(e.state, CommandState::Dead | CommandState::Cancelled)
+            || (e.state == CommandState::Failed && e.last_class == Some(ErrorClass::Terminal));
+        failed.then(|| e.last_error.clone().unwrap_or_else(|| "gave up".into()))
+    }
+}
+
+/// Both sides have been listed completely at least once: before that, a missing counterpart
+/// may only be unlisted, and acting on it would duplicate sessions.
+fn both_listed(s: &SessionsView) -> bool {
+    [Source::Agent, Source::Backend].iter().all(|src| {
+        s.listings
+            .get(src)
+            .is_some_and(|l| l.last_complete_seq.is_some())
+    })
+}
+
+/// The chat session each agent session is linked to (an active one when several are).
+fn chats_by_agent(s: &SessionsView) -> HashMap<&AgentSessionId, (&ChatSessionId, &ChatSessionRow)> {
+    let mut index: HashMap<&AgentSessionId, (&ChatSessionId, &ChatSessionRow)> =
+        HashMap::with_capacity(s.chat.len());
+    for (id, row) in &s.chat {
+        if let Some(agent) = &row.agent_session_id {
+            index
+                .entry(agent)
+                .and_modify(|cur| {
+                    if cur.1.status != ChatStatus::Active && row.status == ChatStatus::Active {
+                        *cur = (id, row);
+                    }
+                })
+                .or_insert((id, row));
+        }
+    }
+    index
+}
+
+/// Creations, renames and stale sessions: one walk over the agent sessions.
+fn plan_sessions(plan: &mut Planner<'_>, s: &SessionsView, ctx: &Context, policy: &Policy) {
+    if !both_listed(s) {
+        return;
+    }
+    let chats = chats_by_agent(s);
+    for (agent_id, agent) in &s.agent {
+        let Some(&(chat_id, chat)) = chats.get(agent_id) else {
+            plan.plan(
+                ids::create_session(agent_id),
+                || Command::CreateSession {
+                    agent_session_id: agent_id.clone(),
+                    title: agent.title.clone(),
+                    model: agent.model.as_ref().map(ToString::to_string),
+                },
+                "agent session has no chat session".into(),
+            );
+            continue;
+        };
+        // Deleted and failed chat sessions are final: never renamed, never recreated.
+        if chat.status != ChatStatus::Active {
+            continue;
+        }
+        if agent.title != chat.title && !agent.title.is_empty() {
+            plan.plan(
+                ids::rename_session(chat_id, agent.title_seq),
+                || Command::RenameSession {
+                    chat_session_id: chat_id.clone(),
+                    title: agent.title.clone(),
+                },
+                format!(
+                    "agent title is {:?}, chat title is {:?}",
+                    agent.title, chat.title
+                ),
+            );
+        }
+        if let Some(since) = agent.busy_since {
+            let progress = since.max(agent.last_activity);
+            if ctx.now.saturating_sub(progress) >= policy.stale_busy_ms {
+                let hours = policy.stale_busy_ms as f64 / 3_600_000.0;
+                let reason = format!("busy with no progress for {hours} h");
+                plan.plan(
+                    ids::mark_session_failed(chat_id),
+                    || Command::MarkSessionFailed {
+                        chat_session_id: chat_id.clone(),
+                        reason: reason.clone(),
+                    },
+                    reason.clone(),
+                );
+                plan.plan(
+                    ids::abort_agent_session(agent_id, since),
+                    || Command::AbortAgentSession {
+                        agent_session_id: agent_id.clone(),
+                    },
+                    reason,
+                );
+            }
+        }
+    }
+}
+
+/// Deletions: only from a complete, successful agent listing newer than the link, and none
+/// while the agent side's last observation is a failure (the server may simply be down).
+fn plan_deletions(plan: &mut Planner<'_>, s: &SessionsView) {
+    if !both_listed(s) {
+        return;
+    }
+    let Some(listing) = s.listings.get(&Source::Agent) else {
+        return;
+    };
+    let Some(complete_seq) = listing.last_complete_seq else {
+        return;
+    };
+    if listing.last_failure_seq.is_some_and(|f| f > complete_seq) {
+        return;
+    }
+    for (chat_id, chat) in &s.chat {
+        let Some(agent_id) = &chat.agent_session_id else {
+            continue;
+        };
+        let newer_than_link = chat.linked_seq.unwrap_or(chat.first_seq) < complete_seq
+            && chat.first_seq < complete_seq;
+        if chat.status == ChatStatus::Active && newer_than_link && !s.agent.contains_key(agent_id) {
+            plan.plan(
+                ids::mark_session_deleted(chat_id),
+                || Command::MarkSessionDeleted {
+                    chat_session_id: chat_id.clone(),
+                },
+                format!(
+                    "agent session {agent_id} absent from the complete listing at seq {complete_seq}"
+                ),
+            );
+        }
+    }
+}
+
+/// Outcomes the backend does not hold yet: answers to deliver, failures to record.
+fn plan_outcomes(plan: &mut Planner<'_>, m: &MessagesView) {
+    for (id, row) in &m.messages {
+        if row.delivered {
+            continue;
+        }
+        match row.state {
+            MessageState::Answered => {
+                if let Some(answer) = &row.answer {
+                    plan.plan(
+                        ids::complete_message(id),
+                        || Command::CompleteMessage {
+                            chat_session_id: row.chat_session_id.clone(),
+                            message_id: id.clone(),
+                            content: answer.clone(),
+                        },
+                        "answered by the agent".into(),
+                    );
+                }
+            }
+            MessageState::Failed | MessageState::Abandoned => {
+                let reason = row.reason.clone().unwrap_or_else(|| "failed".into());
+                plan.plan(
+                    ids::fail_message(id),
+                    || Command::FailMessage {
+                        chat_session_id: row.chat_session_id.clone(),
+                        message_id: id.clone(),
+                        reason: reason.clone(),
+                    },
+                    reason.clone(),
+                );
+            }
+            MessageState::Seen | MessageState::Prompting => {}
+        }
+    }
+}
+
+/// Pending messages: fail the stale and the orphaned, ensure an agent session, then prompt.
+fn plan_pending(
+    plan: &mut Planner<'_>,
+    s: &SessionsView,
+    m: &MessagesView,
+    ctx: &Context,
+    policy: &Policy,
+) {
+    for (chat_id, pending) in &m.pending_by_chat {
+        let chat = s.chat.get(chat_id);
+        for message_id in pending {
+            let Some(row) = m.messages.get(message_id) else {
+                continue;
+            };
+            let fail_id = ids::fail_message(message_id);
+            if plan.known(&fail_id) {
+                continue;
+            }
+            let fail = |plan: &mut Planner<'_>, reason: String| {
+                plan.plan(
+                    fail_id.clone(),
+                    || Command::FailMessage {
+                        chat_session_id: chat_id.clone(),
+                        message_id: message_id.clone(),
+                        reason: reason.clone(),
+                    },
+                    reason.clone(),
+                )
+            };
+            if row.timestamp.saturating_add(policy.retry_window_ms) < ctx.started_at {
+                let minutes = policy.retry_window_ms / 60_000;
+                fail(
+                    plan,
+                    format!("still incomplete {minutes} min after it was written when the worker started"),
+                );
+                continue;
+            }
+            let Some(chat) = chat else {
+                continue; // its chat session is not listed yet
+            };
+            match chat.status {
+                ChatStatus::Active => {}
+                ChatStatus::Deleted => {
+                    fail(plan, "session deleted".into());
+                    continue;
+                }
+                ChatStatus::Failed => {
+                    fail(plan, "session failed".into());
+                    continue;
+                }
+            }
+            if !ctx.ready {
+                continue;
+            }
+            let create_id = ids::create_agent_session(chat_id);
+            let Some(agent_id) = &chat.agent_session_id else {
+                match plan.gave_up(&create_id) {
+                    Some(error) => fail(plan, format!("no agent session: {error}")),
+                    None => plan.plan(
+                        create_id,
+                        || Command::CreateAgentSession {
+                            chat_session_id: chat_id.clone(),
+                            title: chat.title.clone(),
+                        },
+                        format!("message {message_id} needs an agent session"),
+                    ),
+                }
+                continue;
+            };
+            let Some(agent) = s.agent.get(agent_id) else {
+                continue; // gone or not listed yet: the deletion rule decides
+            };
+            let link_id = ids::link_agent_session(chat_id, agent_id);
+            if !chat.link_confirmed && plan.state(&link_id).is_none() {
+                plan.plan(
+                    link_id.clone(),
+                    || Command::LinkAgentSession {
+                        chat_session_id: chat_id.clone(),
+                        agent_session_id: agent_id.clone(),
+                    },
+                    format!("agent session {agent_id} was created for message {message_id}"),
+                );
+            }
+            // Prompt once the backend holds the link, or once linking has given up (the answer
+            // still matters more than the bookkeeping).
+            let linked = chat.link_confirmed || plan.gave_up(&link_id).is_some();
+            if linked && row.state == MessageState::Seen {
+                let model = chat
+                    .model
+                    .as_deref()
+                    .map(ModelRef::parse)
+                    .or_else(|| agent.model.clone());
+                plan.plan(
+                    ids::prompt(message_id),
+                    || Command::Prompt {
+                        chat_session_id: chat_id.clone(),
+                        agent_session_id: agent_id.clone(),
+                        message_id: message_id.clone(),
+                        text: row.text.clone().unwrap_or_default(),
+                        model,
+                    },
+                    "user message has no answer".into(),
+                );
+            }
+        }
+    }
+}
+
+/// Why `command` no longer serves its purpose, if it does not: checked by the dispatcher before
+/// each attempt, so a command planned earlier (or resumed after a restart) never acts on a
+/// world that has moved on.
+pub fn obsolete(views: &Views, command: &Command) -> Option<String> {
+    let s = &views.sessions.state;
+    let m = &views.messages.state;
+    let ledger = &views.commands.state;
+    let message = |id| m.messages.get(id);
+    match command {
+        Command::Prompt { message_id, .. } => {
+            let row = message(message_id)?;
+            if !row.state.is_pending() {
+                return Some(format!("message is already {:?}", row.state).to_lowercase());
+            }
+            let fail = ids::fail_message(message_id);
+            ledger
+                .commands
+                .contains_key(&fail)
+                .then(|| format!("the message is being failed by {fail}"))
+        }
+        Command::CompleteMessage { message_id, .. } | Command::FailMessage { message_id, .. } => {
+            message(message_id)
+                .filter(|row| row.delivered)
+                .map(|_| "the backend already holds the message's outcome".to_owned())
+        }
+        Command::RenameSession {
+            chat_session_id,
+            title,
+        } => {
+            let chat = s.chat.get(chat_session_id)?;
+            if chat.status != ChatStatus::Active {
+                Some(format!("chat session is {:?}", chat.status).to_lowercase())
+            } else {
+                (&chat.title == title).then(|| "chat session already has that title".to_owned())
+            }
+        }
+        Command::MarkSessionDeleted { chat_session_id }
+        | Command::MarkSessionFailed {
+            chat_session_id, ..
+        } => s
+            .chat
+            .get(chat_session_id)
+            .filter(|c| c.status != ChatStatus::Active)
+            .map(|c| format!("chat session is already {:?}", c.status).to_lowercase()),
+        Command::CreateAgentSession {
+            chat_session_id, ..
+        } => s
+            .chat
+            .get(chat_session_id)
+            .and_then(|c| c.agent_session_id.as_ref())
+            .map(|a| format!("chat session already has agent session {a}")),
+        Command::AbortAgentSession { agent_session_id } => match s.agent.get(agent_session_id) {
+            None => Some("agent session is gone".into()),
+            Some(a) if a.busy_since.is_none() => Some("agent session is no longer busy".into()),
+            Some(_) => None,
+        },
+        Command::CreateSession { .. } | Command::LinkAgentSession { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,362 @@
+//! The reconciler's rules, one scenario each, on views folded from real events.
+
+use super::*;
+use crate::events::*;
+use crate::projections::Views;
+
+const T0: Millis = 1_700_000_000_000;
+const MIN: Millis = 60_000;
+
+/// Views folded from events appended one by one, and a clock.
+struct World {
+    views: Views,
+    seq: u64,
+    now: Millis,
+    started_at: Millis,
+    ready: bool,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            views: Views::default(),
+            seq: 0,
+            now: T0,
+            started_at: T0,
+            ready: true,
+        }
+    }
+
+    fn ev(&mut self, event: Event) -> &mut Self {
+        self.seq += 1;
+        let env = Envelope {
+            seq: self.seq,
+            id: uuid::Uuid::nil(),
+            at: self.now,
+            v: event.kind().version(),
+            event,
+            cause: None,
+        };
+        self.views.apply(&env);
+        self
+    }
+
+    fn plan(&self) -> Vec<CommandPlanned> {
+        let ctx = Context {
+            now: self.now,
+            started_at: self.started_at,
+            ready: self.ready,
+        };
+        reconcile(&self.views, &ctx, &Policy::default())
+    }
+
+    /// Plans, records the plan in the ledger, and returns the ids planned.
+    fn step(&mut self) -> Vec<String> {
+        let planned = self.plan();
+        let ids = planned.iter().map(|p| p.command_id.0.clone()).collect();
+        for p in planned {
+            self.ev(Event::CommandPlanned(p));
+        }
+        ids
+    }
+
+    fn command(&self, id: &str) -> Command {
+        let e = &self.views.commands.state.commands[&CommandId::from(id)];
+        e.command.clone().expect("open command keeps its body")
+    }
+
+    fn succeed(&mut self, id: &str, effect: Effect) -> &mut Self {
+        let c = self.command(id);
+        self.ev(Event::CommandSucceeded(CommandSucceeded {
+            command_id: id.into(),
+            op: c.op(),
+            subject: c.subject(),
+            attempt: 1,
+            effect,
+        }))
+    }
+
+    fn fail(&mut self, id: &str, class: ErrorClass, error: &str) -> &mut Self {
+        let c = self.command(id);
+        self.ev(Event::CommandFailed(CommandFailed {
+            command_id: id.into(),
+            op: c.op(),
+            subject: c.subject(),
+            attempt: 1,
+            class,
+            error: error.into(),
+            next_attempt_at: None,
+        }))
+    }
+
+    fn agent(&mut self, id: &str, title: &str) -> &mut Self {
+        self.ev(Event::AgentSessionSeen(AgentSessionInfo {
+            agent_session_id: id.into(),
+            title: title.into(),
+            directory: None,
+            project: None,
+            model: None,
+            updated_at: self.now,
+        }))
+    }
+
+    fn chat(&mut self, id: &str, agent: Option<&str>, title: &str) -> &mut Self {
+        self.ev(Event::BackendSessionSeen(ChatSessionInfo {
+            chat_session_id: id.into(),
+            agent_session_id: agent.map(Into::into),
+            title: title.into(),
+            model: None,
+            status: ChatStatus::Active,
+            last_activity: self.now,
+            project: None,
+        }))
+    }
+
+    fn listed(&mut self, source: Source, complete: bool) -> &mut Self {
+        self.ev(Event::ListingCompleted(ListingCompleted {
+            source,
+            sessions: 0,
+            complete,
+        }))
+    }
+
+    fn both_listed(&mut self) -> &mut Self {
+        self.listed(Source::Agent, true)
+            .listed(Source::Backend, true)
+    }
+
+    fn user_message(&mut self, chat: &str, id: &str, at: Millis) -> &mut Self {
+        self.ev(Event::BackendMessageSeen(MessageInfo {
+            chat_session_id: chat.into(),
+            message_id: id.into(),
+            role: Role::User,
+            content: format!("question {id}"),
+            completed: true,
+            timestamp: at,
+            reply_to: None,
+            error: None,
+        }))
+    }
+}
+
+#[test]
+fn nothing_is_planned_before_both_sides_are_listed() {
+    let mut w = World::new();
+    w.agent("ses_1", "A").listed(Source::Agent, true);
+    assert!(w.plan().is_empty(), "backend not listed yet");
+    w.listed(Source::Backend, false);
+    assert!(w.plan().is_empty(), "a partial listing is not a listing");
+    w.listed(Source::Backend, true);
+    assert_eq!(w.step(), ["createSession:ses_1"]);
+}
+
+#[test]
+fn a_new_agent_session_gets_one_chat_session_even_when_a_stale_listing_lacks_it() {
+    let mut w = World::new();
+    w.agent("ses_1", "A").both_listed();
+    assert_eq!(w.step(), ["createSession:ses_1"]);
+    assert!(w.step().is_empty(), "planned once");
+    w.succeed(
+        "createSession:ses_1",
+        Effect::ChatSessionCreated {
+            chat_session_id: "chat_1".into(),
+            agent_session_id: "ses_1".into(),
+            title: "A".into(),
+            model: None,
+        },
+    );
+    // A backend listing that started before the creation reports the chat gone.
+    w.ev(Event::BackendSessionGone(BackendSessionGone {
+        chat_session_id: "chat_1".into(),
+    }));
+    assert!(w.step().is_empty(), "the ledger remembers the creation");
+}
+
+#[test]
+fn a_title_change_is_mirrored_once_per_change() {
+    let mut w = World::new();
+    w.agent("ses_1", "A")
+        .chat("chat_1", Some("ses_1"), "A")
+        .both_listed();
+    assert!(w.step().is_empty());
+    w.agent("ses_1", "B");
+    let ids = w.step();
+    assert_eq!(ids.len(), 1);
+    assert!(ids[0].starts_with("renameSession:chat_1@"));
+    w.succeed(
+        &ids[0],
+        Effect::SessionRenamed {
+            chat_session_id: "chat_1".into(),
+            title: "B".into(),
+        },
+    );
+    assert!(w.step().is_empty());
+    // Back to "A": a new change, a new rename.
+    w.agent("ses_1", "A");
+    let again = w.step();
+    assert_eq!(again.len(), 1);
+    assert_ne!(again[0], ids[0]);
+}
+
+#[test]
+fn deletions_need_a_complete_listing_newer_than_the_link_and_no_failure_since() {
+    let mut w = World::new();
+    w.chat("chat_1", Some("ses_gone"), "A")
+        .listed(Source::Backend, true);
+    // The agent side failed to list: nothing is deleted.
+    w.ev(Event::ObservationFailed(ObservationFailed {
+        source: Source::Agent,
+        operation: "list_sessions".into(),
+        error: "connection refused".into(),
+    }));
+    assert!(w.plan().is_empty());
+    w.listed(Source::Agent, false);
+    assert!(w.plan().is_empty(), "partial listing");
+    w.listed(Source::Agent, true);
+    assert_eq!(w.step(), ["markSessionDeleted:chat_1"]);
+    // A failure after the complete listing holds further deletions.
+    w.chat("chat_2", Some("ses_gone2"), "B");
+    w.ev(Event::ObservationFailed(ObservationFailed {
+        source: Source::Agent,
+        operation: "list_sessions".into(),
+        error: "timeout".into(),
+    }));
+    assert!(w.step().is_empty());
+}
+
+#[test]
+fn a_link_newer_than_the_last_listing_is_not_deleted() {
+    let mut w = World::new();
+    w.both_listed();
+    w.chat("chat_1", Some("ses_new"), "A");
+    assert!(w.plan().is_empty(), "the agent listing predates the link");
+}
+
+#[test]
+fn a_message_is_prompted_only_when_ready_after_lazily_ensuring_its_agent_session() {
+    let mut w = World::new();
+    w.chat("chat_1", None, "A").both_listed();
+    w.ready = false;
+    w.user_message("chat_1", "msg_1", T0);
+    assert!(w.step().is_empty(), "not ready: nothing");
+    w.ready = true;
+    assert_eq!(w.step(), ["createAgentSession:chat_1"]);
+    w.succeed(
+        "createAgentSession:chat_1",
+        Effect::AgentSessionCreated {
+            chat_session_id: "chat_1".into(),
+            agent_session_id: "ses_9".into(),
+            title: "A".into(),
+        },
+    );
+    assert_eq!(w.step(), ["linkAgentSession:chat_1:ses_9"]);
+    w.succeed(
+        "linkAgentSession:chat_1:ses_9",
+        Effect::AgentSessionLinked {
+            chat_session_id: "chat_1".into(),
+            agent_session_id: "ses_9".into(),
+        },
+    );
+    assert_eq!(w.step(), ["prompt:msg_1"]);
+    w.succeed(
+        "prompt:msg_1",
+        Effect::PromptAnswered {
+            chat_session_id: "chat_1".into(),
+            message_id: "msg_1".into(),
+            content: "42".into(),
+        },
+    );
+    assert_eq!(w.step(), ["completeMessage:msg_1"]);
+    match w.command("completeMessage:msg_1") {
+        Command::CompleteMessage { content, .. } => assert_eq!(content, "42"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn stale_messages_found_at_start_are_failed_once_and_never_prompted() {
+    let mut w = World::new();
+    w.agent("ses_1", "A")
+        .chat("chat_1", Some("ses_1"), "A")
+        .both_listed();
+    w.user_message("chat_1", "msg_old", T0 - 10 * MIN);
+    w.user_message("chat_1", "msg_new", T0 - MIN);
+    let mut ids = w.step();
+    ids.sort();
+    assert_eq!(ids, ["failMessage:msg_old", "prompt:msg_new"]);
+    assert!(w.step().is_empty());
+    // A prompt planned for it before (say, by the previous process) is now obsolete.
+    let prompt = Command::Prompt {
+        chat_session_id: "chat_1".into(),
+        agent_session_id: "ses_1".into(),
+        message_id: "msg_old".into(),
+        text: "q".into(),
+        model: None,
+    };
+    assert!(obsolete(&w.views, &prompt).is_some());
+}
+
+#[test]
+fn a_terminal_prompt_failure_fails_the_message_at_once() {
+    let mut w = World::new();
+    w.agent("ses_1", "A")
+        .chat("chat_1", Some("ses_1"), "A")
+        .both_listed();
+    w.user_message("chat_1", "msg_1", T0);
+    assert_eq!(w.step(), ["prompt:msg_1"]);
+    w.fail(
+        "prompt:msg_1",
+        ErrorClass::Terminal,
+        "ContextOverflowError: prompt is too long",
+    );
+    assert_eq!(w.step(), ["failMessage:msg_1"]);
+    match w.command("failMessage:msg_1") {
+        Command::FailMessage { reason, .. } => assert!(reason.contains("ContextOverflowError")),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(w.step().is_empty(), "no retry");
+}
+
+#[test]
+fn messages_of_a_deleted_session_are_failed_with_a_reason() {
+    let mut w = World::new();
+    w.chat("chat_1", Some("ses_gone"), "A");
+    w.user_message("chat_1", "msg_1", T0);
+    w.both_listed();
+    w.ready = false;
+    assert_eq!(w.step(), ["markSessionDeleted:chat_1"]);
+    w.succeed(
+        "markSessionDeleted:chat_1",
+        Effect::SessionDeleted {
+            chat_session_id: "chat_1".into(),
+        },
+    );
+    assert_eq!(w.step(), ["failMessage:msg_1"]);
+    match w.command("failMessage:msg_1") {
+        Command::FailMessage { reason, .. } => assert_eq!(reason, "session deleted"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A message that arrives after the session ended is failed too.
+    w.user_message("chat_1", "msg_2", T0);
+    assert_eq!(w.step(), ["failMessage:msg_2"]);
+}
+
+#[test]
+fn a_session_busy_for_six_hours_is_failed_and_aborted() {
+    let mut w = World::new();
+    w.agent("ses_1", "A")
+        .chat("chat_1", Some("ses_1"), "A")
+        .both_listed();
+    w.ev(Event::AgentSessionStatus(AgentSessionStatus {
+        agent_session_id: "ses_1".into(),
+        status: AgentStatus::Busy,
+    }));
+    w.now += 5 * 60 * MIN;
+    assert!(w.step().is_empty(), "5 h is not stale yet");
+    w.now += 60 * MIN;
+    let mut ids = w.step();
+    ids.sort();
+    assert_eq!(ids.len(), 2);
+    assert!(ids[0].starts_with("abortAgentSession:ses_1@"));
+    assert_eq!(ids[1], "markSessionFailed:chat_1");
+}
