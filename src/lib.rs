@@ -12,6 +12,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod dispatch;
 pub mod events;
 pub mod log;
 pub mod ports;

@@ -1,0 +1,809 @@
+//! The dispatcher: the only part that talks to the outside, and the throttle in front of it.
+//!
+//! [`Dispatcher`] is a state machine driven with the time passed in: the controller feeds it
+//! planned commands ([`Dispatcher::enqueue`]), asks what may start now ([`Dispatcher::select`]),
+//! runs the calls, and reports how they ended ([`Dispatcher::finished`]), appending the events
+//! each step returns. It enforces, in this order:
+//!
+//! 1. **priorities with ageing**: a command's rank is its op's priority (answering users first,
+//!    then creations, renames, deletions) plus how long it has waited: every
+//!    [`DispatchConfig::aging_ms`] waited is worth one priority class, so a steady stream of
+//!    prompts delays a rename by at most a few classes' worth of waiting, never forever;
+//! 2. **same-key exclusion**: never two commands for the same chat or agent session at once,
+//!    and a key whose last attempt failed waits out its backoff before *any* command for it runs
+//!    (a new observation cannot start a hot loop against a failing backend);
+//! 3. **limits**: a global concurrency limit, and per target a concurrency limit (a semaphore
+//!    the observers share, so calls in flight to a side never exceed it), a rate limit
+//!    (`governor`) and a circuit breaker;
+//! 4. **retries**: retryable failures back off exponentially with full jitter, up to
+//!    `max_attempts`, then the command is dead-lettered; terminal failures end it at once;
+//! 5. **the model list**: one cached list per agent-server generation and TTL, fetched once
+//!    (single-flight) for all the creations that need it.
+//!
+//! Before each attempt the command is checked against the current views
+//! ([`crate::reconcile::obsolete`]): one whose purpose is gone is cancelled, not run.
+
+pub mod breaker;
+mod execute;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::FakeRelativeClock;
+use governor::{Quota, RateLimiter};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use breaker::{Breaker, BreakerPolicy, BreakerState};
+pub use execute::execute;
+
+use crate::clock::Millis;
+use crate::events::*;
+use crate::ports::{ModelList, PortError};
+use crate::projections::{CommandLedger, CommandState, Views};
+use crate::reconcile::obsolete;
+
+/// Retries of retryable failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The first backoff's ceiling.
+    pub base_ms: Millis,
+    /// No backoff is longer.
+    pub cap_ms: Millis,
+    /// Attempts before the dead letter.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            base_ms: 1_000,
+            cap_ms: 30_000,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt `attempt` (from 1): "full jitter", uniform in
+    /// `0..=min(cap, base * 2^(attempt-1))`, so retries of many commands spread out.
+    pub fn backoff(&self, attempt: u32, rng: &mut impl Rng) -> Millis {
+        let exp = self
+            .base_ms
+            .saturating_mul(1u64 << attempt.saturating_sub(1).min(32))
+            .min(self.cap_ms);
+        rng.random_range(0..=exp)
+    }
+}
+
+/// The limits of one target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetLimits {
+    /// Calls in flight at once (commands and observations together).
+    pub concurrency: usize,
+    /// Commands started per second (0: no rate limit).
+    pub per_second: u32,
+    /// How many may start at once before the rate applies.
+    pub burst: u32,
+}
+
+impl Default for TargetLimits {
+    fn default() -> Self {
+        Self {
+            concurrency: 10,
+            per_second: 50,
+            burst: 10,
+        }
+    }
+}
+
+/// Everything the dispatcher may decide, as numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchConfig {
+    /// Commands in flight at once, all targets together.
+    pub concurrency: usize,
+    /// The agent server's limits.
+    pub agent: TargetLimits,
+    /// The backend's limits.
+    pub backend: TargetLimits,
+    /// The timeout of one call.
+    pub timeout_ms: Millis,
+    /// The timeout of one prompt (the agent works while it runs).
+    pub prompt_timeout_ms: Millis,
+    /// Retries.
+    pub retry: RetryPolicy,
+    /// The breaker of each target.
+    pub breaker: BreakerPolicy,
+    /// Waiting this long raises a command by one priority class.
+    pub aging_ms: Millis,
+    /// How long a fetched model list stays fresh.
+    pub model_ttl_ms: Millis,
+    /// Whether the model list is cached (off only to measure the incident's baseline: every
+    /// creation then fetches the list itself).
+    pub model_cache: bool,
+    /// The model new chat sessions get when their agent session names none (`--model`); when
+    /// unset, the agent server's default from the model list.
+    pub default_model: Option<ModelRef>,
+    /// Seed of the backoff jitter.
+    pub seed: u64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 10,
+            agent: TargetLimits::default(),
+            backend: TargetLimits::default(),
+            timeout_ms: 30_000,
+            prompt_timeout_ms: 10 * 60_000,
+            retry: RetryPolicy::default(),
+            breaker: BreakerPolicy::default(),
+            aging_ms: 10_000,
+            model_ttl_ms: 5 * 60_000,
+            model_cache: true,
+            default_model: None,
+            seed: 0x5eed,
+        }
+    }
+}
+
+impl DispatchConfig {
+    /// No limits and no model cache: the incident's `Promise.allSettled`, for the baseline
+    /// measurement only.
+    pub fn unthrottled() -> Self {
+        let open = TargetLimits {
+            concurrency: Semaphore::MAX_PERMITS,
+            per_second: 0,
+            burst: 1,
+        };
+        Self {
+            concurrency: usize::MAX,
+            agent: open,
+            backend: open,
+            model_cache: false,
+            ..Self::default()
+        }
+    }
+}
+
+/// The priority class of an operation: 0 goes first. Answering users, then creations, then
+/// renames, then deletions and other clean-up.
+pub fn priority(op: Op) -> u8 {
+    match op {
+        Op::Prompt | Op::CompleteMessage | Op::FailMessage => 0,
+        Op::CreateSession | Op::CreateAgentSession | Op::LinkAgentSession => 1,
+        Op::RenameSession => 2,
+        Op::MarkSessionDeleted | Op::MarkSessionFailed | Op::AbortAgentSession => 3,
+    }
+}
+
+/// The per-target semaphores that bound calls in flight to each side. The observers take a
+/// permit for each call too.
+#[derive(Debug, Clone)]
+pub struct Gates {
+    /// Calls to the agent server.
+    pub agent: Arc<Semaphore>,
+    /// Calls to the backend.
+    pub backend: Arc<Semaphore>,
+}
+
+impl Gates {
+    /// The gate of `target`.
+    pub fn of(&self, target: Source) -> &Arc<Semaphore> {
+        match target {
+            Source::Agent => &self.agent,
+            Source::Backend => &self.backend,
+        }
+    }
+}
+
+type Limiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    FakeRelativeClock,
+    governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
+>;
+
+/// One target's throttle state.
+struct Target {
+    limiter: Option<Limiter>,
+    /// Driven to the dispatcher's `now` before each check (time is injected).
+    limiter_clock: FakeRelativeClock,
+    limiter_origin: Millis,
+    limiter_free_at: Millis,
+    breaker: Breaker,
+}
+
+impl Target {
+    fn new(limits: &TargetLimits, breaker: BreakerPolicy, now: Millis) -> Self {
+        let clock = FakeRelativeClock::default();
+        let limiter = NonZeroU32::new(limits.per_second).map(|rate| {
+            let burst = NonZeroU32::new(limits.burst.max(1)).expect("at least 1");
+            RateLimiter::direct_with_clock(
+                Quota::per_second(rate).allow_burst(burst),
+                clock.clone(),
+            )
+        });
+        Self {
+            limiter,
+            limiter_clock: clock,
+            limiter_origin: now,
+            limiter_free_at: 0,
+            breaker: Breaker::new(breaker),
+        }
+    }
+
+    /// Takes one start from the rate limit, or says when the next is free.
+    fn take(&mut self, now: Millis) -> Result<(), Millis> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        use governor::clock::Clock as _;
+        let elapsed = Duration::from_millis(now.saturating_sub(self.limiter_origin));
+        let current = Duration::from(self.limiter_clock.now());
+        if elapsed > current {
+            self.limiter_clock.advance(elapsed - current);
+        }
+        limiter.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.limiter_clock.now());
+            let free = now + (wait.as_millis() as Millis).max(1);
+            self.limiter_free_at = free;
+            free
+        })
+    }
+}
+
+/// A command waiting to start.
+#[derive(Debug, Clone)]
+struct Queued {
+    command: Command,
+    /// Attempts already made.
+    attempts: u32,
+    /// Not before this time (its backoff).
+    not_before: Millis,
+    /// Since when it has been waiting to start (for ageing).
+    waiting_since: Millis,
+    /// Enqueue order, to keep equal ranks first-in first-out.
+    order: u64,
+}
+
+/// A command whose attempt is running.
+#[derive(Debug)]
+struct Running {
+    command: Command,
+    keys: Vec<String>,
+}
+
+/// What the dispatcher wants done now.
+#[derive(Debug)]
+pub enum Action {
+    /// Record that a command was dropped: `event` is its `command_cancelled`.
+    Cancel(Event),
+    /// Start an attempt (its `attempt_started` must be appended before the call).
+    Start(Attempt),
+    /// Fetch the model list (single-flight).
+    FetchModels(ModelFetch),
+}
+
+/// One attempt to run.
+#[derive(Debug)]
+pub struct Attempt {
+    /// The command's id.
+    pub id: CommandId,
+    /// The command, with its model resolved.
+    pub command: Command,
+    /// The attempt number, from 1.
+    pub attempt: u32,
+    /// The call's timeout.
+    pub timeout: Duration,
+    /// Fetch the model list before a creation (the unthrottled baseline only).
+    pub fetch_models_first: bool,
+    /// The target's permit, held for the call.
+    pub permit: OwnedSemaphorePermit,
+}
+
+impl Attempt {
+    /// Its `attempt_started` event.
+    pub fn started_event(&self) -> Event {
+        Event::AttemptStarted(AttemptStarted {
+            command_id: self.id.clone(),
+            op: self.command.op(),
+            subject: self.command.subject(),
+            attempt: self.attempt,
+        })
+    }
+}
+
+/// One model-list fetch to run.
+#[derive(Debug)]
+pub struct ModelFetch {
+    /// The agent-server generation it is for.
+    pub generation: u64,
+    /// The agent target's permit.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Counters the dispatcher keeps for the summary and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DispatchStats {
+    /// The most calls it had in flight at once (commands and model fetches).
+    pub peak_in_flight: usize,
+    /// Attempts started.
+    pub attempts: u64,
+    /// Attempts that were retries.
+    pub retries: u64,
+    /// Commands dead-lettered.
+    pub dead_letters: u64,
+    /// Commands cancelled.
+    pub cancelled: u64,
+    /// Model-list fetches started.
+    pub model_fetches: u64,
+}
+
+/// Where the model list stands.
+#[derive(Debug, Default)]
+struct ModelState {
+    in_flight: bool,
+    /// The last fetch: (generation, when).
+    last: Option<(u64, Millis)>,
+}
+
+/// The scheduler. See the module documentation.
+pub struct Dispatcher {
+    cfg: DispatchConfig,
+    gates: Gates,
+    queue: BTreeMap<CommandId, Queued>,
+    running: HashMap<CommandId, Running>,
+    busy_keys: HashSet<String>,
+    key_not_before: HashMap<String, Millis>,
+    agent: Target,
+    backend: Target,
+    rng: SmallRng,
+    models: ModelState,
+    order: u64,
+    stats: DispatchStats,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("queued", &self.queue.len())
+            .field("running", &self.running.len())
+            .finish()
+    }
+}
+
+/// The exclusion keys of a command: every session it touches.
+fn keys_of(command: &Command) -> Vec<String> {
+    let r = command.subject_refs();
+    let mut keys = Vec::with_capacity(2);
+    keys.extend(r.chat_session_id.map(|c| format!("chat:{c}")));
+    keys.extend(r.agent_session_id.map(|a| format!("agent:{a}")));
+    keys
+}
+
+impl Dispatcher {
+    /// A dispatcher with nothing queued.
+    pub fn new(cfg: DispatchConfig, now: Millis) -> Self {
+        let gates = Gates {
+            agent: Arc::new(Semaphore::new(cfg.agent.concurrency)),
+            backend: Arc::new(Semaphore::new(cfg.backend.concurrency)),
+        };
+        Self {
+            agent: Target::new(&cfg.agent, cfg.breaker, now),
+            backend: Target::new(&cfg.backend, cfg.breaker, now),
+            rng: SmallRng::seed_from_u64(cfg.seed),
+            cfg,
+            gates,
+            queue: BTreeMap::new(),
+            running: HashMap::new(),
+            busy_keys: HashSet::new(),
+            key_not_before: HashMap::new(),
+            models: ModelState::default(),
+            order: 0,
+            stats: DispatchStats::default(),
+        }
+    }
+
+    /// The per-target gates, for the observers to share.
+    pub fn gates(&self) -> Gates {
+        self.gates.clone()
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &DispatchStats {
+        &self.stats
+    }
+
+    /// Commands waiting to start.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Calls running (commands and a model fetch).
+    pub fn in_flight(&self) -> usize {
+        self.running.len() + usize::from(self.models.in_flight)
+    }
+
+    /// When the oldest queued command started waiting.
+    pub fn oldest_waiting_since(&self) -> Option<Millis> {
+        self.queue.values().map(|q| q.waiting_since).min()
+    }
+
+    fn target(&mut self, target: Source) -> &mut Target {
+        match target {
+            Source::Agent => &mut self.agent,
+            Source::Backend => &mut self.backend,
+        }
+    }
+
+    /// Queues a planned command (a no-op when it is already queued or running).
+    pub fn enqueue(&mut self, id: CommandId, command: Command, now: Millis) {
+        self.push(id, command, 0, now, now);
+    }
+
+    fn push(&mut self, id: CommandId, command: Command, attempts: u32, at: Millis, now: Millis) {
+        if self.running.contains_key(&id) || self.queue.contains_key(&id) {
+            return;
+        }
+        self.order += 1;
+        self.queue.insert(
+            id,
+            Queued {
+                command,
+                attempts,
+                not_before: at,
+                waiting_since: at.max(now),
+                order: self.order,
+            },
+        );
+    }
+
+    /// Queues every command the ledger holds open: what a previous process planned but did not
+    /// finish resumes with the same ids. An attempt cut short by the process's death is not
+    /// counted as a failure: it is made again under the same number.
+    pub fn resume(&mut self, ledger: &CommandLedger, now: Millis) -> usize {
+        let mut n = 0;
+        for (id, entry) in ledger.open() {
+            let Some(command) = &entry.command else {
+                continue;
+            };
+            let attempts = match entry.state {
+                CommandState::InFlight => entry.attempts.saturating_sub(1),
+                _ => entry.attempts,
+            };
+            let at = entry.next_attempt_at.unwrap_or(now);
+            self.push(id.clone(), command.clone(), attempts, at, now);
+            n += 1;
+        }
+        n
+    }
+
+    /// What may start now, in rank order, within every limit. The caller appends the events of
+    /// the actions (`command_cancelled`, `attempt_started`) and then runs the calls.
+    pub fn select(&mut self, views: &Views, now: Millis) -> Vec<Action> {
+        let mut order: Vec<(u64, u64, CommandId)> = self
+            .queue
+            .iter()
+            .filter(|(_, q)| q.not_before <= now)
+            .map(|(id, q)| {
+                let rank = u64::from(priority(q.command.op())) * self.cfg.aging_ms;
+                (q.waiting_since + rank, q.order, id.clone())
+            })
+            .collect();
+        order.sort_unstable();
+        let mut actions = Vec::new();
+        for (_, _, id) in order {
+            if self.in_flight() >= self.cfg.concurrency {
+                break;
+            }
+            let Some(queued) = self.queue.get(&id) else {
+                continue;
+            };
+            let mut command = queued.command.clone();
+            let keys = keys_of(&command);
+            let blocked = keys.iter().any(|k| {
+                self.busy_keys.contains(k) || self.key_not_before.get(k).is_some_and(|t| *t > now)
+            });
+            if blocked {
+                continue;
+            }
+            if let Some(reason) = obsolete(views, &command) {
+                self.queue.remove(&id);
+                self.stats.cancelled += 1;
+                actions.push(Action::Cancel(Event::CommandCancelled(CommandCancelled {
+                    command_id: id,
+                    op: command.op(),
+                    subject: command.subject(),
+                    reason,
+                })));
+                continue;
+            }
+            let target = command.op().target();
+            if !self.target(target).breaker.allows(now) {
+                continue;
+            }
+            let mut fetch_models_first = false;
+            if let Command::CreateSession { model, .. } = &mut command {
+                if model.is_none() {
+                    match self.model_for_creation(views, now) {
+                        ModelNeed::Use(m) => *model = m.map(|m| m.to_string()),
+                        ModelNeed::FetchInline => fetch_models_first = true,
+                        ModelNeed::Wait => continue,
+                        ModelNeed::Fetch => {
+                            if let Some(fetch) = self.start_model_fetch(views, now) {
+                                actions.push(Action::FetchModels(fetch));
+                            }
+                            continue;
+                        }
+                    }
+                }
+            }
+            let Ok(permit) = self.gates.of(target).clone().try_acquire_owned() else {
+                continue;
+            };
+            if self.target(target).take(now).is_err() {
+                continue;
+            }
+            self.target(target).breaker.on_start(now);
+            let q = self.queue.remove(&id).expect("queued");
+            for k in &keys {
+                self.busy_keys.insert(k.clone());
+            }
+            let attempt = q.attempts + 1;
+            self.stats.attempts += 1;
+            if attempt > 1 {
+                self.stats.retries += 1;
+            }
+            let timeout = Duration::from_millis(match command.op() {
+                Op::Prompt => self.cfg.prompt_timeout_ms,
+                _ => self.cfg.timeout_ms,
+            });
+            self.running.insert(
+                id.clone(),
+                Running {
+                    command: q.command,
+                    keys,
+                },
+            );
+            self.stats.peak_in_flight = self.stats.peak_in_flight.max(self.in_flight());
+            actions.push(Action::Start(Attempt {
+                id,
+                command,
+                attempt,
+                timeout,
+                fetch_models_first,
+                permit,
+            }));
+        }
+        actions
+    }
+
+    fn model_for_creation(&self, views: &Views, now: Millis) -> ModelNeed {
+        if let Some(m) = &self.cfg.default_model {
+            return ModelNeed::Use(Some(m.clone()));
+        }
+        if !self.cfg.model_cache {
+            return ModelNeed::FetchInline;
+        }
+        let s = &views.sessions.state;
+        let generation = s.agent_generation;
+        if let Some(cache) = &s.models {
+            if cache.generation == generation
+                && now.saturating_sub(cache.fetched_at) < self.cfg.model_ttl_ms
+            {
+                return ModelNeed::Use(
+                    cache
+                        .default
+                        .clone()
+                        .or_else(|| cache.models.first().cloned()),
+                );
+            }
+        }
+        if self.models.in_flight {
+            return ModelNeed::Wait;
+        }
+        match self.models.last {
+            // Fetched (and failed) in this window for this generation: go without a model
+            // rather than fetch again (one fetch per TTL window per generation).
+            Some((g, at)) if g == generation && now.saturating_sub(at) < self.cfg.model_ttl_ms => {
+                ModelNeed::Use(None)
+            }
+            _ => ModelNeed::Fetch,
+        }
+    }
+
+    fn start_model_fetch(&mut self, views: &Views, now: Millis) -> Option<ModelFetch> {
+        if !self.agent.breaker.allows(now) {
+            return None;
+        }
+        let permit = self.gates.agent.clone().try_acquire_owned().ok()?;
+        self.models.in_flight = true;
+        let generation = views.sessions.state.agent_generation;
+        self.models.last = Some((generation, now));
+        self.stats.model_fetches += 1;
+        self.stats.peak_in_flight = self.stats.peak_in_flight.max(self.in_flight());
+        Some(ModelFetch { generation, permit })
+    }
+
+    /// A model fetch ended: the events to append (`models_listed`, or an observation failure).
+    pub fn models_fetched(
+        &mut self,
+        generation: u64,
+        result: Result<ModelList, PortError>,
+        now: Millis,
+    ) -> Vec<Event> {
+        self.models.in_flight = false;
+        self.models.last = Some((generation, now));
+        match result {
+            Ok(list) => {
+                self.agent.breaker.on_success();
+                vec![Event::ModelsListed(ModelsListed {
+                    generation,
+                    models: list.models,
+                    default: list.default,
+                })]
+            }
+            Err(e) => {
+                if e.is_retryable() {
+                    self.agent.breaker.on_failure(now);
+                }
+                vec![Event::ObservationFailed(ObservationFailed {
+                    source: Source::Agent,
+                    operation: "list_models".into(),
+                    error: e.message,
+                })]
+            }
+        }
+    }
+
+    /// An attempt ended: the events to append (success; failure with the next attempt's time;
+    /// or failure and dead letter).
+    pub fn finished(
+        &mut self,
+        id: &CommandId,
+        attempt: u32,
+        result: Result<Effect, PortError>,
+        now: Millis,
+    ) -> Vec<Event> {
+        let Some(run) = self.running.remove(id) else {
+            return Vec::new();
+        };
+        for k in &run.keys {
+            self.busy_keys.remove(k);
+        }
+        let op = run.command.op();
+        let subject = run.command.subject();
+        let target = op.target();
+        match result {
+            Ok(effect) => {
+                self.target(target).breaker.on_success();
+                for k in &run.keys {
+                    self.key_not_before.remove(k);
+                }
+                vec![Event::CommandSucceeded(CommandSucceeded {
+                    command_id: id.clone(),
+                    op,
+                    subject,
+                    attempt,
+                    effect,
+                })]
+            }
+            Err(e) if !e.is_retryable() => {
+                // The target answered: it is alive, the request was wrong.
+                self.target(target).breaker.on_success();
+                vec![Event::CommandFailed(CommandFailed {
+                    command_id: id.clone(),
+                    op,
+                    subject,
+                    attempt,
+                    class: ErrorClass::Terminal,
+                    error: e.message,
+                    next_attempt_at: None,
+                })]
+            }
+            Err(e) => {
+                self.target(target).breaker.on_failure(now);
+                if attempt >= self.cfg.retry.max_attempts {
+                    self.stats.dead_letters += 1;
+                    return vec![
+                        Event::CommandFailed(CommandFailed {
+                            command_id: id.clone(),
+                            op,
+                            subject: subject.clone(),
+                            attempt,
+                            class: ErrorClass::Retryable,
+                            error: e.message.clone(),
+                            next_attempt_at: None,
+                        }),
+                        Event::CommandDeadLettered(CommandDeadLettered {
+                            command_id: id.clone(),
+                            op,
+                            subject,
+                            attempts: attempt,
+                            last_error: e.message,
+                        }),
+                    ];
+                }
+                let wait = self
+                    .cfg
+                    .retry
+                    .backoff(attempt, &mut self.rng)
+                    .max(e.retry_after_ms.unwrap_or(0));
+                let next = now + wait;
+                for k in &run.keys {
+                    let t = self.key_not_before.entry(k.clone()).or_insert(next);
+                    *t = (*t).max(next);
+                }
+                self.push(id.clone(), run.command, attempt, next, next);
+                vec![Event::CommandFailed(CommandFailed {
+                    command_id: id.clone(),
+                    op,
+                    subject,
+                    attempt,
+                    class: ErrorClass::Retryable,
+                    error: e.message,
+                    next_attempt_at: Some(next),
+                })]
+            }
+        }
+    }
+
+    /// A started attempt will never report (its task was dropped while draining): forget it so
+    /// that its keys are free. The ledger keeps it in flight, so the next process resumes it.
+    pub fn abandoned(&mut self, id: &CommandId, now: Millis) {
+        if let Some(run) = self.running.remove(id) {
+            for k in &run.keys {
+                self.busy_keys.remove(k);
+            }
+            self.target(run.command.op().target())
+                .breaker
+                .on_abandoned(now);
+        }
+    }
+
+    /// The next time something waiting may become startable (a backoff ends, a breaker lets a
+    /// probe through, the rate limit frees a slot), if anything waits.
+    pub fn next_wakeup(&self, now: Millis) -> Option<Millis> {
+        let mut next: Option<Millis> = None;
+        let mut consider = |t: Millis| {
+            if t > now {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        for q in self.queue.values() {
+            consider(q.not_before);
+            for k in keys_of(&q.command) {
+                if let Some(t) = self.key_not_before.get(&k) {
+                    consider(*t);
+                }
+            }
+        }
+        if !self.queue.is_empty() {
+            for t in [&self.agent, &self.backend] {
+                if let Some(t) = t.breaker.reopens_at() {
+                    consider(t);
+                }
+                consider(t.limiter_free_at);
+            }
+        }
+        next
+    }
+}
+
+enum ModelNeed {
+    /// Use this model (or none).
+    Use(Option<ModelRef>),
+    /// A fetch is running: wait for it.
+    Wait,
+    /// Start the (single) fetch, and wait for it.
+    Fetch,
+    /// The model cache is off: the attempt fetches the list itself.
+    FetchInline,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,298 @@
+//! The scheduler's rules, driven with injected time.
+
+use super::*;
+
+fn rename(chat: &str) -> Command {
+    Command::RenameSession {
+        chat_session_id: chat.into(),
+        title: "t".into(),
+    }
+}
+
+fn fail_message(chat: &str, msg: &str) -> Command {
+    Command::FailMessage {
+        chat_session_id: chat.into(),
+        message_id: msg.into(),
+        reason: "r".into(),
+    }
+}
+
+fn create(agent: &str) -> Command {
+    Command::CreateSession {
+        agent_session_id: agent.into(),
+        title: "t".into(),
+        model: None,
+    }
+}
+
+fn started(actions: Vec<Action>) -> Vec<Attempt> {
+    actions
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Start(s) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+fn apply(views: &mut Views, events: Vec<Event>, at: Millis) {
+    for event in events {
+        let seq = views.min_seq() + 1;
+        views.apply(&Envelope {
+            seq,
+            id: uuid::Uuid::nil(),
+            at,
+            v: event.kind().version(),
+            event,
+            cause: None,
+        });
+    }
+}
+
+fn config(concurrency: usize) -> DispatchConfig {
+    DispatchConfig {
+        concurrency,
+        ..DispatchConfig::default()
+    }
+}
+
+#[test]
+fn answering_users_goes_first_but_waiting_work_ages_and_is_not_starved() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(1), 0);
+    d.enqueue("rename".into(), rename("chat_r"), 0);
+    let mut now = 0;
+    let mut order = Vec::new();
+    for i in 0..15 {
+        // A steady stream of user work, one new message every second.
+        d.enqueue(
+            format!("fail:{i}").into(),
+            fail_message(&format!("c{i}"), &format!("m{i}")),
+            now,
+        );
+        let s = started(d.select(&views, now));
+        assert_eq!(s.len(), 1, "concurrency 1");
+        order.push(s[0].id.0.clone());
+        let events = d.finished(
+            &s[0].id,
+            1,
+            Ok(Effect::AgentSessionAborted {
+                agent_session_id: "x".into(),
+            }),
+            now,
+        );
+        assert_eq!(events.len(), 1);
+        now += 2_000;
+    }
+    let at = order
+        .iter()
+        .position(|id| id == "rename")
+        .expect("rename ran");
+    assert!(at > 0, "a fresh prompt outranks a fresh rename: {order:?}");
+    // Priority 2 x 10 s of ageing: the rename runs once it has waited 20 s, whatever arrives.
+    assert!(at <= 11, "{order:?}");
+}
+
+#[test]
+fn never_two_commands_for_the_same_session_at_once() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    d.enqueue("a".into(), rename("chat_1"), 0);
+    d.enqueue("b".into(), fail_message("chat_1", "m1"), 0);
+    d.enqueue("c".into(), rename("chat_2"), 0);
+    let s = started(d.select(&views, 0));
+    let ids: Vec<_> = s.iter().map(|a| a.id.0.as_str()).collect();
+    assert_eq!(ids, ["b", "c"], "b outranks a; a waits for chat_1");
+    assert!(started(d.select(&views, 1)).is_empty());
+    d.finished(
+        &"b".into(),
+        1,
+        Ok(Effect::SessionDeleted {
+            chat_session_id: "chat_1".into(),
+        }),
+        2,
+    );
+    let s = started(d.select(&views, 2));
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].id.0, "a");
+}
+
+#[test]
+fn retryable_failures_back_off_with_jitter_block_the_key_and_end_in_a_dead_letter() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    d.enqueue("a".into(), rename("chat_1"), 0);
+    let mut now = 0;
+    for attempt in 1..=3u32 {
+        let s = started(d.select(&views, now));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].attempt, attempt);
+        let events = d.finished(&s[0].id, attempt, Err(PortError::retryable("503")), now);
+        if attempt < 3 {
+            let Event::CommandFailed(f) = &events[0] else {
+                panic!("{events:?}")
+            };
+            let next = f.next_attempt_at.expect("a next attempt");
+            let ceiling = 1_000u64 << (attempt - 1);
+            assert!(
+                next >= now && next <= now + ceiling,
+                "full jitter within {ceiling} ms"
+            );
+            // Another command for the same session waits out the backoff too.
+            d.enqueue(format!("other{attempt}").into(), rename("chat_1"), now);
+            if next > now {
+                assert!(
+                    started(d.select(&views, now)).is_empty(),
+                    "key is backing off"
+                );
+            }
+            if next > now {
+                assert_eq!(d.next_wakeup(now), Some(next));
+            }
+            now = next;
+            // Run the other one out of the way first if it is picked.
+            d.queue.retain(|id, _| id.0 == "a");
+        } else {
+            assert!(
+                matches!(events[1], Event::CommandDeadLettered(_)),
+                "{events:?}"
+            );
+        }
+    }
+    assert_eq!(d.stats().dead_letters, 1);
+    assert_eq!(d.queued(), 0);
+}
+
+#[test]
+fn a_terminal_failure_is_not_retried() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    d.enqueue("a".into(), rename("chat_1"), 0);
+    let s = started(d.select(&views, 0));
+    let events = d.finished(&s[0].id, 1, Err(PortError::terminal("400 bad title")), 0);
+    assert!(matches!(&events[0], Event::CommandFailed(f) if f.class == ErrorClass::Terminal));
+    assert_eq!(d.queued(), 0);
+}
+
+#[test]
+fn the_global_limit_and_the_breaker_hold() {
+    let views = Views::default();
+    let mut cfg = config(3);
+    cfg.breaker = BreakerPolicy {
+        failures: 2,
+        open_ms: 5_000,
+        max_open_ms: 5_000,
+    };
+    let mut d = Dispatcher::new(cfg, 0);
+    for i in 0..6 {
+        d.enqueue(format!("r{i}").into(), rename(&format!("chat_{i}")), 0);
+    }
+    let s = started(d.select(&views, 0));
+    assert_eq!(s.len(), 3);
+    for a in &s {
+        d.finished(
+            &a.id,
+            1,
+            Err(PortError::retryable("connection refused")),
+            10,
+        );
+    }
+    // Open: nothing goes to the backend until the breaker lets one probe through.
+    assert!(started(d.select(&views, 4_000)).is_empty());
+    let probe = started(d.select(&views, 5_010));
+    assert_eq!(probe.len(), 1, "one probe");
+    d.finished(
+        &probe[0].id,
+        2,
+        Ok(Effect::SessionRenamed {
+            chat_session_id: "x".into(),
+            title: "t".into(),
+        }),
+        5_020,
+    );
+    assert_eq!(started(d.select(&views, 5_030)).len(), 3, "closed again");
+}
+
+#[test]
+fn many_creations_cost_one_model_fetch() {
+    let mut views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    for i in 0..20 {
+        d.enqueue(format!("c{i}").into(), create(&format!("ses_{i}")), 0);
+    }
+    let actions = d.select(&views, 0);
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    let Action::FetchModels(fetch) = &actions[0] else {
+        panic!("{actions:?}")
+    };
+    assert!(
+        d.select(&views, 1).is_empty(),
+        "single flight: the others wait"
+    );
+    let model = ModelRef::parse("mock/small");
+    let events = d.models_fetched(
+        fetch.generation,
+        Ok(ModelList {
+            models: vec![model.clone()],
+            default: None,
+        }),
+        2,
+    );
+    apply(&mut views, events, 2);
+    let s = started(d.select(&views, 3));
+    assert_eq!(s.len(), 10);
+    assert!(s.iter().all(
+        |a| matches!(&a.command, Command::CreateSession { model: Some(m), .. } if m == "mock/small")
+    ));
+    assert_eq!(d.stats().model_fetches, 1);
+    // A restarted agent server (a new generation) invalidates the list.
+    apply(
+        &mut views,
+        vec![Event::AgentServerStarted(AgentServerStarted {
+            generation: 2,
+            url: "u".into(),
+            pid: None,
+        })],
+        4,
+    );
+    for a in &s {
+        d.finished(
+            &a.id,
+            1,
+            Ok(Effect::AgentSessionAborted {
+                agent_session_id: "x".into(),
+            }),
+            5,
+        );
+    }
+    let again = d.select(&views, 6);
+    assert!(
+        matches!(again.as_slice(), [Action::FetchModels(f)] if f.generation == 2),
+        "{again:?}"
+    );
+}
+
+#[test]
+fn resumed_commands_keep_their_ids_and_an_interrupted_attempt_is_made_again() {
+    let mut views = Views::default();
+    let planned = Event::CommandPlanned(CommandPlanned {
+        command_id: "renameSession:chat_1@3".into(),
+        command: rename("chat_1"),
+        reason: "r".into(),
+    });
+    let started_ev = Event::AttemptStarted(AttemptStarted {
+        command_id: "renameSession:chat_1@3".into(),
+        op: Op::RenameSession,
+        subject: rename("chat_1").subject(),
+        attempt: 1,
+    });
+    apply(&mut views, vec![planned, started_ev], 0);
+    let mut d = Dispatcher::new(config(10), 0);
+    assert_eq!(d.resume(&views.commands.state, 0), 1);
+    let s = started(d.select(&views, 0));
+    assert_eq!(s[0].id.0, "renameSession:chat_1@3");
+    assert_eq!(
+        s[0].attempt, 1,
+        "the interrupted attempt is not counted as failed"
+    );
+}
