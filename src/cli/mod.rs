@@ -1,6 +1,7 @@
 //! The `agentsync` command line. Each subcommand lives in its own file; this one parses,
 //! maps errors to exit codes (2: usage or configuration, 1: runtime) and owns stdout.
 
+mod demo;
 mod rebuild;
 mod render;
 mod replay;
@@ -37,6 +38,8 @@ enum Command {
     Stats(StatsArgs),
     /// The log as JSON lines on stdout.
     Export(ExportArgs),
+    /// The production incident, simulated: a real worker and log against simulated sides.
+    Demo(DemoArgs),
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +121,19 @@ struct ExportArgs {
     from: u64,
 }
 
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Where to write the log (a new or empty directory; default: a new temporary one).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Multiply the incident's size.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    scale: usize,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
 fn parse_kind(s: &str) -> Result<EventKind, String> {
     EventKind::from_name(s).ok_or_else(|| {
         let known: Vec<&str> = EventKind::ALL.iter().map(|k| k.name()).collect();
@@ -140,6 +156,13 @@ pub struct CliError {
 }
 
 impl CliError {
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+
     fn runtime(message: impl Into<String>) -> Self {
         Self {
             code: 1,
@@ -195,6 +218,7 @@ pub fn main() -> ExitCode {
         Command::Rebuild(a) => rebuild::run(a, &mut out),
         Command::Stats(a) => stats::run(a, &mut out),
         Command::Export(a) => replay::export(a, &mut out),
+        Command::Demo(a) => demo::run(a, &mut out),
     };
     let result = result.and_then(|()| out.flush().map_err(CliError::from));
     match result {

@@ -58,12 +58,23 @@ pub struct Context {
     pub ready: bool,
 }
 
+/// A command to plan, with the position of the event that made it necessary, when one did
+/// (`why` follows it back; time-based decisions have none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    /// The decision.
+    pub planned: CommandPlanned,
+    /// The seq of the event it follows from.
+    pub cause_seq: Option<u64>,
+}
+
 /// One reconciliation pass: the commands to plan, each not yet in the ledger.
-pub fn reconcile(views: &Views, ctx: &Context, policy: &Policy) -> Vec<CommandPlanned> {
+pub fn reconcile(views: &Views, ctx: &Context, policy: &Policy) -> Vec<Planned> {
     let mut plan = Planner {
         ledger: &views.commands.state,
         planned: HashSet::new(),
         out: Vec::new(),
+        cause: None,
     };
     let sessions = &views.sessions.state;
     let messages = &views.messages.state;
@@ -78,7 +89,9 @@ pub fn reconcile(views: &Views, ctx: &Context, policy: &Policy) -> Vec<CommandPl
 struct Planner<'a> {
     ledger: &'a CommandLedger,
     planned: HashSet<CommandId>,
-    out: Vec<CommandPlanned>,
+    out: Vec<Planned>,
+    /// The cause of the next command planned (set by `because`).
+    cause: Option<u64>,
 }
 
 impl Planner<'_> {
@@ -87,15 +100,25 @@ impl Planner<'_> {
     }
 
     fn plan(&mut self, command_id: CommandId, command: impl FnOnce() -> Command, reason: String) {
+        let cause_seq = self.cause.take();
         if self.known(&command_id) {
             return;
         }
         self.planned.insert(command_id.clone());
-        self.out.push(CommandPlanned {
-            command_id,
-            command: command(),
-            reason,
+        self.out.push(Planned {
+            planned: CommandPlanned {
+                command_id,
+                command: command(),
+                reason,
+            },
+            cause_seq,
         });
+    }
+
+    /// Names the event the next command follows from.
+    fn because(&mut self, seq: u64) -> &mut Self {
+        self.cause = Some(seq);
+        self
     }
 
     /// The state of a command in the ledger, if it is there.
@@ -152,7 +175,7 @@ fn plan_sessions(plan: &mut Planner<'_>, s: &SessionsView, ctx: &Context, policy
     let chats = chats_by_agent(s);
     for (agent_id, agent) in &s.agent {
         let Some(&(chat_id, chat)) = chats.get(agent_id) else {
-            plan.plan(
+            plan.because(agent.first_seq).plan(
                 ids::create_session(agent_id),
                 || Command::CreateSession {
                     agent_session_id: agent_id.clone(),
@@ -168,7 +191,7 @@ fn plan_sessions(plan: &mut Planner<'_>, s: &SessionsView, ctx: &Context, policy
             continue;
         }
         if agent.title != chat.title && !agent.title.is_empty() {
-            plan.plan(
+            plan.because(agent.title_seq).plan(
                 ids::rename_session(chat_id, agent.title_seq),
                 || Command::RenameSession {
                     chat_session_id: chat_id.clone(),
@@ -227,7 +250,7 @@ fn plan_deletions(plan: &mut Planner<'_>, s: &SessionsView) {
         let newer_than_link = chat.linked_seq.unwrap_or(chat.first_seq) < complete_seq
             && chat.first_seq < complete_seq;
         if chat.status == ChatStatus::Active && newer_than_link && !s.agent.contains_key(agent_id) {
-            plan.plan(
+            plan.because(complete_seq).plan(
                 ids::mark_session_deleted(chat_id),
                 || Command::MarkSessionDeleted {
                     chat_session_id: chat_id.clone(),
@@ -351,6 +374,9 @@ fn plan_pending(
             };
             let link_id = ids::link_agent_session(chat_id, agent_id);
             if !chat.link_confirmed && plan.state(&link_id).is_none() {
+                if let Some(seq) = chat.linked_seq {
+                    plan.because(seq);
+                }
                 plan.plan(
                     link_id.clone(),
                     || Command::LinkAgentSession {

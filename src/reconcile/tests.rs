@@ -41,7 +41,7 @@ impl World {
         self
     }
 
-    fn plan(&self) -> Vec<CommandPlanned> {
+    fn plan(&self) -> Vec<Planned> {
         let ctx = Context {
             now: self.now,
             started_at: self.started_at,
@@ -53,9 +53,12 @@ impl World {
     /// Plans, records the plan in the ledger, and returns the ids planned.
     fn step(&mut self) -> Vec<String> {
         let planned = self.plan();
-        let ids = planned.iter().map(|p| p.command_id.0.clone()).collect();
+        let ids = planned
+            .iter()
+            .map(|p| p.planned.command_id.0.clone())
+            .collect();
         for p in planned {
-            self.ev(Event::CommandPlanned(p));
+            self.ev(Event::CommandPlanned(p.planned));
         }
         ids
     }
@@ -213,6 +216,12 @@ fn deletions_need_a_complete_listing_newer_than_the_link_and_no_failure_since() 
     w.listed(Source::Agent, false);
     assert!(w.plan().is_empty(), "partial listing");
     w.listed(Source::Agent, true);
+    let plan = w.plan();
+    assert_eq!(
+        plan[0].cause_seq,
+        Some(w.seq),
+        "caused by the complete listing"
+    );
     assert_eq!(w.step(), ["markSessionDeleted:chat_1"]);
     // A failure after the complete listing holds further deletions.
     w.chat("chat_2", Some("ses_gone2"), "B");

@@ -1,0 +1,202 @@
+//! Observations into events: what a listing says, compared with what the views already know.
+//!
+//! Pure functions. An observer hands over a listing and the log position at which it *started*
+//! (`as_of_seq`); only what changed becomes an event, so polling an idle system appends nothing
+//! but the `listing_completed` marker. Absence is inferred only from a complete listing, and
+//! only for rows the view held before the listing started: a session created while a listing
+//! was in flight is not "missing" from it.
+
+use std::collections::HashSet;
+
+use crate::events::*;
+use crate::ports::AgentListing;
+use crate::projections::{MessageState, MessagesView, SessionsView};
+
+/// The events of one agent-server listing.
+pub fn agent_listing(view: &SessionsView, listing: &AgentListing, as_of_seq: u64) -> Vec<Event> {
+    let mut events = Vec::new();
+    for info in &listing.sessions {
+        match view.agent.get(&info.agent_session_id) {
+            None => events.push(Event::AgentSessionSeen(info.clone())),
+            Some(row) => {
+                let changed = row.title != info.title
+                    || (info.directory.is_some() && row.directory != info.directory)
+                    || (row.project.is_none() && info.project.is_some())
+                    || (row.model.is_none() && info.model.is_some())
+                    || info.updated_at > row.last_activity;
+                if changed {
+                    events.push(Event::AgentSessionChanged(info.clone()));
+                }
+            }
+        }
+    }
+    if listing.complete {
+        let listed: HashSet<&AgentSessionId> = listing
+            .sessions
+            .iter()
+            .map(|s| &s.agent_session_id)
+            .collect();
+        for (id, row) in &view.agent {
+            if row.first_seq <= as_of_seq && !listed.contains(id) {
+                events.push(Event::AgentSessionGone(AgentSessionGone {
+                    agent_session_id: id.clone(),
+                    reason: GoneReason::MissingFromListing,
+                }));
+            }
+        }
+    }
+    events.push(Event::ListingCompleted(ListingCompleted {
+        source: Source::Agent,
+        sessions: listing.sessions.len() as u64,
+        complete: listing.complete,
+    }));
+    events
+}
+
+/// The events of one backend session listing (all its pages; `complete` when every page came).
+pub fn backend_sessions(
+    view: &SessionsView,
+    sessions: &[ChatSessionInfo],
+    complete: bool,
+    as_of_seq: u64,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    for info in sessions {
+        match view.chat.get(&info.chat_session_id) {
+            None => events.push(Event::BackendSessionSeen(info.clone())),
+            Some(row) => {
+                let changed = row.title != info.title
+                    || row.status != info.status
+                    || (info.agent_session_id.is_some()
+                        && (row.agent_session_id != info.agent_session_id || !row.link_confirmed))
+                    || (row.project.is_none() && info.project.is_some())
+                    || (row.model.is_none() && info.model.is_some())
+                    || info.last_activity > row.last_activity;
+                if changed {
+                    events.push(Event::BackendSessionChanged(info.clone()));
+                }
+            }
+        }
+    }
+    if complete {
+        let listed: HashSet<&ChatSessionId> = sessions.iter().map(|s| &s.chat_session_id).collect();
+        for (id, row) in &view.chat {
+            if row.first_seq <= as_of_seq && !listed.contains(id) {
+                events.push(Event::BackendSessionGone(BackendSessionGone {
+                    chat_session_id: id.clone(),
+                }));
+            }
+        }
+    }
+    events.push(Event::ListingCompleted(ListingCompleted {
+        source: Source::Backend,
+        sessions: sessions.len() as u64,
+        complete,
+    }));
+    events
+}
+
+/// The events of backend messages that changed: new user messages, failures, and assistant
+/// replies the view does not reflect yet.
+pub fn backend_messages(view: &MessagesView, messages: &[MessageInfo]) -> Vec<Event> {
+    let news = |m: &MessageInfo| -> bool {
+        match m.role {
+            Role::User => match view.messages.get(&m.message_id) {
+                None => true,
+                Some(row) => m.error.is_some() && !(row.delivered && row.reason.is_some()),
+            },
+            Role::Assistant => {
+                let Some(user) = &m.reply_to else {
+                    return false;
+                };
+                match view.messages.get(user) {
+                    None => m.completed,
+                    Some(row) if m.completed && m.error.is_none() => {
+                        !(row.state == MessageState::Answered && row.delivered)
+                    }
+                    Some(row) => {
+                        !m.completed
+                            && row.state.is_pending()
+                            && row.incomplete_reply.as_ref() != Some(&m.message_id)
+                    }
+                }
+            }
+        }
+    };
+    messages
+        .iter()
+        .filter(|m| news(m))
+        .map(|m| Event::BackendMessageSeen(m.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projections::{Projection, SessionsView};
+
+    fn info(id: &str, title: &str) -> AgentSessionInfo {
+        AgentSessionInfo {
+            agent_session_id: id.into(),
+            title: title.into(),
+            directory: None,
+            project: None,
+            model: None,
+            updated_at: 1,
+        }
+    }
+
+    fn fold(view: &mut SessionsView, events: Vec<Event>, first_seq: u64) {
+        for (i, event) in events.into_iter().enumerate() {
+            view.apply(&Envelope {
+                seq: first_seq + i as u64,
+                id: uuid::Uuid::nil(),
+                at: 1,
+                v: 1,
+                event,
+                cause: None,
+            });
+        }
+    }
+
+    #[test]
+    fn only_changes_become_events_and_only_complete_listings_prove_absence() {
+        let mut view = SessionsView::default();
+        let first = AgentListing {
+            sessions: vec![info("a", "A"), info("b", "B")],
+            complete: true,
+        };
+        let events = agent_listing(&view, &first, 0);
+        assert_eq!(events.len(), 3, "two seen + listing_completed");
+        fold(&mut view, events, 1);
+        // The same listing again: nothing but the marker.
+        assert_eq!(agent_listing(&view, &first, 3).len(), 1);
+        // A partial listing without `b` proves nothing.
+        let partial = AgentListing {
+            sessions: vec![info("a", "A2")],
+            complete: false,
+        };
+        let events = agent_listing(&view, &partial, 3);
+        assert!(matches!(events[0], Event::AgentSessionChanged(_)));
+        assert!(!events
+            .iter()
+            .any(|e| matches!(e, Event::AgentSessionGone(_))));
+        // A complete one does, but not for a row newer than the listing's start.
+        let complete = AgentListing {
+            sessions: vec![info("a", "A")],
+            complete: true,
+        };
+        let gone = |as_of| {
+            agent_listing(&view, &complete, as_of)
+                .into_iter()
+                .filter(|e| matches!(e, Event::AgentSessionGone(_)))
+                .count()
+        };
+        assert_eq!(gone(3), 1);
+        assert_eq!(
+            gone(1),
+            0,
+            "b first appeared at seq 2, after a listing from seq 1"
+        );
+    }
+}

@@ -1,0 +1,607 @@
+//! The worker: the control loop that joins the log, the views, the observers, the reconciler
+//! and the dispatcher.
+//!
+//! One task owns the log's writing end and the live views; everything else sends it messages
+//! (observations, finished calls) and it turns them into events. Each turn of the loop:
+//! fold what arrived into events and append them (off the runtime, on a blocking thread);
+//! reconcile (pure) and append what was planned; let the dispatcher start what it may, appending
+//! `attempt_started` *before* each call so that a crash leaves the attempt visible and the
+//! command resumable. Nothing changes state except by an event.
+//!
+//! Lifecycle: Starting -> CatchingUp (checkpoints + tail) -> Observing (first complete listing
+//! of both sides) -> Ready (prompts allowed) -> Draining (no new work; in-flight calls get a
+//! grace period; checkpoints written) -> Stopped.
+
+pub mod observers;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::clock::{Clock, Millis};
+use crate::dispatch::{self, Action, DispatchConfig, DispatchStats, Dispatcher};
+use crate::events::*;
+use crate::log::{CheckpointPolicy, EventLog, LiveViews, LogError};
+use crate::observe;
+use crate::ports::{AgentServer, Backend, ModelList, PortError};
+use crate::projections::Views;
+use crate::reconcile::{self, Context};
+
+pub use observers::{Observation, PollPolicy, Poller};
+
+/// How the worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The worker's id (the backend's `workerId`).
+    pub worker_id: String,
+    /// The dispatcher's limits and retries.
+    pub dispatch: DispatchConfig,
+    /// The reconciler's windows.
+    pub policy: reconcile::Policy,
+    /// When checkpoints are written.
+    pub checkpoints: CheckpointPolicy,
+    /// How the sources are polled.
+    pub polling: PollPolicy,
+    /// Backend page size.
+    pub page_size: u32,
+    /// How long in-flight calls may finish when draining.
+    pub drain_grace_ms: Millis,
+    /// Stop by itself after this many consecutive quiet observation rounds (both sides listed,
+    /// nothing planned, queued or running): for the demo and the simulations.
+    pub stop_when_quiet: Option<u32>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            worker_id: "worker".into(),
+            dispatch: DispatchConfig::default(),
+            policy: reconcile::Policy::default(),
+            checkpoints: CheckpointPolicy::default(),
+            polling: PollPolicy::default(),
+            page_size: 100,
+            drain_grace_ms: 10_000,
+            stop_when_quiet: None,
+        }
+    }
+}
+
+/// A worker failure: the log could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The event log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A blocking task died.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct RunReport {
+    /// Time from start to Ready, if it got there.
+    pub time_to_ready_ms: Option<u64>,
+    /// The dispatcher's counters.
+    pub dispatch: DispatchStats,
+    /// The views at the end.
+    pub views: Views,
+    /// Why it stopped.
+    pub stopped: String,
+}
+
+/// A finished call.
+enum Done {
+    Command {
+        id: CommandId,
+        attempt: u32,
+        result: Result<Effect, PortError>,
+    },
+    Models {
+        generation: u64,
+        result: Result<ModelList, PortError>,
+    },
+}
+
+/// The worker's control loop. See the module documentation.
+pub struct Worker {
+    log: Arc<EventLog>,
+    live: Option<LiveViews>,
+    clock: Arc<dyn Clock>,
+    agent: Arc<dyn AgentServer>,
+    backend: Arc<dyn Backend>,
+    dispatcher: Dispatcher,
+    cfg: WorkerConfig,
+    started_at: Millis,
+    ready_after: Option<u64>,
+    seq: Arc<AtomicU64>,
+    /// The event id of each command's `command_planned`, for the causes of its outcomes.
+    planned_ids: HashMap<CommandId, Uuid>,
+}
+
+impl Worker {
+    /// Starting and CatchingUp: loads the views (checkpoints + tail, on a blocking thread),
+    /// records the start, and queues every command a previous process left unfinished.
+    pub async fn open(
+        log: Arc<EventLog>,
+        agent: Arc<dyn AgentServer>,
+        backend: Arc<dyn Backend>,
+        clock: Arc<dyn Clock>,
+        cfg: WorkerConfig,
+    ) -> Result<Worker, WorkerError> {
+        let started_at = clock.now_ms();
+        let (live, catch_up) = {
+            let log = log.clone();
+            let policy = cfg.checkpoints;
+            blocking(move || LiveViews::open(&log, policy, started_at)).await??
+        };
+        tracing::info!(
+            applied = catch_up.applied,
+            seq = live.views.min_seq(),
+            "caught up"
+        );
+        let mut dispatcher = Dispatcher::new(cfg.dispatch.clone(), started_at);
+        let resumed = dispatcher.resume(&live.views.commands.state, started_at);
+        if resumed > 0 {
+            tracing::info!(resumed, "resuming unfinished commands");
+        }
+        let mut worker = Worker {
+            seq: Arc::new(AtomicU64::new(log.last_seq())),
+            log,
+            live: Some(live),
+            clock,
+            agent,
+            backend,
+            dispatcher,
+            cfg,
+            started_at,
+            ready_after: None,
+            planned_ids: HashMap::new(),
+        };
+        let started = WorkerStarted {
+            worker_id: worker.cfg.worker_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+        };
+        worker
+            .append(vec![NewEvent::new(
+                Event::WorkerStarted(started),
+                started_at,
+            )])
+            .await?;
+        Ok(worker)
+    }
+
+    /// The live views.
+    pub fn views(&self) -> &Views {
+        &self
+            .live
+            .as_ref()
+            .expect("views are present between turns")
+            .views
+    }
+
+    /// Appends events (on a blocking thread) and folds them into the views.
+    async fn append(&mut self, events: Vec<NewEvent>) -> Result<Vec<Envelope>, WorkerError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let log = self.log.clone();
+        let stored = blocking(move || log.append(events)).await??;
+        if let Some(live) = self.live.as_mut() {
+            live.apply(&stored);
+        }
+        if let Some(last) = stored.last() {
+            self.seq.store(last.seq, Ordering::SeqCst);
+        }
+        Ok(stored)
+    }
+
+    /// Runs until `shutdown` completes (or, with `stop_when_quiet`, until nothing is left to
+    /// do), then drains.
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<RunReport, WorkerError> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let active = Arc::new(AtomicBool::new(true));
+        let nudge = Arc::new(Notify::new());
+        let link = observers::ObserverLink {
+            tx,
+            seq: self.seq.clone(),
+            active: active.clone(),
+            nudge_backend: nudge.clone(),
+            gates: self.dispatcher.gates(),
+            policy: self.cfg.polling,
+            page_size: self.cfg.page_size,
+            seed: self.cfg.dispatch.seed,
+        };
+        let mut observers = JoinSet::new();
+        observers.spawn(observers::observe_agent(self.agent.clone(), link.clone()));
+        observers.spawn(observers::observe_backend(self.backend.clone(), link));
+        let mut calls: JoinSet<Done> = JoinSet::new();
+        tokio::pin!(shutdown);
+        let mut quiet_rounds = 0u32;
+        let mut planned_since_round = false;
+        let mut agent_listed_since_round = false;
+        let stopped = loop {
+            let now = self.clock.now_ms();
+            self.check_ready(now).await?;
+            planned_since_round |= self.plan_and_start(now, &mut calls, &nudge).await?;
+            self.maybe_checkpoint(now).await?;
+            if let Some(n) = self.cfg.stop_when_quiet {
+                if quiet_rounds >= n {
+                    break "quiet".to_owned();
+                }
+            }
+            let wake = self.dispatcher.next_wakeup(now).map(|t| t - now);
+            let sleep = tokio::time::sleep(Duration::from_millis(wake.unwrap_or(60_000)));
+            tokio::select! {
+                () = &mut shutdown => break "shutdown requested".to_owned(),
+                Some(obs) = rx.recv() => {
+                    let round_end = matches!(obs, Observation::BackendMessages(_));
+                    agent_listed_since_round |= matches!(obs, Observation::AgentSessions { result: Ok(_), .. });
+                    self.observed(obs).await?;
+                    if round_end {
+                        let idle = self.dispatcher.queued() == 0 && self.dispatcher.in_flight() == 0;
+                        let ready = self.ready_after.is_some();
+                        if idle && ready && !planned_since_round && agent_listed_since_round {
+                            quiet_rounds += 1;
+                        } else {
+                            quiet_rounds = 0;
+                        }
+                        planned_since_round = false;
+                        agent_listed_since_round = false;
+                    }
+                    active.store(self.is_active(), Ordering::SeqCst);
+                }
+                Some(done) = calls.join_next(), if !calls.is_empty() => {
+                    match done {
+                        Ok(done) => self.finished(done).await?,
+                        Err(e) => return Err(WorkerError::Task(e.to_string())),
+                    }
+                }
+                () = sleep => {}
+            }
+        };
+        observers.abort_all();
+        self.drain(&stopped, calls).await?;
+        let live = self.live.take().expect("views");
+        Ok(RunReport {
+            time_to_ready_ms: self.ready_after,
+            dispatch: self.dispatcher.stats().clone(),
+            views: live.views,
+            stopped,
+        })
+    }
+
+    /// Observing -> Ready once both sides have been listed completely.
+    async fn check_ready(&mut self, now: Millis) -> Result<(), WorkerError> {
+        if self.ready_after.is_some() {
+            return Ok(());
+        }
+        let listings = &self.views().sessions.state.listings;
+        let listed = [Source::Agent, Source::Backend].iter().all(|s| {
+            listings
+                .get(s)
+                .is_some_and(|l| l.last_complete_seq.is_some())
+        });
+        if listed {
+            let ms = now.saturating_sub(self.started_at);
+            self.ready_after = Some(ms);
+            let views = self.views();
+            tracing::info!(
+                time_to_ready_ms = ms,
+                agent_sessions = views.sessions.state.agent.len(),
+                chat_sessions = views.sessions.state.chat.len(),
+                queued = self.dispatcher.queued(),
+                "ready"
+            );
+            let ready = WorkerReady {
+                time_to_ready_ms: ms,
+            };
+            self.append(vec![NewEvent::new(Event::WorkerReady(ready), now)])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Reconciles, appends what was planned, and starts what the dispatcher allows. Returns
+    /// whether anything was planned.
+    async fn plan_and_start(
+        &mut self,
+        now: Millis,
+        calls: &mut JoinSet<Done>,
+        nudge: &Arc<Notify>,
+    ) -> Result<bool, WorkerError> {
+        let ctx = Context {
+            now,
+            started_at: self.started_at,
+            ready: self.ready_after.is_some(),
+        };
+        let planned = reconcile::reconcile(self.views(), &ctx, &self.cfg.policy);
+        let any = !planned.is_empty();
+        if any {
+            let causes = self
+                .event_ids(planned.iter().filter_map(|p| p.cause_seq))
+                .await?;
+            let events = planned
+                .into_iter()
+                .map(|p| {
+                    let e = NewEvent::new(Event::CommandPlanned(p.planned), now);
+                    e.caused_by(p.cause_seq.and_then(|s| causes.get(&s)).copied())
+                })
+                .collect();
+            for env in self.append(events).await? {
+                if let Event::CommandPlanned(p) = &env.event {
+                    self.planned_ids.insert(p.command_id.clone(), env.id);
+                    self.dispatcher
+                        .enqueue(p.command_id.clone(), p.command.clone(), now);
+                }
+            }
+        }
+        let actions = {
+            let live = self.live.as_ref().expect("views");
+            self.dispatcher.select(&live.views, now)
+        };
+        if actions.is_empty() {
+            return Ok(any);
+        }
+        let mut events = Vec::new();
+        let mut starts = Vec::new();
+        for action in actions {
+            match action {
+                Action::Cancel(event) => {
+                    let cause = event.command_id().and_then(|id| self.planned_ids.get(id));
+                    events.push(with_cause(NewEvent::new(event, now), cause));
+                }
+                Action::Start(attempt) => {
+                    let cause = self.planned_ids.get(&attempt.id);
+                    events.push(with_cause(
+                        NewEvent::new(attempt.started_event(), now),
+                        cause,
+                    ));
+                    starts.push(attempt);
+                }
+                Action::FetchModels(fetch) => {
+                    let agent = self.agent.clone();
+                    let timeout = Duration::from_millis(self.cfg.dispatch.timeout_ms);
+                    calls.spawn(async move {
+                        let _permit = fetch.permit;
+                        let result = tokio::time::timeout(timeout, agent.list_models())
+                            .await
+                            .unwrap_or_else(|_| Err(PortError::retryable("list_models timed out")));
+                        Done::Models {
+                            generation: fetch.generation,
+                            result,
+                        }
+                    });
+                }
+            }
+        }
+        // Durable before the calls: a crash from here on leaves the attempts in the log.
+        self.append(events).await?;
+        for attempt in starts {
+            if attempt.command.op() == Op::Prompt {
+                nudge.notify_one();
+            }
+            let agent = self.agent.clone();
+            let backend = self.backend.clone();
+            calls.spawn(async move {
+                let result = dispatch::execute(agent.as_ref(), backend.as_ref(), &attempt).await;
+                Done::Command {
+                    id: attempt.id,
+                    attempt: attempt.attempt,
+                    result,
+                }
+            });
+        }
+        Ok(any)
+    }
+
+    /// The event ids at these seqs (a blocking read).
+    async fn event_ids(
+        &self,
+        seqs: impl Iterator<Item = u64>,
+    ) -> Result<HashMap<u64, Uuid>, WorkerError> {
+        let seqs: Vec<u64> = seqs.collect();
+        if seqs.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let log = self.log.clone();
+        blocking(move || {
+            let mut ids = HashMap::new();
+            for seq in seqs {
+                if let Some(env) = log.get(seq)? {
+                    ids.insert(seq, env.id);
+                }
+            }
+            Ok::<_, LogError>(ids)
+        })
+        .await?
+        .map_err(Into::into)
+    }
+
+    /// An observation becomes events.
+    async fn observed(&mut self, obs: Observation) -> Result<(), WorkerError> {
+        let now = self.clock.now_ms();
+        let failed = |source, operation: &str, e: PortError| {
+            tracing::warn!(%source, operation, error = %e, "observation failed");
+            Event::ObservationFailed(ObservationFailed {
+                source,
+                operation: operation.into(),
+                error: e.message,
+            })
+        };
+        let views = self.views();
+        let events = match obs {
+            Observation::AgentSessions { as_of, result } => match result {
+                Ok(listing) => observe::agent_listing(&views.sessions.state, &listing, as_of),
+                Err(e) => vec![failed(Source::Agent, "list_sessions", e)],
+            },
+            Observation::AgentStatus(result) => match result {
+                Ok(statuses) => status_events(views, statuses),
+                Err(e) => vec![failed(Source::Agent, "status", e)],
+            },
+            Observation::BackendSessions {
+                as_of,
+                sessions,
+                error,
+            } => {
+                let complete = error.is_none();
+                let mut events =
+                    observe::backend_sessions(&views.sessions.state, &sessions, complete, as_of);
+                if let Some(e) = error {
+                    events.push(failed(Source::Backend, "list_sessions", e));
+                }
+                events
+            }
+            Observation::BackendMessages(result) => match result {
+                Ok(messages) => observe::backend_messages(&views.messages.state, &messages),
+                Err(e) => vec![failed(Source::Backend, "list_messages", e)],
+            },
+        };
+        let events = events.into_iter().map(|e| NewEvent::new(e, now)).collect();
+        self.append(events).await?;
+        Ok(())
+    }
+
+    /// A call finished: its outcome becomes events.
+    async fn finished(&mut self, done: Done) -> Result<(), WorkerError> {
+        let now = self.clock.now_ms();
+        let events = match done {
+            Done::Command {
+                id,
+                attempt,
+                result,
+            } => {
+                if let Err(e) = &result {
+                    tracing::debug!(command = %id, attempt, error = %e, "attempt failed");
+                }
+                let cause = self.planned_ids.get(&id).copied();
+                self.dispatcher
+                    .finished(&id, attempt, result, now)
+                    .into_iter()
+                    .map(|e| with_cause(NewEvent::new(e, now), cause.as_ref()))
+                    .collect()
+            }
+            Done::Models { generation, result } => self
+                .dispatcher
+                .models_fetched(generation, result, now)
+                .into_iter()
+                .map(|e| NewEvent::new(e, now))
+                .collect(),
+        };
+        self.append(events).await?;
+        Ok(())
+    }
+
+    /// Whether the observers should poll fast.
+    fn is_active(&self) -> bool {
+        let v = self.views();
+        self.dispatcher.queued() > 0
+            || self.dispatcher.in_flight() > 0
+            || !v.messages.state.pending_by_chat.is_empty()
+            || v.sessions
+                .state
+                .agent
+                .values()
+                .any(|a| a.busy_since.is_some())
+    }
+
+    async fn maybe_checkpoint(&mut self, now: Millis) -> Result<(), WorkerError> {
+        if self.live.as_ref().is_some_and(|l| l.due(now)) {
+            self.write_checkpoints(now).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoints on a blocking thread (serializing a large view takes a while).
+    async fn write_checkpoints(&mut self, now: Millis) -> Result<(), WorkerError> {
+        let mut live = self.live.take().expect("views");
+        let log = self.log.clone();
+        let (live, result) = blocking(move || {
+            let r = live.write_checkpoints(&log, now);
+            (live, r)
+        })
+        .await?;
+        self.live = Some(live);
+        let seq = result?;
+        self.seq.store(self.log.last_seq(), Ordering::SeqCst);
+        tracing::debug!(seq, "checkpoints written");
+        Ok(())
+    }
+
+    /// Draining: no new work; in-flight calls get the grace period; then checkpoints.
+    async fn drain(&mut self, reason: &str, mut calls: JoinSet<Done>) -> Result<(), WorkerError> {
+        let now = self.clock.now_ms();
+        tracing::info!(reason, in_flight = calls.len(), "draining");
+        let stopping = WorkerStopping {
+            reason: reason.to_owned(),
+        };
+        self.append(vec![NewEvent::new(Event::WorkerStopping(stopping), now)])
+            .await?;
+        let grace = tokio::time::sleep(Duration::from_millis(self.cfg.drain_grace_ms));
+        tokio::pin!(grace);
+        while !calls.is_empty() {
+            tokio::select! {
+                Some(done) = calls.join_next() => match done {
+                    Ok(done) => self.finished(done).await?,
+                    Err(e) => return Err(WorkerError::Task(e.to_string())),
+                },
+                () = &mut grace => {
+                    tracing::warn!(left = calls.len(), "grace period over; unfinished attempts resume on the next start");
+                    calls.abort_all();
+                    break;
+                }
+            }
+        }
+        let now = self.clock.now_ms();
+        self.write_checkpoints(now).await
+    }
+}
+
+/// Status reports that differ from the view: busy/retry sessions reported, and sessions the
+/// view holds as busy that the report no longer lists (idle again).
+fn status_events(views: &Views, statuses: Vec<AgentSessionStatus>) -> Vec<Event> {
+    let agent = &views.sessions.state.agent;
+    let mut events = Vec::new();
+    let mut reported = std::collections::HashSet::new();
+    for s in statuses {
+        reported.insert(s.agent_session_id.clone());
+        if agent
+            .get(&s.agent_session_id)
+            .is_some_and(|row| row.status != s.status)
+        {
+            events.push(Event::AgentSessionStatus(s));
+        }
+    }
+    for (id, row) in agent {
+        if row.status != AgentStatus::Idle && !reported.contains(id) {
+            events.push(Event::AgentSessionStatus(AgentSessionStatus {
+                agent_session_id: id.clone(),
+                status: AgentStatus::Idle,
+            }));
+        }
+    }
+    events
+}
+
+fn with_cause(e: NewEvent, cause: Option<&Uuid>) -> NewEvent {
+    e.caused_by(cause.copied())
+}
+
+/// Runs blocking work (sled, checkpoint files) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, WorkerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| WorkerError::Task(e.to_string()))
+}
