@@ -10,6 +10,7 @@
 //! See `docs/architecture.md` for the whole picture.
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod dispatch;
