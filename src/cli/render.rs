@@ -267,6 +267,7 @@ pub(crate) fn summary(e: &Event) -> String {
             "{} {} after {} attempts: {}",
             b.command_id, b.op, b.attempts, b.last_error
         ),
+        Event::ModelsRequested(b) => format!("generation {}", b.generation),
         Event::CommandCancelled(b) => format!("{} {}: {}", b.command_id, b.op, b.reason),
         Event::WorkerStarted(b) => format!("worker {} v{} pid {}", b.worker_id, b.version, b.pid),
         Event::WorkerReady(b) => format!("ready in {} ms", b.time_to_ready_ms),

@@ -17,7 +17,7 @@ pub struct BreakerPolicy {
 impl Default for BreakerPolicy {
     fn default() -> Self {
         Self {
-            failures: 5,
+            failures: 3,
             open_ms: 2_000,
             max_open_ms: 30_000,
         }
@@ -98,8 +98,9 @@ impl Breaker {
         self.state = BreakerState::Closed;
     }
 
-    /// A retryable failure.
-    pub fn on_failure(&mut self, now: Millis) {
+    /// A retryable failure. Returns whether the breaker is open after it: the failure is then
+    /// the target's (it is down), not the command's.
+    pub fn on_failure(&mut self, now: Millis) -> bool {
         self.failures += 1;
         match self.state {
             BreakerState::Closed if self.failures >= self.policy.failures => {
@@ -116,6 +117,7 @@ impl Breaker {
             }
             _ => {}
         }
+        matches!(self.state, BreakerState::Open { .. })
     }
 
     /// A started call ended without an answer either way (cancelled): a probe may go again.
@@ -164,11 +166,11 @@ mod tests {
     #[test]
     fn a_success_resets_the_count() {
         let mut b = Breaker::new(BreakerPolicy::default());
-        for t in 0..4 {
+        for t in 0..2 {
             b.on_failure(t);
         }
         b.on_success();
-        for t in 0..4 {
+        for t in 0..2 {
             b.on_failure(t);
         }
         assert!(b.allows(5));

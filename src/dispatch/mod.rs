@@ -262,6 +262,9 @@ struct Queued {
     command: Command,
     /// Attempts already made.
     attempts: u32,
+    /// Failed attempts that count toward the dead letter: failures while the target was down
+    /// (its breaker open) are the target's, not the command's, and are not charged.
+    charged: u32,
     /// Not before this time (its backoff).
     not_before: Millis,
     /// Since when it has been waiting to start (for ageing).
@@ -275,6 +278,7 @@ struct Queued {
 struct Running {
     command: Command,
     keys: Vec<String>,
+    charged: u32,
 }
 
 /// What the dispatcher wants done now.
@@ -317,13 +321,22 @@ impl Attempt {
     }
 }
 
-/// One model-list fetch to run.
+/// One model-list fetch to run (its `models_requested` must be appended before the call).
 #[derive(Debug)]
 pub struct ModelFetch {
     /// The agent-server generation it is for.
     pub generation: u64,
     /// The agent target's permit.
     pub permit: OwnedSemaphorePermit,
+}
+
+impl ModelFetch {
+    /// Its `models_requested` event.
+    pub fn started_event(&self) -> Event {
+        Event::ModelsRequested(ModelsRequested {
+            generation: self.generation,
+        })
+    }
 }
 
 /// Counters the dispatcher keeps for the summary and the metrics.
@@ -343,12 +356,10 @@ pub struct DispatchStats {
     pub model_fetches: u64,
 }
 
-/// Where the model list stands.
+/// Where the model list stands in this process (the log holds the rest).
 #[derive(Debug, Default)]
 struct ModelState {
     in_flight: bool,
-    /// The last fetch: (generation, when).
-    last: Option<(u64, Millis)>,
 }
 
 /// The scheduler. See the module documentation.
@@ -442,10 +453,17 @@ impl Dispatcher {
 
     /// Queues a planned command (a no-op when it is already queued or running).
     pub fn enqueue(&mut self, id: CommandId, command: Command, now: Millis) {
-        self.push(id, command, 0, now, now);
+        self.push(id, command, (0, 0), now, now);
     }
 
-    fn push(&mut self, id: CommandId, command: Command, attempts: u32, at: Millis, now: Millis) {
+    fn push(
+        &mut self,
+        id: CommandId,
+        command: Command,
+        (attempts, charged): (u32, u32),
+        at: Millis,
+        now: Millis,
+    ) {
         if self.running.contains_key(&id) || self.queue.contains_key(&id) {
             return;
         }
@@ -455,6 +473,7 @@ impl Dispatcher {
             Queued {
                 command,
                 attempts,
+                charged,
                 not_before: at,
                 waiting_since: at.max(now),
                 order: self.order,
@@ -476,7 +495,7 @@ impl Dispatcher {
                 _ => entry.attempts,
             };
             let at = entry.next_attempt_at.unwrap_or(now);
-            self.push(id.clone(), command.clone(), attempts, at, now);
+            self.push(id.clone(), command.clone(), (attempts, attempts), at, now);
             n += 1;
         }
         n
@@ -567,6 +586,7 @@ impl Dispatcher {
                 Running {
                     command: q.command,
                     keys,
+                    charged: q.charged,
                 },
             );
             self.stats.peak_in_flight = self.stats.peak_in_flight.max(self.in_flight());
@@ -606,9 +626,10 @@ impl Dispatcher {
         if self.models.in_flight {
             return ModelNeed::Wait;
         }
-        match self.models.last {
-            // Fetched (and failed) in this window for this generation: go without a model
-            // rather than fetch again (one fetch per TTL window per generation).
+        match s.models_requested {
+            // Fetched in this window for this generation, and it failed (or the process died
+            // during it): go without a model rather than fetch again (one fetch per TTL window
+            // per generation).
             Some((g, at)) if g == generation && now.saturating_sub(at) < self.cfg.model_ttl_ms => {
                 ModelNeed::Use(None)
             }
@@ -623,7 +644,6 @@ impl Dispatcher {
         let permit = self.gates.agent.clone().try_acquire_owned().ok()?;
         self.models.in_flight = true;
         let generation = views.sessions.state.agent_generation;
-        self.models.last = Some((generation, now));
         self.stats.model_fetches += 1;
         self.stats.peak_in_flight = self.stats.peak_in_flight.max(self.in_flight());
         Some(ModelFetch { generation, permit })
@@ -637,7 +657,6 @@ impl Dispatcher {
         now: Millis,
     ) -> Vec<Event> {
         self.models.in_flight = false;
-        self.models.last = Some((generation, now));
         match result {
             Ok(list) => {
                 self.agent.breaker.on_success();
@@ -653,7 +672,7 @@ impl Dispatcher {
                 }
                 vec![Event::ObservationFailed(ObservationFailed {
                     source: Source::Agent,
-                    operation: "list_models".into(),
+                    operation: crate::projections::MODELS_OPERATION.into(),
                     error: e.message,
                 })]
             }
@@ -706,8 +725,9 @@ impl Dispatcher {
                 })]
             }
             Err(e) => {
-                self.target(target).breaker.on_failure(now);
-                if attempt >= self.cfg.retry.max_attempts {
+                let target_down = self.target(target).breaker.on_failure(now);
+                let charged = run.charged + u32::from(!target_down);
+                if charged >= self.cfg.retry.max_attempts {
                     self.stats.dead_letters += 1;
                     return vec![
                         Event::CommandFailed(CommandFailed {
@@ -731,14 +751,16 @@ impl Dispatcher {
                 let wait = self
                     .cfg
                     .retry
-                    .backoff(attempt, &mut self.rng)
+                    .backoff(charged.max(1), &mut self.rng)
                     .max(e.retry_after_ms.unwrap_or(0));
-                let next = now + wait;
+                // A target that is down is waited for, not retried into.
+                let reopens = self.target(target).breaker.reopens_at().unwrap_or(now);
+                let next = (now + wait).max(reopens);
                 for k in &run.keys {
                     let t = self.key_not_before.entry(k.clone()).or_insert(next);
                     *t = (*t).max(next);
                 }
-                self.push(id.clone(), run.command, attempt, next, next);
+                self.push(id.clone(), run.command, (attempt, charged), next, next);
                 vec![Event::CommandFailed(CommandFailed {
                     command_id: id.clone(),
                     op,
@@ -749,6 +771,18 @@ impl Dispatcher {
                     next_attempt_at: Some(next),
                 })]
             }
+        }
+    }
+
+    /// An observation of `source` succeeded or failed: the observers are the breakers' other
+    /// witnesses. A listing that works proves the target up (a command that keeps failing is
+    /// then the command's fault and is charged); failing listings open the breaker sooner.
+    pub fn observed(&mut self, source: Source, ok: bool, now: Millis) {
+        let breaker = &mut self.target(source).breaker;
+        if ok {
+            breaker.on_success();
+        } else {
+            breaker.on_failure(now);
         }
     }
 

@@ -127,6 +127,8 @@ fn retryable_failures_back_off_with_jitter_block_the_key_and_end_in_a_dead_lette
         let s = started(d.select(&views, now));
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].attempt, attempt);
+        // The backend's listings keep working: the failures are this command's.
+        d.observed(Source::Backend, true, now);
         let events = d.finished(&s[0].id, attempt, Err(PortError::retryable("503")), now);
         if attempt < 3 {
             let Event::CommandFailed(f) = &events[0] else {
@@ -161,6 +163,47 @@ fn retryable_failures_back_off_with_jitter_block_the_key_and_end_in_a_dead_lette
     }
     assert_eq!(d.stats().dead_letters, 1);
     assert_eq!(d.queued(), 0);
+}
+
+#[test]
+fn an_outage_is_waited_out_not_charged_to_the_commands() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    d.enqueue("a".into(), rename("chat_1"), 0);
+    let mut now = 0;
+    let mut attempts = 0;
+    while attempts < 8 {
+        // The listings fail too: the backend is down.
+        d.observed(Source::Backend, false, now);
+        let s = started(d.select(&views, now));
+        assert!(s.len() <= 1, "a probe at most");
+        if let Some(a) = s.first() {
+            attempts += 1;
+            let events = d.finished(&a.id, attempts, Err(PortError::retryable("refused")), now);
+            assert_eq!(
+                events.len(),
+                1,
+                "never dead-lettered by an outage: {events:?}"
+            );
+        }
+        now = d.next_wakeup(now).expect("waits for the breaker");
+    }
+    d.observed(Source::Backend, true, now);
+    let s = started(d.select(&views, now));
+    let events = d.finished(
+        &s[0].id,
+        9,
+        Ok(Effect::SessionRenamed {
+            chat_session_id: "chat_1".into(),
+            title: "t".into(),
+        }),
+        now,
+    );
+    assert!(matches!(events[0], Event::CommandSucceeded(_)));
+    assert!(
+        now <= 8 * 30_000 + 31_000,
+        "probes at most every 30 s: {now}"
+    );
 }
 
 #[test]

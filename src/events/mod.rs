@@ -90,6 +90,9 @@ event_catalogue! {
     AgentSessionGone(AgentSessionGone) = "agent_session_gone", version 1;
     /// An agent session's status changed.
     AgentSessionStatus(AgentSessionStatus) = "agent_session_status", version 1;
+    /// The worker started fetching the model list (durable before the call, so that a fetch
+    /// cut short by a crash still counts as the window's one fetch).
+    ModelsRequested(ModelsRequested) = "models_requested", version 1;
     /// The agent server's models were listed.
     ModelsListed(ModelsListed) = "models_listed", version 1;
     // Observations of the backend.
@@ -177,6 +180,7 @@ impl Event {
             Event::CommandDeadLettered(b) => subject(&b.subject),
             Event::CommandCancelled(b) => subject(&b.subject),
             Event::ModelsListed(_)
+            | Event::ModelsRequested(_)
             | Event::ListingCompleted(_)
             | Event::ObservationFailed(_)
             | Event::WorkerStarted(_)

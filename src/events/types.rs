@@ -261,6 +261,13 @@ pub struct MessageInfo {
     pub error: Option<String>,
 }
 
+/// A model-list fetch started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ModelsRequested {
+    /// The agent-server generation it is for.
+    pub generation: u64,
+}
+
 /// The agent server's model list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ModelsListed {

@@ -191,7 +191,8 @@ impl MessagesView {
 
 impl Projection for MessagesView {
     const NAME: &'static str = "messages";
-    const VERSION: u32 = 1;
+    // v2: a pending message whose failMessage gave up is failed.
+    const VERSION: u32 = 2;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
@@ -234,6 +235,22 @@ impl Projection for MessagesView {
                             self.end(id, MessageState::Failed, &b.error, false, e.at)
                         }
                     }
+                }
+            }
+            // Failing a still-pending message (a stale one) gave up: it is failed all the same,
+            // undelivered, and the dead letter says why.
+            Event::CommandDeadLettered(b) if b.op == Op::FailMessage => {
+                if let Some(id) = &b.subject.message_id {
+                    let reason = format!("could not record its failure: {}", b.last_error);
+                    self.end(id, MessageState::Failed, &reason, false, e.at);
+                }
+            }
+            Event::CommandFailed(b)
+                if b.op == Op::FailMessage && b.class == ErrorClass::Terminal =>
+            {
+                if let Some(id) = &b.subject.message_id {
+                    let reason = format!("could not record its failure: {}", b.error);
+                    self.end(id, MessageState::Failed, &reason, false, e.at);
                 }
             }
             Event::CommandDeadLettered(b) if b.op == Op::Prompt => {

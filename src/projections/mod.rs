@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 
 pub use commands::{CommandLedger, CommandState, LedgerEntry};
 pub use messages::{MessageRow, MessageState, MessagesView};
-pub use sessions::{AgentSessionRow, ChatSessionRow, ListingState, ModelCache, SessionsView};
+pub use sessions::{
+    AgentSessionRow, ChatSessionRow, ListingState, ModelCache, SessionsView, MODELS_OPERATION,
+};
 
 use crate::events::Envelope;
 

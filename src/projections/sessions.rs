@@ -27,6 +27,9 @@ pub struct SessionsView {
     /// The running agent server's generation (bumped on every restart): a model list of an
     /// older generation is stale.
     pub agent_generation: u64,
+    /// The last model-list fetch started: (generation, when). Within the TTL it is the
+    /// window's one fetch, whatever became of it, across restarts of the worker too.
+    pub models_requested: Option<(u64, Millis)>,
 }
 
 /// One agent session.
@@ -101,6 +104,9 @@ pub struct ModelCache {
     /// The server's default.
     pub default: Option<ModelRef>,
 }
+
+/// The `operation` of an `observation_failed` for the model list.
+pub const MODELS_OPERATION: &str = "list_models";
 
 /// Sets `slot` from `observed` only when `slot` is empty: a later observation backfills a
 /// missing field but never overwrites a known one.
@@ -276,7 +282,7 @@ impl SessionsView {
 
 impl Projection for SessionsView {
     const NAME: &'static str = "sessions";
-    // v2: `title_seq`, `first_seq`, `agent_generation`; status reports no longer count as activity.
+    // v2: `title_seq`, `first_seq`, `agent_generation`, `models_requested`; status reports no longer count as activity.
     const VERSION: u32 = 2;
 
     fn apply(&mut self, e: &Envelope) {
@@ -319,6 +325,9 @@ impl Projection for SessionsView {
                 l.last_complete_seq = Some(e.seq);
                 l.last_complete_at = Some(e.at);
             }
+            Event::ModelsRequested(b) => self.models_requested = Some((b.generation, e.at)),
+            // A failed model fetch says nothing about the listings.
+            Event::ObservationFailed(b) if b.operation == MODELS_OPERATION => {}
             Event::ObservationFailed(b) => {
                 let l = self.listings.entry(b.source).or_default();
                 l.last_failure_seq = Some(e.seq);

@@ -121,14 +121,6 @@ impl Planner<'_> {
         self
     }
 
-    /// The state of a command in the ledger, if it is there.
-    fn state(&self, id: &CommandId) -> Option<(CommandState, Option<ErrorClass>)> {
-        self.ledger
-            .commands
-            .get(id)
-            .map(|e| (e.state, e.last_class))
-    }
-
     /// Whether a command ended without success (dead, failed terminally or cancelled).
     fn gave_up(&self, id: &CommandId) -> Option<String> {
         let e = self.ledger.commands.get(id)?;
@@ -189,6 +181,21 @@ fn plan_sessions(plan: &mut Planner<'_>, s: &SessionsView, ctx: &Context, policy
         // Deleted and failed chat sessions are final: never renamed, never recreated.
         if chat.status != ChatStatus::Active {
             continue;
+        }
+        // An agent session created for this chat session: the backend must learn the link,
+        // whether or not the message that needed it is still waiting.
+        if !chat.link_confirmed {
+            if let Some(seq) = chat.linked_seq {
+                plan.because(seq);
+            }
+            plan.plan(
+                ids::link_agent_session(chat_id, agent_id),
+                || Command::LinkAgentSession {
+                    chat_session_id: chat_id.clone(),
+                    agent_session_id: agent_id.clone(),
+                },
+                format!("agent session {agent_id} was created for this chat session"),
+            );
         }
         if agent.title != chat.title && !agent.title.is_empty() {
             plan.because(agent.title_seq).plan(
@@ -373,19 +380,6 @@ fn plan_pending(
                 continue; // gone or not listed yet: the deletion rule decides
             };
             let link_id = ids::link_agent_session(chat_id, agent_id);
-            if !chat.link_confirmed && plan.state(&link_id).is_none() {
-                if let Some(seq) = chat.linked_seq {
-                    plan.because(seq);
-                }
-                plan.plan(
-                    link_id.clone(),
-                    || Command::LinkAgentSession {
-                        chat_session_id: chat_id.clone(),
-                        agent_session_id: agent_id.clone(),
-                    },
-                    format!("agent session {agent_id} was created for message {message_id}"),
-                );
-            }
             // Prompt once the backend holds the link, or once linking has given up (the answer
             // still matters more than the bookkeeping).
             let linked = chat.link_confirmed || plan.gave_up(&link_id).is_some();

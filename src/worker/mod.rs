@@ -35,6 +35,36 @@ use crate::reconcile::{self, Context};
 
 pub use observers::{Observation, PollPolicy, Poller};
 
+/// The clock of a worker running on tokio: wall time at `rebase`, advanced by tokio's clock.
+/// Under a paused tokio clock (the simulations) time moves only when every task waits, so hours
+/// of simulated work take milliseconds and runs are deterministic.
+#[derive(Debug)]
+pub struct TokioClock {
+    origin: std::sync::Mutex<(tokio::time::Instant, Millis)>,
+}
+
+impl TokioClock {
+    /// A clock reading `now_ms` now. Call from within a runtime.
+    pub fn new(now_ms: Millis) -> Self {
+        Self {
+            origin: std::sync::Mutex::new((tokio::time::Instant::now(), now_ms)),
+        }
+    }
+
+    /// Makes the clock read `now_ms` now, on the current runtime's clock (a simulation that
+    /// restarts the worker in a new runtime keeps its time going).
+    pub fn rebase(&self, now_ms: Millis) {
+        *self.origin.lock().expect("clock") = (tokio::time::Instant::now(), now_ms);
+    }
+}
+
+impl Clock for TokioClock {
+    fn now_ms(&self) -> Millis {
+        let (at, ms) = *self.origin.lock().expect("clock");
+        ms + at.elapsed().as_millis() as Millis
+    }
+}
+
 /// How the worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -355,6 +385,7 @@ impl Worker {
         }
         let mut events = Vec::new();
         let mut starts = Vec::new();
+        let mut fetches = Vec::new();
         for action in actions {
             match action {
                 Action::Cancel(event) => {
@@ -370,23 +401,27 @@ impl Worker {
                     starts.push(attempt);
                 }
                 Action::FetchModels(fetch) => {
-                    let agent = self.agent.clone();
-                    let timeout = Duration::from_millis(self.cfg.dispatch.timeout_ms);
-                    calls.spawn(async move {
-                        let _permit = fetch.permit;
-                        let result = tokio::time::timeout(timeout, agent.list_models())
-                            .await
-                            .unwrap_or_else(|_| Err(PortError::retryable("list_models timed out")));
-                        Done::Models {
-                            generation: fetch.generation,
-                            result,
-                        }
-                    });
+                    events.push(NewEvent::new(fetch.started_event(), now));
+                    fetches.push(fetch);
                 }
             }
         }
         // Durable before the calls: a crash from here on leaves the attempts in the log.
         self.append(events).await?;
+        for fetch in fetches {
+            let agent = self.agent.clone();
+            let timeout = Duration::from_millis(self.cfg.dispatch.timeout_ms);
+            calls.spawn(async move {
+                let _permit = fetch.permit;
+                let result = tokio::time::timeout(timeout, agent.list_models())
+                    .await
+                    .unwrap_or_else(|_| Err(PortError::retryable("list_models timed out")));
+                Done::Models {
+                    generation: fetch.generation,
+                    result,
+                }
+            });
+        }
         for attempt in starts {
             if attempt.command.op() == Op::Prompt {
                 nudge.notify_one();
@@ -439,6 +474,13 @@ impl Worker {
                 error: e.message,
             })
         };
+        let (source, ok) = match &obs {
+            Observation::AgentSessions { result, .. } => (Source::Agent, result.is_ok()),
+            Observation::AgentStatus(r) => (Source::Agent, r.is_ok()),
+            Observation::BackendSessions { error, .. } => (Source::Backend, error.is_none()),
+            Observation::BackendMessages(r) => (Source::Backend, r.is_ok()),
+        };
+        self.dispatcher.observed(source, ok, now);
         let views = self.views();
         let events = match obs {
             Observation::AgentSessions { as_of, result } => match result {
