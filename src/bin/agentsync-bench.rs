@@ -3,15 +3,25 @@
 //!
 //! `log --events N`: the event log and projections against raw sled on the same bytes, in the
 //! same run (runs vary by +/-15 % on a shared machine: compare the ratios).
+//! `reconcile --sessions N`: one reconciliation pass over N x N sessions with 1 % drift.
+//! `storm --scale K`: the incident x K through a real worker and log against the simulated
+//! sides, throttled, then (same run) with throttling and the model cache off.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use agentsync::clock::SystemClock;
+use agentsync::dispatch::DispatchConfig;
 use agentsync::events::{
     AgentSessionId, AgentSessionInfo, ChatSessionId, ChatSessionInfo, ChatStatus, Envelope, Event,
-    ModelRef, NewEvent,
+    ListingCompleted, ModelRef, NewEvent, Source,
 };
 use agentsync::log::{load_views, CheckpointPolicy, EventLog, LiveViews, LogOptions, ReadFilter};
+use agentsync::projections::Views;
+use agentsync::reconcile::{self, Context};
+use agentsync::sim::incident::{self, Incident};
 use agentsync::testkit::History;
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -45,11 +55,29 @@ enum What {
         #[arg(long)]
         json: bool,
     },
+    /// One reconciliation pass over N agent x N chat sessions with 1 % drift.
+    Reconcile {
+        /// Sessions on each side.
+        #[arg(long, default_value_t = 100_000)]
+        sessions: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The incident x K on the simulated sides (150 ms agent latency), throttled and not.
+    Storm {
+        /// Multiply the incident's size.
+        #[arg(long, default_value_t = 10)]
+        scale: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.what {
+    let (result, json) = match cli.what {
         What::Log {
             events,
             startup_sessions,
@@ -61,22 +89,25 @@ fn main() -> std::process::ExitCode {
                 .join(format!("agentsync-bench-{}", std::process::id()));
             let result = bench_log(&base, events, startup_sessions);
             let _ = std::fs::remove_dir_all(&base);
-            match result {
-                Ok(report) => {
-                    if json {
-                        println!("{report}");
-                    } else {
-                        for (k, v) in report.as_object().unwrap() {
-                            println!("{k:<22} {v}");
-                        }
-                    }
-                    std::process::ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("agentsync-bench: error: {e}");
-                    std::process::ExitCode::from(1)
+            (result, json)
+        }
+        What::Reconcile { sessions, json } => (bench_reconcile(sessions), json),
+        What::Storm { scale, json } => (bench_storm(scale), json),
+    };
+    match result {
+        Ok(report) => {
+            if json {
+                println!("{report}");
+            } else {
+                for (k, v) in report.as_object().expect("an object") {
+                    println!("{k:<26} {v}");
                 }
             }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentsync-bench: error: {e}");
+            std::process::ExitCode::from(1)
         }
     }
 }
@@ -302,4 +333,149 @@ fn peak_rss_mb() -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+/// Views holding `n` agent and `n` chat sessions, both sides listed, with 1 % drift: renamed
+/// agent sessions, agent sessions without a chat session, chat sessions whose agent is gone.
+fn drifted_views(n: usize) -> Views {
+    let mut views = Views::default();
+    let mut seq = 0;
+    let mut apply = |views: &mut Views, event: Event| {
+        seq += 1;
+        views.apply(&Envelope {
+            seq,
+            id: uuid::Uuid::nil(),
+            at: START,
+            v: event.kind().version(),
+            event,
+            cause: None,
+        });
+    };
+    let drift = n / 100;
+    let (renamed, unlinked, gone) = (drift * 4 / 10, drift * 3 / 10, drift - drift * 7 / 10);
+    for i in 0..n {
+        let agent = AgentSessionId(format!("ses_{i:08}"));
+        let title = format!("Session {i}");
+        if i >= n - gone {
+            // Its agent session no longer exists.
+        } else {
+            let agent_title = if i < renamed {
+                format!("{title} (renamed)")
+            } else {
+                title.clone()
+            };
+            apply(
+                &mut views,
+                Event::AgentSessionSeen(AgentSessionInfo {
+                    agent_session_id: agent.clone(),
+                    title: agent_title,
+                    directory: None,
+                    project: None,
+                    model: None,
+                    updated_at: START,
+                }),
+            );
+        }
+        if i >= renamed && i < renamed + unlinked {
+            continue; // no chat session yet
+        }
+        apply(
+            &mut views,
+            Event::BackendSessionSeen(ChatSessionInfo {
+                chat_session_id: ChatSessionId(format!("chat_{i:08}")),
+                agent_session_id: Some(agent),
+                title,
+                model: None,
+                status: ChatStatus::Active,
+                last_activity: START,
+                project: None,
+            }),
+        );
+    }
+    for source in [Source::Backend, Source::Agent] {
+        apply(
+            &mut views,
+            Event::ListingCompleted(ListingCompleted {
+                source,
+                sessions: n as u64,
+                complete: true,
+            }),
+        );
+    }
+    views
+}
+
+fn bench_reconcile(n: usize) -> Res<serde_json::Value> {
+    let t = Instant::now();
+    let views = drifted_views(n);
+    let build_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let ctx = Context {
+        now: START,
+        started_at: START,
+        ready: true,
+    };
+    let policy = reconcile::Policy::default();
+    let mut times = Vec::new();
+    let mut planned = 0;
+    for _ in 0..11 {
+        let t = Instant::now();
+        let plan = std::hint::black_box(reconcile::reconcile(&views, &ctx, &policy));
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        planned = plan.len();
+    }
+    times.sort_by(f64::total_cmp);
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    Ok(json!({
+        "sessions": n,
+        "agent_sessions": views.sessions.state.agent.len(),
+        "chat_sessions": views.sessions.state.chat.len(),
+        "commands_planned": planned,
+        "reconcile_ms": round2(times[times.len() / 2]),
+        "reconcile_ms_min": round2(times[0]),
+        "reconcile_ms_max": round2(times[times.len() - 1]),
+        "passes": times.len(),
+        "views_build_ms": round2(build_ms),
+        "target_met": { "reconcile_le_50ms": times[times.len() / 2] <= 50.0 },
+    }))
+}
+
+fn bench_storm(scale: usize) -> Res<serde_json::Value> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let incident = Incident {
+        scale,
+        agent_latency_ms: (150, 150),
+        backend_latency_ms: (5, 20),
+        model_list_ms: 0,
+        ..Incident::default()
+    };
+    let base = std::env::temp_dir().join(format!("agentsync-storm-{}", std::process::id()));
+    let run = |name: &str, dispatch: DispatchConfig| -> Res<incident::Summary> {
+        let dir = base.join(name);
+        let summary = runtime.block_on(incident::run(
+            &dir,
+            &incident,
+            dispatch,
+            Arc::new(SystemClock),
+        ))?;
+        Ok(summary)
+    };
+    let throttled = run("throttled", DispatchConfig::default());
+    let baseline = run("baseline", DispatchConfig::unthrottled());
+    let _ = std::fs::remove_dir_all(&base);
+    let (throttled, baseline) = (throttled?, baseline?);
+    Ok(json!({
+        "scale": scale,
+        "agent_latency_ms": 150,
+        "model_fetches": throttled.model_fetches,
+        "peak_in_flight": throttled.peak_in_flight,
+        "converge_ms": throttled.converge_ms,
+        "baseline_model_fetches": baseline.model_fetches,
+        "baseline_peak_in_flight": baseline.peak_in_flight,
+        "baseline_converge_ms": baseline.converge_ms,
+        "commands": throttled.commands,
+        "deletions_from_failed_listing": throttled.deletions_from_failed_listing,
+        "baseline_deletions_from_failed_listing": baseline.deletions_from_failed_listing,
+        "messages_answered": throttled.messages_answered,
+        "messages_failed": throttled.messages_failed,
+    }))
 }

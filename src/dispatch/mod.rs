@@ -94,8 +94,8 @@ impl Default for TargetLimits {
     fn default() -> Self {
         Self {
             concurrency: 10,
-            per_second: 50,
-            burst: 10,
+            per_second: 100,
+            burst: 20,
         }
     }
 }

@@ -17,7 +17,10 @@
 
 pub mod ids;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::HashSet;
+
+use rustc_hash::FxHashMap;
 
 use crate::clock::Millis;
 use crate::events::{
@@ -78,8 +81,11 @@ pub fn reconcile(views: &Views, ctx: &Context, policy: &Policy) -> Vec<Planned> 
     };
     let sessions = &views.sessions.state;
     let messages = &views.messages.state;
-    plan_sessions(&mut plan, sessions, ctx, policy);
-    plan_deletions(&mut plan, sessions);
+    if both_listed(sessions) {
+        let mut index = ChatIndex::new(sessions);
+        plan_sessions(&mut plan, sessions, &mut index, ctx, policy);
+        plan_deletions(&mut plan, sessions, &index);
+    }
     plan_outcomes(&mut plan, messages);
     plan_pending(&mut plan, sessions, messages, ctx, policy);
     plan.out
@@ -140,33 +146,53 @@ fn both_listed(s: &SessionsView) -> bool {
     })
 }
 
-/// The chat session each agent session is linked to (an active one when several are).
-fn chats_by_agent(s: &SessionsView) -> HashMap<&AgentSessionId, (&ChatSessionId, &ChatSessionRow)> {
-    let mut index: HashMap<&AgentSessionId, (&ChatSessionId, &ChatSessionRow)> =
-        HashMap::with_capacity(s.chat.len());
-    for (id, row) in &s.chat {
-        if let Some(agent) = &row.agent_session_id {
-            index
-                .entry(agent)
-                .and_modify(|cur| {
-                    if cur.1.status != ChatStatus::Active && row.status == ChatStatus::Active {
-                        *cur = (id, row);
-                    }
-                })
-                .or_insert((id, row));
-        }
-    }
-    index
+/// Chat sessions by the agent session they link to: one per agent session (an active one when
+/// several are), plus the rest. Built once per pass with a fast hasher: at 100k sessions this
+/// index is most of a pass's cost.
+struct ChatIndex<'a> {
+    by_agent: FxHashMap<&'a AgentSessionId, (&'a ChatSessionId, &'a ChatSessionRow)>,
+    others: Vec<(&'a AgentSessionId, &'a ChatSessionId, &'a ChatSessionRow)>,
 }
 
-/// Creations, renames and stale sessions: one walk over the agent sessions.
-fn plan_sessions(plan: &mut Planner<'_>, s: &SessionsView, ctx: &Context, policy: &Policy) {
-    if !both_listed(s) {
-        return;
+impl<'a> ChatIndex<'a> {
+    fn new(s: &'a SessionsView) -> Self {
+        let mut by_agent: FxHashMap<&AgentSessionId, (&ChatSessionId, &ChatSessionRow)> =
+            FxHashMap::with_capacity_and_hasher(s.chat.len(), Default::default());
+        let mut others = Vec::new();
+        for (id, row) in &s.chat {
+            let Some(agent) = &row.agent_session_id else {
+                continue;
+            };
+            match by_agent.entry(agent) {
+                Entry::Vacant(v) => {
+                    v.insert((id, row));
+                }
+                Entry::Occupied(mut o) => {
+                    let cur = *o.get();
+                    if cur.1.status != ChatStatus::Active && row.status == ChatStatus::Active {
+                        o.insert((id, row));
+                        others.push((agent, cur.0, cur.1));
+                    } else {
+                        others.push((agent, id, row));
+                    }
+                }
+            }
+        }
+        Self { by_agent, others }
     }
-    let chats = chats_by_agent(s);
+}
+
+/// Creations, renames and stale sessions: one walk over the agent sessions. Takes each agent
+/// session's chat session out of the index, so what is left links to absent agent sessions.
+fn plan_sessions(
+    plan: &mut Planner<'_>,
+    s: &SessionsView,
+    index: &mut ChatIndex<'_>,
+    ctx: &Context,
+    policy: &Policy,
+) {
     for (agent_id, agent) in &s.agent {
-        let Some(&(chat_id, chat)) = chats.get(agent_id) else {
+        let Some((chat_id, chat)) = index.by_agent.remove(agent_id) else {
             plan.because(agent.first_seq).plan(
                 ids::create_session(agent_id),
                 || Command::CreateSession {
@@ -237,10 +263,8 @@ fn plan_sessions(plan: &mut Planner<'_>, s: &SessionsView, ctx: &Context, policy
 
 /// Deletions: only from a complete, successful agent listing newer than the link, and none
 /// while the agent side's last observation is a failure (the server may simply be down).
-fn plan_deletions(plan: &mut Planner<'_>, s: &SessionsView) {
-    if !both_listed(s) {
-        return;
-    }
+/// `index` holds, after `plan_sessions`, the chat sessions whose agent session is absent.
+fn plan_deletions(plan: &mut Planner<'_>, s: &SessionsView, index: &ChatIndex<'_>) {
     let Some(listing) = s.listings.get(&Source::Agent) else {
         return;
     };
@@ -250,13 +274,16 @@ fn plan_deletions(plan: &mut Planner<'_>, s: &SessionsView) {
     if listing.last_failure_seq.is_some_and(|f| f > complete_seq) {
         return;
     }
-    for (chat_id, chat) in &s.chat {
-        let Some(agent_id) = &chat.agent_session_id else {
-            continue;
-        };
+    let absent = index
+        .by_agent
+        .iter()
+        .map(|(a, (c, row))| (*a, *c, *row))
+        .chain(index.others.iter().copied())
+        .filter(|(a, _, _)| !s.agent.contains_key(*a));
+    for (agent_id, chat_id, chat) in absent {
         let newer_than_link = chat.linked_seq.unwrap_or(chat.first_seq) < complete_seq
             && chat.first_seq < complete_seq;
-        if chat.status == ChatStatus::Active && newer_than_link && !s.agent.contains_key(agent_id) {
+        if chat.status == ChatStatus::Active && newer_than_link {
             plan.because(complete_seq).plan(
                 ids::mark_session_deleted(chat_id),
                 || Command::MarkSessionDeleted {

@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde::Serialize;
 
@@ -169,7 +168,7 @@ pub struct Summary {
     pub data_dir: String,
     /// From the worker's start to Ready.
     pub time_to_ready_ms: Option<u64>,
-    /// From the worker's start to nothing left to do.
+    /// From the worker's start to the last command's outcome.
     pub converge_ms: u64,
     /// Model-list fetches the agent server saw.
     pub model_fetches: u64,
@@ -222,7 +221,6 @@ pub async fn run(
         stop_when_quiet: Some(3),
         ..WorkerConfig::default()
     };
-    let t0 = Instant::now();
     let worker = Worker::open(
         log.clone(),
         sides.agent.clone(),
@@ -232,7 +230,16 @@ pub async fn run(
     )
     .await?;
     let report = worker.run(std::future::pending()).await?;
-    let converge_ms = t0.elapsed().as_millis() as u64;
+    let last_outcome = report
+        .views
+        .commands
+        .state
+        .commands
+        .values()
+        .map(|c| c.updated_at)
+        .max()
+        .unwrap_or(report.started_at);
+    let converge_ms = last_outcome.saturating_sub(report.started_at);
     Ok(summarize(dir, &sides, &report, converge_ms, log.last_seq()))
 }
 

@@ -116,6 +116,8 @@ pub enum WorkerError {
 /// What a run did.
 #[derive(Debug)]
 pub struct RunReport {
+    /// When the worker started.
+    pub started_at: Millis,
     /// Time from start to Ready, if it got there.
     pub time_to_ready_ms: Option<u64>,
     /// The dispatcher's counters.
@@ -304,6 +306,7 @@ impl Worker {
         self.drain(&stopped, calls).await?;
         let live = self.live.take().expect("views");
         Ok(RunReport {
+            started_at: self.started_at,
             time_to_ready_ms: self.ready_after,
             dispatch: self.dispatcher.stats().clone(),
             views: live.views,
