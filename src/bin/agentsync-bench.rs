@@ -55,6 +55,18 @@ enum What {
         #[arg(long)]
         json: bool,
     },
+    /// One phase of `log`, run by `log` in a child process.
+    #[command(hide = true)]
+    LogPhase {
+        #[arg(long)]
+        phase: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        events: usize,
+        #[arg(long)]
+        startup_sessions: usize,
+    },
     /// One reconciliation pass over N agent x N chat sessions with 1 % drift.
     Reconcile {
         /// Sessions on each side.
@@ -91,6 +103,12 @@ fn main() -> std::process::ExitCode {
             let _ = std::fs::remove_dir_all(&base);
             (result, json)
         }
+        What::LogPhase {
+            phase,
+            dir,
+            events,
+            startup_sessions,
+        } => (log_phase(&phase, &dir, events, startup_sessions), true),
         What::Reconcile { sessions, json } => (bench_reconcile(sessions), json),
         What::Storm { scale, json } => (bench_storm(scale), json),
     };
@@ -142,96 +160,48 @@ fn batches(total: usize) -> impl Iterator<Item = Vec<NewEvent>> {
     })
 }
 
+/// The log benchmark: each phase runs in its own process (this binary, `log-phase`), so each
+/// phase's peak RSS is its own: not inflated by another phase's database still open, nor by
+/// memory the allocator kept from an earlier phase.
 fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_json::Value> {
     std::fs::create_dir_all(base)?;
-    let mut phases = Phases::default();
-    // 1. Our append: encode, one atomic batch (events + session index), flush at each batch end.
-    let ours_dir = base.join("ours");
-    let log = EventLog::open(&ours_dir, &opts())?;
-    let mut append_secs = 0.0;
-    for batch in batches(events) {
-        let t = Instant::now();
-        log.append(batch)?;
-        append_secs += t.elapsed().as_secs_f64();
-    }
-    phases.mark("append");
-    // 2. Raw sled on the same bytes: sled::Batch of 1,000, flush after each.
-    let raw = sled::Config::new()
-        .path(base.join("raw"))
-        .cache_capacity(CACHE_BYTES)
-        .open()?;
-    let raw_events = raw.open_tree("events")?;
-    let mut raw_append_secs = 0.0;
-    let mut chunk: Vec<Envelope> = Vec::with_capacity(BATCH);
-    let mut insert = |chunk: &mut Vec<Envelope>| -> Res<()> {
-        let encoded: Vec<(u64, Vec<u8>)> = chunk.drain(..).map(|e| (e.seq, e.encode())).collect();
-        let t = Instant::now();
-        let mut b = sled::Batch::default();
-        for (seq, bytes) in encoded {
-            b.insert(&seq.to_be_bytes(), bytes);
+    let mut by_phase = serde_json::Map::new();
+    let mut run = |phase: &str| -> Res<serde_json::Value> {
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(["log-phase", "--phase", phase, "--dir"])
+            .arg(base)
+            .args(["--events", &events.to_string()])
+            .args(["--startup-sessions", &startup_sessions.to_string()])
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "phase {phase} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into());
         }
-        raw_events.apply_batch(b)?;
-        raw.flush()?;
-        raw_append_secs += t.elapsed().as_secs_f64();
-        Ok(())
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        by_phase.insert(phase.to_owned(), v["peak_rss_mb"].clone());
+        Ok(v)
     };
-    for e in log.read(ReadFilter::default()) {
-        chunk.push(e?);
-        if chunk.len() == BATCH {
-            insert(&mut chunk)?;
-        }
-    }
-    if !chunk.is_empty() {
-        insert(&mut chunk)?;
-    }
-    phases.mark("raw_append");
-    // 3. Rebuild: every projection from scratch through the log's read path.
-    let t = Instant::now();
-    let (views, catch_up) = load_views(&log, None, None, true, |_| {})?;
-    let rebuild_secs = t.elapsed().as_secs_f64();
-    assert_eq!(catch_up.applied as usize, events);
-    let view_sizes = json!({
-        "agent_sessions": views.sessions.state.agent.len(),
-        "chat_sessions": views.sessions.state.chat.len(),
-        "messages": views.messages.state.messages.len(),
-        "commands": views.commands.state.commands.len(),
-    });
-    drop(views);
-    drop(log);
-    phases.mark("rebuild");
-    // 4. Raw scan + decode of the same bytes.
-    let t = Instant::now();
-    let mut decoded = 0usize;
-    for kv in raw_events.iter() {
-        let (_, v) = kv?;
-        std::hint::black_box(Envelope::decode(&v)?);
-        decoded += 1;
-    }
-    let raw_scan_secs = t.elapsed().as_secs_f64();
-    assert_eq!(decoded, events);
-    drop(raw_events);
-    drop(raw);
-    phases.mark("raw_scan_decode");
-    // 5. Startup: open + load a checkpoint of `startup_sessions` sessions + catch up 1,000 events.
-    let startup_dir = base.join("startup");
-    prepare_startup(&startup_dir, startup_sessions)?;
-    phases.mark("startup_prepare");
-    let t = Instant::now();
-    let log = EventLog::open(&startup_dir, &opts())?;
-    let (views, catch_up) = load_views(&log, None, None, false, |_| {})?;
-    let startup_ms = t.elapsed().as_secs_f64() * 1000.0;
-    assert!(views.sessions.state.chat.len() >= startup_sessions);
-    assert!(catch_up.applied >= 1000);
-    drop(views);
-    drop(log);
-    phases.mark("startup");
-
-    let eps = |n: usize, s: f64| (n as f64 / s).round();
-    let (append_eps, raw_append_eps) = (eps(events, append_secs), eps(events, raw_append_secs));
-    let (rebuild_eps, raw_scan_decode_eps) =
-        (eps(events, rebuild_secs), eps(events, raw_scan_secs));
+    let append = run("append")?;
+    let raw_append = run("raw_append")?;
+    let rebuild = run("rebuild")?;
+    let raw_scan = run("raw_scan_decode")?;
+    run("startup_prepare")?;
+    let startup = run("startup")?;
+    let secs = |v: &serde_json::Value| v["secs"].as_f64().unwrap_or(f64::NAN);
+    let eps = |s: f64| (events as f64 / s).round();
+    let (append_eps, raw_append_eps) = (eps(secs(&append)), eps(secs(&raw_append)));
+    let (rebuild_eps, raw_scan_decode_eps) = (eps(secs(&rebuild)), eps(secs(&raw_scan)));
+    let startup_ms = secs(&startup) * 1000.0;
     let round2 = |x: f64| (x * 100.0).round() / 100.0;
-    let peak_rss_mb = phases.peak_mb;
+    // The engine's peak: our own operations. The raw-sled reference phases are listed too.
+    let ours = ["append", "rebuild", "startup"];
+    let peak_rss_mb = ours
+        .iter()
+        .filter_map(|p| by_phase.get(*p).and_then(|v| v.as_f64()))
+        .fold(0.0, f64::max);
     Ok(json!({
         "events": events,
         "append_eps": append_eps,
@@ -242,10 +212,10 @@ fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_j
         "rebuild_ratio": round2(rebuild_eps / raw_scan_decode_eps),
         "startup_ms": round2(startup_ms),
         "startup_sessions": startup_sessions,
-        "startup_catch_up_events": catch_up.applied,
+        "startup_catch_up_events": startup["catch_up"],
         "peak_rss_mb": round2(peak_rss_mb),
-        "peak_rss_mb_by_phase": phases.by_phase,
-        "views_after_rebuild": view_sizes,
+        "peak_rss_mb_by_phase": by_phase,
+        "views_after_rebuild": rebuild["views"],
         "targets_met": {
             "append_ratio_ge_0_5": append_eps / raw_append_eps >= 0.5,
             "rebuild_ratio_ge_0_4": rebuild_eps / raw_scan_decode_eps >= 0.4,
@@ -253,6 +223,117 @@ fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_j
             "rss_le_200mb": peak_rss_mb <= 200.0,
         },
     }))
+}
+
+/// One phase of the log benchmark, in this process; prints `{secs, peak_rss_mb, ...}`.
+fn log_phase(
+    phase: &str,
+    base: &Path,
+    events: usize,
+    startup_sessions: usize,
+) -> Res<serde_json::Value> {
+    let ours_dir = base.join("ours");
+    let raw_db = || {
+        sled::Config::new()
+            .path(base.join("raw"))
+            .cache_capacity(CACHE_BYTES)
+            .open()
+    };
+    let mut extra = json!({});
+    let secs = match phase {
+        // Our append: encode, one atomic batch, flush at each batch end.
+        "append" => {
+            let log = EventLog::open(&ours_dir, &opts())?;
+            let mut secs = 0.0;
+            for batch in batches(events) {
+                let t = Instant::now();
+                log.append(batch)?;
+                secs += t.elapsed().as_secs_f64();
+            }
+            secs
+        }
+        // Raw sled on the same bytes: sled::Batch of 1,000, flush after each.
+        "raw_append" => {
+            let log = EventLog::open(&ours_dir, &opts())?;
+            let raw = raw_db()?;
+            let raw_events = raw.open_tree("events")?;
+            let mut secs = 0.0;
+            let mut chunk: Vec<Envelope> = Vec::with_capacity(BATCH);
+            let mut insert = |chunk: &mut Vec<Envelope>| -> Res<()> {
+                let encoded: Vec<(u64, Vec<u8>)> =
+                    chunk.drain(..).map(|e| (e.seq, e.encode())).collect();
+                let t = Instant::now();
+                let mut b = sled::Batch::default();
+                for (seq, bytes) in encoded {
+                    b.insert(&seq.to_be_bytes(), bytes);
+                }
+                raw_events.apply_batch(b)?;
+                raw.flush()?;
+                secs += t.elapsed().as_secs_f64();
+                Ok(())
+            };
+            for e in log.read(ReadFilter::default()) {
+                chunk.push(e?);
+                if chunk.len() == BATCH {
+                    insert(&mut chunk)?;
+                }
+            }
+            if !chunk.is_empty() {
+                insert(&mut chunk)?;
+            }
+            secs
+        }
+        // Rebuild: every projection from scratch through the log's read path (open included).
+        "rebuild" => {
+            let t = Instant::now();
+            let log = EventLog::open(&ours_dir, &opts())?;
+            let (views, catch_up) = load_views(&log, None, None, true, |_| {})?;
+            let secs = t.elapsed().as_secs_f64();
+            assert_eq!(catch_up.applied as usize, events);
+            extra = json!({"views": {
+                "agent_sessions": views.sessions.state.agent.len(),
+                "chat_sessions": views.sessions.state.chat.len(),
+                "messages": views.messages.state.messages.len(),
+                "commands": views.commands.state.commands.len(),
+            }});
+            secs
+        }
+        // Raw scan + decode of the same bytes (open included).
+        "raw_scan_decode" => {
+            let t = Instant::now();
+            let raw = raw_db()?;
+            let raw_events = raw.open_tree("events")?;
+            let mut decoded = 0usize;
+            for kv in raw_events.iter() {
+                let (_, v) = kv?;
+                std::hint::black_box(Envelope::decode(&v)?);
+                decoded += 1;
+            }
+            assert_eq!(decoded, events);
+            t.elapsed().as_secs_f64()
+        }
+        "startup_prepare" => {
+            prepare_startup(&base.join("startup"), startup_sessions)?;
+            0.0
+        }
+        // Startup: open + load a checkpoint of `startup_sessions` sessions + catch up.
+        "startup" => {
+            let t = Instant::now();
+            let log = EventLog::open(base.join("startup"), &opts())?;
+            let (views, catch_up) = load_views(&log, None, None, false, |_| {})?;
+            let secs = t.elapsed().as_secs_f64();
+            assert!(views.sessions.state.chat.len() >= startup_sessions);
+            assert!(catch_up.applied >= 1000);
+            extra = json!({"catch_up": catch_up.applied});
+            secs
+        }
+        other => return Err(format!("unknown phase {other}").into()),
+    };
+    let mut out = json!({"secs": secs, "peak_rss_mb": (peak_rss_mb() * 100.0).round() / 100.0});
+    if let (Some(o), Some(e)) = (out.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    Ok(out)
 }
 
 /// A data dir whose checkpoints hold `n` linked sessions, with 1,000 events after them.
@@ -302,23 +383,6 @@ fn prepare_startup(dir: &Path, n: usize) -> Res<()> {
         log.append(batch)?;
     }
     Ok(())
-}
-
-/// Peak RSS per phase: the kernel's high-water mark is read, then reset, at each phase's end.
-#[derive(Default)]
-struct Phases {
-    by_phase: serde_json::Map<String, serde_json::Value>,
-    peak_mb: f64,
-}
-
-impl Phases {
-    fn mark(&mut self, phase: &str) {
-        let mb = (peak_rss_mb() * 100.0).round() / 100.0;
-        self.peak_mb = self.peak_mb.max(mb);
-        self.by_phase.insert(phase.to_owned(), json!(mb));
-        // Resets VmHWM to the current RSS (Linux); if refused, later phases report the overall peak.
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
-    }
 }
 
 /// The process's peak resident set (VmHWM), in MiB.
