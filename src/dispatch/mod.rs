@@ -495,7 +495,13 @@ impl Dispatcher {
                 _ => entry.attempts,
             };
             let at = entry.next_attempt_at.unwrap_or(now);
-            self.push(id.clone(), command.clone(), (attempts, attempts), at, now);
+            self.push(
+                id.clone(),
+                (**command).clone(),
+                (attempts, attempts),
+                at,
+                now,
+            );
             n += 1;
         }
         n

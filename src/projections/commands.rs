@@ -41,9 +41,10 @@ pub struct LedgerEntry {
     pub op: Op,
     /// What it is about.
     pub subject: Subject,
-    /// The command, kept only while it may still run (the log keeps it forever).
-    pub command: Option<Command>,
-    /// Why it was planned.
+    /// The command, kept only while it may still run (the log keeps it forever). Boxed: most
+    /// entries are final and hold none, and a ledger holds every command ever planned.
+    pub command: Option<Box<Command>>,
+    /// Why it was planned, kept only while it may still run (the log keeps it).
     pub reason: String,
     /// Where it stands.
     pub state: CommandState,
@@ -80,6 +81,7 @@ impl LedgerEntry {
         if self.is_final() {
             self.command = None;
             self.next_attempt_at = None;
+            self.reason = String::new();
         }
     }
 }
@@ -93,8 +95,8 @@ impl CommandLedger {
 
 impl Projection for CommandLedger {
     const NAME: &'static str = "commands";
-    // v2: the `cancelled` state.
-    const VERSION: u32 = 2;
+    // v2: the `cancelled` state. v3: final entries drop their reason.
+    const VERSION: u32 = 3;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
@@ -104,7 +106,7 @@ impl Projection for CommandLedger {
                     .or_insert_with(|| LedgerEntry {
                         op: b.command.op(),
                         subject: b.command.subject(),
-                        command: Some(b.command.clone()),
+                        command: Some(Box::new(b.command.clone())),
                         reason: b.reason.clone(),
                         state: CommandState::Planned,
                         attempts: 0,
