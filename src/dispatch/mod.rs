@@ -260,6 +260,8 @@ impl Target {
 #[derive(Debug, Clone)]
 struct Queued {
     command: Command,
+    /// Its exclusion keys, computed once.
+    keys: Vec<String>,
     /// Attempts already made.
     attempts: u32,
     /// Failed attempts that count toward the dead letter: failures while the target was down
@@ -424,6 +426,11 @@ impl Dispatcher {
         self.gates.clone()
     }
 
+    /// Whether a command is queued or running here.
+    pub fn holds(&self, id: &CommandId) -> bool {
+        self.queue.contains_key(id) || self.running.contains_key(id)
+    }
+
     /// Its counters.
     pub fn stats(&self) -> &DispatchStats {
         &self.stats
@@ -471,6 +478,7 @@ impl Dispatcher {
         self.queue.insert(
             id,
             Queued {
+                keys: keys_of(&command),
                 command,
                 attempts,
                 charged,
@@ -529,7 +537,7 @@ impl Dispatcher {
                 continue;
             };
             let mut command = queued.command.clone();
-            let keys = keys_of(&command);
+            let keys = queued.keys.clone();
             let blocked = keys.iter().any(|k| {
                 self.busy_keys.contains(k) || self.key_not_before.get(k).is_some_and(|t| *t > now)
             });
@@ -816,8 +824,8 @@ impl Dispatcher {
         };
         for q in self.queue.values() {
             consider(q.not_before);
-            for k in keys_of(&q.command) {
-                if let Some(t) = self.key_not_before.get(&k) {
+            for k in &q.keys {
+                if let Some(t) = self.key_not_before.get(k) {
                     consider(*t);
                 }
             }

@@ -33,6 +33,13 @@ impl BackendState {
         self.changes.push(id.clone());
     }
 
+    /// A chat session to change; the contract's answer for an unknown one is an error.
+    fn chat_mut(&mut self, id: &ChatSessionId) -> Result<&mut ChatSessionInfo, PortError> {
+        self.sessions
+            .get_mut(id)
+            .ok_or_else(|| PortError::terminal(format!("no chat session {id}")))
+    }
+
     fn put_message(&mut self, m: MessageInfo) {
         let id = m.message_id.clone();
         self.messages.insert(id.clone(), m);
@@ -96,7 +103,6 @@ impl SimBackend {
         if let Some(reply) = s.applied.get(id) {
             return Ok(reply.clone());
         }
-        let missing = |chat: &ChatSessionId| PortError::terminal(format!("no chat session {chat}"));
         let reply = match command {
             Command::CreateSession {
                 agent_session_id,
@@ -123,10 +129,7 @@ impl SimBackend {
                 chat_session_id,
                 agent_session_id,
             } => {
-                let c = s
-                    .sessions
-                    .get_mut(chat_session_id)
-                    .ok_or_else(|| missing(chat_session_id))?;
+                let c = s.chat_mut(chat_session_id)?;
                 c.agent_session_id = Some(agent_session_id.clone());
                 MutationReply::Done
             }
@@ -134,28 +137,19 @@ impl SimBackend {
                 chat_session_id,
                 title,
             } => {
-                let c = s
-                    .sessions
-                    .get_mut(chat_session_id)
-                    .ok_or_else(|| missing(chat_session_id))?;
+                let c = s.chat_mut(chat_session_id)?;
                 c.title.clone_from(title);
                 MutationReply::Done
             }
             Command::MarkSessionDeleted { chat_session_id } => {
-                let c = s
-                    .sessions
-                    .get_mut(chat_session_id)
-                    .ok_or_else(|| missing(chat_session_id))?;
+                let c = s.chat_mut(chat_session_id)?;
                 c.status = ChatStatus::Deleted;
                 MutationReply::Done
             }
             Command::MarkSessionFailed {
                 chat_session_id, ..
             } => {
-                let c = s
-                    .sessions
-                    .get_mut(chat_session_id)
-                    .ok_or_else(|| missing(chat_session_id))?;
+                let c = s.chat_mut(chat_session_id)?;
                 c.status = ChatStatus::Failed;
                 MutationReply::Done
             }

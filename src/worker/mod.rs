@@ -392,8 +392,10 @@ impl Worker {
         for action in actions {
             match action {
                 Action::Cancel(event) => {
-                    let cause = event.command_id().and_then(|id| self.planned_ids.get(id));
-                    events.push(with_cause(NewEvent::new(event, now), cause));
+                    let cause = event
+                        .command_id()
+                        .and_then(|id| self.planned_ids.remove(id));
+                    events.push(with_cause(NewEvent::new(event, now), cause.as_ref()));
                 }
                 Action::Start(attempt) => {
                     let cause = self.planned_ids.get(&attempt.id);
@@ -530,8 +532,12 @@ impl Worker {
                     tracing::debug!(command = %id, attempt, error = %e, "attempt failed");
                 }
                 let cause = self.planned_ids.get(&id).copied();
-                self.dispatcher
-                    .finished(&id, attempt, result, now)
+                let events = self.dispatcher.finished(&id, attempt, result, now);
+                if !self.dispatcher.holds(&id) {
+                    // Over (succeeded, dead or failed terminally): nothing more will cite it.
+                    self.planned_ids.remove(&id);
+                }
+                events
                     .into_iter()
                     .map(|e| with_cause(NewEvent::new(e, now), cause.as_ref()))
                     .collect()

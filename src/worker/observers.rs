@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::clock::Millis;
 use crate::dispatch::Gates;
 use crate::events::{AgentSessionStatus, ChatSessionInfo, MessageInfo};
-use crate::ports::{AgentListing, AgentServer, Backend, PortError};
+use crate::ports::{AgentListing, AgentServer, Backend, Page, PortError, PortFuture};
 
 /// How often a source is polled: fast while there is work, backing off while idle.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -157,40 +157,54 @@ pub async fn observe_agent(agent: Arc<dyn AgentServer>, link: ObserverLink) {
     }
 }
 
+/// Reads pages from `cursor` until the last one or a failure, each call under a permit of
+/// `gate`. Returns the items, the cursor after the last page read, and the failure if one
+/// stopped it; `None` when the gate is closed (shutting down).
+async fn read_pages<'a, T, F>(
+    gate: &Semaphore,
+    mut cursor: Option<String>,
+    mut page: F,
+) -> Option<(Vec<T>, Option<String>, Option<PortError>)>
+where
+    F: FnMut(Option<String>) -> PortFuture<'a, Page<T>>,
+{
+    let mut items = Vec::new();
+    loop {
+        let result = {
+            let _permit = gate.acquire().await.ok()?;
+            page(cursor.clone()).await
+        };
+        match result {
+            Ok(p) => {
+                items.extend(p.page);
+                cursor = Some(p.continue_cursor);
+                if p.is_done {
+                    return Some((items, cursor, None));
+                }
+            }
+            Err(e) => return Some((items, cursor, Some(e))),
+        }
+    }
+}
+
 /// Observes the backend until the channel closes: every page of the sessions, then the
 /// messages changed since the last cursor.
 pub async fn observe_backend(backend: Arc<dyn Backend>, link: ObserverLink) {
     let mut poller = Poller::new(link.policy);
     let mut rng = SmallRng::seed_from_u64(link.seed ^ 0xb4c);
     let mut message_cursor: Option<String> = None;
+    let limit = link.page_size;
     loop {
         let as_of = link.seq.load(Ordering::SeqCst);
-        let mut sessions = Vec::new();
-        let mut cursor: Option<String> = None;
-        let mut error = None;
-        loop {
-            let page = {
-                let Ok(_permit) = link.gates.backend.acquire().await else {
-                    return;
-                };
-                backend
-                    .list_sessions(cursor.as_deref(), link.page_size)
-                    .await
-            };
-            match page {
-                Ok(p) => {
-                    sessions.extend(p.page);
-                    if p.is_done {
-                        break;
-                    }
-                    cursor = Some(p.continue_cursor);
-                }
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
+        let gate = &link.gates.backend;
+        let Some((sessions, _, error)) = read_pages(gate, None, |c| {
+            let b = &backend;
+            Box::pin(async move { b.list_sessions(c.as_deref(), limit).await })
+        })
+        .await
+        else {
+            return;
+        };
         let obs = Observation::BackendSessions {
             as_of,
             sessions,
@@ -199,33 +213,17 @@ pub async fn observe_backend(backend: Arc<dyn Backend>, link: ObserverLink) {
         if link.tx.send(obs).await.is_err() {
             return;
         }
-        let mut messages = Vec::new();
-        let mut failure = None;
-        loop {
-            let page = {
-                let Ok(_permit) = link.gates.backend.acquire().await else {
-                    return;
-                };
-                backend
-                    .list_messages(message_cursor.as_deref(), link.page_size)
-                    .await
-            };
-            match page {
-                Ok(p) => {
-                    messages.extend(p.page);
-                    message_cursor = Some(p.continue_cursor);
-                    if p.is_done {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
+        let Some((messages, cursor, failure)) = read_pages(gate, message_cursor.take(), |c| {
+            let b = &backend;
+            Box::pin(async move { b.list_messages(c.as_deref(), limit).await })
+        })
+        .await
+        else {
+            return;
+        };
+        // The pages before a failure are real; the rest is read from this cursor next time.
+        message_cursor = cursor;
         let result = match failure {
-            // What came before the failure is real; the rest is read from the same cursor next time.
             Some(e) if messages.is_empty() => Err(e),
             _ => Ok(messages),
         };
