@@ -84,6 +84,32 @@ pub struct AgentListing {
     pub complete: bool,
 }
 
+/// What an agent server's event stream reported (OpenCode: `GET /event`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentObservation {
+    /// The stream (re)connected. Events may have been missed before a reconnect, so the
+    /// observer follows it with a full listing, which closes the gap.
+    Connected {
+        /// False for the first connection, true for every later one.
+        reconnected: bool,
+    },
+    /// A session was created or changed (title, directory, last update).
+    SessionUpdated(AgentSessionInfo),
+    /// A session was deleted.
+    SessionDeleted(AgentSessionId),
+    /// A session's status changed.
+    Status(AgentSessionStatus),
+    /// A message of a session was created or updated: activity in that session.
+    MessageUpdated {
+        /// The session.
+        agent_session_id: AgentSessionId,
+        /// When (ms): the message's completion, or its creation while it runs.
+        at: Millis,
+        /// The assistant's error, when the message failed.
+        error: Option<String>,
+    },
+}
+
 /// The agent server's models.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelList {

@@ -1,3 +1,10 @@
-//! The agent-server side: supervision of a spawned server (the OpenCode HTTP adapter joins it).
+//! The agent-server side: the OpenCode HTTP adapter ([`opencode`]), OpenCode's JSON
+//! ([`wire`]), the `opencode serve` process ([`process`]) and its supervision ([`supervisor`]).
 
+pub mod opencode;
+pub mod process;
 pub mod supervisor;
+pub mod wire;
+
+pub use opencode::{OpencodeClient, OpencodeConfig, Secret};
+pub use process::{OpencodeLauncher, OpencodeProcess};

@@ -1,0 +1,770 @@
+//! The OpenCode HTTP adapter: [`OpencodeClient`] implements [`AgentServer`] over the server's
+//! own API (`opencode serve`), and streams its events (`GET /event`) as
+//! [`AgentObservation`]s.
+//!
+//! Every call has a timeout. Failures are classified for the dispatcher: a refused connection,
+//! a timeout, a 5xx or a 429 may pass and is retryable; any other 4xx will repeat and is
+//! terminal; so is an assistant message that carries `info.error` (a context overflow answers
+//! HTTP 200). The password, when one is set, goes into the basic-auth header and nowhere else.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures_core::Stream;
+use futures_util::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::wire;
+use crate::clock::Millis;
+use crate::events::{AgentSessionId, AgentSessionInfo, AgentSessionStatus, ModelRef};
+use crate::ports::{
+    AgentListing, AgentObservation, AgentServer, ModelList, PortError, PortFuture, PortResult,
+};
+
+/// The user OpenCode expects in basic auth.
+const BASIC_AUTH_USER: &str = "opencode";
+
+/// A secret read from the environment: printed as `***`, never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// Reads the variable the user named. An unset or empty variable is an error that names
+    /// the variable (never its value), because a password the user asked for and forgot to
+    /// export would otherwise fail later as a confusing 401.
+    pub fn from_env(var: &str) -> Result<Self, String> {
+        match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(Self(v)),
+            Ok(_) => Err(format!("environment variable {var} is empty")),
+            Err(_) => Err(format!("environment variable {var} is not set")),
+        }
+    }
+
+    /// The value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How to reach an OpenCode server.
+#[derive(Debug, Clone)]
+pub struct OpencodeConfig {
+    /// `http://127.0.0.1:4096`. Replaced when a supervised server restarts on a new port.
+    pub url: String,
+    /// Basic-auth password (user `opencode`), when the server has one.
+    pub password: Option<Secret>,
+    /// The limit of every call but prompts and the event stream.
+    pub timeout: Duration,
+    /// The limit of a blocking prompt (the model may think for minutes).
+    pub prompt_timeout: Duration,
+    /// The `limit` sent with every listing. OpenCode returns at most 100 sessions without one,
+    /// and a listing that comes back full is reported incomplete, so it never proves a session
+    /// gone.
+    pub listing_limit: u32,
+    /// When set, only sessions created in this directory are listed. OpenCode puts the sessions
+    /// of every non-git directory into one shared `global` project, so without this a worker
+    /// sees (and would sync) other directories' sessions.
+    pub directory: Option<String>,
+    /// Waits between event-stream reconnects: the first, doubled up to the last.
+    pub reconnect_min: Duration,
+    /// The longest wait between event-stream reconnects.
+    pub reconnect_max: Duration,
+}
+
+impl OpencodeConfig {
+    /// Defaults for a server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            password: None,
+            timeout: Duration::from_secs(30),
+            prompt_timeout: Duration::from_secs(600),
+            listing_limit: 10_000,
+            directory: None,
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters of the event stream, for metrics and for tests.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Events received and turned into observations.
+    pub observed: AtomicU64,
+    /// Events of a kind the worker does not read (counted, logged at debug).
+    pub ignored: AtomicU64,
+    /// Events that did not parse (counted, logged as warnings; the stream goes on).
+    pub malformed: AtomicU64,
+    /// Successful connections after the first.
+    pub reconnects: AtomicU64,
+}
+
+/// The OpenCode client.
+#[derive(Debug)]
+pub struct OpencodeClient {
+    http: reqwest::Client,
+    base: RwLock<String>,
+    config: OpencodeConfig,
+    stats: Arc<StreamStats>,
+}
+
+impl OpencodeClient {
+    /// A client for `config`. Fails only if the TLS backend cannot initialise.
+    pub fn new(config: OpencodeConfig) -> Result<Self, PortError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| PortError::terminal(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base: RwLock::new(trim(&config.url)),
+            config,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Points the client at a server's new address (a supervised server restarted).
+    pub fn set_base_url(&self, url: &str) {
+        *self.base.write().unwrap_or_else(|e| e.into_inner()) = trim(url);
+    }
+
+    /// The address calls go to.
+    pub fn base_url(&self) -> String {
+        self.base.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The event stream's counters.
+    pub fn stream_stats(&self) -> Arc<StreamStats> {
+        self.stats.clone()
+    }
+
+    /// One session; `None` when the server does not have it.
+    pub async fn get_session(&self, id: &AgentSessionId) -> PortResult<Option<AgentSessionInfo>> {
+        let path = format!("/session/{}", segment(id.as_str()));
+        match self.call(Method::GET, &path, &[], None, None).await {
+            Ok(bytes) => Ok(Some(
+                decode::<wire::Session>("GET", &path, &bytes)?.into_info(),
+            )),
+            Err(e) if e.status == Some(StatusCode::NOT_FOUND) => Ok(None),
+            Err(e) => Err(e.error),
+        }
+    }
+
+    /// Starts a prompt and returns at once (`prompt_async`); the answer arrives as events.
+    pub async fn prompt_async(
+        &self,
+        id: &AgentSessionId,
+        text: &str,
+        model: Option<&ModelRef>,
+    ) -> PortResult<()> {
+        let path = format!("/session/{}/prompt_async", segment(id.as_str()));
+        let body = serde_json::to_value(wire::Prompt::text(text, model)).expect("plain struct");
+        self.call(Method::POST, &path, &[], Some(body), None)
+            .await
+            .map_err(|e| e.error)?;
+        Ok(())
+    }
+
+    /// The server's events as observations, forever: the stream reconnects with a doubling
+    /// wait after any failure and says so with [`AgentObservation::Connected`] so the observer
+    /// can list everything to close the gap. Events it cannot read are counted in
+    /// [`StreamStats`] and skipped; they never end the stream.
+    pub fn events(self: &Arc<Self>) -> impl Stream<Item = AgentObservation> + Send + 'static {
+        let client = self.clone();
+        async_stream::stream! {
+            let mut connected_before = false;
+            let mut wait = client.config.reconnect_min;
+            loop {
+                match client.open_event_stream().await {
+                    Ok(response) => {
+                        if connected_before {
+                            client.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::debug!(reconnected = connected_before, "agent event stream connected");
+                        yield AgentObservation::Connected { reconnected: connected_before };
+                        connected_before = true;
+                        wait = client.config.reconnect_min;
+                        let mut events = response.bytes_stream().eventsource();
+                        while let Some(event) = events.next().await {
+                            match event {
+                                Ok(event) => {
+                                    if let Some(obs) = client.translate(&event.data) {
+                                        yield obs;
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "agent event stream broke");
+                                    break;
+                                }
+                            }
+                        }
+                        tracing::debug!("agent event stream ended");
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, wait_ms = wait.as_millis() as u64, "agent event stream unavailable");
+                    }
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(client.config.reconnect_max);
+            }
+        }
+    }
+
+    async fn open_event_stream(&self) -> PortResult<reqwest::Response> {
+        let url = format!("{}/event", self.base_url());
+        let mut request = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(pw) = &self.config.password {
+            request = request.basic_auth(BASIC_AUTH_USER, Some(pw.expose()));
+        }
+        let response = tokio::time::timeout(self.config.timeout, request.send())
+            .await
+            .map_err(|_| PortError::retryable("GET /event: timed out"))?
+            .map_err(|e| transport_error("GET", "/event", &e))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            return Err(classify_status("GET", "/event", status, None, "").error);
+        }
+        Ok(response)
+    }
+
+    /// One SSE `data:` payload into an observation, counting what it cannot use.
+    fn translate(&self, data: &str) -> Option<AgentObservation> {
+        match translate_event(data, self.config.directory.as_deref()) {
+            Translated::Observation(obs) => {
+                self.stats.observed.fetch_add(1, Ordering::Relaxed);
+                Some(obs)
+            }
+            Translated::Ignored(kind) => {
+                self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(kind = %kind, "agent event not read");
+                None
+            }
+            Translated::Malformed(error) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %error, "malformed agent event skipped");
+                None
+            }
+        }
+    }
+
+    /// Sends one request and returns the body of a 2xx reply.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<serde_json::Value>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, CallError> {
+        let m = method.as_str().to_owned();
+        let url = format!("{}{path}", self.base_url());
+        let mut request = self.http.request(method, &url).query(query);
+        if let Some(pw) = &self.config.password {
+            request = request.basic_auth(BASIC_AUTH_USER, Some(pw.expose()));
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let limit = timeout.unwrap_or(self.config.timeout);
+        let exchange = async {
+            let response = request.send().await?;
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            let bytes = response.bytes().await?;
+            Ok::<_, reqwest::Error>((status, retry_after, bytes))
+        };
+        let (status, retry_after, bytes) = match tokio::time::timeout(limit, exchange).await {
+            Err(_) => {
+                return Err(CallError::plain(PortError::retryable(format!(
+                    "{m} {path}: timed out after {} ms",
+                    limit.as_millis()
+                ))))
+            }
+            Ok(Err(e)) => return Err(CallError::plain(transport_error(&m, path, &e))),
+            Ok(Ok(reply)) => reply,
+        };
+        if status.is_success() {
+            return Ok(bytes.to_vec());
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        Err(classify_status(&m, path, status, retry_after, &text))
+    }
+
+    async fn call_json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<serde_json::Value>,
+        timeout: Option<Duration>,
+    ) -> PortResult<T> {
+        let m = method.as_str().to_owned();
+        let bytes = self
+            .call(method, path, query, body, timeout)
+            .await
+            .map_err(|e| e.error)?;
+        decode(&m, path, &bytes)
+    }
+
+    async fn list(&self, since: Option<Millis>) -> PortResult<AgentListing> {
+        let limit = self.config.listing_limit;
+        let mut query = vec![("limit", limit.to_string())];
+        if let Some(t) = since {
+            query.push(("start", t.to_string()));
+        }
+        let sessions: Vec<wire::Session> = self
+            .call_json(Method::GET, "/session", &query, None, None)
+            .await?;
+        let full = sessions.len() >= limit as usize;
+        if full {
+            tracing::warn!(
+                limit,
+                "agent listing came back full: treated as incomplete (raise the listing limit)"
+            );
+        }
+        let dir = self.config.directory.as_deref();
+        Ok(AgentListing {
+            sessions: sessions
+                .into_iter()
+                .filter(|s| in_directory(s, dir))
+                .map(wire::Session::into_info)
+                .collect(),
+            complete: since.is_none() && !full,
+        })
+    }
+
+    async fn models(&self) -> PortResult<ModelList> {
+        let providers: wire::Providers = self
+            .call_json(Method::GET, "/config/providers", &[], None, None)
+            .await?;
+        let mut models = Vec::new();
+        for p in &providers.providers {
+            for id in p.models.keys() {
+                models.push(ModelRef {
+                    provider_id: p.id.clone(),
+                    model_id: id.clone(),
+                });
+            }
+        }
+        // The project's configured default (`model` in opencode.json), when it names a model
+        // the server has; otherwise the default of the one provider the project declared.
+        let config: wire::Config = self
+            .call_json(Method::GET, "/config", &[], None, None)
+            .await?;
+        let configured = config
+            .model
+            .map(|m| ModelRef::parse(&m))
+            .filter(|m| models.contains(m));
+        let declared = || {
+            let mut ps = providers
+                .providers
+                .iter()
+                .filter(|p| p.source.as_deref() == Some("config"));
+            let p = ps.next()?;
+            if ps.next().is_some() {
+                return None;
+            }
+            providers.default.get(&p.id).map(|m| ModelRef {
+                provider_id: p.id.clone(),
+                model_id: m.clone(),
+            })
+        };
+        let default = configured.or_else(declared);
+        Ok(ModelList { models, default })
+    }
+}
+
+impl AgentServer for OpencodeClient {
+    fn health(&self) -> PortFuture<'_, ()> {
+        Box::pin(async move {
+            let health: wire::Health = self
+                .call_json(Method::GET, "/global/health", &[], None, None)
+                .await?;
+            if health.healthy {
+                Ok(())
+            } else {
+                Err(PortError::retryable(
+                    "GET /global/health: server says unhealthy",
+                ))
+            }
+        })
+    }
+
+    fn list_sessions(&self, since: Option<Millis>) -> PortFuture<'_, AgentListing> {
+        Box::pin(self.list(since))
+    }
+
+    fn create_session<'a>(&'a self, title: &'a str) -> PortFuture<'a, AgentSessionInfo> {
+        Box::pin(async move {
+            let body = serde_json::to_value(wire::CreateSession { title }).expect("plain struct");
+            let session: wire::Session = self
+                .call_json(Method::POST, "/session", &[], Some(body), None)
+                .await?;
+            Ok(session.into_info())
+        })
+    }
+
+    fn rename_session<'a>(&'a self, id: &'a AgentSessionId, title: &'a str) -> PortFuture<'a, ()> {
+        Box::pin(async move {
+            let path = format!("/session/{}", segment(id.as_str()));
+            let body = serde_json::to_value(wire::RenameSession { title }).expect("plain struct");
+            let _: wire::Session = self
+                .call_json(Method::PATCH, &path, &[], Some(body), None)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn delete_session<'a>(&'a self, id: &'a AgentSessionId) -> PortFuture<'a, ()> {
+        Box::pin(async move {
+            let path = format!("/session/{}", segment(id.as_str()));
+            match self.call(Method::DELETE, &path, &[], None, None).await {
+                Ok(_) => Ok(()),
+                // Already gone is what a delete wants: a retry after a lost reply lands here.
+                Err(e) if e.status == Some(StatusCode::NOT_FOUND) => Ok(()),
+                Err(e) => Err(e.error),
+            }
+        })
+    }
+
+    fn prompt<'a>(
+        &'a self,
+        id: &'a AgentSessionId,
+        text: &'a str,
+        model: Option<&'a ModelRef>,
+    ) -> PortFuture<'a, String> {
+        Box::pin(async move {
+            let path = format!("/session/{}/message", segment(id.as_str()));
+            let body = serde_json::to_value(wire::Prompt::text(text, model)).expect("plain struct");
+            let reply: wire::AssistantReply = self
+                .call_json(
+                    Method::POST,
+                    &path,
+                    &[],
+                    Some(body),
+                    Some(self.config.prompt_timeout),
+                )
+                .await?;
+            if let Some(error) = reply.info.error {
+                let message = format!("prompt failed: {}", error.describe());
+                return Err(if error.is_retryable() {
+                    PortError::retryable(message)
+                } else {
+                    PortError::terminal(message)
+                });
+            }
+            Ok(reply.text())
+        })
+    }
+
+    fn abort<'a>(&'a self, id: &'a AgentSessionId) -> PortFuture<'a, ()> {
+        Box::pin(async move {
+            let path = format!("/session/{}/abort", segment(id.as_str()));
+            self.call(Method::POST, &path, &[], None, None)
+                .await
+                .map_err(|e| e.error)?;
+            Ok(())
+        })
+    }
+
+    fn status(&self) -> PortFuture<'_, Vec<AgentSessionStatus>> {
+        Box::pin(async move {
+            let map: std::collections::BTreeMap<String, wire::Status> = self
+                .call_json(Method::GET, "/session/status", &[], None, None)
+                .await?;
+            Ok(map
+                .into_iter()
+                .map(|(id, status)| status.into_status(id))
+                .collect())
+        })
+    }
+
+    fn list_models(&self) -> PortFuture<'_, ModelList> {
+        Box::pin(self.models())
+    }
+}
+
+/// What one event-stream payload became.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Translated {
+    /// Something the worker reads.
+    Observation(AgentObservation),
+    /// A well-formed event of a kind the worker does not read (or of another directory).
+    Ignored(String),
+    /// Not an event, or an event of a read kind whose fields do not parse.
+    Malformed(String),
+}
+
+/// Reads one `data:` payload of `GET /event`. Pure, so every case is unit-tested.
+pub fn translate_event(data: &str, directory: Option<&str>) -> Translated {
+    let event: wire::ServerEvent = match serde_json::from_str(data) {
+        Ok(e) => e,
+        Err(e) => return Translated::Malformed(format!("not an event: {e}")),
+    };
+    fn read<T: DeserializeOwned>(kind: &str, v: serde_json::Value) -> Result<T, Translated> {
+        serde_json::from_value(v).map_err(|e| Translated::Malformed(format!("{kind}: {e}")))
+    }
+    let kind = event.kind.as_str();
+    let result = match kind {
+        "session.created" | "session.updated" => read::<wire::SessionEvent>(kind, event.properties)
+            .map(|e| {
+                if in_directory(&e.info, directory) {
+                    Translated::Observation(AgentObservation::SessionUpdated(e.info.into_info()))
+                } else {
+                    Translated::Ignored(format!("{kind} (other directory)"))
+                }
+            }),
+        "session.deleted" => read::<wire::SessionEvent>(kind, event.properties)
+            .map(|e| Translated::Observation(AgentObservation::SessionDeleted(e.info.id.into()))),
+        "session.status" => read::<wire::StatusEvent>(kind, event.properties).map(|e| {
+            Translated::Observation(AgentObservation::Status(e.status.into_status(e.session_id)))
+        }),
+        "message.updated" => read::<wire::MessageEvent>(kind, event.properties).map(|e| {
+            let info = e.info;
+            Translated::Observation(AgentObservation::MessageUpdated {
+                agent_session_id: info.session_id.into(),
+                at: info.time.completed.unwrap_or(info.time.created),
+                error: info.error.map(|e| e.describe()),
+            })
+        }),
+        other => Ok(Translated::Ignored(other.to_owned())),
+    };
+    result.unwrap_or_else(|t| t)
+}
+
+fn in_directory(s: &wire::Session, directory: Option<&str>) -> bool {
+    match directory {
+        None => true,
+        Some(d) => s.directory.as_deref() == Some(d),
+    }
+}
+
+/// A failed call with the HTTP status when there was one.
+#[derive(Debug)]
+struct CallError {
+    error: PortError,
+    status: Option<StatusCode>,
+}
+
+impl CallError {
+    fn plain(error: PortError) -> Self {
+        Self {
+            error,
+            status: None,
+        }
+    }
+}
+
+fn classify_status(
+    method: &str,
+    path: &str,
+    status: StatusCode,
+    retry_after_s: Option<u64>,
+    body: &str,
+) -> CallError {
+    let detail = serde_json::from_str::<wire::ErrorBody>(body)
+        .ok()
+        .and_then(|b| b.describe())
+        .unwrap_or_else(|| wire::one_line(body));
+    let mut message = format!("{method} {path}: HTTP {}: {detail}", status.as_u16());
+    if status == StatusCode::UNAUTHORIZED {
+        message.push_str(" (the server wants a password: see --agent-password-env)");
+    }
+    let mut error = if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        PortError::retryable(message)
+    } else {
+        PortError::terminal(message)
+    };
+    if let Some(s) = retry_after_s {
+        error = error.with_retry_after(s.saturating_mul(1000));
+    }
+    CallError {
+        error,
+        status: Some(status),
+    }
+}
+
+fn transport_error(method: &str, path: &str, e: &reqwest::Error) -> PortError {
+    let what = if e.is_connect() {
+        "cannot connect"
+    } else if e.is_timeout() {
+        "timed out"
+    } else {
+        "connection failed"
+    };
+    // reqwest's Display includes the URL, never credentials (basic auth is a header).
+    PortError::retryable(format!(
+        "{method} {path}: {what}: {}",
+        wire::one_line(&error_chain(e))
+    ))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+fn decode<T: DeserializeOwned>(method: &str, path: &str, bytes: &[u8]) -> PortResult<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| PortError::retryable(format!("{method} {path}: unexpected reply: {e}")))
+}
+
+/// Session ids are `ses_` plus base62, but an id read from a backend is external data: never
+/// let it add path segments or a query.
+fn segment(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn trim(url: &str) -> String {
+    url.trim_end_matches('/').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::AgentStatus;
+
+    #[test]
+    fn stream_payloads_become_observations_and_the_rest_is_counted_not_fatal() {
+        let updated = r#"{"id":"evt_1","type":"session.updated","properties":{"sessionID":"ses_a",
+            "info":{"id":"ses_a","title":"b","directory":"/p","projectID":"global",
+            "time":{"created":5,"updated":7}}}}"#;
+        match translate_event(updated, None) {
+            Translated::Observation(AgentObservation::SessionUpdated(info)) => {
+                assert_eq!(info.agent_session_id.as_str(), "ses_a");
+                assert_eq!(info.title, "b");
+                assert_eq!(info.updated_at, 7);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            translate_event(updated, Some("/elsewhere")),
+            Translated::Ignored("session.updated (other directory)".into())
+        );
+        let status = r#"{"type":"session.status","properties":{"sessionID":"ses_a","status":{"type":"retry","attempt":2,"message":"rate limited","next":9}}}"#;
+        assert_eq!(
+            translate_event(status, None),
+            Translated::Observation(AgentObservation::Status(AgentSessionStatus {
+                agent_session_id: "ses_a".into(),
+                status: AgentStatus::Retry {
+                    attempt: 2,
+                    message: "rate limited".into()
+                }
+            }))
+        );
+        let deleted = r#"{"type":"session.deleted","properties":{"info":{"id":"ses_a","time":{"created":1,"updated":1}}}}"#;
+        assert_eq!(
+            translate_event(deleted, None),
+            Translated::Observation(AgentObservation::SessionDeleted("ses_a".into()))
+        );
+        let failed = r#"{"type":"message.updated","properties":{"info":{"id":"msg_1","sessionID":"ses_a","role":"assistant","time":{"created":3,"completed":9},"error":{"name":"ContextOverflowError","data":{"message":"too long"}}}}}"#;
+        assert_eq!(
+            translate_event(failed, None),
+            Translated::Observation(AgentObservation::MessageUpdated {
+                agent_session_id: "ses_a".into(),
+                at: 9,
+                error: Some("ContextOverflowError: too long".into())
+            })
+        );
+        assert_eq!(
+            translate_event(r#"{"type":"server.heartbeat","properties":{}}"#, None),
+            Translated::Ignored("server.heartbeat".into())
+        );
+        assert!(matches!(
+            translate_event("not json", None),
+            Translated::Malformed(_)
+        ));
+        assert!(matches!(
+            translate_event(r#"{"type":"session.status","properties":{"status":"busy"}}"#, None),
+            Translated::Malformed(m) if m.starts_with("session.status")
+        ));
+    }
+
+    #[test]
+    fn statuses_split_retryable_from_terminal_and_keep_retry_after() {
+        let e = classify_status(
+            "GET",
+            "/session",
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(3),
+            "",
+        );
+        assert!(e.error.is_retryable());
+        assert_eq!(e.error.retry_after_ms, Some(3_000));
+        let e = classify_status(
+            "GET",
+            "/session/x",
+            StatusCode::NOT_FOUND,
+            None,
+            r#"{"name":"NotFoundError","data":{"message":"Session not found: x"}}"#,
+        );
+        assert!(!e.error.is_retryable());
+        assert_eq!(
+            e.error.message,
+            "GET /session/x: HTTP 404: NotFoundError: Session not found: x"
+        );
+        assert!(
+            classify_status("GET", "/", StatusCode::TOO_MANY_REQUESTS, None, "")
+                .error
+                .is_retryable()
+        );
+        assert!(
+            !classify_status("GET", "/", StatusCode::UNAUTHORIZED, None, "")
+                .error
+                .is_retryable()
+        );
+    }
+
+    #[test]
+    fn ids_from_outside_cannot_add_path_segments() {
+        assert_eq!(segment("ses_abc-1"), "ses_abc-1");
+        assert_eq!(segment("../x?y"), "%2E%2E%2Fx%3Fy");
+    }
+
+    #[test]
+    fn a_secret_never_prints() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "Secret(***)");
+        let cfg = OpencodeConfig {
+            password: Some(s),
+            ..OpencodeConfig::new("http://x")
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+}
