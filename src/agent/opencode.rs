@@ -523,8 +523,8 @@ pub fn translate_event(data: &str, directory: Option<&str>) -> Translated {
         Ok(e) => e,
         Err(e) => return Translated::Malformed(format!("not an event: {e}")),
     };
-    fn read<T: DeserializeOwned>(kind: &str, v: serde_json::Value) -> Result<T, Translated> {
-        serde_json::from_value(v).map_err(|e| Translated::Malformed(format!("{kind}: {e}")))
+    fn read<T: DeserializeOwned>(kind: &str, v: serde_json::Value) -> Result<T, String> {
+        serde_json::from_value(v).map_err(|e| format!("{kind}: {e}"))
     }
     let kind = event.kind.as_str();
     let result = match kind {
@@ -551,7 +551,7 @@ pub fn translate_event(data: &str, directory: Option<&str>) -> Translated {
         }),
         other => Ok(Translated::Ignored(other.to_owned())),
     };
-    result.unwrap_or_else(|t| t)
+    result.unwrap_or_else(Translated::Malformed)
 }
 
 fn in_directory(s: &wire::Session, directory: Option<&str>) -> bool {
