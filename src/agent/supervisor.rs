@@ -157,7 +157,7 @@ pub async fn supervise(
                 let _ = events.send(Event::AgentServerStarted(started)).await;
                 let status = tokio::select! {
                     status = server.wait() => status,
-                    _ = shutdown.wait_for(|stop| *stop) => {
+                    () = stopped(&mut shutdown) => {
                         let status = server.stop().await;
                         let exited = exited(generation, status);
                         let _ = events.send(exited).await;
@@ -191,11 +191,17 @@ pub async fn supervise(
                 generation += 1;
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(after_ms)) => {}
-                    _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                    () = stopped(&mut shutdown) => return Ok(()),
                 }
             }
         }
     }
+}
+
+/// Resolves once shutdown is asked for (or its sender is gone). The borrow `wait_for` returns is
+/// dropped here, inside, so that `supervise` stays `Send` and can be spawned.
+async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 fn exited(generation: u64, status: ExitStatus) -> Event {

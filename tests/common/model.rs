@@ -1,0 +1,125 @@
+//! A loopback mock of an OpenAI-compatible model server, so a real OpenCode server completes
+//! prompts with no network: `POST /v1/chat/completions`, answered with streamed SSE chunks.
+//!
+//! What it does is chosen by the prompt's last user text, so one mock serves many tests:
+//! - contains `OVERFLOW`: HTTP 400 `context_length_exceeded` (OpenCode turns this into a
+//!   `ContextOverflowError` in a 200 reply);
+//! - contains `FAIL500`: HTTP 500;
+//! - contains `SLOW:<ms>`: waits that long before answering;
+//! - otherwise answers `<reply prefix><the user's text>` in three chunks.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+/// The prefix of every answer.
+pub const REPLY_PREFIX: &str = "mock answer: ";
+
+/// A running mock.
+pub struct MockModel {
+    /// `http://127.0.0.1:PORT/v1`, the `baseURL` for `opencode.json`.
+    pub base_url: String,
+    /// Chat completions requested so far.
+    pub requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockModel {
+    /// Starts on a free loopback port.
+    pub async fn start() -> Self {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let app = Router::new()
+            .route("/v1/chat/completions", post(complete))
+            .with_state(requests.clone());
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind the mock model server");
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("mock model server");
+        });
+        Self {
+            base_url: format!("http://{addr}/v1"),
+            requests,
+            task,
+        }
+    }
+}
+
+impl Drop for MockModel {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The text of the last user message (a string, or text parts).
+fn last_user_text(body: &Value) -> String {
+    let Some(messages) = body["messages"].as_array() else {
+        return String::new();
+    };
+    let Some(last) = messages.iter().rev().find(|m| m["role"] == "user") else {
+        return String::new();
+    };
+    match &last["content"] {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+async fn complete(State(requests): State<Arc<AtomicUsize>>, Json(body): Json<Value>) -> Response {
+    requests.fetch_add(1, Ordering::SeqCst);
+    let text = last_user_text(&body);
+    if let Some(ms) = text
+        .split("SLOW:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if text.contains("OVERFLOW") {
+        let error = json!({"error": {
+            "message": "This model's maximum context length is 1000 tokens. However, your messages resulted in 200000 tokens.",
+            "type": "invalid_request_error",
+            "code": "context_length_exceeded"
+        }});
+        return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+    }
+    if text.contains("FAIL500") {
+        let error = json!({"error": {"message": "mock failure", "type": "server_error"}});
+        return (StatusCode::INTERNAL_SERVER_ERROR, Json(error)).into_response();
+    }
+    let answer = format!("{REPLY_PREFIX}{text}");
+    let (a, b) = answer.split_at(answer.len() / 2);
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1,
+               "model": "echo", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut sse = String::new();
+    for event in [
+        chunk(json!({"role": "assistant", "content": a}), Value::Null),
+        chunk(json!({"content": b}), Value::Null),
+        {
+            let mut last = chunk(json!({}), json!("stop"));
+            last["usage"] = json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8});
+            last
+        },
+    ] {
+        sse.push_str(&format!("data: {event}\n\n"));
+    }
+    sse.push_str("data: [DONE]\n\n");
+    ([(header::CONTENT_TYPE, "text/event-stream")], sse).into_response()
+}

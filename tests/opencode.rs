@@ -1,0 +1,481 @@
+//! The OpenCode adapter against the real server (opencode-ai 1.18.33, installed by the test
+//! command), with prompts answered by a loopback mock model server.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agentsync::agent::supervisor::{supervise, RestartPolicy};
+use agentsync::agent::{OpencodeClient, OpencodeConfig, Secret};
+use agentsync::clock::SystemClock;
+use agentsync::events::{AgentSessionId, AgentStatus, ErrorClass, Event};
+use agentsync::ports::{AgentObservation, AgentServer};
+use common::model::{MockModel, REPLY_PREFIX};
+use common::opencode::{mock_model, Project};
+use futures_util::StreamExt;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use tokio::sync::{mpsc, watch};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn ids(listing: &agentsync::ports::AgentListing) -> BTreeSet<String> {
+    listing
+        .sessions
+        .iter()
+        .map(|s| s.agent_session_id.to_string())
+        .collect()
+}
+
+/// Waits for the supervisor's next event of `kind`, returning it and what came before.
+async fn next_event(rx: &mut mpsc::Receiver<Event>, kind: &str) -> Event {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let e = rx.recv().await.expect("supervisor events");
+            if e.kind().name() == kind {
+                return e;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {kind} within {PATIENCE:?}"))
+}
+
+fn process_gone(pid: u32) -> bool {
+    kill(Pid::from_raw(pid as i32), None).is_err()
+        && killpg(Pid::from_raw(pid as i32), None).is_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crud_round_trip() {
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let (mut server, client) = project.start(None).await;
+    client.health().await.unwrap();
+
+    let created = client.create_session("first title").await.unwrap();
+    assert!(created.agent_session_id.as_str().starts_with("ses"));
+    assert_eq!(created.title, "first title");
+    assert_eq!(
+        created.directory.as_deref(),
+        Some(project.dir.to_str().unwrap())
+    );
+    let got = client.get_session(&created.agent_session_id).await.unwrap();
+    assert_eq!(got.as_ref().map(|s| s.title.as_str()), Some("first title"));
+
+    client
+        .rename_session(&created.agent_session_id, "second title")
+        .await
+        .unwrap();
+    let listing = client.list_sessions(None).await.unwrap();
+    assert!(listing.complete);
+    assert_eq!(listing.sessions.len(), 1);
+    assert_eq!(listing.sessions[0].title, "second title");
+
+    client
+        .delete_session(&created.agent_session_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        client.get_session(&created.agent_session_id).await.unwrap(),
+        None
+    );
+    assert!(client
+        .list_sessions(None)
+        .await
+        .unwrap()
+        .sessions
+        .is_empty());
+    // A delete repeated after a lost reply finds the session gone: that is success.
+    client
+        .delete_session(&created.agent_session_id)
+        .await
+        .unwrap();
+    // A rename of a session that is gone will never work.
+    let err = client
+        .rename_session(&created.agent_session_id, "x")
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_sessions_are_listed_whole_and_incrementally() {
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let (mut server, client) = project.start(None).await;
+
+    let mut created = BTreeSet::new();
+    for chunk in 0..30 {
+        let calls = (0..10).map(|i| {
+            let client = client.clone();
+            async move {
+                client
+                    .create_session(&format!("session {}", chunk * 10 + i))
+                    .await
+            }
+        });
+        for s in futures_util::future::join_all(calls).await {
+            created.insert(s.unwrap().agent_session_id.to_string());
+        }
+    }
+    assert_eq!(created.len(), 300);
+
+    let all = client.list_sessions(None).await.unwrap();
+    assert!(all.complete, "300 sessions fit the listing limit");
+    assert_eq!(
+        ids(&all),
+        created,
+        "every session, not the server's default 100"
+    );
+
+    // The trap: a listing that comes back full may have left sessions out. It is reported
+    // incomplete, so it can never prove a session gone.
+    let capped = OpencodeClient::new(OpencodeConfig {
+        listing_limit: 100,
+        ..OpencodeConfig::new(client.base_url())
+    })
+    .unwrap();
+    let partial = capped.list_sessions(None).await.unwrap();
+    assert_eq!(partial.sessions.len(), 100);
+    assert!(!partial.complete);
+
+    // Incremental: `start=T` lists what was updated at or after T, and only that.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let since = now_ms();
+    let mut newer = BTreeSet::new();
+    for i in 0..5 {
+        let s = client.create_session(&format!("newer {i}")).await.unwrap();
+        newer.insert(s.agent_session_id.to_string());
+    }
+    let old = all.sessions[0].agent_session_id.clone();
+    client.rename_session(&old, "renamed").await.unwrap();
+    let incremental = client.list_sessions(Some(since)).await.unwrap();
+    assert!(
+        !incremental.complete,
+        "an incremental listing never proves absence"
+    );
+    // A rename does not move `time.updated` (measured on 1.18.33): renames reach the worker
+    // through the event stream or a full listing, never through the incremental one.
+    assert_eq!(ids(&incremental), newer);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_is_answered_with_the_mock_models_text_and_models_come_from_the_config() {
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let (mut server, client) = project.start(None).await;
+
+    let models = client.list_models().await.unwrap();
+    assert!(models.models.contains(&mock_model()), "{models:?}");
+    assert_eq!(models.default, Some(mock_model()));
+
+    let session = client.create_session("prompted").await.unwrap();
+    let answer = client
+        .prompt(
+            &session.agent_session_id,
+            "hello from agentsync",
+            Some(&mock_model()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer, format!("{REPLY_PREFIX}hello from agentsync"));
+    assert_eq!(model.requests.load(Ordering::SeqCst), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_classified_a_context_overflow_is_terminal_a_dead_server_retryable() {
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let (mut server, client) = project.start(None).await;
+
+    let session = client.create_session("overflowing").await.unwrap();
+    let err = client
+        .prompt(
+            &session.agent_session_id,
+            "this will OVERFLOW the context",
+            Some(&mock_model()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+    assert!(err.message.contains("ContextOverflowError"), "{err}");
+
+    let missing = AgentSessionId::from("ses_doesnotexist");
+    let err = client
+        .prompt(&missing, "hello", Some(&mock_model()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+    assert!(err.message.contains("404"), "{err}");
+
+    let url = client.base_url();
+    server.shutdown().await;
+    let err = client.list_sessions(None).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Retryable, "{err}");
+    assert!(err.message.contains("cannot connect"), "{err}");
+    assert!(!url.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_reports_create_rename_status_and_delete() {
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let (mut server, client) = project.start(None).await;
+    let stream = client.events();
+    tokio::pin!(stream);
+    let first = tokio::time::timeout(PATIENCE, stream.next()).await.unwrap();
+    assert_eq!(
+        first,
+        Some(AgentObservation::Connected { reconnected: false })
+    );
+
+    let session = client.create_session("watched").await.unwrap();
+    let id = session.agent_session_id.clone();
+    client
+        .rename_session(&id, "watched, renamed")
+        .await
+        .unwrap();
+    let answer = client
+        .prompt(&id, "SLOW:300 answer slowly", Some(&mock_model()))
+        .await
+        .unwrap();
+    assert!(answer.starts_with(REPLY_PREFIX));
+    client.delete_session(&id).await.unwrap();
+
+    let (mut created, mut renamed, mut busy, mut idle, mut message, mut deleted) =
+        (false, false, false, false, false, false);
+    let seen = tokio::time::timeout(PATIENCE, async {
+        while let Some(obs) = stream.next().await {
+            match obs {
+                AgentObservation::SessionUpdated(s) if s.agent_session_id == id => {
+                    created |= s.title == "watched";
+                    renamed |= s.title == "watched, renamed";
+                }
+                AgentObservation::Status(s) if s.agent_session_id == id => {
+                    busy |= s.status == AgentStatus::Busy;
+                    idle |= busy && s.status == AgentStatus::Idle;
+                }
+                AgentObservation::MessageUpdated {
+                    agent_session_id, ..
+                } if agent_session_id == id => message = true,
+                AgentObservation::SessionDeleted(s) if s == id => deleted = true,
+                _ => {}
+            }
+            if created && renamed && busy && idle && message && deleted {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        seen.is_ok(),
+        "created {created}, renamed {renamed}, busy {busy}, idle {idle}, message {message}, deleted {deleted}"
+    );
+    let stats = client.stream_stats();
+    assert_eq!(stats.malformed.load(Ordering::Relaxed), 0);
+    assert!(stats.observed.load(Ordering::Relaxed) >= 6);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_with_sigkill_is_restarted_and_still_lists_its_sessions() {
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let (client, launcher) = project.launcher(None);
+    let (tx, mut rx) = mpsc::channel(64);
+    let (stop, stopped) = watch::channel(false);
+    let supervisor = tokio::spawn(async move {
+        supervise(
+            &launcher,
+            RestartPolicy::default(),
+            &SystemClock,
+            1,
+            tx,
+            stopped,
+        )
+        .await
+    });
+    let Event::AgentServerStarted(first) = next_event(&mut rx, "agent_server_started").await else {
+        unreachable!()
+    };
+    assert_eq!(first.generation, 1);
+    let mut before = BTreeSet::new();
+    for i in 0..3 {
+        let s = client
+            .create_session(&format!("survivor {i}"))
+            .await
+            .unwrap();
+        before.insert(s.agent_session_id.to_string());
+    }
+    let stream = client.events();
+    tokio::pin!(stream);
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, stream.next()).await.unwrap(),
+        Some(AgentObservation::Connected { reconnected: false })
+    );
+
+    let pid = first.pid.expect("a spawned server has a pid");
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let Event::AgentServerExited(exited) = next_event(&mut rx, "agent_server_exited").await else {
+        unreachable!()
+    };
+    assert_eq!(exited.signal, Some(9));
+    let Event::AgentServerStarted(second) = next_event(&mut rx, "agent_server_started").await
+    else {
+        unreachable!()
+    };
+    assert_eq!(second.generation, 2);
+    assert_eq!(
+        client.base_url(),
+        second.url,
+        "the client follows the new server"
+    );
+
+    let listing = client.list_sessions(None).await.unwrap();
+    assert_eq!(ids(&listing), before, "the sessions outlive the process");
+    // The stream found the new server by itself and says it reconnected, so an observer lists
+    // everything to close the gap.
+    let reconnected = tokio::time::timeout(PATIENCE, async {
+        while let Some(obs) = stream.next().await {
+            if obs == (AgentObservation::Connected { reconnected: true }) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(reconnected.is_ok(), "no reconnect within {PATIENCE:?}");
+
+    stop.send(true).unwrap();
+    let result = tokio::time::timeout(PATIENCE, supervisor)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(result.is_ok());
+    let pid2 = second.pid.unwrap();
+    assert!(process_gone(pid2), "no orphan after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_three_quick_crashes_the_supervisor_gives_up_with_the_event_and_the_error() {
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let (_client, launcher) = project.launcher(None);
+    let (tx, mut rx) = mpsc::channel(64);
+    let (_stop, stopped) = watch::channel(false);
+    let supervisor = tokio::spawn(async move {
+        supervise(
+            &launcher,
+            RestartPolicy::default(),
+            &SystemClock,
+            1,
+            tx,
+            stopped,
+        )
+        .await
+    });
+    // Every server dies as soon as it is up.
+    let mut killed = Vec::new();
+    let gave_up = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            match rx.recv().await.expect("supervisor events") {
+                Event::AgentServerStarted(s) => {
+                    let pid = s.pid.unwrap();
+                    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+                    killed.push((s.generation, pid));
+                }
+                Event::AgentServerGaveUp(g) => return g,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the supervisor gives up");
+    assert_eq!(gave_up.restarts, 3);
+    assert!(
+        gave_up.error.contains("signal Some(9)"),
+        "{}",
+        gave_up.error
+    );
+    assert_eq!(
+        killed.iter().map(|(g, _)| *g).collect::<Vec<_>>(),
+        [1, 2, 3, 4],
+        "the first start and three restarts"
+    );
+    let result = supervisor.await.unwrap();
+    let err = result.expect_err("supervision ends in an error");
+    assert_eq!(err.restarts, 3);
+    assert!(err
+        .to_string()
+        .contains("gave up after 3 consecutive restarts"));
+    for (_, pid) in killed {
+        assert!(process_gone(pid));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_password_calls_without_it_are_refused_and_calls_with_it_work() {
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let password = "correct horse battery staple";
+    let (mut server, client) = project.start(Some(password)).await;
+
+    let anonymous = OpencodeClient::new(OpencodeConfig::new(client.base_url())).unwrap();
+    let err = anonymous.list_sessions(None).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+    assert!(err.message.contains("401"), "{err}");
+    assert!(err.message.contains("--agent-password-env"), "{err}");
+    assert!(anonymous.health().await.is_err());
+
+    let wrong = OpencodeClient::new(OpencodeConfig {
+        password: Some(Secret::new("wrong")),
+        ..OpencodeConfig::new(client.base_url())
+    })
+    .unwrap();
+    let err = wrong.create_session("nope").await.unwrap_err();
+    assert!(err.message.contains("401"), "{err}");
+    assert!(
+        !err.message.contains("wrong"),
+        "no secret in an error: {err}"
+    );
+
+    client.health().await.unwrap();
+    let s = client.create_session("authorised").await.unwrap();
+    let listing = client.list_sessions(None).await.unwrap();
+    assert_eq!(
+        ids(&listing),
+        BTreeSet::from([s.agent_session_id.to_string()])
+    );
+    server.shutdown().await;
+    let _: Arc<OpencodeClient> = client;
+}
+
+#[test]
+fn without_npm_the_installer_fails_with_a_clear_message() {
+    let cache = tempfile::tempdir().unwrap();
+    let out =
+        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/install-opencode"))
+            .env("AGENTSYNC_CACHE", cache.path())
+            .env("NPM", "/nonexistent/npm")
+            .output()
+            .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("npm not found") && stderr.contains("opencode-ai@1.18.33"),
+        "{stderr}"
+    );
+}
