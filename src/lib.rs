@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod backend;
 pub mod cli;
 pub mod clock;
 pub mod dispatch;
@@ -20,6 +21,7 @@ pub mod observe;
 pub mod ports;
 pub mod projections;
 pub mod reconcile;
+pub mod secret;
 pub mod sim;
 pub mod testkit;
 pub mod worker;

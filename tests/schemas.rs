@@ -1,5 +1,6 @@
-//! The committed JSON Schemas in `schemas/events/` are generated from the Rust types; this test
-//! fails when they drift. Regenerate with:
+//! The committed JSON Schemas in `schemas/events/` (event bodies) and `schemas/backend/` (the
+//! backend functions' arguments and values) are generated from the Rust types; these tests fail
+//! when they drift. Regenerate with:
 //!
 //!     AGENTSYNC_BLESS=1 cargo test --test schemas
 
@@ -8,10 +9,9 @@ use std::path::Path;
 
 const REGENERATE: &str = "AGENTSYNC_BLESS=1 cargo test --test schemas";
 
-#[test]
-fn committed_event_schemas_match_the_code() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/events");
-    let generated = agentsync::events::schemas();
+/// Compares (or, with `AGENTSYNC_BLESS`, rewrites) the schemas committed under `schemas/{sub}`.
+fn check_committed(sub: &str, generated: Vec<(String, serde_json::Value)>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas").join(sub);
     if std::env::var_os("AGENTSYNC_BLESS").is_some() {
         std::fs::create_dir_all(&dir).unwrap();
         for entry in std::fs::read_dir(&dir).unwrap() {
@@ -41,9 +41,19 @@ fn committed_event_schemas_match_the_code() {
     }
     assert!(
         problems.is_empty(),
-        "schemas/events is out of step with the code:\n  {}\nregenerate with: {REGENERATE}",
+        "schemas/{sub} is out of step with the code:\n  {}\nregenerate with: {REGENERATE}",
         problems.join("\n  ")
     );
+}
+
+#[test]
+fn committed_event_schemas_match_the_code() {
+    check_committed("events", agentsync::events::schemas());
+}
+
+#[test]
+fn committed_backend_schemas_match_the_code() {
+    check_committed("backend", agentsync::backend::contract::schemas());
 }
 
 #[test]

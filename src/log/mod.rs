@@ -255,6 +255,13 @@ impl EventLog {
         &self.dir
     }
 
+    /// Another tree of the log's sled database, for state that lives beside the log (the
+    /// embedded local backend). The events tree is never handed out: only `append` writes it.
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, LogError> {
+        assert_ne!(name, EVENTS_TREE, "the events tree is the log's own");
+        Ok(self.db.open_tree(name)?)
+    }
+
     /// The last sequence number appended (0 for an empty log).
     pub fn last_seq(&self) -> u64 {
         self.writer.lock().expect("log writer poisoned").last_seq

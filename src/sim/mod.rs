@@ -9,6 +9,7 @@
 
 mod agent;
 mod backend;
+pub mod convex;
 pub mod incident;
 
 use std::collections::BTreeMap;

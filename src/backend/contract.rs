@@ -1,0 +1,455 @@
+//! The backend contract of DESIGN.md as Rust types: every function's name, kind, arguments and
+//! value, in the wire's camelCase. The Convex client sends and reads these; the contract store
+//! (local backend, fake deployment) accepts and answers them; `schemas/backend/` is generated
+//! from them so a backend team can validate its own implementation.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::events::{
+    AgentSessionId, ChatSessionId, ChatSessionInfo, ChatStatus, Command, CommandId, MessageId,
+    MessageInfo, Role,
+};
+
+/// `listSessions` and `listMessages` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListArgs {
+    /// The worker whose sessions (or whose sessions' messages) to list.
+    pub worker_id: String,
+    /// Where the previous page ended; `null` for the first page. For `listMessages`: only
+    /// messages changed after this cursor.
+    pub cursor: Option<String>,
+    /// The page size.
+    pub limit: u32,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PageValue<T> {
+    /// The items.
+    pub page: Vec<T>,
+    /// True on the last page.
+    pub is_done: bool,
+    /// The cursor of the next page (for `listMessages`, also where the next poll starts).
+    pub continue_cursor: String,
+}
+
+/// A chat session as the backend stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatSession {
+    /// Its id.
+    pub chat_session_id: String,
+    /// The agent session linked to it, if any.
+    pub agent_session_id: Option<String>,
+    /// Its title.
+    pub title: String,
+    /// Its model as `provider/model`, if set.
+    pub model: Option<String>,
+    /// `active`, `deleted` or `failed`.
+    pub status: ChatStatus,
+    /// Last activity, ms since the epoch.
+    pub last_activity: u64,
+    /// Its project, if known.
+    pub project: Option<String>,
+}
+
+/// A message as the backend stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    /// The chat session it belongs to.
+    pub chat_session_id: String,
+    /// Its id.
+    pub message_id: String,
+    /// `user` or `assistant`.
+    pub role: Role,
+    /// Its text.
+    pub content: String,
+    /// Whether it is complete.
+    pub completed: bool,
+    /// When it was written, ms since the epoch.
+    pub timestamp: u64,
+    /// For an assistant message, the user message it answers.
+    pub reply_to: Option<String>,
+    /// Set when it failed.
+    pub error: Option<String>,
+}
+
+/// `createSession` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateSessionArgs {
+    /// Idempotency key.
+    pub command_id: String,
+    /// The worker it belongs to.
+    pub worker_id: String,
+    /// The agent session it mirrors.
+    pub agent_session_id: String,
+    /// Its title.
+    pub title: String,
+    /// Its model, if known.
+    pub model: Option<String>,
+}
+
+/// `createSession` value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedValue {
+    /// The new (or, for a repeated `commandId`, the first) chat session's id.
+    pub chat_session_id: String,
+}
+
+/// `linkAgentSession` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LinkAgentSessionArgs {
+    /// Idempotency key.
+    pub command_id: String,
+    /// The chat session.
+    pub chat_session_id: String,
+    /// The agent session created for it.
+    pub agent_session_id: String,
+}
+
+/// `renameSession` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RenameSessionArgs {
+    /// Idempotency key.
+    pub command_id: String,
+    /// The chat session.
+    pub chat_session_id: String,
+    /// The new title.
+    pub title: String,
+}
+
+/// `markSessionDeleted` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MarkSessionDeletedArgs {
+    /// Idempotency key.
+    pub command_id: String,
+    /// The chat session.
+    pub chat_session_id: String,
+}
+
+/// `markSessionFailed` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MarkSessionFailedArgs {
+    /// Idempotency key.
+    pub command_id: String,
+    /// The chat session.
+    pub chat_session_id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// `completeMessage` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompleteMessageArgs {
+    /// Idempotency key.
+    pub command_id: String,
+    /// The chat session.
+    pub chat_session_id: String,
+    /// The **user** message answered.
+    pub message_id: String,
+    /// The answer.
+    pub content: String,
+}
+
+/// `failMessage` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailMessageArgs {
+    /// Idempotency key.
+    pub command_id: String,
+    /// The chat session.
+    pub chat_session_id: String,
+    /// The **user** message that failed.
+    pub message_id: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A Convex function's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FunctionKind {
+    /// `POST /api/query`.
+    Query,
+    /// `POST /api/mutation`.
+    Mutation,
+}
+
+impl FunctionKind {
+    /// `query` or `mutation`, as in the URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FunctionKind::Query => "query",
+            FunctionKind::Mutation => "mutation",
+        }
+    }
+}
+
+/// One function of the contract.
+#[derive(Debug, Clone, Copy)]
+pub struct Function {
+    /// Its name within the module.
+    pub name: &'static str,
+    /// Query or mutation.
+    pub kind: FunctionKind,
+    args: fn() -> schemars::Schema,
+    value: fn() -> schemars::Schema,
+}
+
+fn null_schema() -> schemars::Schema {
+    schemars::json_schema!({"type": "null"})
+}
+
+macro_rules! function {
+    ($name:literal, $kind:ident, $args:ty, $value:ty) => {
+        Function {
+            name: $name,
+            kind: FunctionKind::$kind,
+            args: || schemars::schema_for!($args),
+            value: || schemars::schema_for!($value),
+        }
+    };
+    ($name:literal, $kind:ident, $args:ty) => {
+        Function {
+            name: $name,
+            kind: FunctionKind::$kind,
+            args: || schemars::schema_for!($args),
+            value: null_schema,
+        }
+    };
+}
+
+/// Every function of the contract.
+pub const FUNCTIONS: &[Function] = &[
+    function!("listSessions", Query, ListArgs, PageValue<ChatSession>),
+    function!("listMessages", Query, ListArgs, PageValue<Message>),
+    function!("createSession", Mutation, CreateSessionArgs, CreatedValue),
+    function!("linkAgentSession", Mutation, LinkAgentSessionArgs),
+    function!("renameSession", Mutation, RenameSessionArgs),
+    function!("markSessionDeleted", Mutation, MarkSessionDeletedArgs),
+    function!("markSessionFailed", Mutation, MarkSessionFailedArgs),
+    function!("completeMessage", Mutation, CompleteMessageArgs),
+    function!("failMessage", Mutation, FailMessageArgs),
+];
+
+/// The JSON Schemas of every function's arguments and value: `NAME.args.json`,
+/// `NAME.value.json`. `schemas/backend/` holds these; a test keeps them in step.
+pub fn schemas() -> Vec<(String, serde_json::Value)> {
+    let mut out = Vec::new();
+    for f in FUNCTIONS {
+        for (part, schema) in [("args", (f.args)()), ("value", (f.value)())] {
+            let mut schema = schema;
+            schema.insert(
+                "title".into(),
+                format!("agentsync:{} {} ({})", f.name, part, f.kind.as_str()).into(),
+            );
+            out.push((format!("{}.{part}.json", f.name), schema.to_value()));
+        }
+    }
+    out
+}
+
+/// A backend command as the function call that applies it: the function's name and its
+/// arguments. `None` for agent-server commands.
+pub fn mutation_for(
+    command_id: &CommandId,
+    command: &Command,
+    worker_id: &str,
+) -> Option<(&'static str, serde_json::Value)> {
+    let id = command_id.to_string();
+    let to = |v: Result<serde_json::Value, serde_json::Error>| v.expect("plain struct");
+    Some(match command {
+        Command::CreateSession {
+            agent_session_id,
+            title,
+            model,
+        } => (
+            "createSession",
+            to(serde_json::to_value(CreateSessionArgs {
+                command_id: id,
+                worker_id: worker_id.to_owned(),
+                agent_session_id: agent_session_id.to_string(),
+                title: title.clone(),
+                model: model.clone(),
+            })),
+        ),
+        Command::LinkAgentSession {
+            chat_session_id,
+            agent_session_id,
+        } => (
+            "linkAgentSession",
+            to(serde_json::to_value(LinkAgentSessionArgs {
+                command_id: id,
+                chat_session_id: chat_session_id.to_string(),
+                agent_session_id: agent_session_id.to_string(),
+            })),
+        ),
+        Command::RenameSession {
+            chat_session_id,
+            title,
+        } => (
+            "renameSession",
+            to(serde_json::to_value(RenameSessionArgs {
+                command_id: id,
+                chat_session_id: chat_session_id.to_string(),
+                title: title.clone(),
+            })),
+        ),
+        Command::MarkSessionDeleted { chat_session_id } => (
+            "markSessionDeleted",
+            to(serde_json::to_value(MarkSessionDeletedArgs {
+                command_id: id,
+                chat_session_id: chat_session_id.to_string(),
+            })),
+        ),
+        Command::MarkSessionFailed {
+            chat_session_id,
+            reason,
+        } => (
+            "markSessionFailed",
+            to(serde_json::to_value(MarkSessionFailedArgs {
+                command_id: id,
+                chat_session_id: chat_session_id.to_string(),
+                reason: reason.clone(),
+            })),
+        ),
+        Command::CompleteMessage {
+            chat_session_id,
+            message_id,
+            content,
+        } => (
+            "completeMessage",
+            to(serde_json::to_value(CompleteMessageArgs {
+                command_id: id,
+                chat_session_id: chat_session_id.to_string(),
+                message_id: message_id.to_string(),
+                content: content.clone(),
+            })),
+        ),
+        Command::FailMessage {
+            chat_session_id,
+            message_id,
+            reason,
+        } => (
+            "failMessage",
+            to(serde_json::to_value(FailMessageArgs {
+                command_id: id,
+                chat_session_id: chat_session_id.to_string(),
+                message_id: message_id.to_string(),
+                reason: reason.clone(),
+            })),
+        ),
+        Command::CreateAgentSession { .. }
+        | Command::Prompt { .. }
+        | Command::AbortAgentSession { .. } => return None,
+    })
+}
+
+impl From<ChatSession> for ChatSessionInfo {
+    fn from(s: ChatSession) -> Self {
+        ChatSessionInfo {
+            chat_session_id: ChatSessionId(s.chat_session_id),
+            agent_session_id: s.agent_session_id.map(AgentSessionId),
+            title: s.title,
+            model: s.model,
+            status: s.status,
+            last_activity: s.last_activity,
+            project: s.project,
+        }
+    }
+}
+
+impl From<Message> for MessageInfo {
+    fn from(m: Message) -> Self {
+        MessageInfo {
+            chat_session_id: ChatSessionId(m.chat_session_id),
+            message_id: MessageId(m.message_id),
+            role: m.role,
+            content: m.content,
+            completed: m.completed,
+            timestamp: m.timestamp,
+            reply_to: m.reply_to.map(MessageId),
+            error: m.error,
+        }
+    }
+}
+
+/// Reads a value against the contract type `T`. The error names the path of the first field
+/// that does not match (`page[3].lastActivity: invalid type: string "x", expected u64`), so a
+/// backend that answers the wrong shape is told exactly where.
+pub fn read_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_that_breaks_the_contract_names_the_field() {
+        let value = serde_json::json!({"page": [
+            {"chatSessionId": "c1", "agentSessionId": null, "title": "t", "model": null,
+             "status": "active", "lastActivity": 1, "project": null},
+            {"chatSessionId": "c2", "agentSessionId": null, "title": "t", "model": null,
+             "status": "active", "lastActivity": "yesterday", "project": null}
+        ], "isDone": true, "continueCursor": "c2"});
+        let err = read_value::<PageValue<ChatSession>>(value).unwrap_err();
+        assert!(
+            err.starts_with("page[1].lastActivity: invalid type"),
+            "{err}"
+        );
+        let err =
+            read_value::<PageValue<ChatSession>>(serde_json::json!({"page": []})).unwrap_err();
+        assert!(err.contains("isDone"), "{err}");
+        let err = read_value::<PageValue<ChatSession>>(serde_json::Value::Null).unwrap_err();
+        assert!(err.contains("expected struct"), "{err}");
+    }
+
+    #[test]
+    fn every_backend_command_is_one_function_and_agent_commands_none() {
+        let id = CommandId::from("renameSession:c1@7");
+        let (name, args) = mutation_for(
+            &id,
+            &Command::RenameSession {
+                chat_session_id: "c1".into(),
+                title: "new".into(),
+            },
+            "w1",
+        )
+        .unwrap();
+        assert_eq!(name, "renameSession");
+        assert_eq!(
+            args,
+            serde_json::json!({"commandId": "renameSession:c1@7", "chatSessionId": "c1", "title": "new"})
+        );
+        assert!(mutation_for(
+            &id,
+            &Command::AbortAgentSession {
+                agent_session_id: "a".into()
+            },
+            "w1"
+        )
+        .is_none());
+        let names: Vec<&str> = FUNCTIONS.iter().map(|f| f.name).collect();
+        assert_eq!(names.len(), 9);
+        assert_eq!(schemas().len(), 18);
+    }
+}

@@ -1,0 +1,632 @@
+//! The backend contract, implemented once: [`ContractStore`] answers every function of
+//! [`contract`](super::contract) over a small ordered key-value store ([`Kv`]), idempotent on
+//! `commandId` (the first reply is recorded and repeated). The embedded local backend runs it on
+//! a sled tree; the fake Convex deployment of the tests runs it in memory; so both keep exactly
+//! the same promises, and one conformance suite checks both.
+//!
+//! Every mutation is one atomic [`Kv::commit`] of all the keys it changes, including its
+//! `commandId`, under one lock: a crash leaves it applied entirely or not at all.
+//!
+//! Keys (all UTF-8):
+//! - `s/{chat}`: a chat session (with its worker); `w/{worker}/{chat}`: the per-worker index;
+//! - `m/{message}`: a message with its change number; `x/{change:020}`: the change log that
+//!   `listMessages` pages through (one entry per message: the old one goes when it changes);
+//! - `sm/{chat}/{message}`: a session's messages; `r/{message}`: the reply to a user message;
+//! - `a/{commandId}`: the recorded reply of an applied mutation; `n`: the id/change counter.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::contract::*;
+use crate::clock::Clock;
+use crate::events::{ChatStatus, Role};
+
+/// An error of the store itself (I/O), not of the caller.
+#[derive(Debug, thiserror::Error)]
+#[error("backend store: {0}")]
+pub struct StoreError(pub String);
+
+/// What a function call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The function refused the call (unknown session, bad arguments): Convex's "the function
+    /// threw", HTTP 560. Repeating it will not help.
+    #[error("{0}")]
+    Function(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An ordered key-value store with atomic multi-key commits.
+pub trait Kv: Send + Sync {
+    /// The value at `key`.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Up to `limit` entries whose keys start with `prefix`, after `after` (exclusive) when
+    /// given, in key order.
+    fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Applies every write at once (`None` removes), durably.
+    fn commit(&self, writes: Vec<(String, Option<Vec<u8>>)>) -> Result<(), StoreError>;
+}
+
+/// The contract over a [`Kv`].
+pub struct ContractStore<K: Kv> {
+    kv: K,
+    clock: Arc<dyn Clock>,
+    lock: Mutex<()>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSession {
+    worker_id: String,
+    session: ChatSession,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredMessage {
+    change: u64,
+    message: Message,
+}
+
+/// The writes of one mutation, applied together.
+#[derive(Default)]
+struct Tx {
+    writes: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Tx {
+    fn put(&mut self, key: String, value: &impl Serialize) {
+        let bytes = serde_json::to_vec(value).expect("plain data");
+        self.writes.push((key, Some(bytes)));
+    }
+    fn remove(&mut self, key: String) {
+        self.writes.push((key, None));
+    }
+}
+
+impl<K: Kv> ContractStore<K> {
+    /// A store over `kv`, stamping times from `clock`.
+    pub fn new(kv: K, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            kv,
+            clock,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Answers a query by name.
+    pub fn query(
+        &self,
+        name: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, CallError> {
+        let args: ListArgs = read_value(args).map_err(|e| bad_args(name, e))?;
+        match name {
+            "listSessions" => Ok(to_json(&self.list_sessions(&args)?)),
+            "listMessages" => Ok(to_json(&self.list_messages(&args)?)),
+            other => Err(CallError::Function(format!("no query named {other}"))),
+        }
+    }
+
+    /// Applies a mutation by name, once per `commandId`: a repeat gets the first reply.
+    pub fn mutation(
+        &self,
+        name: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, CallError> {
+        let command_id = args
+            .get("commandId")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad_args(name, "missing field `commandId`".into()))?
+            .to_owned();
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let applied_key = format!("a/{command_id}");
+        if let Some(reply) = self.kv.get(&applied_key)? {
+            return serde_json::from_slice(&reply).map_err(corrupt);
+        }
+        let mut tx = Tx::default();
+        let reply = match name {
+            "createSession" => {
+                let a: CreateSessionArgs = read_value(args).map_err(|e| bad_args(name, e))?;
+                to_json(&self.create_session(&mut tx, a)?)
+            }
+            "linkAgentSession" => {
+                let a: LinkAgentSessionArgs = read_value(args).map_err(|e| bad_args(name, e))?;
+                self.update_session(&mut tx, &a.chat_session_id, |s| {
+                    s.agent_session_id = Some(a.agent_session_id.clone());
+                })?
+            }
+            "renameSession" => {
+                let a: RenameSessionArgs = read_value(args).map_err(|e| bad_args(name, e))?;
+                self.update_session(&mut tx, &a.chat_session_id, |s| s.title = a.title.clone())?
+            }
+            "markSessionDeleted" => {
+                let a: MarkSessionDeletedArgs = read_value(args).map_err(|e| bad_args(name, e))?;
+                self.update_session(&mut tx, &a.chat_session_id, |s| {
+                    s.status = ChatStatus::Deleted
+                })?
+            }
+            "markSessionFailed" => {
+                let a: MarkSessionFailedArgs = read_value(args).map_err(|e| bad_args(name, e))?;
+                self.update_session(&mut tx, &a.chat_session_id, |s| {
+                    s.status = ChatStatus::Failed
+                })?
+            }
+            "completeMessage" => {
+                let a: CompleteMessageArgs = read_value(args).map_err(|e| bad_args(name, e))?;
+                self.answer(&mut tx, &a.chat_session_id, &a.message_id, Ok(a.content))?
+            }
+            "failMessage" => {
+                let a: FailMessageArgs = read_value(args).map_err(|e| bad_args(name, e))?;
+                self.answer(&mut tx, &a.chat_session_id, &a.message_id, Err(a.reason))?
+            }
+            other => return Err(CallError::Function(format!("no mutation named {other}"))),
+        };
+        tx.put(applied_key, &reply);
+        self.kv.commit(tx.writes)?;
+        Ok(reply)
+    }
+
+    /// A new chat session started by a person (the local inbox): no agent session yet.
+    pub fn open_chat(&self, worker_id: &str, title: &str) -> Result<ChatSession, CallError> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tx = Tx::default();
+        let n = self.next(&mut tx)?;
+        let session = ChatSession {
+            chat_session_id: format!("chat_{n:012}"),
+            agent_session_id: None,
+            title: title.to_owned(),
+            model: None,
+            status: ChatStatus::Active,
+            last_activity: self.clock.now_ms(),
+            project: None,
+        };
+        self.put_session(&mut tx, worker_id, &session);
+        self.kv.commit(tx.writes)?;
+        Ok(session)
+    }
+
+    /// A person's message in a chat session (the local inbox, or a test seeding the fake).
+    pub fn post_user_message(&self, chat: &str, content: &str) -> Result<Message, CallError> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (worker, mut session) = self.session(chat)?;
+        if session.status != ChatStatus::Active {
+            return Err(CallError::Function(format!(
+                "chat session {chat} is {}",
+                status_name(session.status)
+            )));
+        }
+        let mut tx = Tx::default();
+        let n = self.next(&mut tx)?;
+        let now = self.clock.now_ms();
+        let message = Message {
+            chat_session_id: chat.to_owned(),
+            message_id: format!("msg_{n:012}"),
+            role: Role::User,
+            content: content.to_owned(),
+            completed: true,
+            timestamp: now,
+            reply_to: None,
+            error: None,
+        };
+        self.put_message(&mut tx, None, &message)?;
+        session.last_activity = now;
+        self.put_session(&mut tx, &worker, &session);
+        self.kv.commit(tx.writes)?;
+        Ok(message)
+    }
+
+    /// The worker a chat session belongs to, if it exists.
+    pub fn owner(&self, chat: &str) -> Result<Option<String>, CallError> {
+        Ok(self.stored_session(chat)?.map(|s| s.worker_id))
+    }
+
+    /// A chat session, if it exists.
+    pub fn get_chat(&self, chat: &str) -> Result<Option<ChatSession>, CallError> {
+        Ok(self.stored_session(chat)?.map(|s| s.session))
+    }
+
+    /// Every chat session of `worker_id`, in id order.
+    pub fn chats(&self, worker_id: &str) -> Result<Vec<ChatSession>, CallError> {
+        let mut out = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self.list_sessions(&ListArgs {
+                worker_id: worker_id.to_owned(),
+                cursor,
+                limit: 1_000,
+            })?;
+            out.extend(page.page);
+            if page.is_done {
+                return Ok(out);
+            }
+            cursor = Some(page.continue_cursor);
+        }
+    }
+
+    /// A chat session's messages in the order they were written.
+    pub fn conversation(&self, chat: &str) -> Result<Vec<Message>, CallError> {
+        self.session(chat)?;
+        let prefix = format!("sm/{chat}/");
+        let mut out = Vec::new();
+        for (key, _) in self.kv.scan(&prefix, None, usize::MAX)? {
+            let id = &key[prefix.len()..];
+            if let Some(m) = self.stored_message(id)? {
+                out.push(m.message);
+            }
+        }
+        out.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
+        Ok(out)
+    }
+
+    fn list_sessions(&self, args: &ListArgs) -> Result<PageValue<ChatSession>, CallError> {
+        let limit = args.limit.clamp(1, 10_000) as usize;
+        let prefix = format!("w/{}/", args.worker_id);
+        let after = args.cursor.as_ref().map(|c| format!("{prefix}{c}"));
+        let keys = self.kv.scan(&prefix, after.as_deref(), limit + 1)?;
+        let is_done = keys.len() <= limit;
+        let mut page = Vec::new();
+        for (key, _) in keys.into_iter().take(limit) {
+            if let Some(s) = self.stored_session(&key[prefix.len()..])? {
+                page.push(s.session);
+            }
+        }
+        let continue_cursor = page
+            .last()
+            .map(|s| s.chat_session_id.clone())
+            .or_else(|| args.cursor.clone())
+            .unwrap_or_default();
+        Ok(PageValue {
+            page,
+            is_done,
+            continue_cursor,
+        })
+    }
+
+    fn list_messages(&self, args: &ListArgs) -> Result<PageValue<Message>, CallError> {
+        let limit = args.limit.clamp(1, 10_000) as usize;
+        let after = match args.cursor.as_deref() {
+            None | Some("") => None,
+            Some(c) => Some(format!(
+                "x/{:020}",
+                c.parse::<u64>().map_err(|_| {
+                    CallError::Function(format!("listMessages: bad cursor {c:?}"))
+                })?
+            )),
+        };
+        let mut cursor = args
+            .cursor
+            .clone()
+            .filter(|c| !c.is_empty())
+            .unwrap_or("0".into());
+        let mut after = after;
+        let mut page = Vec::new();
+        // Other workers' messages are skipped, so read on until the page is full or the log ends.
+        loop {
+            let entries = self.kv.scan("x/", after.as_deref(), limit)?;
+            let full_chunk = entries.len() == limit;
+            for (key, id) in entries {
+                cursor = key[2..].parse::<u64>().unwrap_or(0).to_string();
+                let id = String::from_utf8_lossy(&id).into_owned();
+                after = Some(key);
+                let Some(m) = self.stored_message(&id)? else {
+                    continue;
+                };
+                let owner = self.stored_session(&m.message.chat_session_id)?;
+                if owner.is_some_and(|o| o.worker_id == args.worker_id) {
+                    page.push(m.message);
+                    if page.len() == limit {
+                        let more = !self.kv.scan("x/", after.as_deref(), 1)?.is_empty();
+                        return Ok(PageValue {
+                            page,
+                            is_done: !more,
+                            continue_cursor: cursor,
+                        });
+                    }
+                }
+            }
+            if !full_chunk {
+                return Ok(PageValue {
+                    page,
+                    is_done: true,
+                    continue_cursor: cursor,
+                });
+            }
+        }
+    }
+
+    fn create_session(&self, tx: &mut Tx, a: CreateSessionArgs) -> Result<CreatedValue, CallError> {
+        let n = self.next(tx)?;
+        let session = ChatSession {
+            chat_session_id: format!("chat_{n:012}"),
+            agent_session_id: Some(a.agent_session_id),
+            title: a.title,
+            model: a.model,
+            status: ChatStatus::Active,
+            last_activity: self.clock.now_ms(),
+            project: None,
+        };
+        self.put_session(tx, &a.worker_id, &session);
+        Ok(CreatedValue {
+            chat_session_id: session.chat_session_id,
+        })
+    }
+
+    fn update_session(
+        &self,
+        tx: &mut Tx,
+        chat: &str,
+        change: impl FnOnce(&mut ChatSession),
+    ) -> Result<serde_json::Value, CallError> {
+        let (worker, mut session) = self.session(chat)?;
+        change(&mut session);
+        session.last_activity = self.clock.now_ms();
+        self.put_session(tx, &worker, &session);
+        Ok(serde_json::Value::Null)
+    }
+
+    /// `completeMessage` (`Ok(answer)`) or `failMessage` (`Err(reason)`) of a user message.
+    fn answer(
+        &self,
+        tx: &mut Tx,
+        chat: &str,
+        user_message: &str,
+        outcome: Result<String, String>,
+    ) -> Result<serde_json::Value, CallError> {
+        self.session(chat)?;
+        let user = self
+            .stored_message(user_message)?
+            .filter(|m| m.message.chat_session_id == chat && m.message.role == Role::User)
+            .ok_or_else(|| {
+                CallError::Function(format!(
+                    "no user message {user_message} in chat session {chat}"
+                ))
+            })?;
+        let reply_id = self
+            .kv
+            .get(&format!("r/{user_message}"))?
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let reply = match &reply_id {
+            Some(id) => self.stored_message(id)?,
+            None => None,
+        };
+        let now = self.clock.now_ms();
+        match outcome {
+            Ok(content) => {
+                let (change, mut message) = match reply {
+                    Some(r) => (Some(r.change), r.message),
+                    None => {
+                        let n = self.next(tx)?;
+                        let id = format!("msg_{n:012}");
+                        tx.put(format!("r/{user_message}"), &id);
+                        let m = Message {
+                            chat_session_id: chat.to_owned(),
+                            message_id: id,
+                            role: Role::Assistant,
+                            content: String::new(),
+                            completed: false,
+                            timestamp: now,
+                            reply_to: Some(user_message.to_owned()),
+                            error: None,
+                        };
+                        (None, m)
+                    }
+                };
+                message.content = content;
+                message.completed = true;
+                message.error = None;
+                self.put_message(tx, change, &message)?;
+            }
+            Err(reason) => {
+                let mut m = user.message;
+                m.error = Some(reason.clone());
+                self.put_message(tx, Some(user.change), &m)?;
+                if let Some(r) = reply.filter(|r| !r.message.completed) {
+                    let mut m = r.message;
+                    m.error = Some(reason);
+                    self.put_message(tx, Some(r.change), &m)?;
+                }
+            }
+        }
+        Ok(serde_json::Value::Null)
+    }
+
+    fn session(&self, chat: &str) -> Result<(String, ChatSession), CallError> {
+        self.stored_session(chat)?
+            .map(|s| (s.worker_id, s.session))
+            .ok_or_else(|| CallError::Function(format!("no chat session {chat}")))
+    }
+
+    fn stored_session(&self, chat: &str) -> Result<Option<StoredSession>, CallError> {
+        match self.kv.get(&format!("s/{chat}"))? {
+            Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn stored_message(&self, id: &str) -> Result<Option<StoredMessage>, CallError> {
+        match self.kv.get(&format!("m/{id}"))? {
+            Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_session(&self, tx: &mut Tx, worker: &str, session: &ChatSession) {
+        let id = &session.chat_session_id;
+        tx.put(format!("w/{worker}/{id}"), &());
+        tx.put(
+            format!("s/{id}"),
+            &StoredSession {
+                worker_id: worker.to_owned(),
+                session: session.clone(),
+            },
+        );
+    }
+
+    /// Writes a message under a new change number, dropping its old change-log entry.
+    fn put_message(
+        &self,
+        tx: &mut Tx,
+        old_change: Option<u64>,
+        message: &Message,
+    ) -> Result<(), CallError> {
+        if let Some(old) = old_change {
+            tx.remove(format!("x/{old:020}"));
+        }
+        let change = self.next(tx)?;
+        let id = &message.message_id;
+        tx.writes
+            .push((format!("x/{change:020}"), Some(id.as_bytes().to_vec())));
+        tx.put(format!("sm/{}/{id}", message.chat_session_id), &());
+        tx.put(
+            format!("m/{id}"),
+            &StoredMessage {
+                change,
+                message: message.clone(),
+            },
+        );
+        Ok(())
+    }
+
+    /// The next number of the counter, counting writes already staged in `tx`.
+    fn next(&self, tx: &mut Tx) -> Result<u64, CallError> {
+        let staged = tx
+            .writes
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "n")
+            .and_then(|(_, v)| v.clone());
+        let current = match staged {
+            Some(b) => Some(b),
+            None => self.kv.get("n")?,
+        };
+        let n = current
+            .and_then(|b| serde_json::from_slice::<u64>(&b).ok())
+            .unwrap_or(0)
+            + 1;
+        tx.put("n".into(), &n);
+        Ok(n)
+    }
+}
+
+fn to_json(v: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(v).expect("plain data")
+}
+
+fn bad_args(name: &str, e: String) -> CallError {
+    CallError::Function(format!("{name}: bad arguments: {e}"))
+}
+
+fn corrupt(e: serde_json::Error) -> CallError {
+    CallError::Store(StoreError(format!("undecodable record: {e}")))
+}
+
+fn status_name(s: ChatStatus) -> &'static str {
+    match s {
+        ChatStatus::Active => "active",
+        ChatStatus::Deleted => "deleted",
+        ChatStatus::Failed => "failed",
+    }
+}
+
+/// An in-memory [`Kv`] (the fake deployment, tests).
+#[derive(Debug, Default)]
+pub struct MemoryKv(Mutex<std::collections::BTreeMap<String, Vec<u8>>>);
+
+impl Kv for MemoryKv {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned())
+    }
+
+    fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use std::ops::Bound;
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let start = match after {
+            Some(a) => Bound::Excluded(a.to_owned()),
+            None => Bound::Included(prefix.to_owned()),
+        };
+        Ok(map
+            .range((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn commit(&self, writes: Vec<(String, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in writes {
+            match v {
+                Some(v) => map.insert(k, v),
+                None => map.remove(&k),
+            };
+        }
+        Ok(())
+    }
+}
+
+/// A [`Kv`] on a sled tree (the embedded local backend, in the worker's own database).
+/// Blocking: callers run it off the async workers.
+#[derive(Debug, Clone)]
+pub struct SledKv(pub sled::Tree);
+
+impl Kv for SledKv {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.0.get(key).map_err(sled_error)?.map(|v| v.to_vec()))
+    }
+
+    fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+            None => Bound::Included(prefix.as_bytes().to_vec()),
+        };
+        let mut out = Vec::new();
+        for entry in self.0.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            let (k, v) = entry.map_err(sled_error)?;
+            if !k.starts_with(prefix.as_bytes()) || out.len() == limit {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, writes: Vec<(String, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.insert(k.as_bytes(), v),
+                None => batch.remove(k.as_bytes()),
+            }
+        }
+        self.0.apply_batch(batch).map_err(sled_error)?;
+        self.0.flush().map_err(sled_error)?;
+        Ok(())
+    }
+}
+
+fn sled_error(e: sled::Error) -> StoreError {
+    StoreError(e.to_string())
+}

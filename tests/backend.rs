@@ -1,0 +1,528 @@
+//! The backends: one contract suite run against two implementations (the Convex client talking
+//! to the fake deployment over real HTTP, and the embedded local backend on sled), then the
+//! Convex client's own promises (pagination, error classes, lost replies) and the local inbox.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentsync::backend::contract::{ChatSession, Message};
+use agentsync::backend::local::{inbox_router, InboxClient};
+use agentsync::backend::store::{ContractStore, Kv};
+use agentsync::backend::{ConvexClient, ConvexConfig, LocalBackend};
+use agentsync::clock::{Clock, ManualClock};
+use agentsync::events::{ChatStatus, Command, CommandId, ErrorClass, MessageInfo, Role};
+use agentsync::log::EventLog;
+use agentsync::ports::{Backend, MutationReply};
+use agentsync::secret::Secret;
+use agentsync::sim::convex::{ConvexFaults, FakeConvex};
+
+const WORKER: &str = "worker-1";
+
+/// What the suite needs besides the port: a way to seed what people do.
+trait People: Send + Sync {
+    fn open_chat(&self, title: &str) -> ChatSession;
+    fn post(&self, chat: &str, text: &str) -> Message;
+    fn sessions(&self) -> Vec<ChatSession>;
+}
+
+struct Seeder<K: Kv + 'static>(Arc<ContractStore<K>>);
+
+impl<K: Kv + 'static> People for Seeder<K> {
+    fn open_chat(&self, title: &str) -> ChatSession {
+        self.0.open_chat(WORKER, title).unwrap()
+    }
+    fn post(&self, chat: &str, text: &str) -> Message {
+        self.0.post_user_message(chat, text).unwrap()
+    }
+    fn sessions(&self) -> Vec<ChatSession> {
+        self.0.chats(WORKER).unwrap()
+    }
+}
+
+struct Subject {
+    backend: Arc<dyn Backend>,
+    people: Box<dyn People>,
+    _keep: Box<dyn std::any::Any + Send>,
+}
+
+fn clock() -> Arc<dyn Clock> {
+    Arc::new(ManualClock::new(1_763_700_000_000))
+}
+
+async fn fake_convex() -> Subject {
+    let fake = FakeConvex::start("agentsync", None, clock()).await.unwrap();
+    let client = ConvexClient::new(ConvexConfig::new(&fake.url, WORKER)).unwrap();
+    Subject {
+        backend: Arc::new(client),
+        people: Box::new(Seeder(fake.store())),
+        _keep: Box::new(fake),
+    }
+}
+
+async fn local() -> Subject {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    let backend = LocalBackend::open(&log, WORKER, clock()).unwrap();
+    let store = backend.store();
+    Subject {
+        backend: Arc::new(backend),
+        people: Box::new(Seeder(store)),
+        _keep: Box::new((log, dir)),
+    }
+}
+
+fn id(s: &str) -> CommandId {
+    CommandId::from(s)
+}
+
+async fn all_messages(b: &dyn Backend, cursor: Option<String>) -> (Vec<MessageInfo>, String) {
+    let mut out = Vec::new();
+    let mut cursor = cursor;
+    loop {
+        let page = b.list_messages(cursor.as_deref(), 3).await.unwrap();
+        out.extend(page.page);
+        cursor = Some(page.continue_cursor.clone());
+        if page.is_done {
+            return (out, page.continue_cursor);
+        }
+    }
+}
+
+/// The contract, whatever implements it.
+async fn contract_suite(s: Subject) {
+    let b = s.backend.as_ref();
+    // createSession, once per commandId.
+    let create = Command::CreateSession {
+        agent_session_id: "ses_1".into(),
+        title: "from the agent".into(),
+        model: Some("mock/echo".into()),
+    };
+    let MutationReply::Created(chat) = b.mutate(&id("createSession:ses_1"), &create).await.unwrap()
+    else {
+        panic!("createSession answers the id")
+    };
+    let again = b.mutate(&id("createSession:ses_1"), &create).await.unwrap();
+    assert_eq!(
+        again,
+        MutationReply::Created(chat.clone()),
+        "a repeat gets the first reply"
+    );
+    let listed = b.list_sessions(None, 100).await.unwrap();
+    assert!(listed.is_done);
+    assert_eq!(listed.page.len(), 1, "applied once");
+    let row = &listed.page[0];
+    assert_eq!(
+        row.agent_session_id.as_ref().map(|a| a.as_str()),
+        Some("ses_1")
+    );
+    assert_eq!(row.status, ChatStatus::Active);
+    assert_eq!(row.model.as_deref(), Some("mock/echo"));
+
+    // Renames, links and status changes, each idempotent on its own id.
+    let rename = |t: &str| Command::RenameSession {
+        chat_session_id: chat.clone(),
+        title: t.into(),
+    };
+    b.mutate(&id("rename@1"), &rename("one")).await.unwrap();
+    b.mutate(&id("rename@2"), &rename("two")).await.unwrap();
+    b.mutate(&id("rename@1"), &rename("one")).await.unwrap();
+    let link = Command::LinkAgentSession {
+        chat_session_id: chat.clone(),
+        agent_session_id: "ses_2".into(),
+    };
+    b.mutate(&id("link"), &link).await.unwrap();
+    let row = b.list_sessions(None, 100).await.unwrap().page.remove(0);
+    assert_eq!(
+        row.title, "two",
+        "the repeated first rename changed nothing"
+    );
+    assert_eq!(row.agent_session_id.unwrap().as_str(), "ses_2");
+
+    // Messages: a user message, its answer, a failure; and the cursor sees only changes.
+    let person_chat = s.people.open_chat("a person's chat");
+    let asked = s.people.post(&person_chat.chat_session_id, "question one");
+    let doomed = s.people.post(&person_chat.chat_session_id, "question two");
+    let (seen, cursor) = all_messages(b, None).await;
+    let ids: Vec<&str> = seen.iter().map(|m| m.message_id.as_str()).collect();
+    assert_eq!(ids, [asked.message_id.as_str(), doomed.message_id.as_str()]);
+    assert!(seen
+        .iter()
+        .all(|m| m.role == Role::User && m.reply_to.is_none()));
+    let (nothing, same) = all_messages(b, Some(cursor.clone())).await;
+    assert!(nothing.is_empty(), "nothing changed after the cursor");
+    assert_eq!(same, cursor);
+
+    let complete = Command::CompleteMessage {
+        chat_session_id: person_chat.chat_session_id.clone().into(),
+        message_id: asked.message_id.clone().into(),
+        content: "answer one".into(),
+    };
+    b.mutate(&id("complete:1"), &complete).await.unwrap();
+    b.mutate(&id("complete:1"), &complete).await.unwrap();
+    let fail = Command::FailMessage {
+        chat_session_id: person_chat.chat_session_id.clone().into(),
+        message_id: doomed.message_id.clone().into(),
+        reason: "context overflow".into(),
+    };
+    b.mutate(&id("fail:2"), &fail).await.unwrap();
+    let (changed, _) = all_messages(b, Some(cursor)).await;
+    let replies: Vec<&MessageInfo> = changed
+        .iter()
+        .filter(|m| m.role == Role::Assistant)
+        .collect();
+    assert_eq!(
+        replies.len(),
+        1,
+        "one reply, however often completeMessage came: {changed:?}"
+    );
+    assert_eq!(replies[0].content, "answer one");
+    assert!(replies[0].completed);
+    assert_eq!(
+        replies[0].reply_to.as_ref().unwrap().as_str(),
+        asked.message_id
+    );
+    let failed = changed
+        .iter()
+        .find(|m| m.message_id.as_str() == doomed.message_id)
+        .expect("the failed message changed");
+    assert_eq!(failed.error.as_deref(), Some("context overflow"));
+
+    // Session end states.
+    b.mutate(
+        &id("deleted"),
+        &Command::MarkSessionDeleted {
+            chat_session_id: chat.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    b.mutate(
+        &id("failed"),
+        &Command::MarkSessionFailed {
+            chat_session_id: person_chat.chat_session_id.clone().into(),
+            reason: "stale".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let statuses: BTreeSet<_> = s
+        .people
+        .sessions()
+        .into_iter()
+        .map(|c| format!("{:?}", c.status))
+        .collect();
+    assert_eq!(
+        statuses,
+        BTreeSet::from(["Deleted".into(), "Failed".into()])
+    );
+
+    // Refusals are terminal: an unknown session, an agent-side command.
+    let err = b
+        .mutate(
+            &id("rename:ghost"),
+            &Command::RenameSession {
+                chat_session_id: "chat_ghost".into(),
+                title: "x".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+    assert!(err.message.contains("no chat session chat_ghost"), "{err}");
+    let err = b
+        .mutate(
+            &id("abort"),
+            &Command::AbortAgentSession {
+                agent_session_id: "ses_1".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal);
+
+    // Pages: 25 more sessions in pages of 10.
+    for i in 0..25 {
+        s.people.open_chat(&format!("chat {i}"));
+    }
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    let mut seen = BTreeSet::new();
+    loop {
+        let page = b.list_sessions(cursor.as_deref(), 10).await.unwrap();
+        pages += 1;
+        assert!(page.page.len() <= 10);
+        for c in &page.page {
+            assert!(seen.insert(c.chat_session_id.clone()), "no session twice");
+        }
+        cursor = Some(page.continue_cursor);
+        if page.is_done {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 27);
+    assert_eq!(pages, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_suite_on_the_fake_convex_deployment_through_the_client() {
+    contract_suite(fake_convex().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_suite_on_the_embedded_local_backend() {
+    contract_suite(local().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_sessions_are_read_in_pages_never_in_one_call() {
+    let fake = FakeConvex::start("agentsync", None, clock()).await.unwrap();
+    let store = fake.store();
+    tokio::task::spawn_blocking(move || {
+        for i in 0..10_000 {
+            store.open_chat(WORKER, &format!("chat {i}")).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let client = ConvexClient::new(ConvexConfig::new(&fake.url, WORKER)).unwrap();
+    let mut cursor: Option<String> = None;
+    let mut ids = BTreeSet::new();
+    loop {
+        // Asking for more than the client's page limit (500) gets 500.
+        let page = client
+            .list_sessions(cursor.as_deref(), 100_000)
+            .await
+            .unwrap();
+        assert!(page.page.len() <= 500);
+        ids.extend(page.page.into_iter().map(|c| c.chat_session_id));
+        cursor = Some(page.continue_cursor);
+        if page.is_done {
+            break;
+        }
+    }
+    assert_eq!(ids.len(), 10_000);
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 20, "10,000 / 500");
+    assert!(calls.iter().all(|c| c.path == "agentsync:listSessions"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_class_of_the_client() {
+    let fake = FakeConvex::start("agentsync", Some("dev:key"), clock())
+        .await
+        .unwrap();
+    let config = ConvexConfig {
+        deploy_key: Some(Secret::new("dev:key")),
+        timeout: Duration::from_millis(500),
+        ..ConvexConfig::new(&fake.url, WORKER)
+    };
+    let client = ConvexClient::new(config.clone()).unwrap();
+    client.list_sessions(None, 10).await.unwrap();
+
+    let cases: Vec<(ConvexFaults, ErrorClass, &str)> = vec![
+        (
+            ConvexFaults {
+                unavailable: 1,
+                ..Default::default()
+            },
+            ErrorClass::Retryable,
+            "HTTP 503",
+        ),
+        (
+            ConvexFaults {
+                throws: 1,
+                ..Default::default()
+            },
+            ErrorClass::Terminal,
+            "the function threw",
+        ),
+        (
+            ConvexFaults {
+                malformed: 1,
+                ..Default::default()
+            },
+            ErrorClass::Retryable,
+            "value does not match the contract: isDone",
+        ),
+        (
+            ConvexFaults {
+                query_delay_ms: 2_000,
+                ..Default::default()
+            },
+            ErrorClass::Retryable,
+            "timed out",
+        ),
+    ];
+    for (faults, class, text) in cases {
+        fake.set_faults(faults.clone());
+        let err = client.list_sessions(None, 10).await.unwrap_err();
+        assert_eq!(err.class, class, "{faults:?}: {err}");
+        assert!(err.message.contains(text), "{faults:?}: {err}");
+    }
+    fake.set_faults(ConvexFaults {
+        rate_limited: 1,
+        retry_after_s: 7,
+        ..Default::default()
+    });
+    let err = client.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Retryable);
+    assert_eq!(err.retry_after_ms, Some(7_000), "Retry-After is honoured");
+
+    // A malformed value in a non-empty page names the item's field: never read as empty.
+    fake.set_faults(ConvexFaults::default());
+    fake.store().open_chat(WORKER, "one").unwrap();
+    fake.set_faults(ConvexFaults {
+        malformed: 1,
+        ..Default::default()
+    });
+    let err = client.list_sessions(None, 10).await.unwrap_err();
+    assert!(err.message.contains("page[0].lastActivity"), "{err}");
+
+    fake.set_faults(ConvexFaults::default());
+    let anonymous = ConvexClient::new(ConvexConfig::new(&fake.url, WORKER)).unwrap();
+    let err = anonymous.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+    assert!(err.message.contains("401"), "{err}");
+    assert!(!err.message.contains("dev:key"));
+
+    let wrong_module = ConvexClient::new(ConvexConfig {
+        module: "other".into(),
+        ..config.clone()
+    })
+    .unwrap();
+    let err = wrong_module.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+
+    let url = fake.url.clone();
+    drop(fake);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let dead = ConvexClient::new(ConvexConfig { url, ..config }).unwrap();
+    let err = dead.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Retryable, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutation_retried_after_a_lost_reply_is_applied_once() {
+    let fake = FakeConvex::start("agentsync", None, clock()).await.unwrap();
+    let client = ConvexClient::new(ConvexConfig::new(&fake.url, WORKER)).unwrap();
+    fake.set_faults(ConvexFaults {
+        lose_reply: 1,
+        ..Default::default()
+    });
+    let create = Command::CreateSession {
+        agent_session_id: "ses_9".into(),
+        title: "t".into(),
+        model: None,
+    };
+    let cid = id("createSession:ses_9");
+    let err = client.mutate(&cid, &create).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Retryable, "{err}");
+    let reply = client.mutate(&cid, &create).await.unwrap();
+    let chats = fake.store().chats(WORKER).unwrap();
+    assert_eq!(chats.len(), 1, "applied once");
+    assert_eq!(
+        reply,
+        MutationReply::Created(chats[0].chat_session_id.clone().into())
+    );
+    let calls: Vec<_> = fake
+        .calls()
+        .into_iter()
+        .map(|c| (c.command_id, c.status))
+        .collect();
+    assert_eq!(
+        calls,
+        [(Some(cid.to_string()), 0), (Some(cid.to_string()), 200)],
+        "the same commandId twice; the first reply lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_inbox_opens_chats_takes_messages_and_refuses_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    let backend = LocalBackend::open(&log, WORKER, clock()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = inbox_router(backend.store(), WORKER);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let inbox = InboxClient::new(&url);
+    let chat = inbox.open_chat("hello").await.unwrap();
+    let sent = inbox
+        .send(&chat.chat_session_id, "first question")
+        .await
+        .unwrap();
+    assert_eq!(sent.role, Role::User);
+    let conversation = inbox.conversation(&chat.chat_session_id).await.unwrap();
+    assert_eq!(conversation, vec![sent.clone()]);
+    // The worker sees it through the port.
+    let page = backend.list_messages(None, 10).await.unwrap();
+    assert_eq!(page.page.len(), 1);
+    assert_eq!(page.page[0].message_id.as_str(), sent.message_id);
+
+    let http = reqwest::Client::new();
+    for (method, path, body, status, says) in [
+        (
+            "POST",
+            format!("/sessions/{}/messages", chat.chat_session_id),
+            "{",
+            400,
+            "bad request body",
+        ),
+        (
+            "POST",
+            format!("/sessions/{}/messages", chat.chat_session_id),
+            r#"{"content":"  "}"#,
+            400,
+            "content must not be empty",
+        ),
+        (
+            "POST",
+            format!("/sessions/{}/messages", chat.chat_session_id),
+            r#"{"text":"x"}"#,
+            400,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/sessions/chat_nope/messages".to_owned(),
+            r#"{"content":"x"}"#,
+            404,
+            "no chat session chat_nope",
+        ),
+        (
+            "GET",
+            "/sessions/chat_nope/messages".to_owned(),
+            "",
+            404,
+            "no chat session",
+        ),
+    ] {
+        let req = http.request(method.parse().unwrap(), format!("{url}{path}"));
+        let req = if body.is_empty() {
+            req
+        } else {
+            req.header("content-type", "application/json").body(body)
+        };
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {path} {body}");
+        let json: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            json["error"].as_str().unwrap().contains(says),
+            "{method} {path}: {json}"
+        );
+    }
+    // Nothing was written by the refused requests.
+    assert_eq!(
+        inbox
+            .conversation(&chat.chat_session_id)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    server.abort();
+}
