@@ -1,0 +1,137 @@
+// The reference module against convex-test's in-memory Convex: the same promises the Rust
+// contract suite (tests/backend.rs) checks of the fake deployment and the local backend.
+import { convexTest } from "convex-test";
+import { anyApi } from "convex/server";
+import { describe, expect, test } from "vitest";
+import schema from "./schema";
+
+const api = anyApi.agentsync;
+const modules = {
+  ...import.meta.glob("./agentsync.ts"),
+  // convex-test finds the functions' root by the _generated directory; this module needs none.
+  "./_generated/api.js": async () => ({}),
+};
+const W = "worker-1";
+
+function setup() {
+  return convexTest(schema, modules);
+}
+
+async function openChat(t: ReturnType<typeof setup>, workerId = W) {
+  return await t.run((ctx) =>
+    ctx.db.insert("chatSessions", {
+      workerId,
+      agentSessionId: null,
+      title: "a person's chat",
+      model: null,
+      status: "active",
+      lastActivity: 1,
+      project: null,
+    }),
+  );
+}
+
+async function post(t: ReturnType<typeof setup>, chatSessionId: string, content: string) {
+  return (await t.mutation(api.postUserMessage, { chatSessionId, content })).messageId;
+}
+
+async function allMessages(t: ReturnType<typeof setup>, cursor: string | null) {
+  const out: any[] = [];
+  for (;;) {
+    const page = await t.query(api.listMessages, { workerId: W, cursor, limit: 2 });
+    out.push(...page.page);
+    cursor = page.continueCursor;
+    if (page.isDone) return { messages: out, cursor };
+  }
+}
+
+describe("agentsync contract", () => {
+  test("createSession is applied once per commandId", async () => {
+    const t = setup();
+    const args = { commandId: "createSession:ses_1", workerId: W, agentSessionId: "ses_1", title: "t", model: "mock/echo" };
+    const first = await t.mutation(api.createSession, args);
+    const again = await t.mutation(api.createSession, args);
+    expect(again).toEqual(first);
+    const listed = await t.query(api.listSessions, { workerId: W, cursor: null, limit: 10 });
+    expect(listed.isDone).toBe(true);
+    expect(listed.page).toHaveLength(1);
+    expect(listed.page[0]).toMatchObject({
+      chatSessionId: first.chatSessionId,
+      agentSessionId: "ses_1",
+      status: "active",
+      model: "mock/echo",
+      project: null,
+    });
+  });
+
+  test("listSessions pages through one worker's sessions", async () => {
+    const t = setup();
+    for (let i = 0; i < 25; i++) await openChat(t);
+    await openChat(t, "another-worker");
+    const seen = new Set<string>();
+    let cursor: string | null = null;
+    let pages = 0;
+    for (;;) {
+      const page: any = await t.query(api.listSessions, { workerId: W, cursor, limit: 10 });
+      pages++;
+      expect(page.page.length).toBeLessThanOrEqual(10);
+      for (const s of page.page) seen.add(s.chatSessionId);
+      cursor = page.continueCursor;
+      if (page.isDone) break;
+    }
+    expect(seen.size).toBe(25);
+    expect(pages).toBeGreaterThanOrEqual(3);
+  });
+
+  test("renames, links and end states, each idempotent on its commandId", async () => {
+    const t = setup();
+    const chat = await openChat(t);
+    await t.mutation(api.renameSession, { commandId: "r1", chatSessionId: chat, title: "one" });
+    await t.mutation(api.renameSession, { commandId: "r2", chatSessionId: chat, title: "two" });
+    await t.mutation(api.renameSession, { commandId: "r1", chatSessionId: chat, title: "one" });
+    await t.mutation(api.linkAgentSession, { commandId: "l1", chatSessionId: chat, agentSessionId: "ses_9" });
+    let row = (await t.query(api.listSessions, { workerId: W, cursor: null, limit: 10 })).page[0];
+    expect(row.title).toBe("two");
+    expect(row.agentSessionId).toBe("ses_9");
+    await t.mutation(api.markSessionFailed, { commandId: "f1", chatSessionId: chat, reason: "stale" });
+    row = (await t.query(api.listSessions, { workerId: W, cursor: null, limit: 10 })).page[0];
+    expect(row.status).toBe("failed");
+    await t.mutation(api.markSessionDeleted, { commandId: "d1", chatSessionId: chat });
+    row = (await t.query(api.listSessions, { workerId: W, cursor: null, limit: 10 })).page[0];
+    expect(row.status).toBe("deleted");
+  });
+
+  test("messages: the cursor sees only changes; one reply however often completeMessage comes; failMessage marks the user message", async () => {
+    const t = setup();
+    const chat = await openChat(t);
+    const asked = await post(t, chat, "question one");
+    const doomed = await post(t, chat, "question two");
+    const first = await allMessages(t, null);
+    expect(first.messages.map((m) => m.messageId)).toEqual([asked, doomed]);
+    expect((await allMessages(t, first.cursor)).messages).toEqual([]);
+
+    const complete = { commandId: "c1", chatSessionId: chat, messageId: asked, content: "answer one" };
+    await t.mutation(api.completeMessage, complete);
+    await t.mutation(api.completeMessage, complete);
+    await t.mutation(api.failMessage, { commandId: "x1", chatSessionId: chat, messageId: doomed, reason: "context overflow" });
+    const changed = (await allMessages(t, first.cursor)).messages;
+    const replies = changed.filter((m) => m.role === "assistant");
+    expect(replies).toHaveLength(1);
+    expect(replies[0]).toMatchObject({ content: "answer one", completed: true, replyTo: asked, error: null });
+    expect(changed.find((m) => m.messageId === doomed)?.error).toBe("context overflow");
+  });
+
+  test("an unknown session or message is refused", async () => {
+    const t = setup();
+    await expect(
+      t.mutation(api.renameSession, { commandId: "r", chatSessionId: "not-an-id", title: "x" }),
+    ).rejects.toThrow(/no chat session not-an-id/);
+    const chat = await openChat(t);
+    await expect(
+      t.mutation(api.completeMessage, { commandId: "c", chatSessionId: chat, messageId: "nope", content: "x" }),
+    ).rejects.toThrow(/no user message nope/);
+    // A refused mutation records nothing: the same commandId can still be applied later.
+    const applied = await t.run((ctx) => ctx.db.query("appliedCommands").collect());
+    expect(applied).toEqual([]);
+  });
+});
