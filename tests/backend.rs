@@ -526,3 +526,68 @@ async fn the_local_inbox_opens_chats_takes_messages_and_refuses_bad_requests() {
     );
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentsync_send_posts_through_the_inbox_and_waits_for_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::agentsync_in(dir.path(), "send", &["new", "hello"]);
+    assert_eq!(out.status.code(), Some(2), "no worker running: usage error");
+    assert!(
+        common::stderr(&out).contains("is `agentsync run --backend local"),
+        "{}",
+        common::stderr(&out)
+    );
+
+    let log = EventLog::open(dir.path().join("worker"), &common::create()).unwrap();
+    let backend = LocalBackend::open(&log, WORKER, clock()).unwrap();
+    let store = backend.store();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = inbox_router(store.clone(), WORKER);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    std::fs::write(dir.path().join("INBOX"), &url).unwrap();
+
+    // Play the worker: answer every pending user message a moment later.
+    let answering = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let page = backend.list_messages(None, 100).await.unwrap();
+            let answered: BTreeSet<String> = page
+                .page
+                .iter()
+                .filter_map(|m| m.reply_to.as_ref().map(|r| r.to_string()))
+                .collect();
+            for m in page.page.iter().filter(|m| m.role == Role::User) {
+                if !answered.contains(m.message_id.as_str()) {
+                    let cmd = Command::CompleteMessage {
+                        chat_session_id: m.chat_session_id.clone(),
+                        message_id: m.message_id.clone(),
+                        content: format!("you said: {}", m.content),
+                    };
+                    backend
+                        .mutate(&id(&format!("completeMessage:{}", m.message_id)), &cmd)
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    });
+    let path = dir.path().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        common::agentsync_in(&path, "send", &["new", "hello there", "--wait", "10"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    let mut lines = text.lines();
+    let ids: Vec<&str> = lines.next().unwrap().split(' ').collect();
+    assert!(
+        ids[0].starts_with("chat_") && ids[1].starts_with("msg_"),
+        "{text}"
+    );
+    assert_eq!(lines.next(), Some("you said: hello there"));
+    assert_eq!(store.conversation(ids[0]).unwrap().len(), 2);
+    answering.abort();
+    server.abort();
+}

@@ -11,7 +11,9 @@ const REGENERATE: &str = "AGENTSYNC_BLESS=1 cargo test --test schemas";
 
 /// Compares (or, with `AGENTSYNC_BLESS`, rewrites) the schemas committed under `schemas/{sub}`.
 fn check_committed(sub: &str, generated: Vec<(String, serde_json::Value)>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas").join(sub);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas")
+        .join(sub);
     if std::env::var_os("AGENTSYNC_BLESS").is_some() {
         std::fs::create_dir_all(&dir).unwrap();
         for entry in std::fs::read_dir(&dir).unwrap() {

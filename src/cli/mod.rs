@@ -1,6 +1,7 @@
 //! The `agentsync` command line. Each subcommand lives in its own file; this one parses,
 //! maps errors to exit codes (2: usage or configuration, 1: runtime) and owns stdout.
 
+mod chat;
 mod demo;
 mod rebuild;
 mod render;
@@ -40,6 +41,10 @@ enum Command {
     Export(ExportArgs),
     /// The production incident, simulated: a real worker and log against simulated sides.
     Demo(DemoArgs),
+    /// Post a message to a chat session of the local backend (through the running worker).
+    Send(SendArgs),
+    /// Talk to the worker through the local backend: each line is a message, answers print.
+    Chat(ChatArgs),
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +139,39 @@ struct DemoArgs {
     json: bool,
 }
 
+#[derive(Debug, Args)]
+struct SendArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// The chat session's id, or `new` to open one.
+    #[arg(value_name = "SESSION")]
+    session: String,
+    /// The message.
+    #[arg(value_name = "TEXT")]
+    text: String,
+    /// The title of a `new` session.
+    #[arg(long, default_value = "New chat")]
+    title: String,
+    /// Wait up to this many seconds for the answer and print it (exit 1 if it failed).
+    #[arg(long, value_name = "SECS")]
+    wait: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// The chat session to continue (default: open a new one).
+    #[arg(value_name = "SESSION")]
+    session: Option<String>,
+    /// The title of a new session.
+    #[arg(long, default_value = "New chat")]
+    title: String,
+    /// How long to wait for each answer, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    wait: u64,
+}
+
 fn parse_kind(s: &str) -> Result<EventKind, String> {
     EventKind::from_name(s).ok_or_else(|| {
         let known: Vec<&str> = EventKind::ALL.iter().map(|k| k.name()).collect();
@@ -219,6 +257,8 @@ pub fn main() -> ExitCode {
         Command::Stats(a) => stats::run(a, &mut out),
         Command::Export(a) => replay::export(a, &mut out),
         Command::Demo(a) => demo::run(a, &mut out),
+        Command::Send(a) => chat::send(a, &mut out),
+        Command::Chat(a) => chat::chat(a, &mut out),
     };
     let result = result.and_then(|()| out.flush().map_err(CliError::from));
     match result {
