@@ -9,27 +9,73 @@
 use std::collections::HashSet;
 
 use crate::events::*;
-use crate::ports::AgentListing;
+use crate::ports::{AgentListing, AgentObservation};
 use crate::projections::{MessageState, MessagesView, SessionsView};
+
+/// The event of one agent session as seen now, if it is news to the view.
+fn agent_session(view: &SessionsView, info: &AgentSessionInfo) -> Option<Event> {
+    match view.agent.get(&info.agent_session_id) {
+        None => Some(Event::AgentSessionSeen(info.clone())),
+        Some(row) => {
+            let changed = row.title != info.title
+                || (info.directory.is_some() && row.directory != info.directory)
+                || (row.project.is_none() && info.project.is_some())
+                || (row.model.is_none() && info.model.is_some())
+                || info.updated_at > row.last_activity;
+            changed.then(|| Event::AgentSessionChanged(info.clone()))
+        }
+    }
+}
+
+/// The events of one report of the agent server's event stream. Deletions reported by the
+/// server itself are facts (`GoneReason::Deleted`); a reconnect yields nothing here (the
+/// observer answers it with a full listing, which closes any gap).
+pub fn agent_observation(view: &SessionsView, obs: &AgentObservation) -> Vec<Event> {
+    match obs {
+        AgentObservation::Connected { .. } => Vec::new(),
+        AgentObservation::SessionUpdated(info) => agent_session(view, info).into_iter().collect(),
+        AgentObservation::SessionDeleted(id) => {
+            if view.agent.contains_key(id) {
+                vec![Event::AgentSessionGone(AgentSessionGone {
+                    agent_session_id: id.clone(),
+                    reason: GoneReason::Deleted,
+                })]
+            } else {
+                Vec::new()
+            }
+        }
+        AgentObservation::Status(s) => match view.agent.get(&s.agent_session_id) {
+            Some(row) if row.status != s.status => vec![Event::AgentSessionStatus(s.clone())],
+            _ => Vec::new(),
+        },
+        AgentObservation::MessageUpdated {
+            agent_session_id,
+            at,
+            ..
+        } => match view.agent.get(agent_session_id) {
+            // Activity: the session's last activity moves, so it is not taken for stale.
+            Some(row) if *at > row.last_activity => {
+                vec![Event::AgentSessionChanged(AgentSessionInfo {
+                    agent_session_id: agent_session_id.clone(),
+                    title: row.title.clone(),
+                    directory: row.directory.clone(),
+                    project: row.project.clone(),
+                    model: row.model.clone(),
+                    updated_at: *at,
+                })]
+            }
+            _ => Vec::new(),
+        },
+    }
+}
 
 /// The events of one agent-server listing.
 pub fn agent_listing(view: &SessionsView, listing: &AgentListing, as_of_seq: u64) -> Vec<Event> {
-    let mut events = Vec::new();
-    for info in &listing.sessions {
-        match view.agent.get(&info.agent_session_id) {
-            None => events.push(Event::AgentSessionSeen(info.clone())),
-            Some(row) => {
-                let changed = row.title != info.title
-                    || (info.directory.is_some() && row.directory != info.directory)
-                    || (row.project.is_none() && info.project.is_some())
-                    || (row.model.is_none() && info.model.is_some())
-                    || info.updated_at > row.last_activity;
-                if changed {
-                    events.push(Event::AgentSessionChanged(info.clone()));
-                }
-            }
-        }
-    }
+    let mut events: Vec<Event> = listing
+        .sessions
+        .iter()
+        .filter_map(|info| agent_session(view, info))
+        .collect();
     if listing.complete {
         let listed: HashSet<&AgentSessionId> = listing
             .sessions

@@ -272,6 +272,10 @@ pub(crate) fn summary(e: &Event) -> String {
         Event::WorkerStarted(b) => format!("worker {} v{} pid {}", b.worker_id, b.version, b.pid),
         Event::WorkerReady(b) => format!("ready in {} ms", b.time_to_ready_ms),
         Event::WorkerStopping(b) => b.reason.clone(),
+        Event::WorkerState(b) => match &b.detail {
+            Some(d) => format!("{}: {d}", b.state.name()),
+            None => b.state.name().to_owned(),
+        },
         Event::AgentServerStarted(b) => format!(
             "generation {} at {} pid {}",
             b.generation,

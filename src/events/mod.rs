@@ -129,6 +129,8 @@ event_catalogue! {
     WorkerReady(WorkerReady) = "worker_ready", version 1;
     /// The worker is draining.
     WorkerStopping(WorkerStopping) = "worker_stopping", version 1;
+    /// The worker moved to another lifecycle state (every transition of `agentsync run`).
+    WorkerState(WorkerStateChanged) = "worker_state", version 1;
     /// A spawned agent server is up.
     AgentServerStarted(AgentServerStarted) = "agent_server_started", version 1;
     /// A spawned agent server exited.
@@ -186,6 +188,7 @@ impl Event {
             | Event::WorkerStarted(_)
             | Event::WorkerReady(_)
             | Event::WorkerStopping(_)
+            | Event::WorkerState(_)
             | Event::AgentServerStarted(_)
             | Event::AgentServerExited(_)
             | Event::AgentServerGaveUp(_)

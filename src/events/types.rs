@@ -767,6 +767,62 @@ pub struct WorkerStopping {
     pub reason: String,
 }
 
+/// The lifecycle of a worker process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    /// The process started; the log is open.
+    Starting,
+    /// Loading checkpoints and applying the log's tail.
+    CatchingUp,
+    /// Reaching the agent server and the backend.
+    Connecting,
+    /// Waiting for the first complete listing of both sides.
+    Observing,
+    /// Working.
+    Ready,
+    /// No new work; in-flight calls finish; checkpoints are written.
+    Draining,
+    /// Done.
+    Stopped,
+}
+
+impl Lifecycle {
+    /// Every state, in order.
+    pub const ALL: [Lifecycle; 7] = [
+        Lifecycle::Starting,
+        Lifecycle::CatchingUp,
+        Lifecycle::Connecting,
+        Lifecycle::Observing,
+        Lifecycle::Ready,
+        Lifecycle::Draining,
+        Lifecycle::Stopped,
+    ];
+
+    /// The state's name, as in events and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Lifecycle::Starting => "starting",
+            Lifecycle::CatchingUp => "catching_up",
+            Lifecycle::Connecting => "connecting",
+            Lifecycle::Observing => "observing",
+            Lifecycle::Ready => "ready",
+            Lifecycle::Draining => "draining",
+            Lifecycle::Stopped => "stopped",
+        }
+    }
+}
+
+/// The worker entered a lifecycle state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct WorkerStateChanged {
+    /// The new state.
+    pub state: Lifecycle,
+    /// What it is doing or why, in one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// A spawned agent server is up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AgentServerStarted {

@@ -13,6 +13,7 @@
 //! grace period; checkpoints written) -> Stopped.
 
 pub mod observers;
+pub mod status;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,11 +30,12 @@ use crate::dispatch::{self, Action, DispatchConfig, DispatchStats, Dispatcher};
 use crate::events::*;
 use crate::log::{CheckpointPolicy, EventLog, LiveViews, LogError};
 use crate::observe;
-use crate::ports::{AgentServer, Backend, ModelList, PortError};
+use crate::ports::{AgentObservation, AgentServer, Backend, ModelList, PortError};
 use crate::projections::Views;
 use crate::reconcile::{self, Context};
 
 pub use observers::{Observation, PollPolicy, Poller};
+pub use status::{StuckPolicy, WorkerStatus};
 
 /// The clock of a worker running on tokio: wall time at `rebase`, advanced by tokio's clock.
 /// Under a paused tokio clock (the simulations) time moves only when every task waits, so hours
@@ -155,6 +157,10 @@ pub struct Worker {
     seq: Arc<AtomicU64>,
     /// The event id of each command's `command_planned`, for the causes of its outcomes.
     planned_ids: HashMap<CommandId, Uuid>,
+    status: Arc<WorkerStatus>,
+    inlet: mpsc::Sender<Observation>,
+    observations: Option<mpsc::Receiver<Observation>>,
+    nudge_agent: Arc<Notify>,
 }
 
 impl Worker {
@@ -168,6 +174,7 @@ impl Worker {
         cfg: WorkerConfig,
     ) -> Result<Worker, WorkerError> {
         let started_at = clock.now_ms();
+        let (tx, rx) = mpsc::channel(256);
         let (live, catch_up) = {
             let log = log.clone();
             let policy = cfg.checkpoints;
@@ -177,6 +184,11 @@ impl Worker {
             applied = catch_up.applied,
             seq = live.views.min_seq(),
             "caught up"
+        );
+        let caught_up = format!(
+            "{} events applied after the checkpoints, log at seq {}",
+            catch_up.applied,
+            log.last_seq()
         );
         let mut dispatcher = Dispatcher::new(cfg.dispatch.clone(), started_at);
         let resumed = dispatcher.resume(&live.views.commands.state, started_at);
@@ -195,19 +207,63 @@ impl Worker {
             started_at,
             ready_after: None,
             planned_ids: HashMap::new(),
+            status: Arc::new(WorkerStatus::new()),
+            inlet: tx,
+            observations: Some(rx),
+            nudge_agent: Arc::new(Notify::new()),
         };
         let started = WorkerStarted {
             worker_id: worker.cfg.worker_id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
         };
-        worker
-            .append(vec![NewEvent::new(
-                Event::WorkerStarted(started),
+        worker.status.set_state(Lifecycle::CatchingUp, started_at);
+        let state = |state, detail: Option<String>| {
+            NewEvent::new(
+                Event::WorkerState(WorkerStateChanged { state, detail }),
                 started_at,
-            )])
+            )
+        };
+        worker
+            .append(vec![
+                state(
+                    Lifecycle::Starting,
+                    Some(format!("pid {}", std::process::id())),
+                ),
+                NewEvent::new(Event::WorkerStarted(started), started_at),
+                state(Lifecycle::CatchingUp, Some(caught_up)),
+            ])
             .await?;
         Ok(worker)
+    }
+
+    /// The worker's outside view (state, readiness, metrics), for the HTTP server.
+    pub fn status(&self) -> Arc<WorkerStatus> {
+        self.status.clone()
+    }
+
+    /// Where other tasks send what they observe: the agent server's event stream, the
+    /// supervisor's lifecycle events. Each becomes events in the loop's next turn.
+    pub fn inlet(&self) -> mpsc::Sender<Observation> {
+        self.inlet.clone()
+    }
+
+    /// Enters a lifecycle state: an event and a log line.
+    pub async fn enter(
+        &mut self,
+        state: Lifecycle,
+        detail: Option<String>,
+    ) -> Result<(), WorkerError> {
+        let now = self.clock.now_ms();
+        tracing::info!(
+            state = state.name(),
+            detail = detail.as_deref().unwrap_or(""),
+            "lifecycle"
+        );
+        self.status.set_state(state, now);
+        let event = Event::WorkerState(WorkerStateChanged { state, detail });
+        self.append(vec![NewEvent::new(event, now)]).await?;
+        Ok(())
     }
 
     /// The live views.
@@ -226,6 +282,7 @@ impl Worker {
         }
         let log = self.log.clone();
         let stored = blocking(move || log.append(events)).await??;
+        self.status.appended(&stored);
         if let Some(live) = self.live.as_mut() {
             live.apply(&stored);
         }
@@ -241,7 +298,9 @@ impl Worker {
         mut self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<RunReport, WorkerError> {
-        let (tx, mut rx) = mpsc::channel(64);
+        let tx = self.inlet.clone();
+        let mut rx = self.observations.take().expect("run is called once");
+        self.enter(Lifecycle::Observing, None).await?;
         let active = Arc::new(AtomicBool::new(true));
         let nudge = Arc::new(Notify::new());
         let link = observers::ObserverLink {
@@ -249,6 +308,7 @@ impl Worker {
             seq: self.seq.clone(),
             active: active.clone(),
             nudge_backend: nudge.clone(),
+            nudge_agent: self.nudge_agent.clone(),
             gates: self.dispatcher.gates(),
             policy: self.cfg.polling,
             page_size: self.cfg.page_size,
@@ -267,6 +327,12 @@ impl Worker {
             self.check_ready(now).await?;
             planned_since_round |= self.plan_and_start(now, &mut calls, &nudge).await?;
             self.maybe_checkpoint(now).await?;
+            self.status.dispatch(
+                self.dispatcher.stats(),
+                self.dispatcher.queued(),
+                self.dispatcher.in_flight(),
+                self.dispatcher.oldest_waiting_since(),
+            );
             if let Some(n) = self.cfg.stop_when_quiet {
                 if quiet_rounds >= n {
                     break "quiet".to_owned();
@@ -304,6 +370,8 @@ impl Worker {
         };
         observers.abort_all();
         self.drain(&stopped, calls).await?;
+        self.enter(Lifecycle::Stopped, Some(stopped.clone()))
+            .await?;
         let live = self.live.take().expect("views");
         Ok(RunReport {
             started_at: self.started_at,
@@ -329,18 +397,20 @@ impl Worker {
             let ms = now.saturating_sub(self.started_at);
             self.ready_after = Some(ms);
             let views = self.views();
-            tracing::info!(
-                time_to_ready_ms = ms,
-                agent_sessions = views.sessions.state.agent.len(),
-                chat_sessions = views.sessions.state.chat.len(),
-                queued = self.dispatcher.queued(),
-                "ready"
+            let summary = format!(
+                "{} agent sessions and {} chat sessions in view, ready in {ms} ms, {} model fetches, {} commands queued, {} messages pending",
+                views.sessions.state.agent.len(),
+                views.sessions.state.chat.len(),
+                self.dispatcher.stats().model_fetches,
+                self.dispatcher.queued(),
+                views.messages.state.pending_by_chat.values().map(|p| p.len()).sum::<usize>(),
             );
             let ready = WorkerReady {
                 time_to_ready_ms: ms,
             };
             self.append(vec![NewEvent::new(Event::WorkerReady(ready), now)])
                 .await?;
+            self.enter(Lifecycle::Ready, Some(summary)).await?;
         }
         Ok(())
     }
@@ -479,7 +549,27 @@ impl Worker {
                 error: e.message,
             })
         };
+        let obs = match obs {
+            Observation::Lifecycle(event) => {
+                if matches!(event, Event::AgentServerStarted(_)) {
+                    // A new server: list it now rather than at the next poll.
+                    self.nudge_agent.notify_one();
+                }
+                self.append(vec![NewEvent::new(event, now)]).await?;
+                return Ok(());
+            }
+            Observation::AgentStream(AgentObservation::Connected { reconnected }) => {
+                if reconnected {
+                    // Events may have been missed: a full listing closes the gap.
+                    self.nudge_agent.notify_one();
+                }
+                return Ok(());
+            }
+            other => other,
+        };
         let (source, ok) = match &obs {
+            Observation::AgentStream(_) => (Source::Agent, true),
+            Observation::Lifecycle(_) => unreachable!("handled above"),
             Observation::AgentSessions { result, .. } => (Source::Agent, result.is_ok()),
             Observation::AgentStatus(r) => (Source::Agent, r.is_ok()),
             Observation::BackendSessions { error, .. } => (Source::Backend, error.is_none()),
@@ -513,6 +603,10 @@ impl Worker {
                 Ok(messages) => observe::backend_messages(&views.messages.state, &messages),
                 Err(e) => vec![failed(Source::Backend, "list_messages", e)],
             },
+            Observation::AgentStream(report) => {
+                observe::agent_observation(&views.sessions.state, &report)
+            }
+            Observation::Lifecycle(_) => unreachable!("handled above"),
         };
         let events = events.into_iter().map(|e| NewEvent::new(e, now)).collect();
         self.append(events).await?;
@@ -593,6 +687,8 @@ impl Worker {
     async fn drain(&mut self, reason: &str, mut calls: JoinSet<Done>) -> Result<(), WorkerError> {
         let now = self.clock.now_ms();
         tracing::info!(reason, in_flight = calls.len(), "draining");
+        self.enter(Lifecycle::Draining, Some(reason.to_owned()))
+            .await?;
         let stopping = WorkerStopping {
             reason: reason.to_owned(),
         };

@@ -11,8 +11,10 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::clock::Millis;
 use crate::dispatch::Gates;
-use crate::events::{AgentSessionStatus, ChatSessionInfo, MessageInfo};
-use crate::ports::{AgentListing, AgentServer, Backend, Page, PortError, PortFuture};
+use crate::events::{AgentSessionStatus, ChatSessionInfo, Event, MessageInfo};
+use crate::ports::{
+    AgentListing, AgentObservation, AgentServer, Backend, Page, PortError, PortFuture,
+};
 
 /// How often a source is polled: fast while there is work, backing off while idle.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,6 +97,10 @@ pub enum Observation {
     },
     /// The backend messages changed since the last poll.
     BackendMessages(Result<Vec<MessageInfo>, PortError>),
+    /// What the agent server's event stream reported.
+    AgentStream(AgentObservation),
+    /// An event from outside the loop (the agent server's supervisor), appended as it is.
+    Lifecycle(Event),
 }
 
 /// What the observers share with the controller.
@@ -108,6 +114,8 @@ pub struct ObserverLink {
     pub active: Arc<AtomicBool>,
     /// Poll the backend now (the worker just sent a prompt).
     pub nudge_backend: Arc<Notify>,
+    /// List the agent server now (its event stream reconnected: events may have been missed).
+    pub nudge_agent: Arc<Notify>,
     /// The per-target gates.
     pub gates: Gates,
     /// The polling policy.
@@ -153,7 +161,10 @@ pub async fn observe_agent(agent: Arc<dyn AgentServer>, link: ObserverLink) {
             return;
         }
         let wait = poller.next(link.active.load(Ordering::SeqCst), &mut rng);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            _ = link.nudge_agent.notified() => {}
+        }
     }
 }
 
