@@ -6,6 +6,7 @@ mod demo;
 mod rebuild;
 mod render;
 mod replay;
+mod run;
 mod stats;
 mod why;
 
@@ -29,6 +30,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the worker: observe both sides, reconcile, dispatch, until SIGTERM or SIGINT.
+    Run(RunArgs),
     /// Print the log as a timeline, or the state of a view at a point of it.
     Replay(ReplayArgs),
     /// Explain an id: the observations that led to it and the outcomes that followed.
@@ -140,6 +143,59 @@ struct DemoArgs {
 }
 
 #[derive(Debug, Args)]
+struct RunArgs {
+    /// The worker's data directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// The worker's id (the backend's `workerId`).
+    #[arg(long, value_name = "ID")]
+    worker_id: Option<String>,
+    /// The agent server's URL (an `opencode serve` already running).
+    #[arg(long, value_name = "URL", conflicts_with = "spawn_agent")]
+    agent_url: Option<String>,
+    /// Start `opencode serve` in --agent-dir and supervise it.
+    #[arg(long)]
+    spawn_agent: bool,
+    /// The agent directory: where a spawned server runs, and whose sessions are synced.
+    #[arg(long, value_name = "DIR")]
+    agent_dir: Option<PathBuf>,
+    /// The environment variable holding the agent server's password.
+    #[arg(long, value_name = "VAR")]
+    agent_password_env: Option<String>,
+    /// The `opencode` executable for --spawn-agent (default: $AGENTSYNC_OPENCODE_BIN, or
+    /// `opencode` on PATH).
+    #[arg(long, value_name = "PATH")]
+    opencode_bin: Option<PathBuf>,
+    /// The backend: local (embedded, the default) or convex.
+    #[arg(long, value_name = "KIND", value_enum)]
+    backend: Option<run::BackendKind>,
+    /// The Convex deployment's URL (with --backend convex).
+    #[arg(long, value_name = "URL")]
+    convex_url: Option<String>,
+    /// The environment variable holding the Convex deploy key.
+    #[arg(long, value_name = "VAR")]
+    convex_key_env: Option<String>,
+    /// The Convex module of the functions (default: agentsync).
+    #[arg(long, value_name = "NAME")]
+    convex_module: Option<String>,
+    /// The model of prompts whose session names none, PROVIDER/MODEL.
+    #[arg(long, value_name = "PROVIDER/MODEL")]
+    model: Option<String>,
+    /// Calls in flight at most (default 10).
+    #[arg(long, value_name = "N")]
+    concurrency: Option<usize>,
+    /// Where /metrics, /healthz and /readyz listen (default 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<String>,
+    /// How long in-flight calls may finish after SIGTERM (default 10).
+    #[arg(long, value_name = "SECS")]
+    drain_grace_secs: Option<u64>,
+    /// A TOML file with the same keys as these flags (`data-dir = "..."`); flags win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 struct SendArgs {
     #[command(flatten)]
     dir: DataDir,
@@ -242,15 +298,21 @@ fn open_log(dir: &DataDir) -> Result<EventLog, CliError> {
 /// Runs the command line and returns the process's exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The worker tells its lifecycle at info; the inspection commands speak only when wrong.
+    let default_filter = match cli.command {
+        Command::Run(_) => "agentsync=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(io::stderr)
         .init();
     let mut out = Out::new(io::stdout().lock());
     let result = match cli.command {
+        Command::Run(a) => run::run(a, &mut out),
         Command::Replay(a) => replay::run(a, &mut out),
         Command::Why(a) => why::run(a, &mut out),
         Command::Rebuild(a) => rebuild::run(a, &mut out),

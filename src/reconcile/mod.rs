@@ -32,12 +32,15 @@ use crate::projections::{
 };
 
 /// What the reconciler may decide, as numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// A message still incomplete this long before the worker started is failed, not retried.
     pub retry_window_ms: Millis,
     /// A session busy this long with no progress is marked failed.
     pub stale_busy_ms: Millis,
+    /// The model of prompts whose session names none (`--model`); `None`: the agent server's
+    /// default.
+    pub default_model: Option<ModelRef>,
 }
 
 impl Default for Policy {
@@ -45,6 +48,7 @@ impl Default for Policy {
         Self {
             retry_window_ms: 5 * 60 * 1000,
             stale_busy_ms: 6 * 60 * 60 * 1000,
+            default_model: None,
         }
     }
 }
@@ -415,7 +419,8 @@ fn plan_pending(
                     .model
                     .as_deref()
                     .map(ModelRef::parse)
-                    .or_else(|| agent.model.clone());
+                    .or_else(|| agent.model.clone())
+                    .or_else(|| policy.default_model.clone());
                 plan.plan(
                     ids::prompt(message_id),
                     || Command::Prompt {

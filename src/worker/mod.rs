@@ -12,6 +12,7 @@
 //! of both sides) -> Ready (prompts allowed) -> Draining (no new work; in-flight calls get a
 //! grace period; checkpoints written) -> Stopped.
 
+pub mod http;
 pub mod observers;
 pub mod status;
 
@@ -217,6 +218,8 @@ impl Worker {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
         };
+        tracing::info!(state = "starting", detail = %format!("pid {}", std::process::id()), "lifecycle");
+        tracing::info!(state = "catching_up", detail = %caught_up, "lifecycle");
         worker.status.set_state(Lifecycle::CatchingUp, started_at);
         let state = |state, detail: Option<String>| {
             NewEvent::new(

@@ -1,0 +1,472 @@
+//! `agentsync run`: the worker process. Settings come from flags and `--config FILE` (TOML with
+//! the flags' names as keys; flags win). Then: Starting -> CatchingUp -> Connecting (the agent
+//! server at `--agent-url`, or spawned and supervised with `--spawn-agent`; the backend) ->
+//! Observing -> Ready -> Draining (on SIGTERM or SIGINT) -> Stopped, exit 0.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{CliError, Out, RunArgs};
+use crate::agent::process::LaunchConfig;
+use crate::agent::supervisor::{supervise, RestartPolicy};
+use crate::agent::{OpencodeClient, OpencodeConfig, OpencodeLauncher};
+use crate::backend::local::{inbox_router, INBOX_FILE};
+use crate::backend::{ConvexClient, ConvexConfig, LocalBackend};
+use crate::clock::{Clock, SystemClock};
+use crate::events::{Event, Lifecycle, ModelRef};
+use crate::log::{EventLog, LogOptions};
+use crate::ports::{AgentServer, Backend};
+use crate::secret::Secret;
+use crate::worker::{http, Observation, StuckPolicy, Worker, WorkerConfig};
+
+/// Which backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum BackendKind {
+    /// The embedded local backend, in the worker's own database, with a loopback inbox.
+    Local,
+    /// A Convex deployment (`--convex-url`).
+    Convex,
+}
+
+/// `--config FILE`: the flags' names as keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    worker_id: Option<String>,
+    agent_url: Option<String>,
+    spawn_agent: Option<bool>,
+    agent_dir: Option<PathBuf>,
+    agent_password_env: Option<String>,
+    opencode_bin: Option<PathBuf>,
+    backend: Option<BackendKind>,
+    convex_url: Option<String>,
+    convex_key_env: Option<String>,
+    convex_module: Option<String>,
+    model: Option<String>,
+    concurrency: Option<usize>,
+    metrics_addr: Option<String>,
+    drain_grace_secs: Option<u64>,
+}
+
+enum AgentSide {
+    Url(String),
+    Spawn { dir: PathBuf, program: PathBuf },
+}
+
+enum BackendSide {
+    Local,
+    Convex(ConvexConfig),
+}
+
+struct Settings {
+    data_dir: PathBuf,
+    worker_id: String,
+    agent: AgentSide,
+    agent_dir: Option<PathBuf>,
+    password: Option<Secret>,
+    backend: BackendSide,
+    model: Option<ModelRef>,
+    concurrency: usize,
+    metrics_addr: SocketAddr,
+    drain_grace_ms: u64,
+}
+
+fn read_config(path: &Path) -> Result<FileConfig, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(format!("cannot read --config {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start].lines().count().max(1))
+            .map_or(String::new(), |l| format!(" (line {l})"));
+        CliError::usage(format!(
+            "bad config {}{line}: {}",
+            path.display(),
+            e.message().replace('\n', " ")
+        ))
+    })
+}
+
+impl Settings {
+    /// Flags over the config file, checked: every problem is a usage error naming its key.
+    fn resolve(args: RunArgs) -> Result<Self, CliError> {
+        let file = match &args.config {
+            Some(p) => read_config(p)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .ok_or_else(|| CliError::usage("data-dir is required (--data-dir DIR)"))?;
+        let worker_id = args
+            .worker_id
+            .or(file.worker_id)
+            .ok_or_else(|| CliError::usage("worker-id is required (--worker-id ID)"))?;
+        if worker_id.trim().is_empty() {
+            return Err(CliError::usage("worker-id must not be empty"));
+        }
+        let agent_url = args.agent_url.or(file.agent_url);
+        let spawn = args.spawn_agent || file.spawn_agent.unwrap_or(false);
+        let agent_dir = args.agent_dir.or(file.agent_dir);
+        let agent_dir = match agent_dir {
+            Some(d) => Some(
+                std::fs::canonicalize(&d)
+                    .map_err(|e| CliError::usage(format!("agent-dir {}: {e}", d.display())))?,
+            ),
+            None => None,
+        };
+        let agent = match (agent_url, spawn) {
+            (Some(_), true) => {
+                return Err(CliError::usage(
+                    "agent-url and spawn-agent exclude each other: give one",
+                ))
+            }
+            (Some(url), false) => {
+                if !url.starts_with("http://") && !url.starts_with("https://") {
+                    return Err(CliError::usage(format!(
+                        "agent-url {url:?} is not an http(s) URL"
+                    )));
+                }
+                AgentSide::Url(url)
+            }
+            (None, true) => {
+                let dir = match &agent_dir {
+                    Some(d) => d.clone(),
+                    None => std::env::current_dir().map_err(|e| {
+                        CliError::usage(format!("no agent-dir and no current directory: {e}"))
+                    })?,
+                };
+                let program = args
+                    .opencode_bin
+                    .or(file.opencode_bin)
+                    .or_else(|| std::env::var_os("AGENTSYNC_OPENCODE_BIN").map(PathBuf::from))
+                    .unwrap_or_else(|| PathBuf::from("opencode"));
+                AgentSide::Spawn { dir, program }
+            }
+            (None, false) => {
+                return Err(CliError::usage(
+                    "no agent server: give --agent-url URL or --spawn-agent",
+                ))
+            }
+        };
+        let password = match args.agent_password_env.or(file.agent_password_env) {
+            Some(var) => Some(
+                Secret::from_env(&var)
+                    .map_err(|e| CliError::usage(format!("agent-password-env: {e}")))?,
+            ),
+            None => None,
+        };
+        let backend = match args.backend.or(file.backend).unwrap_or(BackendKind::Local) {
+            BackendKind::Local => {
+                if args.convex_url.is_some() || file.convex_url.is_some() {
+                    return Err(CliError::usage(
+                        "convex-url is set but backend is local: add --backend convex",
+                    ));
+                }
+                BackendSide::Local
+            }
+            BackendKind::Convex => {
+                let url = args.convex_url.or(file.convex_url).ok_or_else(|| {
+                    CliError::usage("backend convex needs convex-url (--convex-url URL)")
+                })?;
+                let mut cfg = ConvexConfig::new(url, worker_id.clone());
+                if let Some(var) = args.convex_key_env.or(file.convex_key_env) {
+                    cfg.deploy_key = Some(
+                        Secret::from_env(&var)
+                            .map_err(|e| CliError::usage(format!("convex-key-env: {e}")))?,
+                    );
+                }
+                if let Some(m) = args.convex_module.or(file.convex_module) {
+                    cfg.module = m;
+                }
+                BackendSide::Convex(cfg)
+            }
+        };
+        let model = match args.model.or(file.model) {
+            Some(m)
+                if m.split_once('/')
+                    .is_some_and(|(p, m)| !p.is_empty() && !m.is_empty()) =>
+            {
+                Some(ModelRef::parse(&m))
+            }
+            Some(m) => {
+                return Err(CliError::usage(format!(
+                    "model {m:?} is not PROVIDER/MODEL"
+                )))
+            }
+            None => None,
+        };
+        let concurrency = args.concurrency.or(file.concurrency).unwrap_or(10);
+        if concurrency == 0 {
+            return Err(CliError::usage("concurrency must be at least 1"));
+        }
+        let addr = args
+            .metrics_addr
+            .or(file.metrics_addr)
+            .unwrap_or_else(|| "127.0.0.1:9464".into());
+        let metrics_addr: SocketAddr = addr
+            .parse()
+            .map_err(|e| CliError::usage(format!("metrics-addr {addr:?}: {e}")))?;
+        let drain_grace_ms = args
+            .drain_grace_secs
+            .or(file.drain_grace_secs)
+            .unwrap_or(10)
+            * 1000;
+        Ok(Settings {
+            data_dir,
+            worker_id,
+            agent,
+            agent_dir,
+            password,
+            backend,
+            model,
+            concurrency,
+            metrics_addr,
+            drain_grace_ms,
+        })
+    }
+}
+
+pub(super) fn run(args: RunArgs, _out: &mut Out) -> Result<(), CliError> {
+    let settings = Settings::resolve(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::runtime(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(run_worker(settings))
+}
+
+/// Resolves when SIGTERM or SIGINT arrives, with its name.
+async fn termination() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without handlers the default action (exit) applies; wait forever here.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+async fn run_worker(s: Settings) -> Result<(), CliError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let log = {
+        let dir = s.data_dir.clone();
+        let opts = LogOptions {
+            create: true,
+            ..LogOptions::default()
+        };
+        tokio::task::spawn_blocking(move || EventLog::open(&dir, &opts))
+            .await
+            .map_err(|e| CliError::runtime(e.to_string()))??
+    };
+    let log = Arc::new(log);
+
+    // Bind first: a taken port is the user's to fix, before anything is started.
+    let metrics = tokio::net::TcpListener::bind(s.metrics_addr)
+        .await
+        .map_err(|e| CliError::usage(format!("metrics-addr {}: {e}", s.metrics_addr)))?;
+
+    let mut agent_config = OpencodeConfig::new(match &s.agent {
+        AgentSide::Url(url) => url.clone(),
+        AgentSide::Spawn { .. } => "http://127.0.0.1:9".into(),
+    });
+    agent_config.password = s.password.clone();
+    agent_config.directory = s.agent_dir.as_ref().map(|d| d.display().to_string());
+    let client = Arc::new(OpencodeClient::new(agent_config).map_err(runtime)?);
+
+    let (backend, inbox): (Arc<dyn Backend>, Option<axum::Router>) = match &s.backend {
+        BackendSide::Local => {
+            let log2 = log.clone();
+            let (worker_id, clock2) = (s.worker_id.clone(), clock.clone());
+            let local =
+                tokio::task::spawn_blocking(move || LocalBackend::open(&log2, &worker_id, clock2))
+                    .await
+                    .map_err(|e| CliError::runtime(e.to_string()))??;
+            let router = inbox_router(local.store(), &s.worker_id);
+            (Arc::new(local), Some(router))
+        }
+        BackendSide::Convex(cfg) => (
+            Arc::new(ConvexClient::new(cfg.clone()).map_err(runtime)?),
+            None,
+        ),
+    };
+
+    let mut wcfg = WorkerConfig {
+        worker_id: s.worker_id.clone(),
+        drain_grace_ms: s.drain_grace_ms,
+        ..WorkerConfig::default()
+    };
+    wcfg.dispatch.concurrency = s.concurrency;
+    wcfg.policy.default_model = s.model.clone();
+    let agent: Arc<dyn AgentServer> = client.clone();
+    let mut worker = Worker::open(log.clone(), agent, backend, clock.clone(), wcfg)
+        .await
+        .map_err(runtime)?;
+    let status = worker.status();
+    let metrics_task = tokio::spawn(serve(
+        metrics,
+        http::router(status, clock.clone(), StuckPolicy::default()),
+    ));
+
+    let backend_desc = match &s.backend {
+        BackendSide::Local => "local".to_owned(),
+        BackendSide::Convex(c) => format!("convex at {}", c.url),
+    };
+    let agent_desc = match &s.agent {
+        AgentSide::Url(u) => format!("agent server at {u}"),
+        AgentSide::Spawn { dir, .. } => format!("spawning opencode in {}", dir.display()),
+    };
+    worker
+        .enter(
+            Lifecycle::Connecting,
+            Some(format!("{agent_desc}; backend {backend_desc}")),
+        )
+        .await
+        .map_err(runtime)?;
+
+    // The agent server: supervised when spawned, its lifecycle events into the log.
+    let inlet = worker.inlet();
+    let (stop_agent, agent_stop_rx) = watch::channel(false);
+    let mut supervisor = None;
+    match &s.agent {
+        AgentSide::Spawn { dir, program } => {
+            let launch = LaunchConfig {
+                password: s.password.clone(),
+                ..LaunchConfig::new(program.clone(), dir.clone())
+            };
+            let launcher = OpencodeLauncher::new(launch, client.clone());
+            let (events_tx, mut events_rx) = mpsc::channel::<Event>(16);
+            supervisor = Some(tokio::spawn(async move {
+                supervise(
+                    &launcher,
+                    RestartPolicy::default(),
+                    &SystemClock,
+                    1,
+                    events_tx,
+                    agent_stop_rx,
+                )
+                .await
+            }));
+            let (first_tx, first_rx) = oneshot::channel::<Result<String, String>>();
+            let forward = inlet.clone();
+            tokio::spawn(async move {
+                let mut first = Some(first_tx);
+                while let Some(event) = events_rx.recv().await {
+                    let outcome = match &event {
+                        Event::AgentServerStarted(e) => Some(Ok(e.url.clone())),
+                        Event::AgentServerGaveUp(e) => Some(Err(e.error.clone())),
+                        _ => None,
+                    };
+                    if let (Some(o), Some(tx)) = (outcome, first.take()) {
+                        let _ = tx.send(o);
+                    }
+                    if forward.send(Observation::Lifecycle(event)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            match first_rx.await {
+                Ok(Ok(url)) => tracing::info!(url, "agent server up"),
+                Ok(Err(e)) => {
+                    return Err(CliError::runtime(format!(
+                        "the agent server did not start: {e}"
+                    )))
+                }
+                Err(_) => return Err(CliError::runtime("the agent supervisor stopped")),
+            }
+        }
+        AgentSide::Url(url) => {
+            if let Err(e) = client.health().await {
+                // Not fatal: the observers keep trying, and a failed observation never prunes.
+                tracing::warn!(url, error = %e, "agent server not answering yet");
+            }
+        }
+    }
+    // Its event stream, with the periodic full listing as the safety net.
+    let stream_task = {
+        let events = client.events();
+        let inlet = inlet.clone();
+        tokio::spawn(async move {
+            tokio::pin!(events);
+            while let Some(obs) = events.next().await {
+                if inlet.send(Observation::AgentStream(obs)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    // The local inbox, on its own loopback port, its address in DIR/INBOX.
+    let inbox_file = s.data_dir.join(INBOX_FILE);
+    let inbox_task = match inbox {
+        Some(router) => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| CliError::runtime(format!("cannot open the inbox: {e}")))?;
+            let url = format!("http://{}", listener.local_addr().map_err(runtime)?);
+            std::fs::write(&inbox_file, format!("{url}\n")).map_err(|e| {
+                CliError::runtime(format!("cannot write {}: {e}", inbox_file.display()))
+            })?;
+            tracing::info!(url, "local inbox listening");
+            Some(tokio::spawn(serve(listener, router)))
+        }
+        None => None,
+    };
+    tracing::info!(addr = %s.metrics_addr, "metrics, /healthz and /readyz listening");
+
+    let report = worker
+        .run(async {
+            let signal = termination().await;
+            tracing::info!(signal, "stopping");
+        })
+        .await;
+
+    stream_task.abort();
+    if let Some(t) = inbox_task {
+        t.abort();
+        let _ = std::fs::remove_file(&inbox_file);
+    }
+    let _ = stop_agent.send(true);
+    if let Some(sup) = supervisor {
+        if tokio::time::timeout(Duration::from_secs(15), sup)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the agent server did not stop in time");
+        }
+    }
+    metrics_task.abort();
+    let report = report.map_err(runtime)?;
+    tracing::info!(
+        stopped = %report.stopped,
+        model_fetches = report.dispatch.model_fetches,
+        attempts = report.dispatch.attempts,
+        dead_letters = report.dispatch.dead_letters,
+        "stopped"
+    );
+    Ok(())
+}
+
+fn runtime(e: impl std::fmt::Display) -> CliError {
+    CliError::runtime(e.to_string())
+}
