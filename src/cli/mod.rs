@@ -309,6 +309,8 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(io::stderr)
+        // Escape codes only on a terminal: log files and journald get plain text.
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .init();
     let mut out = Out::new(io::stdout().lock());
     let result = match cli.command {
