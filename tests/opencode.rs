@@ -222,12 +222,21 @@ async fn failures_are_classified_a_context_overflow_is_terminal_a_dead_server_re
     assert_eq!(err.class, ErrorClass::Terminal, "{err}");
     assert!(err.message.contains("404"), "{err}");
 
-    let url = client.base_url();
     server.shutdown().await;
-    let err = client.list_sessions(None).await.unwrap_err();
+
+    // A server that is not there. Not the one just stopped: OpenCode takes port 4096 first, so
+    // another test's server may be listening there by now.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dead = OpencodeClient::new(OpencodeConfig::new(format!("http://{closed}"))).unwrap();
+    let err = dead.list_sessions(None).await.unwrap_err();
     assert_eq!(err.class, ErrorClass::Retryable, "{err}");
-    assert!(err.message.contains("cannot connect"), "{err}");
-    assert!(!url.is_empty());
+    assert!(
+        err.message.starts_with("GET /session: cannot connect"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
