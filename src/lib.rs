@@ -24,4 +24,5 @@ pub mod reconcile;
 pub mod secret;
 pub mod sim;
 pub mod testkit;
+pub mod transport;
 pub mod worker;

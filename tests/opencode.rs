@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agentsync::agent::supervisor::{supervise, RestartPolicy};
+use agentsync::agent::supervisor::{supervise, GaveUp, RestartPolicy};
 use agentsync::agent::{OpencodeClient, OpencodeConfig, Secret};
 use agentsync::clock::SystemClock;
 use agentsync::events::{AgentSessionId, AgentStatus, ErrorClass, Event};
@@ -49,6 +49,37 @@ async fn next_event(rx: &mut mpsc::Receiver<Event>, kind: &str) -> Event {
     })
     .await
     .unwrap_or_else(|_| panic!("no {kind} within {PATIENCE:?}"))
+}
+
+/// A supervisor over the project's servers, running in a task.
+struct Supervised {
+    client: Arc<OpencodeClient>,
+    rx: mpsc::Receiver<Event>,
+    stop: watch::Sender<bool>,
+    supervisor: tokio::task::JoinHandle<Result<(), GaveUp>>,
+}
+
+fn supervised(project: &Project) -> Supervised {
+    let (client, launcher) = project.launcher(None);
+    let (tx, rx) = mpsc::channel(64);
+    let (stop, stopped) = watch::channel(false);
+    let supervisor = tokio::spawn(async move {
+        supervise(
+            &launcher,
+            RestartPolicy::default(),
+            &SystemClock,
+            1,
+            tx,
+            stopped,
+        )
+        .await
+    });
+    Supervised {
+        client,
+        rx,
+        stop,
+        supervisor,
+    }
 }
 
 fn process_gone(pid: u32) -> bool {
@@ -304,20 +335,12 @@ async fn the_event_stream_reports_create_rename_status_and_delete() {
 async fn a_server_killed_with_sigkill_is_restarted_and_still_lists_its_sessions() {
     let model = MockModel::start().await;
     let project = Project::new(&model);
-    let (client, launcher) = project.launcher(None);
-    let (tx, mut rx) = mpsc::channel(64);
-    let (stop, stopped) = watch::channel(false);
-    let supervisor = tokio::spawn(async move {
-        supervise(
-            &launcher,
-            RestartPolicy::default(),
-            &SystemClock,
-            1,
-            tx,
-            stopped,
-        )
-        .await
-    });
+    let Supervised {
+        client,
+        mut rx,
+        stop,
+        supervisor,
+    } = supervised(&project);
     let Event::AgentServerStarted(first) = next_event(&mut rx, "agent_server_started").await else {
         unreachable!()
     };
@@ -382,20 +405,12 @@ async fn a_server_killed_with_sigkill_is_restarted_and_still_lists_its_sessions(
 async fn after_three_quick_crashes_the_supervisor_gives_up_with_the_event_and_the_error() {
     let model = MockModel::start().await;
     let project = Project::new(&model);
-    let (_client, launcher) = project.launcher(None);
-    let (tx, mut rx) = mpsc::channel(64);
-    let (_stop, stopped) = watch::channel(false);
-    let supervisor = tokio::spawn(async move {
-        supervise(
-            &launcher,
-            RestartPolicy::default(),
-            &SystemClock,
-            1,
-            tx,
-            stopped,
-        )
-        .await
-    });
+    let Supervised {
+        mut rx,
+        stop: _stop,
+        supervisor,
+        ..
+    } = supervised(&project);
     // Every server dies as soon as it is up.
     let mut killed = Vec::new();
     let gave_up = tokio::time::timeout(Duration::from_secs(120), async {

@@ -24,6 +24,7 @@ use crate::ports::{
     AgentListing, AgentObservation, AgentServer, ModelList, PortError, PortFuture, PortResult,
 };
 pub use crate::secret::Secret;
+use crate::transport::{one_line, retry_after_ms, transport_error};
 
 /// The user OpenCode expects in basic auth.
 const BASIC_AUTH_USER: &str = "opencode";
@@ -205,7 +206,7 @@ impl OpencodeClient {
         let response = tokio::time::timeout(self.config.timeout, request.send())
             .await
             .map_err(|_| PortError::retryable("GET /event: timed out"))?
-            .map_err(|e| transport_error("GET", "/event", &e))?;
+            .map_err(|e| transport_error("GET /event", &e))?;
         if !response.status().is_success() {
             let status = response.status();
             return Err(classify_status("GET", "/event", status, None, "").error);
@@ -255,11 +256,7 @@ impl OpencodeClient {
         let exchange = async {
             let response = request.send().await?;
             let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
+            let retry_after = retry_after_ms(response.headers());
             let bytes = response.bytes().await?;
             Ok::<_, reqwest::Error>((status, retry_after, bytes))
         };
@@ -270,7 +267,12 @@ impl OpencodeClient {
                     limit.as_millis()
                 ))))
             }
-            Ok(Err(e)) => return Err(CallError::plain(transport_error(&m, path, &e))),
+            Ok(Err(e)) => {
+                return Err(CallError::plain(transport_error(
+                    &format!("{m} {path}"),
+                    &e,
+                )))
+            }
             Ok(Ok(reply)) => reply,
         };
         if status.is_success() {
@@ -549,13 +551,13 @@ fn classify_status(
     method: &str,
     path: &str,
     status: StatusCode,
-    retry_after_s: Option<u64>,
+    retry_after_ms: Option<Millis>,
     body: &str,
 ) -> CallError {
     let detail = serde_json::from_str::<wire::ErrorBody>(body)
         .ok()
         .and_then(|b| b.describe())
-        .unwrap_or_else(|| wire::one_line(body));
+        .unwrap_or_else(|| one_line(body));
     let mut message = format!("{method} {path}: HTTP {}: {detail}", status.as_u16());
     if status == StatusCode::UNAUTHORIZED {
         message.push_str(" (the server wants a password: see --agent-password-env)");
@@ -565,39 +567,13 @@ fn classify_status(
     } else {
         PortError::terminal(message)
     };
-    if let Some(s) = retry_after_s {
-        error = error.with_retry_after(s.saturating_mul(1000));
+    if let Some(ms) = retry_after_ms {
+        error = error.with_retry_after(ms);
     }
     CallError {
         error,
         status: Some(status),
     }
-}
-
-fn transport_error(method: &str, path: &str, e: &reqwest::Error) -> PortError {
-    let what = if e.is_connect() {
-        "cannot connect"
-    } else if e.is_timeout() {
-        "timed out"
-    } else {
-        "connection failed"
-    };
-    // reqwest's Display includes the URL, never credentials (basic auth is a header).
-    PortError::retryable(format!(
-        "{method} {path}: {what}: {}",
-        wire::one_line(&error_chain(e))
-    ))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 fn decode<T: DeserializeOwned>(method: &str, path: &str, bytes: &[u8]) -> PortResult<T> {
@@ -690,7 +666,7 @@ mod tests {
             "GET",
             "/session",
             StatusCode::SERVICE_UNAVAILABLE,
-            Some(3),
+            Some(3_000),
             "",
         );
         assert!(e.error.is_retryable());

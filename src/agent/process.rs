@@ -310,6 +310,9 @@ fn tail_of(tail: &Mutex<VecDeque<String>>) -> String {
         String::new()
     } else {
         let joined: Vec<&str> = t.iter().map(String::as_str).collect();
-        format!("; it said: {}", super::wire::one_line(&joined.join(" | ")))
+        format!(
+            "; it said: {}",
+            crate::transport::one_line(&joined.join(" | "))
+        )
     }
 }

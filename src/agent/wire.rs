@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::events::{AgentSessionInfo, AgentSessionStatus, AgentStatus, ModelRef};
+use crate::transport::one_line;
 
 /// `Session`.
 #[derive(Debug, Clone, Deserialize)]
@@ -364,21 +365,6 @@ pub struct MessageTime {
     /// Completed, ms (assistant messages, once done).
     #[serde(default)]
     pub completed: Option<u64>,
-}
-
-/// Cuts a server's message to one line of at most 300 characters.
-pub fn one_line(s: &str) -> String {
-    let mut out: String = s
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .chars()
-        .take(300)
-        .collect();
-    if out.is_empty() {
-        out.push_str("(empty)");
-    }
-    out
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use crate::events::{
     AgentSessionId, ChatSessionId, ChatSessionInfo, ChatStatus, Command, CommandId, MessageId,
     MessageInfo, Role,
 };
+use crate::ports::{Page, PortError, PortResult};
 
 /// `listSessions` and `listMessages` arguments.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -34,6 +35,17 @@ pub struct PageValue<T> {
     pub is_done: bool,
     /// The cursor of the next page (for `listMessages`, also where the next poll starts).
     pub continue_cursor: String,
+}
+
+impl<W> PageValue<W> {
+    /// The page as the port hands it over, its items in the core's types.
+    pub fn into_page<T: From<W>>(self) -> Page<T> {
+        Page {
+            page: self.page.into_iter().map(T::from).collect(),
+            is_done: self.is_done,
+            continue_cursor: self.continue_cursor,
+        }
+    }
 }
 
 /// A chat session as the backend stores it.
@@ -260,15 +272,15 @@ pub fn schemas() -> Vec<(String, serde_json::Value)> {
 }
 
 /// A backend command as the function call that applies it: the function's name and its
-/// arguments. `None` for agent-server commands.
+/// arguments. An agent-server command is refused as a terminal error: no backend applies it.
 pub fn mutation_for(
     command_id: &CommandId,
     command: &Command,
     worker_id: &str,
-) -> Option<(&'static str, serde_json::Value)> {
+) -> PortResult<(&'static str, serde_json::Value)> {
     let id = command_id.to_string();
     let to = |v: Result<serde_json::Value, serde_json::Error>| v.expect("plain struct");
-    Some(match command {
+    Ok(match command {
         Command::CreateSession {
             agent_session_id,
             title,
@@ -351,7 +363,12 @@ pub fn mutation_for(
         ),
         Command::CreateAgentSession { .. }
         | Command::Prompt { .. }
-        | Command::AbortAgentSession { .. } => return None,
+        | Command::AbortAgentSession { .. } => {
+            return Err(PortError::terminal(format!(
+                "{} is not a backend command",
+                command.op()
+            )))
+        }
     })
 }
 
@@ -447,7 +464,7 @@ mod tests {
             },
             "w1"
         )
-        .is_none());
+        .is_err());
         let names: Vec<&str> = FUNCTIONS.iter().map(|f| f.name).collect();
         assert_eq!(names.len(), 9);
         assert_eq!(schemas().len(), 18);

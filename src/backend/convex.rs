@@ -17,6 +17,7 @@ use super::contract::{self, ChatSession, CreatedValue, FunctionKind, Message, Pa
 use crate::events::{ChatSessionId, ChatSessionInfo, Command, CommandId, MessageInfo};
 use crate::ports::{Backend, MutationReply, Page, PortError, PortFuture, PortResult};
 use crate::secret::Secret;
+use crate::transport::{one_line, retry_after_ms, transport_error};
 
 /// How to reach a Convex deployment.
 #[derive(Debug, Clone)]
@@ -101,30 +102,21 @@ impl ConvexClient {
                 format!("Convex {}", key.expose()),
             );
         }
-        let response = request.send().await.map_err(|e| {
-            let what = if e.is_timeout() {
-                "timed out"
-            } else if e.is_connect() {
-                "cannot connect"
-            } else {
-                "connection failed"
-            };
-            PortError::retryable(format!("{path}: {what}: {}", e.without_url()))
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(&path, &e))?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let bytes = response.bytes().await.map_err(|e| {
-            PortError::retryable(format!("{path}: reply broke off: {}", e.without_url()))
-        })?;
+        let retry_after = retry_after_ms(response.headers());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error(&format!("{path}: reply broke off"), &e))?;
         let reply = serde_json::from_slice::<Reply>(&bytes).ok();
         let message = reply
             .as_ref()
             .and_then(|r| r.error_message.clone())
-            .unwrap_or_else(|| crate::agent::wire::one_line(&String::from_utf8_lossy(&bytes)));
+            .unwrap_or_else(|| one_line(&String::from_utf8_lossy(&bytes)));
         match status.as_u16() {
             200 => {}
             // The function threw: it will throw again.
@@ -132,7 +124,7 @@ impl ConvexClient {
             429 => {
                 let e = PortError::retryable(format!("{path}: HTTP 429: {message}"));
                 return Err(match retry_after {
-                    Some(s) => e.with_retry_after(s.saturating_mul(1000)),
+                    Some(ms) => e.with_retry_after(ms),
                     None => e,
                 });
             }
@@ -178,11 +170,7 @@ impl ConvexClient {
                 self.config.module
             ))
         })?;
-        Ok(Page {
-            page: page.page.into_iter().map(T::from).collect(),
-            is_done: page.is_done,
-            continue_cursor: page.continue_cursor,
-        })
+        Ok(page.into_page())
     }
 }
 
@@ -226,10 +214,7 @@ impl Backend for ConvexClient {
         command: &'a Command,
     ) -> PortFuture<'a, MutationReply> {
         Box::pin(async move {
-            let (name, args) = contract::mutation_for(command_id, command, &self.config.worker_id)
-                .ok_or_else(|| {
-                    PortError::terminal(format!("{} is not a backend command", command.op()))
-                })?;
+            let (name, args) = contract::mutation_for(command_id, command, &self.config.worker_id)?;
             let value = self.call(FunctionKind::Mutation, name, args).await?;
             mutation_reply(name, value)
         })

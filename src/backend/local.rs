@@ -20,7 +20,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::contract::{ChatSession, Message};
+use super::contract::{read_value, ChatSession, ListArgs, Message, PageValue};
 use super::store::{CallError, ContractStore, Kv, SledKv};
 use crate::clock::Clock;
 use crate::events::{ChatSessionInfo, Command, CommandId, MessageInfo};
@@ -89,17 +89,17 @@ impl<K: Kv + 'static> StoreBackend<K> {
         W: serde::de::DeserializeOwned + Send + 'static,
         T: From<W> + Send + 'static,
     {
-        let args =
-            serde_json::json!({"workerId": self.worker_id, "cursor": cursor, "limit": limit});
+        let args = serde_json::to_value(ListArgs {
+            worker_id: self.worker_id.clone(),
+            cursor: cursor.map(str::to_owned),
+            limit,
+        })
+        .expect("plain struct");
         Box::pin(async move {
             let value = self.blocking(move |s| s.query(name, args)).await?;
-            let page: super::contract::PageValue<W> = super::contract::read_value(value)
-                .map_err(|e| PortError::terminal(format!("{name}: {e}")))?;
-            Ok(Page {
-                page: page.page.into_iter().map(T::from).collect(),
-                is_done: page.is_done,
-                continue_cursor: page.continue_cursor,
-            })
+            let page: PageValue<W> =
+                read_value(value).map_err(|e| PortError::terminal(format!("{name}: {e}")))?;
+            Ok(page.into_page())
         })
     }
 }
@@ -134,10 +134,7 @@ impl<K: Kv + 'static> Backend for StoreBackend<K> {
         command: &'a Command,
     ) -> PortFuture<'a, MutationReply> {
         Box::pin(async move {
-            let (name, args) = super::contract::mutation_for(command_id, command, &self.worker_id)
-                .ok_or_else(|| {
-                    PortError::terminal(format!("{} is not a backend command", command.op()))
-                })?;
+            let (name, args) = super::contract::mutation_for(command_id, command, &self.worker_id)?;
             let value = self.blocking(move |s| s.mutation(name, args)).await?;
             super::convex::mutation_reply(name, value)
         })

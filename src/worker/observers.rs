@@ -160,11 +160,16 @@ pub async fn observe_agent(agent: Arc<dyn AgentServer>, link: ObserverLink) {
         {
             return;
         }
-        let wait = poller.next(link.active.load(Ordering::SeqCst), &mut rng);
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
-            _ = link.nudge_agent.notified() => {}
-        }
+        pause(&mut poller, &mut rng, &link, &link.nudge_agent).await;
+    }
+}
+
+/// Waits the poller's next interval, or less if `nudge` fires.
+async fn pause(poller: &mut Poller, rng: &mut SmallRng, link: &ObserverLink, nudge: &Notify) {
+    let wait = poller.next(link.active.load(Ordering::SeqCst), rng);
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+        _ = nudge.notified() => {}
     }
 }
 
@@ -246,11 +251,7 @@ pub async fn observe_backend(backend: Arc<dyn Backend>, link: ObserverLink) {
         {
             return;
         }
-        let wait = poller.next(link.active.load(Ordering::SeqCst), &mut rng);
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
-            _ = link.nudge_backend.notified() => {}
-        }
+        pause(&mut poller, &mut rng, &link, &link.nudge_backend).await;
     }
 }
 
