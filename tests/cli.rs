@@ -464,3 +464,93 @@ fn a_closed_pipe_is_not_an_error() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn run_refuses_bad_settings_with_exit_2_naming_the_key_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("agentsync.toml");
+    let run = |config_text: &str, flags: &[&str]| {
+        std::fs::write(&config, config_text).unwrap();
+        let mut args = vec!["run", "--config", config.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        agentsync(&args)
+    };
+    let base = format!(
+        "data-dir = {:?}\nworker-id = \"w\"\n",
+        data.to_str().unwrap()
+    );
+    for (config_text, flags, says) in [
+        (
+            format!("{base}listing-limt = 5\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "(line 3): unknown field `listing-limt`",
+        ),
+        (
+            format!("{base}listing-limit = 0\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "listing-limit must be at least 1",
+        ),
+        (
+            format!("{base}concurrency = \"ten\"\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "(line 3): invalid type: string \"ten\"",
+        ),
+        // The flag wins over the file: its value is the one refused.
+        (
+            format!("{base}agent-url = \"http://127.0.0.1:9\"\n"),
+            vec!["--agent-url", "ftp://flag"],
+            "agent-url \"ftp://flag\" is not an http(s) URL",
+        ),
+        (
+            base.clone(),
+            vec![],
+            "no agent server: give --agent-url URL or --spawn-agent",
+        ),
+        (
+            format!("{base}spawn-agent = true\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "agent-url and spawn-agent exclude each other",
+        ),
+        (
+            base.clone(),
+            vec![
+                "--agent-url",
+                "http://127.0.0.1:9",
+                "--agent-password-env",
+                "AGENTSYNC_TEST_UNSET_VARIABLE",
+            ],
+            "agent-password-env: environment variable AGENTSYNC_TEST_UNSET_VARIABLE is not set",
+        ),
+        (
+            base.clone(),
+            vec!["--agent-url", "http://127.0.0.1:9", "--backend", "convex"],
+            "backend convex needs convex-url",
+        ),
+        (
+            base.clone(),
+            vec![
+                "--agent-url",
+                "http://127.0.0.1:9",
+                "--metrics-addr",
+                "nowhere",
+            ],
+            "metrics-addr \"nowhere\"",
+        ),
+        (
+            base.clone(),
+            vec!["--agent-url", "http://127.0.0.1:9", "--model", "no-slash"],
+            "model \"no-slash\" is not PROVIDER/MODEL",
+        ),
+    ] {
+        let out = run(&config_text, &flags);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(says), "{flags:?}: wanted {says:?} in {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(
+            !data.exists(),
+            "{flags:?}: a refused start wrote the data dir"
+        );
+    }
+}

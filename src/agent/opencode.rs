@@ -55,6 +55,10 @@ pub struct OpencodeConfig {
 }
 
 impl OpencodeConfig {
+    /// The default `listing_limit`: ample for one machine's sessions, small enough that one
+    /// listing stays a few megabytes.
+    pub const DEFAULT_LISTING_LIMIT: u32 = 10_000;
+
     /// Defaults for a server at `url`.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
@@ -62,7 +66,7 @@ impl OpencodeConfig {
             password: None,
             timeout: Duration::from_secs(30),
             prompt_timeout: Duration::from_secs(600),
-            listing_limit: 10_000,
+            listing_limit: Self::DEFAULT_LISTING_LIMIT,
             directory: None,
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(10),

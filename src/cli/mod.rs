@@ -190,6 +190,10 @@ struct RunArgs {
     /// How long in-flight calls may finish after SIGTERM (default 10).
     #[arg(long, value_name = "SECS")]
     drain_grace_secs: Option<u64>,
+    /// The most agent sessions one full listing asks for (default 10000). A listing that comes
+    /// back full counts as incomplete (never prunes, never Ready): raise it above your count.
+    #[arg(long, value_name = "N")]
+    listing_limit: Option<u32>,
     /// A TOML file with the same keys as these flags (`data-dir = "..."`); flags win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -297,7 +301,17 @@ fn open_log(dir: &DataDir) -> Result<EventLog, CliError> {
 
 /// Runs the command line and returns the process's exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    main_from(std::env::args_os())
+}
+
+/// [`main`] with the arguments given (the first is the program's name): how `agentsync-bench
+/// startup` runs the very same worker in a process of its own.
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     // The worker tells its lifecycle at info; the inspection commands speak only when wrong.
     let default_filter = match cli.command {
         Command::Run(_) => "agentsync=info",

@@ -55,6 +55,7 @@ struct FileConfig {
     concurrency: Option<usize>,
     metrics_addr: Option<String>,
     drain_grace_secs: Option<u64>,
+    listing_limit: Option<u32>,
 }
 
 enum AgentSide {
@@ -78,6 +79,7 @@ struct Settings {
     concurrency: usize,
     metrics_addr: SocketAddr,
     drain_grace_ms: u64,
+    listing_limit: u32,
 }
 
 fn read_config(path: &Path) -> Result<FileConfig, CliError> {
@@ -86,7 +88,7 @@ fn read_config(path: &Path) -> Result<FileConfig, CliError> {
     toml::from_str(&text).map_err(|e| {
         let line = e
             .span()
-            .map(|s| text[..s.start].lines().count().max(1))
+            .map(|s| text[..s.start].matches('\n').count() + 1)
             .map_or(String::new(), |l| format!(" (line {l})"));
         CliError::usage(format!(
             "bad config {}{line}: {}",
@@ -221,6 +223,13 @@ impl Settings {
             .or(file.drain_grace_secs)
             .unwrap_or(10)
             * 1000;
+        let listing_limit = args
+            .listing_limit
+            .or(file.listing_limit)
+            .unwrap_or(OpencodeConfig::DEFAULT_LISTING_LIMIT);
+        if listing_limit == 0 {
+            return Err(CliError::usage("listing-limit must be at least 1"));
+        }
         Ok(Settings {
             data_dir,
             worker_id,
@@ -232,6 +241,7 @@ impl Settings {
             concurrency,
             metrics_addr,
             drain_grace_ms,
+            listing_limit,
         })
     }
 }
@@ -291,6 +301,7 @@ async fn run_worker(s: Settings) -> Result<(), CliError> {
         AgentSide::Spawn { .. } => "http://127.0.0.1:9".into(),
     });
     agent_config.password = s.password.clone();
+    agent_config.listing_limit = s.listing_limit;
     agent_config.directory = s.agent_dir.as_ref().map(|d| d.display().to_string());
     let client = Arc::new(OpencodeClient::new(agent_config).map_err(runtime)?);
 
