@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the worker: observe both sides, reconcile, dispatch, until SIGTERM or SIGINT.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the log as a timeline, or the state of a view at a point of it.
     Replay(ReplayArgs),
     /// Explain an id: the observations that led to it and the outcomes that followed.
@@ -328,7 +328,7 @@ where
         .init();
     let mut out = Out::new(io::stdout().lock());
     let result = match cli.command {
-        Command::Run(a) => run::run(a, &mut out),
+        Command::Run(a) => run::run(*a, &mut out),
         Command::Replay(a) => replay::run(a, &mut out),
         Command::Why(a) => why::run(a, &mut out),
         Command::Rebuild(a) => rebuild::run(a, &mut out),
