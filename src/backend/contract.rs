@@ -405,6 +405,10 @@ impl From<Message> for MessageInfo {
 /// that does not match (`page[3].lastActivity: invalid type: string "x", expected u64`), so a
 /// backend that answers the wrong shape is told exactly where.
 pub fn read_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
+    // The fast path reads the value in place; only a breach pays for tracking the path.
+    if let Ok(t) = T::deserialize(&value) {
+        return Ok(t);
+    }
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();

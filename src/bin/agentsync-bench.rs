@@ -6,6 +6,9 @@
 //! `reconcile --sessions N`: one reconciliation pass over N x N sessions with 1 % drift.
 //! `storm --scale K`: the incident x K through a real worker and log against the simulated
 //! sides, throttled, then (same run) with throttling and the model cache off.
+//! `startup --sessions N`: `agentsync run` as a process of its own, from its start to Ready, on
+//! a data dir whose checkpoint holds N linked sessions, against a fake OpenCode server and a
+//! fake Convex deployment (both on loopback HTTP) holding the same N sessions.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -76,6 +79,19 @@ enum What {
         #[arg(long)]
         json: bool,
     },
+    /// `agentsync run` from process start to Ready on a checkpointed view of N sessions,
+    /// against fake OpenCode and fake Convex servers holding them.
+    Startup {
+        /// Sessions in the checkpoint and on each side.
+        #[arg(long, default_value_t = 100_000)]
+        sessions: usize,
+        /// Where to put the data dir (a fresh folder inside it; removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// The incident x K on the simulated sides (150 ms agent latency), throttled and not.
     Storm {
         /// Multiply the incident's size.
@@ -87,7 +103,19 @@ enum What {
     },
 }
 
+/// The hidden first argument under which this binary is `agentsync` itself (`startup` runs the
+/// worker that way, so the measured process is the product's code, built with the benchmark).
+const AS_AGENTSYNC: &str = "as-agentsync";
+
 fn main() -> std::process::ExitCode {
+    let mut args = std::env::args_os();
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == AS_AGENTSYNC)
+    {
+        args.next();
+        return agentsync::cli::main_from(args);
+    }
     let cli = Cli::parse();
     let (result, json) = match cli.what {
         What::Log {
@@ -110,6 +138,18 @@ fn main() -> std::process::ExitCode {
             startup_sessions,
         } => (log_phase(&phase, &dir, events, startup_sessions), true),
         What::Reconcile { sessions, json } => (bench_reconcile(sessions), json),
+        What::Startup {
+            sessions,
+            dir,
+            json,
+        } => {
+            let base = dir
+                .unwrap_or_else(std::env::temp_dir)
+                .join(format!("agentsync-startup-{}", std::process::id()));
+            let result = bench_startup(&base, sessions);
+            let _ = std::fs::remove_dir_all(&base);
+            (result, json)
+        }
         What::Storm { scale, json } => (bench_storm(scale), json),
     };
     match result {
@@ -387,7 +427,12 @@ fn prepare_startup(dir: &Path, n: usize) -> Res<()> {
 
 /// The process's peak resident set (VmHWM), in MiB.
 fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_mb_of("self")
+}
+
+/// The peak resident set (VmHWM) of `/proc/PID`, in MiB.
+fn peak_rss_mb_of(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -542,4 +587,185 @@ fn bench_storm(scale: usize) -> Res<serde_json::Value> {
         "messages_answered": throttled.messages_answered,
         "messages_failed": throttled.messages_failed,
     }))
+}
+
+const STARTUP_WORKER: &str = "bench";
+
+/// The worker's time from process start to Ready, and its peak RSS, on a checkpointed view of
+/// `n` sessions against fakes holding the same `n` sessions (so Ready needs two complete
+/// listings of `n` and finds nothing to do).
+fn bench_startup(base: &Path, n: usize) -> Res<serde_json::Value> {
+    use agentsync::sim::convex::FakeConvex;
+    use agentsync::sim::opencode::{FakeOpencode, FakeSession};
+
+    std::fs::create_dir_all(base)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let t = Instant::now();
+    let convex = runtime.block_on(FakeConvex::start("agentsync", None, Arc::new(SystemClock)))?;
+    let store = convex.store();
+    for i in 0..n {
+        store.mutation(
+            "createSession",
+            json!({
+                "commandId": format!("seed-{i}"),
+                "workerId": STARTUP_WORKER,
+                "agentSessionId": format!("ses_{i:08}"),
+                "title": format!("Session {i}"),
+            }),
+        )?;
+    }
+    let chats = store.chats(STARTUP_WORKER)?;
+    let agents: Vec<FakeSession> = (0..n)
+        .map(|i| FakeSession {
+            id: format!("ses_{i:08}"),
+            title: format!("Session {i}"),
+            directory: "/work/project".into(),
+            project_id: "project".into(),
+            updated: START + i as u64,
+        })
+        .collect();
+    let data_dir = base.join("data");
+    prepare_worker_dir(&data_dir, &agents, chats)?;
+    let opencode = runtime.block_on(FakeOpencode::start(agents))?;
+    let setup_ms = t.elapsed().as_millis();
+    let checkpoint_seq = EventLog::open(&data_dir, &opts())?.last_seq();
+
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let stderr_path = base.join("worker.log");
+    let listing_limit = (n + 1).max(10_000);
+    let started = Instant::now();
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg(AS_AGENTSYNC)
+        .args(["run", "--data-dir"])
+        .arg(&data_dir)
+        .args(["--worker-id", STARTUP_WORKER, "--agent-url", &opencode.url])
+        .args(["--backend", "convex", "--convex-url", &convex.url])
+        .args(["--metrics-addr", &metrics.to_string()])
+        .args(["--listing-limit", &listing_limit.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path)?)
+        .spawn()?;
+    let pid = child.id().to_string();
+    let ready = runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let url = format!("http://{metrics}/readyz");
+        let deadline = started + std::time::Duration::from_secs(120);
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            if let Ok(r) = http.get(&url).send().await {
+                if r.status().is_success() {
+                    return Some(started.elapsed());
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        None
+    });
+    let rss_at_ready = peak_rss_mb_of(&pid);
+    // Settled: a second of steady state after Ready (listings repeat, nothing to do).
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let peak_rss = peak_rss_mb_of(&pid);
+    // Already gone when it failed to start: then its exit status tells.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let status = child.wait()?;
+    let worker_log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let Some(ready) = ready else {
+        return Err(format!(
+            "the worker was not Ready within 120 s ({status}); its log ends:\n{}",
+            tail(&worker_log, 10)
+        )
+        .into());
+    };
+    if !status.success() {
+        return Err(format!(
+            "the worker exited with {status}; its log ends:\n{}",
+            tail(&worker_log, 10)
+        )
+        .into());
+    }
+    let log = EventLog::open(&data_dir, &opts())?;
+    let mut by_kind = std::collections::BTreeMap::<String, u64>::new();
+    // Each lifecycle state's entry, ms after the first (starting): where the time went.
+    let mut states = serde_json::Map::new();
+    let mut first_at = None;
+    for e in log.read(ReadFilter {
+        range: checkpoint_seq + 1..=u64::MAX,
+        ..ReadFilter::default()
+    }) {
+        let e = e?;
+        *by_kind.entry(e.event.kind().name().to_owned()).or_default() += 1;
+        let first = *first_at.get_or_insert(e.at);
+        match &e.event {
+            Event::WorkerState(w) => {
+                states.insert(w.state.name().to_owned(), json!(e.at - first));
+            }
+            Event::ListingCompleted(l) => {
+                let key = format!("{}_listed", l.source);
+                states.entry(key).or_insert(json!(e.at - first));
+            }
+            _ => {}
+        }
+    }
+    let time_to_ready_ms = ready.as_secs_f64() * 1000.0;
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    Ok(json!({
+        "sessions": n,
+        "time_to_ready_ms": round2(time_to_ready_ms),
+        "peak_rss_mb": round2(peak_rss),
+        "rss_at_ready_mb": round2(rss_at_ready),
+        "events_after_checkpoint": by_kind,
+        "state_entered_ms": states,
+        "agent_calls": opencode.calls(),
+        "backend_calls": convex.calls().len(),
+        "backend_peak_in_flight": convex.peak_in_flight(),
+        "setup_ms": setup_ms,
+        "ready_line": worker_log.lines().find(|l| l.contains("lifecycle") && l.contains("ready")).map(str::trim),
+        "targets_met": {
+            "time_to_ready_le_1000ms": time_to_ready_ms <= 1000.0,
+            "rss_le_250mb": peak_rss <= 250.0,
+        },
+    }))
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A worker data dir whose checkpoints hold `agents` linked to `chats`, exactly as the fakes
+/// will list them.
+fn prepare_worker_dir(
+    dir: &Path,
+    agents: &[agentsync::sim::opencode::FakeSession],
+    chats: Vec<agentsync::backend::contract::ChatSession>,
+) -> Res<()> {
+    let log = EventLog::open(dir, &opts())?;
+    let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START)?;
+    let agent_events = agents.iter().map(|s| {
+        Event::AgentSessionSeen(AgentSessionInfo {
+            agent_session_id: AgentSessionId(s.id.clone()),
+            title: s.title.clone(),
+            directory: Some(s.directory.clone()),
+            project: Some(s.project_id.clone()),
+            model: None,
+            updated_at: s.updated,
+        })
+    });
+    let chat_events = chats
+        .into_iter()
+        .map(|c| Event::BackendSessionSeen(ChatSessionInfo::from(c)));
+    let events: Vec<Event> = agent_events.chain(chat_events).collect();
+    for chunk in events.chunks(BATCH) {
+        let batch = chunk
+            .iter()
+            .map(|e| NewEvent::new(e.clone(), START))
+            .collect();
+        live.apply(&log.append(batch)?);
+    }
+    live.write_checkpoints(&log, START)?;
+    log.flush()?;
+    Ok(())
 }

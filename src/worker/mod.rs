@@ -81,7 +81,8 @@ pub struct WorkerConfig {
     pub checkpoints: CheckpointPolicy,
     /// How the sources are polled.
     pub polling: PollPolicy,
-    /// Backend page size.
+    /// Backend page size: the most the Convex client asks for (more round trips cost more than
+    /// bigger pages; 100,000 sessions list in 200 calls).
     pub page_size: u32,
     /// How long in-flight calls may finish when draining.
     pub drain_grace_ms: Millis,
@@ -98,7 +99,7 @@ impl Default for WorkerConfig {
             policy: reconcile::Policy::default(),
             checkpoints: CheckpointPolicy::default(),
             polling: PollPolicy::default(),
-            page_size: 100,
+            page_size: 500,
             drain_grace_ms: 10_000,
             stop_when_quiet: None,
         }
