@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentsync::backend::contract::Message;
-use agentsync::clock::SystemClock;
-use agentsync::events::Role;
-use agentsync::sim::convex::FakeConvex;
+use agentsync::clock::{Clock, Millis, SystemClock};
+use agentsync::events::{ChatStatus, Role};
+use agentsync::ports::AgentServer;
+use agentsync::sim::convex::{ConvexFaults, FakeConvex};
 use common::model::{MockModel, REPLY_PREFIX};
 use common::opencode::{opencode_bin, Project};
+use common::proxy::CountingProxy;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -35,7 +37,31 @@ fn free_port() -> u16 {
 }
 
 impl WorkerProcess {
+    /// `agentsync run --spawn-agent` in the project.
     fn start(project: &Project, data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let bin = opencode_bin();
+        let agent = [
+            "--spawn-agent",
+            "--agent-dir",
+            project.dir.to_str().unwrap(),
+            "--opencode-bin",
+            bin.to_str().unwrap(),
+        ];
+        Self::launch(project, data, &agent, extra, env)
+    }
+
+    /// `agentsync run --agent-url URL`.
+    fn at_url(project: &Project, data: &Path, url: &str, extra: &[&str]) -> Self {
+        Self::launch(project, data, &["--agent-url", url], extra, &[])
+    }
+
+    fn launch(
+        project: &Project,
+        data: &Path,
+        agent: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let metrics = format!("127.0.0.1:{port}");
         let stderr = data.with_extension(format!("{port}.log"));
@@ -47,12 +73,7 @@ impl WorkerProcess {
             "--worker-id",
             WORKER,
         ])
-        .args([
-            "--spawn-agent",
-            "--agent-dir",
-            project.dir.to_str().unwrap(),
-        ])
-        .args(["--opencode-bin", opencode_bin().to_str().unwrap()])
+        .args(agent)
         .args(["--metrics-addr", &metrics, "--drain-grace-secs", "5"])
         .args(extra)
         .envs(project.launch_config(None).env)
@@ -159,6 +180,14 @@ async fn until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>)
         assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Why the user message `id` failed, if the worker failed it.
+fn failure(conversation: &[Message], id: &str) -> Option<String> {
+    conversation
+        .iter()
+        .find(|m| m.message_id == id && m.role == Role::User)
+        .and_then(|m| m.error.clone())
 }
 
 fn replies(conversation: &[Message], to: &str) -> Vec<Message> {
@@ -377,4 +406,306 @@ async fn sigkill_mid_work_then_restart_applies_every_backend_effect_once() {
     for pid in spawned_pids(&data) {
         assert!(gone(pid), "opencode {pid} outlived its worker");
     }
+}
+
+/// The wall clock moved back by an adjustable amount: a deployment whose old messages were
+/// written minutes ago.
+#[derive(Default)]
+struct PastClock(std::sync::atomic::AtomicU64);
+
+impl PastClock {
+    fn set_behind(&self, ms: Millis) {
+        self.0.store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for PastClock {
+    fn now_ms(&self) -> Millis {
+        SystemClock.now_ms() - self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Mutation calls to the fake so far, by function name.
+fn mutations(fake: &FakeConvex, name: &str) -> usize {
+    let path = format!("agentsync:{name}");
+    fake.calls()
+        .iter()
+        .filter(|c| c.kind == "mutation" && c.path == path)
+        .count()
+}
+
+/// DESIGN.md's incident at full size, against the real OpenCode server: the backend holds 265
+/// active chat sessions (255 linked, 10 whose agent session is gone), the agent server 345
+/// sessions (90 new, 20 renamed), 3 user messages went stale before the worker started and 5
+/// are fresh. The worker starts while the agent server is unreachable, then it comes up, the
+/// worker is SIGKILLed during the storm and restarted, then stopped and restarted once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_incident_at_full_size_converges_once_through_an_outage_and_a_sigkill() {
+    const LINKED: usize = 255;
+    const NEW: usize = 90;
+    const GONE: usize = 10;
+    const RENAMED: usize = 20;
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let (mut server, client) = project.start(None).await;
+
+    // The agent server: 255 + 90 sessions, and 10 created then deleted.
+    let mut agent_ids = Vec::new();
+    for chunk in (0..LINKED + NEW + GONE).collect::<Vec<_>>().chunks(10) {
+        let calls = chunk.iter().map(|&i| {
+            let client = client.clone();
+            async move { client.create_session(&format!("Session {i}")).await }
+        });
+        for s in futures_util::future::join_all(calls).await {
+            agent_ids.push(s.unwrap().agent_session_id);
+        }
+    }
+    for id in &agent_ids[LINKED + NEW..] {
+        client.delete_session(id).await.unwrap();
+    }
+    for (i, id) in agent_ids[..RENAMED].iter().enumerate() {
+        client
+            .rename_session(id, &format!("Session {i} (renamed)"))
+            .await
+            .unwrap();
+    }
+
+    // The backend, its slow calls making the storm last: written 20 minutes ago.
+    let past = Arc::new(PastClock::default());
+    past.set_behind(20 * 60_000);
+    let fake = FakeConvex::start("agentsync", None, past.clone())
+        .await
+        .unwrap();
+    fake.set_faults(ConvexFaults {
+        latency_ms: 40,
+        ..ConvexFaults::default()
+    });
+    let store = fake.store();
+    let mut chat_of = std::collections::HashMap::new();
+    for i in (0..LINKED).chain(LINKED + NEW..LINKED + NEW + GONE) {
+        let created = store
+            .mutation(
+                "createSession",
+                serde_json::json!({
+                    "commandId": format!("seed-{i}"),
+                    "workerId": WORKER,
+                    "agentSessionId": agent_ids[i].to_string(),
+                    "title": format!("Session {i}"),
+                }),
+            )
+            .unwrap();
+        let chat = created["chatSessionId"].as_str().unwrap().to_owned();
+        chat_of.insert(agent_ids[i].to_string(), chat);
+    }
+    let chat = |i: usize| chat_of[&agent_ids[i].to_string()].clone();
+    let stale: Vec<(String, String)> = (30..33)
+        .map(|i| {
+            let m = store.post_user_message(&chat(i), "hello?").unwrap();
+            (chat(i), m.message_id)
+        })
+        .collect();
+    past.set_behind(0);
+    let fresh: Vec<(String, String)> = (40..45)
+        .map(|i| {
+            let m = store
+                .post_user_message(&chat(i), &format!("question {i}"))
+                .unwrap();
+            (chat(i), m.message_id)
+        })
+        .collect();
+
+    // The worker starts with the agent server unreachable: nothing listens on its port yet.
+    let port = free_port();
+    let agent_url = format!("http://127.0.0.1:{port}");
+    let data = project.root.path().join("data");
+    let args = ["--backend", "convex", "--convex-url", fake.url.as_str()];
+    let mut worker = WorkerProcess::at_url(&project, &data, &agent_url, &args);
+    until("two backend listings", Duration::from_secs(60), || {
+        let listings = fake
+            .calls()
+            .iter()
+            .filter(|c| c.path == "agentsync:listSessions" && c.status == 200)
+            .count();
+        (listings >= 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_ne!(
+        worker.get("/readyz").await.map(|r| r.0),
+        Some(200),
+        "Ready without ever listing the agent server"
+    );
+    let (_, metrics) = worker.get("/metrics").await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("agentsync_observation_failures_total{source=\"agent\"}")
+            && !l.ends_with(" 0")),
+        "the agent server's failed listings are counted:\n{metrics}"
+    );
+    assert_eq!(
+        mutations(&fake, "markSessionDeleted"),
+        0,
+        "a chat session was marked deleted while the agent server was down"
+    );
+    assert_eq!(mutations(&fake, "createSession"), 0);
+
+    // The agent server comes up on that port; kill the worker in the middle of the storm.
+    let proxy = CountingProxy::start_on(port, &client.base_url()).await;
+    worker.wait_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mutations(&fake, "createSession") < 20 {
+        assert!(Instant::now() < deadline, "no storm:\n{}", worker.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    worker.signal(Signal::SIGKILL);
+    worker.exit_within(Duration::from_secs(10)).await;
+    let created_before_kill = mutations(&fake, "createSession");
+    assert!(
+        created_before_kill < NEW,
+        "killed after the storm, not during it ({created_before_kill} creations)"
+    );
+    let mut worker = WorkerProcess::at_url(&project, &data, &agent_url, &args);
+    worker.wait_ready().await;
+
+    // Converged: every effect in the backend, each once.
+    let progress = || {
+        let chats = store.chats(WORKER).unwrap();
+        // Answered (a completed reply) or failed (the user message carries the reason).
+        let answered = |list: &[(String, String)]| {
+            list.iter()
+                .filter(|(c, m)| {
+                    let conversation = store.conversation(c).unwrap();
+                    replies(&conversation, m).iter().any(|r| r.completed)
+                        || failure(&conversation, m).is_some()
+                })
+                .count()
+        };
+        let deleted = chats
+            .iter()
+            .filter(|c| c.status == ChatStatus::Deleted)
+            .count();
+        let done = chats.len() == LINKED + GONE + NEW
+            && deleted == GONE
+            && answered(&stale) == stale.len()
+            && answered(&fresh) == fresh.len();
+        let said = format!(
+            "{} chats, {deleted} deleted, {} stale and {} fresh answered",
+            chats.len(),
+            answered(&stale),
+            answered(&fresh)
+        );
+        (done, chats, said)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let chats = loop {
+        let (done, chats, said) = progress();
+        if done {
+            break chats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not converged in 120 s: {said}\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut per_agent = std::collections::HashMap::<String, usize>::new();
+    for c in &chats {
+        *per_agent
+            .entry(c.agent_session_id.clone().expect("every chat is linked"))
+            .or_default() += 1;
+    }
+    assert!(
+        per_agent.values().all(|&n| n == 1),
+        "an agent session got two chat sessions"
+    );
+    for (i, id) in agent_ids.iter().enumerate() {
+        let c = chats
+            .iter()
+            .find(|c| c.agent_session_id.as_deref() == Some(id.as_str()))
+            .unwrap();
+        let (status, title) = match i {
+            i if i >= LINKED + NEW => (ChatStatus::Deleted, format!("Session {i}")),
+            i if i < RENAMED => (ChatStatus::Active, format!("Session {i} (renamed)")),
+            i => (ChatStatus::Active, format!("Session {i}")),
+        };
+        assert_eq!((c.status, &c.title), (status, &title), "session {i}");
+    }
+    for (c, m) in &stale {
+        let conversation = store.conversation(c).unwrap();
+        let reason = failure(&conversation, m).expect("failed");
+        assert!(reason.contains("still incomplete"), "{reason}");
+        assert!(
+            replies(&conversation, m).is_empty(),
+            "a stale {m} was prompted"
+        );
+    }
+    for (c, m) in &fresh {
+        let r = replies(&store.conversation(c).unwrap(), m);
+        assert_eq!(r.len(), 1, "fresh {m}: one answer, {r:?}");
+        assert!(r[0].content.starts_with(REPLY_PREFIX), "{r:?}");
+    }
+    assert_eq!(
+        proxy.count("GET", "/config/providers"),
+        1,
+        "model fetches across both runs: {:?}",
+        proxy.calls()
+    );
+    assert!(
+        fake.peak_in_flight() <= 10,
+        "backend peak in flight {}",
+        fake.peak_in_flight()
+    );
+    assert!(
+        proxy.peak_in_flight() <= 10,
+        "agent peak in flight {}",
+        proxy.peak_in_flight()
+    );
+    let failures: std::collections::BTreeSet<_> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "agentsync:failMessage")
+        .filter_map(|c| c.command_id)
+        .collect();
+    assert_eq!(
+        failures.len(),
+        3,
+        "one failMessage per stale message: {failures:?}"
+    );
+
+    eprintln!(
+        "incident: killed after {created_before_kill} of {NEW} creations; peak in flight: \
+         backend {}, agent {}; model fetches 1; {} backend calls, {} agent calls",
+        fake.peak_in_flight(),
+        proxy.peak_in_flight(),
+        fake.calls().len(),
+        proxy.calls().len()
+    );
+
+    // Stopped and started again: the stale messages are not failed again, nothing is redone.
+    worker.signal(Signal::SIGTERM);
+    let (status, _) = worker.exit_within(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.log());
+    let calls_before = fake.calls().len();
+    let listings_before = proxy.count("GET", "/session");
+    let mut worker = WorkerProcess::at_url(&project, &data, &agent_url, &args);
+    worker.wait_ready().await;
+    until(
+        "a full listing after the restart",
+        Duration::from_secs(30),
+        || (proxy.count("GET", "/session") > listings_before).then_some(()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: Vec<_> = fake.calls()[calls_before..]
+        .iter()
+        .filter(|c| c.kind == "mutation")
+        .map(|c| c.path.clone())
+        .collect();
+    assert!(after.is_empty(), "mutations after the restart: {after:?}");
+    assert_eq!(proxy.count("GET", "/config/providers"), 1);
+    worker.signal(Signal::SIGTERM);
+    let (status, _) = worker.exit_within(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.log());
+    server.shutdown().await;
 }
