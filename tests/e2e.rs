@@ -709,3 +709,93 @@ async fn the_incident_at_full_size_converges_once_through_an_outage_and_a_sigkil
     assert_eq!(status.code(), Some(0), "{}", worker.log());
     server.shutdown().await;
 }
+
+/// SIGTERM while a prompt is with the model: the worker lets it finish within the grace period
+/// and exits 0; the answer, recorded in the log, reaches the backend after a restart without
+/// asking the model again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_prompt_lets_it_finish_and_the_answer_lands_after_restart_unasked() {
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let fake = FakeConvex::start("agentsync", None, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let store = fake.store();
+    let chat = store.open_chat(WORKER, "slow one").unwrap();
+    let asked = store
+        .post_user_message(&chat.chat_session_id, "SLOW:2500 take your time")
+        .unwrap();
+    let data = project.root.path().join("data");
+    let args = ["--backend", "convex", "--convex-url", fake.url.as_str()];
+    let mut worker = WorkerProcess::start(&project, &data, &args, &[]);
+    worker.wait_ready().await;
+    let asked_model = || model.requests.load(std::sync::atomic::Ordering::SeqCst);
+    until("the prompt at the model", Duration::from_secs(60), || {
+        (asked_model() > 0).then_some(())
+    })
+    .await;
+    worker.signal(Signal::SIGTERM);
+    let (status, took) = worker.exit_within(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.log());
+    // 5 s of drain grace, then at most 5 s to stop the spawned server.
+    assert!(took < Duration::from_secs(10), "drained in {took:?}");
+    let prompts = |data: &Path| -> Vec<serde_json::Value> {
+        let out = common::agentsync_in(data, "replay", &["--json"]);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        common::stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["body"]["op"] == "prompt")
+            .collect()
+    };
+    let kinds: Vec<String> = prompts(&data)
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["attempt_started", "command_succeeded"],
+        "the prompt in flight at SIGTERM finished within the grace"
+    );
+    let stopping = common::agentsync_in(&data, "replay", &["--kind", "worker_stopping", "--json"]);
+    let stopping: serde_json::Value =
+        serde_json::from_str(common::stdout(&stopping).lines().next().unwrap()).unwrap();
+    let succeeded = prompts(&data)
+        .into_iter()
+        .find(|e| e["kind"] == "command_succeeded")
+        .unwrap();
+    assert!(
+        succeeded["seq"].as_u64() > stopping["seq"].as_u64(),
+        "the prompt was still in flight when the worker began to stop"
+    );
+    let model_calls_at_stop = asked_model();
+
+    let mut worker = WorkerProcess::start(&project, &data, &args, &[]);
+    worker.wait_ready().await;
+    let reply = until("the answer in the backend", Duration::from_secs(60), || {
+        replies(
+            &store.conversation(&chat.chat_session_id).unwrap(),
+            &asked.message_id,
+        )
+        .into_iter()
+        .find(|m| m.completed)
+    })
+    .await;
+    assert_eq!(
+        reply.content,
+        format!("{REPLY_PREFIX}SLOW:2500 take your time")
+    );
+    assert_eq!(
+        asked_model(),
+        model_calls_at_stop,
+        "the model was asked again"
+    );
+    worker.signal(Signal::SIGTERM);
+    let (status, _) = worker.exit_within(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.log());
+    let attempts = prompts(&data)
+        .iter()
+        .filter(|e| e["kind"] == "attempt_started")
+        .count();
+    assert_eq!(attempts, 1, "one prompt attempt across both runs");
+}
