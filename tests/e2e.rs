@@ -13,7 +13,7 @@ use agentsync::clock::{Clock, Millis, SystemClock};
 use agentsync::events::{ChatStatus, Role};
 use agentsync::ports::AgentServer;
 use agentsync::sim::convex::{ConvexFaults, FakeConvex};
-use common::model::{MockModel, REPLY_PREFIX};
+use agentsync::sim::model::{MockModel, REPLY_PREFIX};
 use common::opencode::{opencode_bin, Project};
 use common::proxy::CountingProxy;
 use nix::sys::signal::{kill, Signal};

@@ -13,7 +13,7 @@ use agentsync::agent::{OpencodeClient, OpencodeConfig, Secret};
 use agentsync::clock::SystemClock;
 use agentsync::events::{AgentSessionId, AgentStatus, ErrorClass, Event};
 use agentsync::ports::{AgentObservation, AgentServer};
-use common::model::{MockModel, REPLY_PREFIX};
+use agentsync::sim::model::{MockModel, REPLY_PREFIX};
 use common::opencode::{mock_model, Project};
 use futures_util::StreamExt;
 use nix::sys::signal::{kill, killpg, Signal};

@@ -11,6 +11,7 @@ mod agent;
 mod backend;
 pub mod convex;
 pub mod incident;
+pub mod model;
 pub mod opencode;
 
 use std::collections::BTreeMap;

@@ -82,6 +82,5 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-pub mod model;
 pub mod opencode;
 pub mod proxy;

@@ -10,7 +10,7 @@ use agentsync::agent::process::LaunchConfig;
 use agentsync::agent::{OpencodeClient, OpencodeConfig, OpencodeLauncher, OpencodeProcess, Secret};
 use agentsync::events::ModelRef;
 
-use super::model::MockModel;
+use agentsync::sim::model::MockModel;
 
 /// The pinned version.
 pub const VERSION: &str = "1.18.33";
@@ -59,18 +59,7 @@ impl Project {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("project");
         std::fs::create_dir_all(&dir).unwrap();
-        let config = serde_json::json!({
-            "$schema": "https://opencode.ai/config.json",
-            "provider": {"mock": {
-                "npm": "@ai-sdk/openai-compatible",
-                "name": "Mock",
-                "options": {"baseURL": model.base_url, "apiKey": "not-a-secret"},
-                "models": {"echo": {"name": "Echo", "limit": {"context": 1000, "output": 100}}}
-            }},
-            "model": "mock/echo",
-            "autoupdate": false,
-            "share": "disabled"
-        });
+        let config = model.opencode_config();
         std::fs::write(dir.join("opencode.json"), config.to_string()).unwrap();
         Self { root, dir }
     }

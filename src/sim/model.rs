@@ -1,5 +1,7 @@
 //! A loopback mock of an OpenAI-compatible model server, so a real OpenCode server completes
-//! prompts with no network: `POST /v1/chat/completions`, answered with streamed SSE chunks.
+//! prompts with no network and no API key: `POST /v1/chat/completions`, answered with streamed
+//! SSE chunks. The end-to-end tests run it; so can a person trying the worker (`cargo run
+//! --example mock-model`), with [`opencode_config`] in the agent directory.
 //!
 //! What it does is chosen by the prompt's last user text, so one mock serves many tests:
 //! - contains `OVERFLOW`: HTTP 400 `context_length_exceeded` (OpenCode turns this into a
@@ -35,23 +37,52 @@ pub struct MockModel {
 impl MockModel {
     /// Starts on a free loopback port.
     pub async fn start() -> Self {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("bind the mock model server")
+    }
+
+    /// Starts on `addr`.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
         let requests = Arc::new(AtomicUsize::new(0));
         let app = Router::new()
             .route("/v1/chat/completions", post(complete))
             .with_state(requests.clone());
-        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("bind the mock model server");
-        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("mock model server");
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "mock model server stopped");
+            }
         });
-        Self {
+        Ok(Self {
             base_url: format!("http://{addr}/v1"),
             requests,
             task,
-        }
+        })
     }
+
+    /// The `opencode.json` of an agent directory whose only model is this one (`mock/echo`).
+    pub fn opencode_config(&self) -> serde_json::Value {
+        opencode_config(&self.base_url)
+    }
+}
+
+/// An `opencode.json` whose only provider is the mock at `base_url` (`http://HOST:PORT/v1`),
+/// model `mock/echo`.
+pub fn opencode_config(base_url: &str) -> serde_json::Value {
+    json!({
+        "$schema": "https://opencode.ai/config.json",
+        "provider": {"mock": {
+            "npm": "@ai-sdk/openai-compatible",
+            "name": "Mock",
+            "options": {"baseURL": base_url, "apiKey": "not-a-secret"},
+            "models": {"echo": {"name": "Echo", "limit": {"context": 1000, "output": 100}}}
+        }},
+        "model": "mock/echo",
+        "autoupdate": false,
+        "share": "disabled"
+    })
 }
 
 impl Drop for MockModel {
