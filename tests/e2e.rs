@@ -329,6 +329,23 @@ async fn a_failed_message_is_failed_once_and_replay_and_why_explain_it() {
     let text = common::stdout(&why);
     assert!(text.contains("ContextOverflowError"), "{text}");
     assert!(text.contains(&format!("failMessage:{message}")), "{text}");
+    // The chain is linked: the prompt follows from the message's observation.
+    let why = common::agentsync_in(&data, "why", &[&message, "--json"]);
+    let events: Vec<serde_json::Value> = common::stdout(&why)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].clone())
+        .collect();
+    let seen = events
+        .iter()
+        .find(|e| e["kind"] == "backend_message_seen")
+        .expect("the observation");
+    let planned = events
+        .iter()
+        .find(|e| {
+            e["kind"] == "command_planned" && e["body"]["command_id"] == format!("prompt:{message}")
+        })
+        .expect("the prompt planned");
+    assert_eq!(planned["cause"], seen["id"], "{planned}");
     let failed = common::agentsync_in(&data, "replay", &["--kind", "command_failed", "--json"]);
     let prompt_failures: Vec<String> = common::stdout(&failed)
         .lines()

@@ -67,15 +67,23 @@ pub struct MessageRow {
     pub incomplete_reply: Option<MessageId>,
     /// When its state last changed.
     pub updated_at: Millis,
+    /// The seq of the event that first showed it (its `backend_message_seen`): the cause of
+    /// the commands that act on it.
+    #[serde(default)]
+    pub seen_seq: u64,
+    /// The seq of the event that last changed its state: the cause of delivering its outcome.
+    #[serde(default)]
+    pub state_seq: u64,
 }
 
 impl MessagesView {
-    fn set_state(&mut self, id: &MessageId, state: MessageState, at: Millis) {
+    fn set_state(&mut self, id: &MessageId, state: MessageState, at: Millis, seq: u64) {
         let Some(row) = self.messages.get_mut(id) else {
             return;
         };
         row.state = state;
         row.updated_at = at;
+        row.state_seq = seq;
         if state.is_pending() {
             self.pending_by_chat
                 .entry(row.chat_session_id.clone())
@@ -100,6 +108,7 @@ impl MessagesView {
         reason: &str,
         delivered: bool,
         at: Millis,
+        seq: u64,
     ) {
         let Some(row) = self.messages.get_mut(id) else {
             return;
@@ -110,21 +119,21 @@ impl MessagesView {
         row.reason = Some(reason.to_owned());
         row.delivered = delivered;
         row.answer = None;
-        self.set_state(id, state, at);
+        self.set_state(id, state, at, seq);
     }
 
-    fn abandon_session(&mut self, chat: &ChatSessionId, reason: &str, at: Millis) {
+    fn abandon_session(&mut self, chat: &ChatSessionId, reason: &str, at: Millis, seq: u64) {
         let pending: Vec<MessageId> = self
             .pending_by_chat
             .get(chat)
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default();
         for id in pending {
-            self.end(&id, MessageState::Abandoned, reason, false, at);
+            self.end(&id, MessageState::Abandoned, reason, false, at, seq);
         }
     }
 
-    fn observe(&mut self, m: &MessageInfo, at: Millis) {
+    fn observe(&mut self, m: &MessageInfo, at: Millis, seq: u64) {
         match m.role {
             Role::User => {
                 if !self.messages.contains_key(&m.message_id) {
@@ -141,16 +150,18 @@ impl MessagesView {
                             delivered: false,
                             incomplete_reply: None,
                             updated_at: at,
+                            seen_seq: seq,
+                            state_seq: seq,
                         },
                     );
-                    self.set_state(&m.message_id, MessageState::Seen, at);
+                    self.set_state(&m.message_id, MessageState::Seen, at, seq);
                 } else if let Some(row) = self.messages.get_mut(&m.message_id) {
                     if row.state.is_pending() {
                         row.text = Some(m.content.clone());
                     }
                 }
                 if let Some(error) = &m.error {
-                    self.end(&m.message_id, MessageState::Failed, error, true, at);
+                    self.end(&m.message_id, MessageState::Failed, error, true, at, seq);
                     if let Some(row) = self.messages.get_mut(&m.message_id) {
                         row.delivered = true;
                     }
@@ -173,12 +184,14 @@ impl MessagesView {
                             delivered: false,
                             incomplete_reply: None,
                             updated_at: at,
+                            seen_seq: seq,
+                            state_seq: seq,
                         });
                     row.delivered = true;
                     row.answer = None;
                     row.incomplete_reply = None;
                     row.reason = None;
-                    self.set_state(user, MessageState::Answered, at);
+                    self.set_state(user, MessageState::Answered, at, seq);
                 } else if let Some(row) = self.messages.get_mut(user) {
                     if !m.completed && row.state.is_pending() {
                         row.incomplete_reply = Some(m.message_id.clone());
@@ -192,30 +205,34 @@ impl MessagesView {
 impl Projection for MessagesView {
     const NAME: &'static str = "messages";
     // v2: a pending message whose failMessage gave up is failed.
-    const VERSION: u32 = 2;
+    // v3: `seen_seq` and `state_seq`, the causes of the commands about a message.
+    const VERSION: u32 = 3;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
-            Event::BackendMessageSeen(m) => self.observe(m, e.at),
+            Event::BackendMessageSeen(m) => self.observe(m, e.at, e.seq),
             Event::BackendSessionSeen(s) | Event::BackendSessionChanged(s) => match s.status {
                 ChatStatus::Deleted => {
-                    self.abandon_session(&s.chat_session_id, "session deleted", e.at)
+                    self.abandon_session(&s.chat_session_id, "session deleted", e.at, e.seq)
                 }
                 ChatStatus::Failed => {
-                    self.abandon_session(&s.chat_session_id, "session failed", e.at)
+                    self.abandon_session(&s.chat_session_id, "session failed", e.at, e.seq)
                 }
                 ChatStatus::Active => {}
             },
-            Event::BackendSessionGone(s) => {
-                self.abandon_session(&s.chat_session_id, "session gone from the backend", e.at)
-            }
+            Event::BackendSessionGone(s) => self.abandon_session(
+                &s.chat_session_id,
+                "session gone from the backend",
+                e.at,
+                e.seq,
+            ),
             Event::AttemptStarted(b) if b.op == Op::Prompt => {
                 if let Some(id) = &b.subject.message_id {
                     if self.messages.get(id).is_some_and(|r| r.state.is_pending()) {
                         if let Some(row) = self.messages.get_mut(id) {
                             row.attempts += 1;
                         }
-                        self.set_state(id, MessageState::Prompting, e.at);
+                        self.set_state(id, MessageState::Prompting, e.at, e.seq);
                     }
                 }
             }
@@ -228,11 +245,11 @@ impl Projection for MessagesView {
                                 .get(id)
                                 .is_some_and(|r| r.state == MessageState::Prompting)
                             {
-                                self.set_state(id, MessageState::Seen, e.at);
+                                self.set_state(id, MessageState::Seen, e.at, e.seq);
                             }
                         }
                         ErrorClass::Terminal => {
-                            self.end(id, MessageState::Failed, &b.error, false, e.at)
+                            self.end(id, MessageState::Failed, &b.error, false, e.at, e.seq)
                         }
                     }
                 }
@@ -242,7 +259,7 @@ impl Projection for MessagesView {
             Event::CommandDeadLettered(b) if b.op == Op::FailMessage => {
                 if let Some(id) = &b.subject.message_id {
                     let reason = format!("could not record its failure: {}", b.last_error);
-                    self.end(id, MessageState::Failed, &reason, false, e.at);
+                    self.end(id, MessageState::Failed, &reason, false, e.at, e.seq);
                 }
             }
             Event::CommandFailed(b)
@@ -250,13 +267,13 @@ impl Projection for MessagesView {
             {
                 if let Some(id) = &b.subject.message_id {
                     let reason = format!("could not record its failure: {}", b.error);
-                    self.end(id, MessageState::Failed, &reason, false, e.at);
+                    self.end(id, MessageState::Failed, &reason, false, e.at, e.seq);
                 }
             }
             Event::CommandDeadLettered(b) if b.op == Op::Prompt => {
                 if let Some(id) = &b.subject.message_id {
                     let reason = format!("gave up after {} attempts: {}", b.attempts, b.last_error);
-                    self.end(id, MessageState::Failed, &reason, false, e.at);
+                    self.end(id, MessageState::Failed, &reason, false, e.at, e.seq);
                 }
             }
             Event::CommandSucceeded(b) => match &b.effect {
@@ -273,7 +290,7 @@ impl Projection for MessagesView {
                         row.answer = Some(content.clone());
                         row.delivered = false;
                     }
-                    self.set_state(message_id, MessageState::Answered, e.at);
+                    self.set_state(message_id, MessageState::Answered, e.at, e.seq);
                 }
                 Effect::MessageCompleted { message_id, .. } => {
                     if let Some(row) = self.messages.get_mut(message_id) {
@@ -281,7 +298,7 @@ impl Projection for MessagesView {
                         row.answer = None;
                         row.incomplete_reply = None;
                     }
-                    self.set_state(message_id, MessageState::Answered, e.at);
+                    self.set_state(message_id, MessageState::Answered, e.at, e.seq);
                 }
                 Effect::MessageFailed {
                     message_id, reason, ..
@@ -296,11 +313,11 @@ impl Projection for MessagesView {
                         row.reason.get_or_insert_with(|| reason.clone());
                     }
                     if !keep {
-                        self.set_state(message_id, MessageState::Failed, e.at);
+                        self.set_state(message_id, MessageState::Failed, e.at, e.seq);
                     }
                 }
                 Effect::SessionDeleted { chat_session_id } => {
-                    self.abandon_session(chat_session_id, "session deleted", e.at)
+                    self.abandon_session(chat_session_id, "session deleted", e.at, e.seq)
                 }
                 Effect::SessionFailed {
                     chat_session_id,
@@ -309,6 +326,7 @@ impl Projection for MessagesView {
                     chat_session_id,
                     &format!("session failed: {reason}"),
                     e.at,
+                    e.seq,
                 ),
                 _ => {}
             },

@@ -125,9 +125,10 @@ impl Planner<'_> {
         });
     }
 
-    /// Names the event the next command follows from.
+    /// Names the event the next command follows from (0: not known, as in a checkpoint from
+    /// before causes were kept).
     fn because(&mut self, seq: u64) -> &mut Self {
-        self.cause = Some(seq);
+        self.cause = (seq > 0).then_some(seq);
         self
     }
 
@@ -310,7 +311,7 @@ fn plan_outcomes(plan: &mut Planner<'_>, m: &MessagesView) {
         match row.state {
             MessageState::Answered => {
                 if let Some(answer) = &row.answer {
-                    plan.plan(
+                    plan.because(row.state_seq).plan(
                         ids::complete_message(id),
                         || Command::CompleteMessage {
                             chat_session_id: row.chat_session_id.clone(),
@@ -323,7 +324,7 @@ fn plan_outcomes(plan: &mut Planner<'_>, m: &MessagesView) {
             }
             MessageState::Failed | MessageState::Abandoned => {
                 let reason = row.reason.clone().unwrap_or_else(|| "failed".into());
-                plan.plan(
+                plan.because(row.state_seq).plan(
                     ids::fail_message(id),
                     || Command::FailMessage {
                         chat_session_id: row.chat_session_id.clone(),
@@ -357,7 +358,7 @@ fn plan_pending(
                 continue;
             }
             let fail = |plan: &mut Planner<'_>, reason: String| {
-                plan.plan(
+                plan.because(row.seen_seq).plan(
                     fail_id.clone(),
                     || Command::FailMessage {
                         chat_session_id: chat_id.clone(),
@@ -396,7 +397,7 @@ fn plan_pending(
             let Some(agent_id) = &chat.agent_session_id else {
                 match plan.gave_up(&create_id) {
                     Some(error) => fail(plan, format!("no agent session: {error}")),
-                    None => plan.plan(
+                    None => plan.because(row.seen_seq).plan(
                         create_id,
                         || Command::CreateAgentSession {
                             chat_session_id: chat_id.clone(),
@@ -421,7 +422,7 @@ fn plan_pending(
                     .map(ModelRef::parse)
                     .or_else(|| agent.model.clone())
                     .or_else(|| policy.default_model.clone());
-                plan.plan(
+                plan.because(row.seen_seq).plan(
                     ids::prompt(message_id),
                     || Command::Prompt {
                         chat_session_id: chat_id.clone(),

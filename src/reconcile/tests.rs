@@ -369,3 +369,42 @@ fn a_session_busy_for_six_hours_is_failed_and_aborted() {
     assert!(ids[0].starts_with("abortAgentSession:ses_1@"));
     assert_eq!(ids[1], "markSessionFailed:chat_1");
 }
+
+#[test]
+fn commands_about_a_message_name_the_events_they_follow_from() {
+    let mut w = World::new();
+    w.agent("ses_1", "A")
+        .chat("chat_1", Some("ses_1"), "A")
+        .both_listed();
+    w.user_message("chat_1", "msg_old", T0 - 10 * MIN);
+    let old_seen = w.seq;
+    w.user_message("chat_1", "msg_1", T0);
+    let seen = w.seq;
+    let cause_of = |planned: &[Planned], id: &str| {
+        planned
+            .iter()
+            .find(|p| p.planned.command_id.0 == id)
+            .map(|p| p.cause_seq)
+    };
+    let planned = w.plan();
+    assert_eq!(cause_of(&planned, "prompt:msg_1"), Some(Some(seen)));
+    assert_eq!(
+        cause_of(&planned, "failMessage:msg_old"),
+        Some(Some(old_seen))
+    );
+    w.step();
+    w.succeed(
+        "prompt:msg_1",
+        Effect::PromptAnswered {
+            chat_session_id: "chat_1".into(),
+            message_id: "msg_1".into(),
+            content: "42".into(),
+        },
+    );
+    let answered = w.seq;
+    assert_eq!(
+        cause_of(&w.plan(), "completeMessage:msg_1"),
+        Some(Some(answered)),
+        "delivering the answer follows from the prompt's success"
+    );
+}
