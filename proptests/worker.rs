@@ -26,7 +26,7 @@ use agentsync::dispatch::{Action, DispatchConfig, Dispatcher, TargetLimits};
 use agentsync::events::*;
 use agentsync::log::{load_views, EventLog, LogOptions};
 use agentsync::projections::{MessageState, ProjectionName, Views};
-use agentsync::reconcile::{self, Context};
+use agentsync::reconcile::{self, ids, Context};
 use agentsync::sim::{Faults, SimAgent, SimBackend};
 use agentsync::worker::{PollPolicy, TokioClock, Worker, WorkerConfig};
 use proptest::prelude::*;
@@ -379,13 +379,13 @@ fn check(s: &Scenario, o: &Outcome) -> Result<(), TestCaseError> {
         })
     };
     for a in o.agent.sessions().keys() {
-        let owed = ledger.values().any(|e| {
-            e.subject.agent_session_id.as_ref() == Some(a)
-                && matches!(e.op, Op::CreateSession | Op::LinkAgentSession)
-        });
-        let gave_up = ledger
-            .iter()
-            .any(|(id, e)| e.subject.agent_session_id.as_ref() == Some(a) && dead(id));
+        // The commands that owe a chat session to `a` name it in their ids.
+        let owes = |id: &CommandId| {
+            id.0 == ids::create_session(a).0
+                || (id.0.starts_with("linkAgentSession:") && id.0.ends_with(&format!(":{a}")))
+        };
+        let owed = ledger.keys().any(owes);
+        let gave_up = ledger.keys().any(|id| owes(id) && dead(id));
         prop_assert!(
             chats_per_agent.contains_key(a) || (owed && gave_up),
             "{a} has no chat session and nothing gave up on it"

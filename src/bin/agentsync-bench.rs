@@ -29,8 +29,11 @@ use agentsync::testkit::History;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-/// sled's page cache for every database in the benchmark: the same for ours and raw.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// sled's page cache for every database in the benchmark, ours and raw alike: the engine's
+/// default.
+fn cache_bytes() -> u64 {
+    LogOptions::default().cache_bytes
+}
 const BATCH: usize = 1000;
 const START: u64 = 1_763_700_000_000;
 
@@ -175,7 +178,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 fn opts() -> LogOptions {
     LogOptions {
         create: true,
-        cache_bytes: CACHE_BYTES,
+        cache_bytes: cache_bytes(),
         ..LogOptions::default()
     }
 }
@@ -276,7 +279,7 @@ fn log_phase(
     let raw_db = || {
         sled::Config::new()
             .path(base.join("raw"))
-            .cache_capacity(CACHE_BYTES)
+            .cache_capacity(cache_bytes())
             .open()
     };
     let mut extra = json!({});

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Projection;
 use crate::clock::Millis;
-use crate::events::{Command, CommandId, Envelope, ErrorClass, Event, Op, Subject};
+use crate::events::{Command, CommandId, Envelope, ErrorClass, Event, Op};
 
 /// Every command by id. Re-planning an id that is already here changes nothing: that is what
 /// makes planning idempotent.
@@ -39,8 +39,6 @@ pub enum CommandState {
 pub struct LedgerEntry {
     /// Its operation.
     pub op: Op,
-    /// What it is about.
-    pub subject: Subject,
     /// The command, kept only while it may still run (the log keeps it forever). Boxed: most
     /// entries are final and hold none, and a ledger holds every command ever planned.
     pub command: Option<Box<Command>>,
@@ -95,8 +93,9 @@ impl CommandLedger {
 
 impl Projection for CommandLedger {
     const NAME: &'static str = "commands";
-    // v2: the `cancelled` state. v3: final entries drop their reason.
-    const VERSION: u32 = 3;
+    // v2: the `cancelled` state. v3: final entries drop their reason. v4: no `subject` (the
+    // events carry it; a ledger holds every command ever planned, and it was a fifth of one).
+    const VERSION: u32 = 4;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
@@ -105,7 +104,6 @@ impl Projection for CommandLedger {
                     .entry(b.command_id.clone())
                     .or_insert_with(|| LedgerEntry {
                         op: b.command.op(),
-                        subject: b.command.subject(),
                         command: Some(Box::new(b.command.clone())),
                         reason: b.reason.clone(),
                         state: CommandState::Planned,

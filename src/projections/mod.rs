@@ -330,7 +330,7 @@ mod tests {
         let id = CommandId::from("rename:c1");
         assert_eq!(l.commands[&id].reason, "first");
         assert_eq!(l.commands[&id].planned_seq, 1);
-        let subject = l.commands[&id].subject.clone();
+        let subject = Subject::default();
         l.apply(&env(
             3,
             Event::CommandFailed(CommandFailed {
