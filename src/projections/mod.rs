@@ -16,7 +16,7 @@ use std::str::FromStr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use commands::{CommandLedger, CommandState, LedgerEntry};
+pub use commands::{CommandLedger, CommandState, LedgerEntry, OpenCommand};
 pub use messages::{MessageRow, MessageState, MessagesView};
 pub use sessions::{
     AgentSessionRow, ChatSessionRow, ListingState, ModelCache, SessionsView, MODELS_OPERATION,
@@ -328,7 +328,7 @@ mod tests {
         l.apply(&env(1, plan("first")));
         l.apply(&env(2, plan("second")));
         let id = CommandId::from("rename:c1");
-        assert_eq!(l.commands[&id].reason, "first");
+        assert_eq!(l.commands[&id].open.as_ref().unwrap().reason, "first");
         assert_eq!(l.commands[&id].planned_seq, 1);
         let subject = Subject::default();
         l.apply(&env(
@@ -345,7 +345,7 @@ mod tests {
         ));
         let e = &l.commands[&id];
         assert!(e.is_final());
-        assert!(e.command.is_none());
+        assert!(e.command().is_none() && e.open.is_none());
         assert_eq!(l.open().count(), 0);
     }
 }

@@ -65,7 +65,7 @@ impl World {
 
     fn command(&self, id: &str) -> Command {
         let e = &self.views.commands.state.commands[&CommandId::from(id)];
-        *e.command.clone().expect("open command keeps its body")
+        e.command().cloned().expect("open command keeps its body")
     }
 
     fn succeed(&mut self, id: &str, effect: Effect) -> &mut Self {
