@@ -150,20 +150,33 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// The pids of the OpenCode servers a data directory's log says were spawned.
-fn spawned_pids(data: &Path) -> Vec<u32> {
-    let out = common::agentsync_in(
-        data,
-        "replay",
-        &["--kind", "agent_server_started", "--json"],
-    );
+/// `agentsync SUB --data-dir DATA ARGS... --json`, succeeded, as parsed JSON lines.
+fn json_lines(data: &Path, sub: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let out = common::agentsync_in(data, sub, &args);
     assert!(out.status.success(), "{}", common::stderr(&out));
     common::stdout(&out)
         .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["body"]["pid"].as_u64().unwrap() as u32
-        })
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `agentsync send DATA new TEXT --wait 60`, run off the async workers.
+async fn send_new(data: &Path, text: &str) -> std::process::Output {
+    let (data, text) = (data.to_owned(), text.to_owned());
+    tokio::task::spawn_blocking(move || {
+        common::agentsync_in(&data, "send", &["new", &text, "--wait", "60"])
+    })
+    .await
+    .unwrap()
+}
+
+/// The pids of the OpenCode servers a data directory's log says were spawned.
+fn spawned_pids(data: &Path) -> Vec<u32> {
+    json_lines(data, "replay", &["--kind", "agent_server_started"])
+        .iter()
+        .map(|v| v["body"]["pid"].as_u64().unwrap() as u32)
         .collect()
 }
 
@@ -285,16 +298,7 @@ async fn a_failed_message_is_failed_once_and_replay_and_why_explain_it() {
     let mut worker = WorkerProcess::start(&project, &data, &["--model", "mock/echo"], &[]);
     worker.wait_ready().await;
 
-    let data2 = data.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        common::agentsync_in(
-            &data2,
-            "send",
-            &["new", "this will OVERFLOW", "--wait", "60"],
-        )
-    })
-    .await
-    .unwrap();
+    let out = send_new(&data, "this will OVERFLOW").await;
     assert_eq!(out.status.code(), Some(1), "{}", common::stderr(&out));
     assert!(
         common::stderr(&out).contains("ContextOverflowError"),
@@ -307,16 +311,7 @@ async fn a_failed_message_is_failed_once_and_replay_and_why_explain_it() {
         .unwrap()
         .to_owned();
 
-    let data3 = data.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        common::agentsync_in(
-            &data3,
-            "send",
-            &["new", "and this one works", "--wait", "60"],
-        )
-    })
-    .await
-    .unwrap();
+    let out = send_new(&data, "and this one works").await;
     assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
     assert!(common::stdout(&out).contains(&format!("{REPLY_PREFIX}and this one works")));
 
@@ -330,10 +325,9 @@ async fn a_failed_message_is_failed_once_and_replay_and_why_explain_it() {
     assert!(text.contains("ContextOverflowError"), "{text}");
     assert!(text.contains(&format!("failMessage:{message}")), "{text}");
     // The chain is linked: the prompt follows from the message's observation.
-    let why = common::agentsync_in(&data, "why", &[&message, "--json"]);
-    let events: Vec<serde_json::Value> = common::stdout(&why)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].clone())
+    let events: Vec<serde_json::Value> = json_lines(&data, "why", &[&message])
+        .into_iter()
+        .map(|l| l["event"].clone())
         .collect();
     let seen = events
         .iter()
@@ -346,11 +340,10 @@ async fn a_failed_message_is_failed_once_and_replay_and_why_explain_it() {
         })
         .expect("the prompt planned");
     assert_eq!(planned["cause"], seen["id"], "{planned}");
-    let failed = common::agentsync_in(&data, "replay", &["--kind", "command_failed", "--json"]);
-    let prompt_failures: Vec<String> = common::stdout(&failed)
-        .lines()
+    let prompt_failures: Vec<String> = json_lines(&data, "replay", &["--kind", "command_failed"])
+        .iter()
+        .map(|e| e.to_string())
         .filter(|l| l.contains(&format!("prompt:{message}")))
-        .map(str::to_owned)
         .collect();
     assert_eq!(
         prompt_failures.len(),
@@ -757,11 +750,8 @@ async fn sigterm_mid_prompt_lets_it_finish_and_the_answer_lands_after_restart_un
     // 5 s of drain grace, then at most 5 s to stop the spawned server.
     assert!(took < Duration::from_secs(10), "drained in {took:?}");
     let prompts = |data: &Path| -> Vec<serde_json::Value> {
-        let out = common::agentsync_in(data, "replay", &["--json"]);
-        assert!(out.status.success(), "{}", common::stderr(&out));
-        common::stdout(&out)
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        json_lines(data, "replay", &[])
+            .into_iter()
             .filter(|e| e["body"]["op"] == "prompt")
             .collect()
     };
@@ -774,9 +764,7 @@ async fn sigterm_mid_prompt_lets_it_finish_and_the_answer_lands_after_restart_un
         ["attempt_started", "command_succeeded"],
         "the prompt in flight at SIGTERM finished within the grace"
     );
-    let stopping = common::agentsync_in(&data, "replay", &["--kind", "worker_stopping", "--json"]);
-    let stopping: serde_json::Value =
-        serde_json::from_str(common::stdout(&stopping).lines().next().unwrap()).unwrap();
+    let stopping = json_lines(&data, "replay", &["--kind", "worker_stopping"]).remove(0);
     let succeeded = prompts(&data)
         .into_iter()
         .find(|e| e["kind"] == "command_succeeded")

@@ -381,51 +381,56 @@ fn log_phase(
 
 /// A data dir whose checkpoints hold `n` linked sessions, with 1,000 events after them.
 fn prepare_startup(dir: &Path, n: usize) -> Res<()> {
-    let log = EventLog::open(dir, &opts())?;
-    let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START)?;
     let model = ModelRef {
         provider_id: "mock".into(),
         model_id: "small".into(),
     };
-    for start in (0..n).step_by(BATCH / 2) {
-        let batch: Vec<NewEvent> = (start..(start + BATCH / 2).min(n))
-            .flat_map(|i| {
-                let agent = AgentSessionId(format!("ses_{i:08}"));
-                let at = START + i as u64;
-                [
-                    NewEvent::new(
-                        Event::AgentSessionSeen(AgentSessionInfo {
-                            agent_session_id: agent.clone(),
-                            title: format!("Session {i}"),
-                            directory: Some("/work/project".into()),
-                            project: Some("project".into()),
-                            model: Some(model.clone()),
-                            updated_at: at,
-                        }),
-                        at,
-                    ),
-                    NewEvent::new(
-                        Event::BackendSessionSeen(ChatSessionInfo {
-                            chat_session_id: ChatSessionId(format!("chat_{i:08}")),
-                            agent_session_id: Some(agent),
-                            title: format!("Session {i}"),
-                            model: Some(model.to_string()),
-                            status: ChatStatus::Active,
-                            last_activity: at,
-                            project: Some("project".into()),
-                        }),
-                        at,
-                    ),
-                ]
-            })
-            .collect();
-        live.apply(&log.append(batch)?);
-    }
-    live.write_checkpoints(&log, START)?;
+    let events = (0..n).flat_map(|i| {
+        let agent = AgentSessionId(format!("ses_{i:08}"));
+        let at = START + i as u64;
+        [
+            Event::AgentSessionSeen(AgentSessionInfo {
+                agent_session_id: agent.clone(),
+                title: format!("Session {i}"),
+                directory: Some("/work/project".into()),
+                project: Some("project".into()),
+                model: Some(model.clone()),
+                updated_at: at,
+            }),
+            Event::BackendSessionSeen(ChatSessionInfo {
+                chat_session_id: ChatSessionId(format!("chat_{i:08}")),
+                agent_session_id: Some(agent),
+                title: format!("Session {i}"),
+                model: Some(model.to_string()),
+                status: ChatStatus::Active,
+                last_activity: at,
+                project: Some("project".into()),
+            }),
+        ]
+    });
+    let log = checkpointed(dir, events)?;
     for batch in batches(1000) {
         log.append(batch)?;
     }
     Ok(())
+}
+
+/// A log in `dir` holding `events`, with every projection's checkpoint written after them.
+fn checkpointed(dir: &Path, events: impl Iterator<Item = Event>) -> Res<EventLog> {
+    let log = EventLog::open(dir, &opts())?;
+    let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START)?;
+    let mut events = events.peekable();
+    while events.peek().is_some() {
+        let batch = events
+            .by_ref()
+            .take(BATCH)
+            .map(|e| NewEvent::new(e, START))
+            .collect();
+        live.apply(&log.append(batch)?);
+    }
+    live.write_checkpoints(&log, START)?;
+    log.flush()?;
+    Ok(log)
 }
 
 /// The process's peak resident set (VmHWM), in MiB.
@@ -745,8 +750,6 @@ fn prepare_worker_dir(
     agents: &[agentsync::sim::opencode::FakeSession],
     chats: Vec<agentsync::backend::contract::ChatSession>,
 ) -> Res<()> {
-    let log = EventLog::open(dir, &opts())?;
-    let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START)?;
     let agent_events = agents.iter().map(|s| {
         Event::AgentSessionSeen(AgentSessionInfo {
             agent_session_id: AgentSessionId(s.id.clone()),
@@ -760,15 +763,6 @@ fn prepare_worker_dir(
     let chat_events = chats
         .into_iter()
         .map(|c| Event::BackendSessionSeen(ChatSessionInfo::from(c)));
-    let events: Vec<Event> = agent_events.chain(chat_events).collect();
-    for chunk in events.chunks(BATCH) {
-        let batch = chunk
-            .iter()
-            .map(|e| NewEvent::new(e.clone(), START))
-            .collect();
-        live.apply(&log.append(batch)?);
-    }
-    live.write_checkpoints(&log, START)?;
-    log.flush()?;
+    checkpointed(dir, agent_events.chain(chat_events))?;
     Ok(())
 }

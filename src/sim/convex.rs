@@ -8,7 +8,6 @@
 //! For tests and benchmarks: a Convex deployment cannot run here.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::InFlightGauge;
 use crate::backend::store::{CallError, ContractStore, MemoryKv};
 use crate::clock::Clock;
 
@@ -65,8 +65,7 @@ struct Shared {
     deploy_key: Option<String>,
     faults: Mutex<ConvexFaults>,
     calls: Mutex<Vec<CallRecord>>,
-    in_flight: AtomicUsize,
-    peak: AtomicUsize,
+    in_flight: InFlightGauge,
 }
 
 /// A running fake deployment.
@@ -106,8 +105,7 @@ impl FakeConvex {
             deploy_key: deploy_key.map(str::to_owned),
             faults: Mutex::default(),
             calls: Mutex::default(),
-            in_flight: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
+            in_flight: InFlightGauge::default(),
         });
         let app = Router::new()
             .route("/api/{kind}", post(call))
@@ -141,22 +139,13 @@ impl FakeConvex {
 
     /// The most calls in flight at once.
     pub fn peak_in_flight(&self) -> usize {
-        self.shared.peak.load(Ordering::SeqCst)
+        self.shared.in_flight.peak()
     }
 }
 
 impl Drop for FakeConvex {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-/// Counts a call in flight until dropped.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -180,9 +169,7 @@ async fn call(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    let _guard = InFlight(&shared.in_flight);
-    shared.peak.fetch_max(now, Ordering::SeqCst);
+    let (_call, now) = shared.in_flight.enter();
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let path = request["path"].as_str().unwrap_or("").to_owned();
     let mut record = CallRecord {

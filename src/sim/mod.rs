@@ -27,6 +27,39 @@ pub use backend::SimBackend;
 use crate::clock::{Clock, Millis};
 use crate::ports::PortError;
 
+/// Calls in flight at a fake server, and the most at once: what the incidents' "100 operations
+/// at once" is checked against.
+#[derive(Debug, Default)]
+pub struct InFlightGauge {
+    now: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+/// One call counted in flight until dropped (also when the caller hangs up mid-call).
+#[derive(Debug)]
+pub struct InFlightCall<'a>(&'a InFlightGauge);
+
+impl InFlightGauge {
+    /// Counts a call in; returns it with the number in flight, itself included.
+    pub fn enter(&self) -> (InFlightCall<'_>, usize) {
+        use std::sync::atomic::Ordering;
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        (InFlightCall(self), now)
+    }
+
+    /// The most calls in flight at once so far.
+    pub fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for InFlightCall<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Faults to inject into one side.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Faults {

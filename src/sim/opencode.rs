@@ -22,6 +22,8 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::InFlightGauge;
+
 /// One session of the fake server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FakeSession {
@@ -41,8 +43,7 @@ struct Shared {
     /// Serialized once, newest first: a listing of 100,000 is then a copy, not 100,000 encodes.
     sessions: Vec<(u64, Box<serde_json::value::RawValue>)>,
     calls: AtomicUsize,
-    in_flight: AtomicUsize,
-    peak: AtomicUsize,
+    in_flight: InFlightGauge,
 }
 
 /// A running fake OpenCode server.
@@ -76,8 +77,7 @@ impl FakeOpencode {
         let shared = Arc::new(Shared {
             sessions: encoded,
             calls: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
+            in_flight: InFlightGauge::default(),
         });
         let app = Router::new()
             .route("/global/health", get(health))
@@ -104,7 +104,7 @@ impl FakeOpencode {
 
     /// The most calls in flight at once (the event stream counts while it is open).
     pub fn peak_in_flight(&self) -> usize {
-        self.shared.peak.load(Ordering::SeqCst)
+        self.shared.in_flight.peak()
     }
 }
 
@@ -120,11 +120,8 @@ async fn count(
     next: axum::middleware::Next,
 ) -> Response {
     shared.calls.fetch_add(1, Ordering::SeqCst);
-    let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    shared.peak.fetch_max(now, Ordering::SeqCst);
-    let response = next.run(request).await;
-    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-    response
+    let _call = shared.in_flight.enter();
+    next.run(request).await
 }
 
 async fn health() -> Json<serde_json::Value> {

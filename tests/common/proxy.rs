@@ -4,7 +4,6 @@
 //! it; started late on a port the worker already uses, it is an agent server that comes up.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
@@ -13,27 +12,19 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
+use agentsync::sim::InFlightGauge;
+
 struct Shared {
     upstream: String,
     http: reqwest::Client,
     calls: Mutex<Vec<(String, String)>>,
-    in_flight: AtomicUsize,
-    peak: AtomicUsize,
+    in_flight: InFlightGauge,
 }
 
 /// A running proxy.
 pub struct CountingProxy {
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
-}
-
-/// Counts a call in flight until dropped (also when the caller hangs up mid-call).
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 impl CountingProxy {
@@ -43,8 +34,7 @@ impl CountingProxy {
             upstream: upstream.trim_end_matches('/').to_owned(),
             http: reqwest::Client::new(),
             calls: Mutex::default(),
-            in_flight: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
+            in_flight: InFlightGauge::default(),
         });
         let app = Router::new().fallback(forward).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
@@ -74,7 +64,7 @@ impl CountingProxy {
 
     /// The most calls in flight at once, the event stream left out (it is always open).
     pub fn peak_in_flight(&self) -> usize {
-        self.shared.peak.load(Ordering::SeqCst)
+        self.shared.in_flight.peak()
     }
 }
 
@@ -93,11 +83,7 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         .unwrap()
         .push((parts.method.to_string(), path.clone()));
     let streaming = path == "/event";
-    let _guard = (!streaming).then(|| {
-        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        shared.peak.fetch_max(now, Ordering::SeqCst);
-        InFlight(&shared.in_flight)
-    });
+    let _call = (!streaming).then(|| shared.in_flight.enter());
     let target = format!(
         "{}{}",
         shared.upstream,
