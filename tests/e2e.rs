@@ -184,6 +184,21 @@ fn gone(pid: u32) -> bool {
     kill(Pid::from_raw(pid as i32), None).is_err()
 }
 
+/// Prints the worker logs when the test panics: they live in a temporary directory that is
+/// gone once the test ends.
+struct DumpOnPanic(Vec<PathBuf>);
+
+impl Drop for DumpOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in &self.0 {
+                let text = std::fs::read_to_string(p).unwrap_or_default();
+                eprintln!("===== {} =====\n{text}", p.display());
+            }
+        }
+    }
+}
+
 async fn until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
     loop {
@@ -390,6 +405,8 @@ async fn sigkill_mid_work_then_restart_applies_every_backend_effect_once() {
     first.exit_within(Duration::from_secs(10)).await;
     let mut second = WorkerProcess::start(&project, &data, &args, &[]);
     second.wait_ready().await;
+    let log = (first.stderr.clone(), second.stderr.clone());
+    let _dump = DumpOnPanic(vec![log.0, log.1]);
     until("every answer", Duration::from_secs(120), || {
         asked
             .iter()
