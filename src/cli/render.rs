@@ -290,5 +290,6 @@ pub(crate) fn summary(e: &Event) -> String {
         ),
         Event::AgentServerGaveUp(b) => format!("after {} restarts: {}", b.restarts, b.error),
         Event::CheckpointWritten(b) => format!("{} v{} at seq {}", b.projection, b.version, b.seq),
+        Event::IdentityAdopted(b) => format!("from {} to {}", b.previous, b.current),
     }
 }
