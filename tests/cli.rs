@@ -677,8 +677,14 @@ fn a_data_dir_refuses_another_agent_url_and_records_no_password() {
         recorded_identity(&data)["agent"]["url"],
         "http://127.0.0.1:9/"
     );
+    let exported = stdout(&agentsync_in(&data, "export", &[]));
     let file = std::fs::read_to_string(data.join("IDENTITY.json")).unwrap();
     assert!(!file.contains("hunter2"), "the password in IDENTITY.json");
+    assert!(
+        !exported.contains("hunter2"),
+        "the password in the log: {exported}"
+    );
+    assert!(!err.contains("hunter2"), "the password on stderr: {err}");
 
     let before = snapshot_without_lock(&data);
     let d = data.to_str().unwrap();

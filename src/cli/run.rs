@@ -351,6 +351,7 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
             ..LogOptions::default()
         };
         let now = clock.now_ms();
+        let identity = identity.clone();
         // The identity is checked inside `open`, before anything in the directory is touched.
         tokio::task::spawn_blocking(move || {
             let log = EventLog::open(&dir, &opts)?;
@@ -415,7 +416,8 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
         BackendSide::Convex(c) => format!("convex at {}", c.url),
     };
     let agent_desc = match &s.agent {
-        AgentSide::Url(u) => format!("agent server at {u}"),
+        // Not the URL as given: it may carry a password, and this line is an event.
+        AgentSide::Url(_) => format!("agent server at {}", identity.agent),
         AgentSide::Spawn { dir, .. } => format!("spawning opencode in {}", dir.display()),
     };
     worker
@@ -477,10 +479,10 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
                 Err(_) => return Err(CliError::runtime("the agent supervisor stopped")),
             }
         }
-        AgentSide::Url(url) => {
+        AgentSide::Url(_) => {
             if let Err(e) = client.health().await {
                 // Not fatal: the observers keep trying, and a failed observation never prunes.
-                tracing::warn!(url, error = %e, "agent server not answering yet");
+                tracing::warn!(url = %identity.agent, error = %e, "agent server not answering yet");
             }
         }
     }
