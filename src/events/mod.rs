@@ -142,6 +142,10 @@ event_catalogue! {
     // Safeguards.
     /// The data directory was moved to another identity with `--adopt`.
     IdentityAdopted(IdentityAdopted) = "identity_adopted", version 1;
+    /// A listing's deletions exceeded the limit and were held.
+    DeletionsHeld(DeletionsHeld) = "deletions_held", version 1;
+    /// A hold on deletions ended.
+    DeletionHoldLifted(DeletionHoldLifted) = "deletion_hold_lifted", version 1;
 }
 
 impl std::fmt::Display for EventKind {
@@ -196,7 +200,9 @@ impl Event {
             | Event::AgentServerExited(_)
             | Event::AgentServerGaveUp(_)
             | Event::CheckpointWritten(_)
-            | Event::IdentityAdopted(_) => Vec::new(),
+            | Event::IdentityAdopted(_)
+            | Event::DeletionsHeld(_)
+            | Event::DeletionHoldLifted(_) => Vec::new(),
         }
     }
 

@@ -966,3 +966,29 @@ pub struct IdentityAdopted {
     /// The identity recorded from now on.
     pub current: Identity,
 }
+
+/// A complete agent listing would have marked more chat sessions deleted than the policy
+/// allows at once: none was, until a later listing confirms the absences.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeletionsHeld {
+    /// The seq of the held listing's `listing_completed`.
+    pub listing_seq: u64,
+    /// How many active chat sessions it would have marked deleted.
+    pub candidates: u64,
+    /// How many one listing may mark deleted.
+    pub limit: u64,
+}
+
+/// A hold on deletions ended: the absences are within the limit again (the sessions came
+/// back, or the confirmed deletions were carried out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeletionHoldLifted {
+    /// The seq of the listing that was held.
+    pub held_listing_seq: u64,
+    /// The seq of the last complete agent listing.
+    pub listing_seq: u64,
+    /// How many active chat sessions are still to be marked deleted.
+    pub candidates: u64,
+    /// The limit.
+    pub limit: u64,
+}
