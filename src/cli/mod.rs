@@ -194,6 +194,10 @@ struct RunArgs {
     /// back full counts as incomplete (never prunes, never Ready): raise it above your count.
     #[arg(long, value_name = "N")]
     listing_limit: Option<u32>,
+    /// Accept this worker id, agent server and backend for a data directory that recorded
+    /// others (in its IDENTITY.json), and record the move in the log.
+    #[arg(long)]
+    adopt: bool,
     /// A TOML file with the same keys as these flags (`data-dir = "..."`); flags win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
