@@ -503,6 +503,11 @@ fn run_refuses_bad_settings_with_exit_2_naming_the_key_and_writes_nothing() {
             "listing-limit must be at least 1",
         ),
         (
+            format!("{base}message-deadline-mins = 0\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "message-deadline-mins must be between 1 and 10080",
+        ),
+        (
             format!("{base}concurrency = \"ten\"\n"),
             vec!["--agent-url", "http://127.0.0.1:9"],
             "(line 3): invalid type: string \"ten\"",

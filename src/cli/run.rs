@@ -58,6 +58,7 @@ struct FileConfig {
     metrics_addr: Option<String>,
     drain_grace_secs: Option<u64>,
     listing_limit: Option<u32>,
+    message_deadline_mins: Option<u64>,
     adopt: Option<bool>,
 }
 
@@ -83,6 +84,7 @@ struct Settings {
     metrics_addr: SocketAddr,
     drain_grace_ms: u64,
     listing_limit: u32,
+    message_deadline_ms: u64,
     adopt: bool,
 }
 
@@ -234,6 +236,15 @@ impl Settings {
         if listing_limit == 0 {
             return Err(CliError::usage("listing-limit must be at least 1"));
         }
+        let deadline_mins = args
+            .message_deadline_mins
+            .or(file.message_deadline_mins)
+            .unwrap_or(30);
+        if !(1..=7 * 24 * 60).contains(&deadline_mins) {
+            return Err(CliError::usage(
+                "message-deadline-mins must be between 1 and 10080 (a week)",
+            ));
+        }
         Ok(Settings {
             data_dir,
             worker_id,
@@ -246,6 +257,7 @@ impl Settings {
             metrics_addr,
             drain_grace_ms,
             listing_limit,
+            message_deadline_ms: deadline_mins * 60_000,
             adopt: args.adopt || file.adopt.unwrap_or(false),
         })
     }
@@ -401,6 +413,7 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
     };
     wcfg.dispatch.concurrency = s.concurrency;
     wcfg.policy.default_model = s.model.clone();
+    wcfg.policy.message_deadline_ms = s.message_deadline_ms;
     let agent: Arc<dyn AgentServer> = client.clone();
     let mut worker = Worker::open(log.clone(), agent, backend, clock.clone(), wcfg)
         .await
