@@ -79,6 +79,7 @@ fn faults(lost_replies: bool) -> impl Strategy<Value = Faults> {
                 partial_listings: partial,
                 lost_reply_rate: lost,
                 seed,
+                ..Faults::default()
             },
         )
 }

@@ -5,17 +5,29 @@
 //! `metadata` (here its [`SessionTag`]) comes back in every listing; a prompt may carry a
 //! client-chosen message id, which `prompt_outcome` finds again; posting the **same** id again is
 //! not deduplicated (the model runs again: counted in [`SimAgent::model_runs`]). With
-//! `Faults::lost_reply_rate` a creation or a prompt is applied and then its reply is lost, as a
-//! proxy or a network that drops the answer would do.
+//! `Faults::lost_reply_rate` a creation, a rename, a deletion or a prompt is applied and then its
+//! reply is lost, as a proxy or a network that drops the answer would do; with
+//! `Faults::late_reply_rate` the reply comes after the caller's timeout.
+//!
+//! The model takes `Faults::model_run_ms` to answer; meanwhile the session is busy and
+//! `prompt_outcome` reads `Running`. [`SimAgent::restart`] is a new generation of the server:
+//! what was running is lost (`Interrupted`), the sessions stay. Everything it does is also
+//! written to a journal of event-stream reports ([`SimAgent::stream_since`]), what OpenCode's
+//! `GET /event` would say.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::{CallStats, Faults, Harness};
 use crate::clock::{Clock, Millis};
-use crate::events::{AgentSessionId, AgentSessionInfo, AgentSessionStatus, ModelRef, SessionTag};
+use crate::events::{
+    AgentSessionId, AgentSessionInfo, AgentSessionStatus, AgentStatus, ChatSessionId, ModelRef,
+    SessionTag,
+};
 use crate::ports::{
-    AgentListing, AgentServer, ModelList, PortError, PortFuture, PromptOutcome, PromptRequest,
+    AgentListing, AgentObservation, AgentServer, ModelList, PortError, PortFuture, PromptOutcome,
+    PromptRequest,
 };
 
 /// A prompt containing this text fails like an overflowing context window (terminal).
@@ -40,6 +52,98 @@ struct AgentState {
     answers: BTreeMap<(AgentSessionId, String), Result<String, PortError>>,
     /// Sessions created, by the command id of their tag.
     created_for: BTreeMap<String, u64>,
+    /// Sessions created, by the chat session of their tag.
+    created_for_chat: BTreeMap<ChatSessionId, u64>,
+    /// The server's generation, from 1: bumped by each restart.
+    generation: u64,
+    /// Prompts the model is working on, by (session, message key).
+    running: BTreeMap<(AgentSessionId, String), Run>,
+    /// The answers of the runs that finished, by run number.
+    finished: BTreeMap<u64, Result<String, PortError>>,
+    next_run: u64,
+    /// Prompts that stopped without an answer (a restart, an abort).
+    interrupted: BTreeSet<(AgentSessionId, String)>,
+    /// What the event stream reports, in the order it happened.
+    journal: Vec<AgentObservation>,
+}
+
+/// One run of the model.
+struct Run {
+    /// Its number, from 1.
+    number: u64,
+    /// When it is done (the server's clock).
+    done_at: Millis,
+    /// What it answers.
+    answer: Result<String, PortError>,
+}
+
+impl AgentState {
+    /// The runs due by `now` finish: their answers are stored and reported. The model keeps
+    /// working whether or not the caller still waits (a worker that died mid-prompt).
+    fn settle(&mut self, now: Millis) {
+        let due: Vec<_> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.done_at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let Some(run) = self.running.remove(&key) else {
+                continue;
+            };
+            let id = key.0.clone();
+            if let Some(session) = self.sessions.get_mut(&id) {
+                session.updated_at = run.done_at;
+            }
+            self.journal.push(AgentObservation::MessageUpdated {
+                agent_session_id: id.clone(),
+                at: run.done_at,
+                error: run.answer.as_ref().err().map(|e| e.message.clone()),
+            });
+            if !self.busy(&id) {
+                self.report_status(&id, AgentStatus::Idle);
+            }
+            self.finished.insert(run.number, run.answer.clone());
+            self.answers.insert(key, run.answer);
+        }
+    }
+
+    /// Whether a session has a prompt running.
+    fn busy(&self, id: &AgentSessionId) -> bool {
+        self.running.keys().any(|(s, _)| s == id)
+    }
+
+    fn report_status(&mut self, id: &AgentSessionId, status: AgentStatus) {
+        self.journal
+            .push(AgentObservation::Status(AgentSessionStatus {
+                agent_session_id: id.clone(),
+                status,
+            }));
+    }
+
+    fn report_session(&mut self, id: &AgentSessionId) {
+        if let Some(info) = self.sessions.get(id) {
+            let report = AgentObservation::SessionUpdated(Box::new(info.clone()));
+            self.journal.push(report);
+        }
+    }
+
+    /// Stops the running prompts that `which` selects: they read as interrupted.
+    fn interrupt(&mut self, which: impl Fn(&AgentSessionId) -> bool) {
+        let stopped: Vec<_> = self
+            .running
+            .keys()
+            .filter(|(s, _)| which(s))
+            .cloned()
+            .collect();
+        for key in stopped {
+            self.running.remove(&key);
+            if !self.busy(&key.0) {
+                self.report_status(&key.0, AgentStatus::Idle);
+            }
+            self.interrupted.insert(key);
+        }
+    }
 }
 
 impl SimAgent {
@@ -47,28 +151,74 @@ impl SimAgent {
     pub fn new(clock: Arc<dyn Clock>, faults: Faults) -> Self {
         Self {
             h: Harness::new(clock, faults),
-            state: Mutex::new(AgentState::default()),
+            state: Mutex::new(AgentState {
+                generation: 1,
+                ..AgentState::default()
+            }),
         }
     }
 
     /// Adds a session directly (the scenario's starting point).
     pub fn insert(&self, info: AgentSessionInfo) {
-        self.lock()
-            .sessions
-            .insert(info.agent_session_id.clone(), info);
+        let id = info.agent_session_id.clone();
+        let mut s = self.lock();
+        s.sessions.insert(id.clone(), info);
+        s.report_session(&id);
     }
 
     /// Renames a session directly (a user acting in the agent's own UI).
     pub fn retitle(&self, id: &AgentSessionId, title: &str, at: Millis) {
-        if let Some(s) = self.lock().sessions.get_mut(id) {
-            s.title = title.to_owned();
-            s.updated_at = at;
+        let mut s = self.lock();
+        if let Some(info) = s.sessions.get_mut(id) {
+            info.title = title.to_owned();
+            info.updated_at = at;
+            s.report_session(id);
         }
     }
 
     /// Deletes a session directly.
     pub fn remove(&self, id: &AgentSessionId) {
-        self.lock().sessions.remove(id);
+        let mut s = self.lock();
+        if s.sessions.remove(id).is_some() {
+            s.interrupt(|x| x == id);
+            s.journal.push(AgentObservation::SessionDeleted(id.clone()));
+        }
+    }
+
+    /// Restarts the server: a new generation, down for `down_ms` (every call refused), and
+    /// every prompt the model was working on lost: it then reads as `Interrupted`. The
+    /// sessions (on disk) stay. Returns the new generation.
+    pub fn restart(&self, down_ms: Millis) -> u64 {
+        let now = self.now();
+        self.h
+            .faults
+            .lock()
+            .expect("faults")
+            .outages
+            .push((now, now + down_ms));
+        let mut s = self.lock();
+        s.settle(now);
+        s.generation += 1;
+        s.interrupt(|_| true);
+        s.generation
+    }
+
+    /// Its generation: 1, plus one per restart.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// The event-stream reports from position `from` of the journal on, and the position
+    /// after them.
+    pub fn stream_since(&self, from: usize) -> (Vec<AgentObservation>, usize) {
+        let s = self.lock();
+        let from = from.min(s.journal.len());
+        (s.journal[from..].to_vec(), s.journal.len())
+    }
+
+    /// Sessions created per chat session of their tag: more than one is a duplicate.
+    pub fn created_for_chat(&self) -> BTreeMap<ChatSessionId, u64> {
+        self.lock().created_for_chat.clone()
     }
 
     /// The sessions it holds.
@@ -114,21 +264,37 @@ impl SimAgent {
         self.h.clock.now_ms()
     }
 
-    /// The model answers a prompt (once per call: the same message id posted twice runs twice).
-    fn run_model(
+    /// The model starts on a prompt (once per call: the same message id posted twice runs
+    /// twice). Returns the run's number and when it is done.
+    fn start_model(
         &self,
         id: &AgentSessionId,
         prompt: PromptRequest<'_>,
-    ) -> Result<Result<String, PortError>, PortError> {
+    ) -> Result<(u64, Millis), PortError> {
         let now = self.now();
+        let work = self.h.pick(self.h.faults().model_run_ms);
         let mut s = self.lock();
+        s.settle(now);
         let Some(session) = s.sessions.get_mut(id) else {
             return Err(PortError::terminal(format!("404: no session {id}")));
         };
         session.updated_at = now;
         *s.prompts.entry(id.clone()).or_default() += 1;
-        let key = prompt.message_id.unwrap_or(prompt.text).to_owned();
-        *s.model_runs.entry(key).or_default() += 1;
+        let key = (
+            id.clone(),
+            prompt.message_id.unwrap_or(prompt.text).to_owned(),
+        );
+        *s.model_runs.entry(key.1.clone()).or_default() += 1;
+        if !s.busy(id) {
+            s.report_status(id, AgentStatus::Busy);
+        }
+        s.interrupted.remove(&key);
+        s.answers.remove(&key);
+        s.journal.push(AgentObservation::MessageUpdated {
+            agent_session_id: id.clone(),
+            at: now,
+            error: None,
+        });
         let answer = if prompt.text.contains(OVERFLOW_MARKER) {
             Err(PortError::terminal(
                 "ContextOverflowError: prompt is too long for the model's context",
@@ -136,20 +302,35 @@ impl SimAgent {
         } else {
             Ok(format!("answer: {}", prompt.text))
         };
-        if let Some(m) = prompt.message_id {
-            s.answers.insert((id.clone(), m.to_owned()), answer.clone());
-        }
-        Ok(answer)
+        s.next_run += 1;
+        let number = s.next_run;
+        let done_at = now + work;
+        let run = Run {
+            number,
+            done_at,
+            answer,
+        };
+        s.running.insert(key, run);
+        Ok((number, done_at))
     }
 
-    /// After the effect: with `lost_reply_rate`, the reply never reaches the caller.
-    fn maybe_lose_reply(&self, op: &str) -> Result<(), PortError> {
-        if self.h.roll(self.h.faults().lost_reply_rate) {
-            return Err(PortError::retryable(format!(
-                "{op}: connection reset after the server applied it"
-            )));
-        }
-        Ok(())
+    /// The answer of run `number` once it is done, or a cut connection if the server
+    /// restarted or the prompt was aborted meanwhile.
+    fn finish_model(&self, number: u64) -> Result<Result<String, PortError>, PortError> {
+        let now = self.now();
+        let mut s = self.lock();
+        s.settle(now);
+        s.finished.get(&number).cloned().ok_or_else(|| {
+            PortError::retryable(
+                "prompt: connection reset (the agent server restarted or the prompt was aborted)",
+            )
+        })
+    }
+
+    /// Finishes the runs that are due.
+    fn settle(&self) {
+        let now = self.now();
+        self.lock().settle(now);
     }
 }
 
@@ -169,6 +350,7 @@ impl AgentServer for SimAgent {
                 s.listings
             };
             let _call = self.h.call("list_sessions", 0).await?;
+            self.settle();
             let faults = self.h.faults();
             if faults.failed_listings.contains(&n) {
                 return Err(PortError::retryable("list_sessions: 500 internal error"));
@@ -185,6 +367,7 @@ impl AgentServer for SimAgent {
                 // OpenCode's trap: a listing without `limit` stops at 100.
                 sessions.truncate(100.min(sessions.len() / 2));
             }
+            self.h.hold_back().await;
             Ok(AgentListing { sessions, complete })
         })
     }
@@ -212,12 +395,16 @@ impl AgentServer for SimAgent {
                 };
                 if let Some(t) = tag {
                     *s.created_for.entry(t.command_id.0.clone()).or_default() += 1;
+                    *s.created_for_chat
+                        .entry(t.chat_session_id.clone())
+                        .or_default() += 1;
                 }
                 s.sessions
                     .insert(info.agent_session_id.clone(), info.clone());
+                s.report_session(&info.agent_session_id);
                 info
             };
-            self.maybe_lose_reply("create_session")?;
+            self.h.reply("create_session").await?;
             Ok(info)
         })
     }
@@ -225,7 +412,7 @@ impl AgentServer for SimAgent {
     fn find_session<'a>(&'a self, tag: &'a SessionTag) -> PortFuture<'a, Option<AgentSessionInfo>> {
         Box::pin(async move {
             let _call = self.h.call("list_sessions", 0).await?;
-            Ok(self
+            let found = self
                 .lock()
                 .sessions
                 .values()
@@ -234,7 +421,9 @@ impl AgentServer for SimAgent {
                         t.command_id == tag.command_id && t.worker_id == tag.worker_id
                     })
                 })
-                .cloned())
+                .cloned();
+            self.h.hold_back().await;
+            Ok(found)
         })
     }
 
@@ -242,22 +431,24 @@ impl AgentServer for SimAgent {
         Box::pin(async move {
             let _call = self.h.call("rename_session", 0).await?;
             let now = self.now();
-            match self.lock().sessions.get_mut(id) {
-                Some(s) => {
-                    s.title = title.to_owned();
-                    s.updated_at = now;
-                    Ok(())
-                }
-                None => Err(PortError::terminal(format!("404: no session {id}"))),
+            {
+                let mut s = self.lock();
+                let Some(info) = s.sessions.get_mut(id) else {
+                    return Err(PortError::terminal(format!("404: no session {id}")));
+                };
+                info.title = title.to_owned();
+                info.updated_at = now;
+                s.report_session(id);
             }
+            self.h.reply("rename_session").await
         })
     }
 
     fn delete_session<'a>(&'a self, id: &'a AgentSessionId) -> PortFuture<'a, ()> {
         Box::pin(async move {
             let _call = self.h.call("delete_session", 0).await?;
-            self.lock().sessions.remove(id);
-            Ok(())
+            self.remove(id);
+            self.h.reply("delete_session").await
         })
     }
 
@@ -268,8 +459,13 @@ impl AgentServer for SimAgent {
     ) -> PortFuture<'a, String> {
         Box::pin(async move {
             let _call = self.h.call("prompt", 0).await?;
-            let answer = self.run_model(id, prompt)?;
-            self.maybe_lose_reply("prompt")?;
+            let (run, done_at) = self.start_model(id, prompt)?;
+            let wait = done_at.saturating_sub(self.now());
+            if wait > 0 {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            let answer = self.finish_model(run)?;
+            self.h.reply("prompt").await?;
             answer
         })
     }
@@ -282,25 +478,50 @@ impl AgentServer for SimAgent {
         Box::pin(async move {
             let _call = self.h.call("get_message", 0).await?;
             let key = (id.clone(), message_id.to_owned());
-            Ok(match self.lock().answers.get(&key) {
-                None => PromptOutcome::NotSent,
-                Some(Ok(text)) => PromptOutcome::Answered(text.clone()),
-                Some(Err(e)) => PromptOutcome::Failed(e.clone()),
-            })
+            let outcome = {
+                let now = self.now();
+                let mut s = self.lock();
+                s.settle(now);
+                match s.answers.get(&key) {
+                    _ if s.running.contains_key(&key) => PromptOutcome::Running,
+                    _ if s.interrupted.contains(&key) => PromptOutcome::Interrupted,
+                    None => PromptOutcome::NotSent,
+                    Some(Ok(text)) => PromptOutcome::Answered(text.clone()),
+                    Some(Err(e)) => PromptOutcome::Failed(e.clone()),
+                }
+            };
+            self.h.hold_back().await;
+            Ok(outcome)
         })
     }
 
-    fn abort<'a>(&'a self, _id: &'a AgentSessionId) -> PortFuture<'a, ()> {
+    fn abort<'a>(&'a self, id: &'a AgentSessionId) -> PortFuture<'a, ()> {
         Box::pin(async move {
             let _call = self.h.call("abort", 0).await?;
-            Ok(())
+            {
+                let now = self.now();
+                let mut s = self.lock();
+                s.settle(now);
+                s.interrupt(|x| x == id);
+            }
+            self.h.reply("abort").await
         })
     }
 
     fn status(&self) -> PortFuture<'_, Vec<AgentSessionStatus>> {
         Box::pin(async move {
             let _call = self.h.call("status", 0).await?;
-            Ok(Vec::new())
+            self.settle();
+            let busy: BTreeSet<AgentSessionId> =
+                self.lock().running.keys().map(|(s, _)| s.clone()).collect();
+            self.h.hold_back().await;
+            Ok(busy
+                .into_iter()
+                .map(|agent_session_id| AgentSessionStatus {
+                    agent_session_id,
+                    status: AgentStatus::Busy,
+                })
+                .collect())
         })
     }
 

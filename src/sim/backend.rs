@@ -247,20 +247,24 @@ impl Backend for SimBackend {
             if faults.partial_listings.contains(&n) && from > 0 {
                 return Err(PortError::retryable("listSessions: page timed out"));
             }
-            let s = self.lock();
-            let page: Vec<ChatSessionInfo> = s
-                .sessions
-                .values()
-                .skip(from)
-                .take(limit as usize)
-                .cloned()
-                .collect();
-            let next = from + page.len();
-            Ok(Page {
-                is_done: next >= s.sessions.len(),
-                continue_cursor: next.to_string(),
-                page,
-            })
+            let page = {
+                let s = self.lock();
+                let page: Vec<ChatSessionInfo> = s
+                    .sessions
+                    .values()
+                    .skip(from)
+                    .take(limit as usize)
+                    .cloned()
+                    .collect();
+                let next = from + page.len();
+                Page {
+                    is_done: next >= s.sessions.len(),
+                    continue_cursor: next.to_string(),
+                    page,
+                }
+            };
+            self.h.hold_back().await;
+            Ok(page)
         })
     }
 
@@ -272,19 +276,23 @@ impl Backend for SimBackend {
         Box::pin(async move {
             let from = cursor_of(cursor)?;
             let _call = self.h.call("listMessages", 0).await?;
-            let s = self.lock();
-            let to = (from + limit as usize).min(s.changes.len()).max(from);
-            let mut seen = std::collections::HashSet::new();
-            let page = s.changes[from.min(to)..to]
-                .iter()
-                .filter(|id| seen.insert(*id))
-                .filter_map(|id| s.messages.get(id).cloned())
-                .collect();
-            Ok(Page {
-                page,
-                is_done: to >= s.changes.len(),
-                continue_cursor: to.to_string(),
-            })
+            let page = {
+                let s = self.lock();
+                let to = (from + limit as usize).min(s.changes.len()).max(from);
+                let mut seen = std::collections::HashSet::new();
+                let page = s.changes[from.min(to)..to]
+                    .iter()
+                    .filter(|id| seen.insert(*id))
+                    .filter_map(|id| s.messages.get(id).cloned())
+                    .collect();
+                Page {
+                    page,
+                    is_done: to >= s.changes.len(),
+                    continue_cursor: to.to_string(),
+                }
+            };
+            self.h.hold_back().await;
+            Ok(page)
         })
     }
 
@@ -296,12 +304,7 @@ impl Backend for SimBackend {
         Box::pin(async move {
             let _call = self.h.call(command.op().name(), 0).await?;
             let reply = self.apply(command_id, command)?;
-            if self.h.roll(self.h.faults().lost_reply_rate) {
-                return Err(PortError::retryable(format!(
-                    "{}: connection reset after the mutation was applied",
-                    command.op()
-                )));
-            }
+            self.h.reply(command.op().name()).await?;
             Ok(reply)
         })
     }

@@ -7,6 +7,7 @@
 //! each backend effect was applied. Latency is `tokio::time::sleep`, so a test with a paused
 //! clock runs hours of simulated time in milliseconds.
 
+pub mod adversary;
 mod agent;
 mod backend;
 pub mod convex;
@@ -75,8 +76,21 @@ pub struct Faults {
     pub failed_listings: Vec<u32>,
     /// Which session listings come back partial (1 = the first listing).
     pub partial_listings: Vec<u32>,
-    /// Backend only: probability that a mutation is applied but its reply is lost.
+    /// Probability that a call that changes something (a creation, a rename, a deletion, a
+    /// prompt, a mutation) is applied and then its reply is lost.
     pub lost_reply_rate: f64,
+    /// Probability that such a call is applied and then answered only `late_reply_ms` later:
+    /// past the caller's timeout, so the caller gives up on a call that took effect.
+    pub late_reply_rate: f64,
+    /// How late a late reply comes (ms).
+    pub late_reply_ms: Millis,
+    /// Probability that a read (a session listing, a page, the statuses) is taken and then
+    /// held back before it is answered: it arrives after changes it does not show.
+    pub stale_read_rate: f64,
+    /// How long a held-back read waits, at most (ms; uniform from 0).
+    pub stale_read_ms: Millis,
+    /// Agent only: how long the model works on a prompt (ms, uniform range).
+    pub model_run_ms: (Millis, Millis),
     /// Seed of the fault dice.
     pub seed: u64,
 }
@@ -171,6 +185,39 @@ impl Harness {
 
     fn roll(&self, p: f64) -> bool {
         p > 0.0 && self.rng.lock().expect("rng").random_bool(p.min(1.0))
+    }
+
+    /// A uniform draw in `lo..=hi` from the fault dice.
+    fn pick(&self, (lo, hi): (Millis, Millis)) -> Millis {
+        if hi > lo {
+            self.rng.lock().expect("rng").random_range(lo..=hi)
+        } else {
+            lo
+        }
+    }
+
+    /// After a call took effect: its reply may be lost (`lost_reply_rate`) or come late
+    /// (`late_reply_rate`, past the caller's timeout).
+    async fn reply(&self, op: &str) -> Result<(), PortError> {
+        let f = self.faults();
+        if self.roll(f.lost_reply_rate) {
+            return Err(PortError::retryable(format!(
+                "{op}: connection reset after the server applied it"
+            )));
+        }
+        if self.roll(f.late_reply_rate) {
+            tokio::time::sleep(Duration::from_millis(f.late_reply_ms)).await;
+        }
+        Ok(())
+    }
+
+    /// After a read was taken: it may be held back (`stale_read_rate`) before it is answered.
+    async fn hold_back(&self) {
+        let f = self.faults();
+        if self.roll(f.stale_read_rate) {
+            let ms = self.pick((0, f.stale_read_ms));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
     }
 
     fn faults(&self) -> Faults {
