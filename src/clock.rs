@@ -51,3 +51,53 @@ impl Clock for ManualClock {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// Another clock plus an offset that can be stepped either way: a wall clock corrected by NTP
+/// or set by hand while the process runs (the simulations step the worker's clock by minutes).
+pub struct SteppedClock {
+    inner: std::sync::Arc<dyn Clock>,
+    offset_ms: std::sync::atomic::AtomicI64,
+}
+
+impl SteppedClock {
+    /// Reads `inner`, not stepped yet.
+    pub fn new(inner: std::sync::Arc<dyn Clock>) -> Self {
+        Self {
+            inner,
+            offset_ms: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// Steps the clock by `delta_ms` (negative: back).
+    pub fn step(&self, delta_ms: i64) {
+        self.offset_ms.fetch_add(delta_ms, Ordering::SeqCst);
+    }
+
+    /// How far it is stepped from the clock it reads.
+    pub fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(Ordering::SeqCst)
+    }
+}
+
+impl Clock for SteppedClock {
+    fn now_ms(&self) -> Millis {
+        self.inner.now_ms().saturating_add_signed(self.offset_ms())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stepped_clock_moves_both_ways_over_the_clock_it_reads() {
+        let inner = std::sync::Arc::new(ManualClock::new(1_000_000));
+        let clock = SteppedClock::new(inner.clone());
+        clock.step(5 * 60_000);
+        assert_eq!(clock.now_ms(), 1_300_000);
+        clock.step(-7 * 60_000);
+        inner.advance(10);
+        assert_eq!(clock.now_ms(), 880_010);
+        assert_eq!(clock.offset_ms(), -120_000);
+    }
+}
