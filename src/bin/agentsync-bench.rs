@@ -24,6 +24,7 @@ use agentsync::events::{
 use agentsync::log::{load_views, CheckpointPolicy, EventLog, LiveViews, LogOptions, ReadFilter};
 use agentsync::projections::Views;
 use agentsync::reconcile::{self, Context};
+use agentsync::sim::adversary;
 use agentsync::sim::incident::{self, Incident};
 use agentsync::testkit::History;
 use clap::{Parser, Subcommand};
@@ -95,6 +96,22 @@ enum What {
         #[arg(long)]
         json: bool,
     },
+    /// The adversarial simulation: N seeded histories of faults on both sides through a real
+    /// worker and log, each checked against the invariants.
+    Sim {
+        /// How many seeds to run (0..N).
+        #[arg(long, default_value_t = 200)]
+        seeds: u64,
+        /// Replay this seed alone, keep its log, and print what broke.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Where to keep the log of `--seed` (default: a folder in the temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// The incident x K on the simulated sides (150 ms agent latency), throttled and not.
     Storm {
         /// Multiply the incident's size.
@@ -154,6 +171,16 @@ fn main() -> std::process::ExitCode {
             (result, json)
         }
         What::Storm { scale, json } => (bench_storm(scale), json),
+        What::Sim {
+            seeds,
+            seed: Some(seed),
+            dir,
+            json,
+        } => {
+            let _ = seeds;
+            (bench_sim_one(seed, dir), json)
+        }
+        What::Sim { seeds, json, .. } => (bench_sim(seeds), json),
     };
     match result {
         Ok(report) => {
@@ -600,6 +627,65 @@ fn bench_storm(scale: usize) -> Res<serde_json::Value> {
         "baseline_deletions_from_failed_listing": baseline.deletions_from_failed_listing,
         "messages_answered": throttled.messages_answered,
         "messages_failed": throttled.messages_failed,
+    }))
+}
+
+/// `x` to two decimals.
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Runs seeds 0..n of the adversarial simulation on every core.
+fn bench_sim(n: u64) -> Res<serde_json::Value> {
+    let started = Instant::now();
+    let seeds: Vec<u64> = (0..n).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let reports = adversary::run_seeds(&seeds, threads);
+    let mut violations: std::collections::BTreeMap<&str, u64> =
+        adversary::INVARIANTS.iter().map(|i| (*i, 0)).collect();
+    for r in &reports {
+        for (k, n) in &r.violations {
+            *violations.entry(k).or_default() += n;
+        }
+    }
+    let failing: Vec<u64> = reports
+        .iter()
+        .filter(|r| !r.passed())
+        .map(|r| r.seed)
+        .collect();
+    let sum = |f: fn(&adversary::SimReport) -> u64| reports.iter().map(f).sum::<u64>();
+    Ok(json!({
+        "runs": reports.len(),
+        "violations": violations,
+        "failing_seeds": failing,
+        "wall_s": round2(started.elapsed().as_secs_f64()),
+        "simulated_h": round2(sum(|r| r.simulated_ms) as f64 / 3_600_000.0),
+        "events": sum(|r| r.events),
+        "crashes": sum(|r| r.crashes as u64),
+        "agent_restarts": sum(|r| r.restarts as u64),
+        "clock_steps": sum(|r| r.clock_steps as u64),
+    }))
+}
+
+/// Replays one seed, keeps its log, and says what broke.
+fn bench_sim_one(seed: u64, dir: Option<PathBuf>) -> Res<serde_json::Value> {
+    let dir =
+        dir.unwrap_or_else(|| std::env::temp_dir().join(format!("agentsync-sim-seed-{seed}")));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    let started = Instant::now();
+    let r = adversary::run_seed_in(seed, &dir);
+    Ok(json!({
+        "seed": seed,
+        "passed": r.passed(),
+        "violations": r.violations,
+        "broke": r.details,
+        "scenario": format!("{:?}", adversary::Scenario::generate(seed)),
+        "events": r.events,
+        "simulated_s": r.simulated_ms / 1_000,
+        "data_dir": dir.display().to_string(),
+        "wall_s": round2(started.elapsed().as_secs_f64()),
     }))
 }
 
