@@ -180,6 +180,12 @@ pub fn priority(op: Op) -> u8 {
     }
 }
 
+/// Whether an operation waits for the worker to be Ready: all but delivering an outcome to
+/// the backend, which rests on no listing (a message failed at start is told at once).
+pub fn needs_ready(op: Op) -> bool {
+    !matches!(op, Op::CompleteMessage | Op::FailMessage)
+}
+
 /// The per-target semaphores that bound calls in flight to each side. The observers take a
 /// permit for each call too.
 #[derive(Debug, Clone)]
@@ -384,6 +390,9 @@ pub struct Dispatcher {
     models: ModelState,
     order: u64,
     stats: DispatchStats,
+    /// Whether commands that rest on this process's listings may start (see
+    /// [`Dispatcher::set_ready`]).
+    ready: bool,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -424,7 +433,17 @@ impl Dispatcher {
             models: ModelState::default(),
             order: 0,
             stats: DispatchStats::default(),
+            ready: true,
         }
+    }
+
+    /// Holds (`false`) or releases (`true`) every command but the delivery of outcomes. The
+    /// worker holds them until it is Ready: a command resumed from a previous process's ledger
+    /// (a prompt, a creation, a deletion) was decided on that process's listings, and must not
+    /// act before this process has listed both sides (the incident's messages retried on every
+    /// restart before the worker was ready). A new dispatcher is not held.
+    pub fn set_ready(&mut self, ready: bool) {
+        self.ready = ready;
     }
 
     /// The per-target gates, for the observers to share.
@@ -526,6 +545,7 @@ impl Dispatcher {
             .queue
             .iter()
             .filter(|(_, q)| q.not_before <= now)
+            .filter(|(_, q)| self.ready || !needs_ready(q.command.op()))
             .map(|(id, q)| {
                 let rank = u64::from(priority(q.command.op())) * self.cfg.aging_ms;
                 (q.waiting_since + rank, q.order, id.clone())

@@ -380,3 +380,18 @@ fn a_terminal_failure_does_not_close_an_open_breaker() {
     );
     assert!(d.backend.breaker.allows(probe_at), "another probe may go");
 }
+
+#[test]
+fn a_held_dispatcher_starts_only_deliveries_until_released() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    d.set_ready(false);
+    d.enqueue("rename".into(), rename("chat_r"), 0);
+    d.enqueue("fail".into(), fail_message("chat_f", "m"), 0);
+    let held: Vec<String> = started(d.select(&views, 0)).into_iter().map(|a| a.id.0).collect();
+    assert_eq!(held, ["fail"], "only the delivery starts before Ready");
+    d.set_ready(true);
+    let s = started(d.select(&views, 1));
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].id.0, "rename");
+}

@@ -195,6 +195,7 @@ impl Worker {
             log.last_seq()
         );
         let mut dispatcher = Dispatcher::new(cfg.dispatch.clone(), started_at);
+        dispatcher.set_ready(false);
         let resumed = dispatcher.resume(&live.views.commands.state, started_at);
         if resumed > 0 {
             tracing::info!(resumed, "resuming unfinished commands");
@@ -403,6 +404,7 @@ impl Worker {
         if reconcile::listed_in_this_process(sessions, self.process_seq) {
             let ms = now.saturating_sub(self.started_at);
             self.ready_after = Some(ms);
+            self.dispatcher.set_ready(true);
             let views = self.views();
             let summary = format!(
                 "{} agent sessions and {} chat sessions in view, ready in {ms} ms, {} model fetches, {} commands queued, {} messages pending",
