@@ -474,26 +474,78 @@ async fn sigkill_mid_work_then_restart_applies_every_backend_effect_once() {
     first.exit_within(Duration::from_secs(10)).await;
     let mut second = WorkerProcess::start(&project, &data, &args, &[]);
     second.wait_ready().await;
-    until("every answer", Duration::from_secs(120), || {
-        asked
-            .iter()
-            .all(|(chat, m)| {
-                replies(&store.conversation(chat).unwrap(), m)
-                    .iter()
-                    .any(|r| r.completed)
-            })
-            .then_some(())
-    })
+    // What each side did, for a failure to show (this test has been seen failing only now
+    // and then): per message its chat's link, its replies and how often the model was asked
+    // for it; every chat session; the backend's mutations. The workers' logs and the data
+    // directory are kept when it fails (see `keep_evidence`).
+    let explain = || {
+        let texts = model.texts();
+        let mut out =
+            String::from("message: chat -> agent session, replies (completed), model calls\n");
+        for (i, (chat, m)) in asked.iter().enumerate() {
+            let link = store
+                .get_chat(chat)
+                .unwrap()
+                .and_then(|c| c.agent_session_id);
+            let r = replies(&store.conversation(chat).unwrap(), m);
+            let text = format!("SLOW:300 question {i}");
+            out.push_str(&format!(
+                "{m}: {chat} -> {link:?}, {} ({}), {}\n",
+                r.len(),
+                r.iter().filter(|r| r.completed).count(),
+                texts.iter().filter(|t| **t == text).count()
+            ));
+        }
+        for c in store.chats(WORKER).unwrap() {
+            out.push_str(&format!(
+                "chat {} {:?} {:?} -> {:?}\n",
+                c.chat_session_id, c.title, c.status, c.agent_session_id
+            ));
+        }
+        for (name, data) in [("first", &first), ("second", &second)] {
+            out.push_str(&format!("{name} run: {}\n", data.stderr.display()));
+        }
+        let mut ops = std::collections::BTreeMap::<String, usize>::new();
+        for e in fake.calls().iter().filter(|c| c.kind == "mutation") {
+            *ops.entry(format!("{} {}", e.path, e.status)).or_default() += 1;
+        }
+        out.push_str(&format!("backend mutations: {ops:?}\n"));
+        out
+    };
+    until_explained(
+        "every answer",
+        Duration::from_secs(120),
+        || {
+            asked
+                .iter()
+                .all(|(chat, m)| {
+                    replies(&store.conversation(chat).unwrap(), m)
+                        .iter()
+                        .any(|r| r.completed)
+                })
+                .then_some(())
+        },
+        explain,
+    )
     .await;
     for (chat, m) in &asked {
         let r = replies(&store.conversation(chat).unwrap(), m);
-        assert_eq!(r.len(), 1, "one reply to {m}");
+        assert_eq!(r.len(), 1, "one reply to {m}:\n{}", explain());
         assert!(r[0].content.starts_with(REPLY_PREFIX), "{:?}", r[0]);
     }
     // Every chat session got exactly one agent session linked.
     let chats = store.chats(WORKER).unwrap();
-    assert_eq!(chats.len(), 12, "no chat session was created twice");
-    assert!(chats.iter().all(|c| c.agent_session_id.is_some()));
+    assert_eq!(
+        chats.len(),
+        12,
+        "no chat session was created twice:\n{}",
+        explain()
+    );
+    assert!(
+        chats.iter().all(|c| c.agent_session_id.is_some()),
+        "{}",
+        explain()
+    );
     second.signal(Signal::SIGTERM);
     let (status, _) = second.exit_within(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0), "{}", second.log());
