@@ -1289,9 +1289,10 @@ async fn a_lost_reply_to_post_session_is_adopted_not_repeated() {
     worker.stop().await;
 }
 
-/// A prompt that reached OpenCode but whose reply was lost (a 502 after OpenCode answered; a
-/// connection closed before it answered, the model still slow at work): the worker reads the
-/// message back by its id and takes (or waits for) OpenCode's reply instead of prompting again.
+/// A prompt that reached OpenCode but whose reply was lost (a 502 after OpenCode answered; the
+/// connection closed unanswered after it answered, or before, the model still slow at work):
+/// the worker reads the message back by its id and takes (or waits for) OpenCode's reply
+/// instead of prompting again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_reply_to_a_prompt_is_read_back_not_prompted_again() {
     let rig = Rig::start().await;
@@ -1303,12 +1304,16 @@ async fn a_lost_reply_to_a_prompt_is_read_back_not_prompted_again() {
             "answered, then the reply was lost",
         ),
         (
+            Fault::HangUpAfterUpstream,
+            "answered, then the connection closed unanswered",
+        ),
+        (
             Fault::HangUpBeforeUpstreamAnswers,
             "SLOW:1500 hung up on before the model answered",
         ),
     ];
-    for (fault, text) in cases {
-        rig.proxy.inject("POST", "/session/*/message", 1, fault);
+    for (fault, text) in &cases {
+        rig.proxy.inject("POST", "/session/*/message", 1, *fault);
         let asked = rig.ask_in_new_chat(&format!("{fault:?}"), text);
         rig.all_answered(std::slice::from_ref(&asked), &worker)
             .await;
@@ -1316,18 +1321,18 @@ async fn a_lost_reply_to_a_prompt_is_read_back_not_prompted_again() {
         let injected = rig.proxy.injected();
         assert_eq!(
             injected.last().map(|i| i.2),
-            Some(fault),
+            Some(*fault),
             "the fault was injected: {injected:?}"
         );
         rig.assert_once(std::slice::from_ref(&asked)).await;
     }
     assert_eq!(
         rig.proxy.count_matching("POST", "/session/*/message"),
-        2,
+        cases.len(),
         "prompts posted: {:?}",
         rig.proxy.calls()
     );
-    rig.assert_one_session_per_chat(2).await;
+    rig.assert_one_session_per_chat(cases.len()).await;
     worker.stop().await;
 }
 
@@ -1475,4 +1480,68 @@ async fn restarted_with_the_agent_server_down_it_is_not_ready_and_prompts_nothin
     rig.assert_one_session_per_chat(2).await;
     worker.stop().await;
     rig.server.shutdown().await;
+}
+
+/// The proxy's faults do what they say at the TCP level: a hang-up closes the connection
+/// without a byte of response, after (or while) the upstream applied the call; a lost reply is
+/// a 502 after the upstream applied it. (The harness the tests above rely on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_faults_apply_the_call_upstream_and_answer_nothing_or_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeConvex::start("agentsync", None, Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let proxy = CountingProxy::start(&fake.url).await;
+    let body = serde_json::json!({
+        "path": "agentsync:listSessions",
+        "args": {"workerId": WORKER, "cursor": null, "limit": 10},
+        "format": "json",
+    })
+    .to_string();
+    let call = || async {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+            .await
+            .unwrap();
+        let request = format!(
+            "POST /api/query HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        // A reset counts as closed too: nothing was answered either way.
+        let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+            .await
+            .expect("the connection was closed");
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let applied = || fake.calls().len();
+
+    proxy.inject("POST", "/api/*", 1, Fault::HangUpAfterUpstream);
+    assert_eq!(call().await, "", "hung up without a response");
+    assert_eq!(applied(), 1, "the upstream had applied it");
+
+    proxy.inject("POST", "/api/*", 1, Fault::HangUpBeforeUpstreamAnswers);
+    assert_eq!(call().await, "", "hung up without a response");
+    until(
+        "the upstream applied it anyway",
+        Duration::from_secs(10),
+        || (applied() == 2).then_some(()),
+    )
+    .await;
+
+    proxy.inject("POST", "/api/*", 2, Fault::LoseReplyAfterUpstream);
+    let whole = call().await;
+    assert!(
+        whole.starts_with("HTTP/1.1 200"),
+        "the first passes: {whole}"
+    );
+    let lost = call().await;
+    assert!(
+        lost.starts_with("HTTP/1.1 502"),
+        "the second is lost: {lost}"
+    );
+    assert_eq!(applied(), 4, "both were applied");
+    assert_eq!(proxy.count_matching("POST", "/api/*"), 4);
+    assert_eq!(proxy.injected().len(), 3);
 }
