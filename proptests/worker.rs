@@ -141,6 +141,8 @@ fn populate(s: &Scenario, agent: &SimAgent, backend: &SimBackend) {
             project: None,
             model: None,
             updated_at: T0 - minute,
+            parent_id: None,
+            tag: None,
         });
         backend.insert_session(ChatSessionInfo {
             chat_session_id: ChatSessionId(format!("chat_{i}")),
@@ -171,6 +173,8 @@ fn populate(s: &Scenario, agent: &SimAgent, backend: &SimBackend) {
             project: None,
             model: None,
             updated_at: T0,
+            parent_id: None,
+            tag: None,
         });
     }
     for i in 0..s.stale {

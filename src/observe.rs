@@ -5,6 +5,14 @@
 //! but the `listing_completed` marker. Absence is inferred only from a complete listing, and
 //! only for rows the view held before the listing started: a session created while a listing
 //! was in flight is not "missing" from it.
+//!
+//! Newer facts win: every field a listing can change is compared with the seq of the fact that
+//! set it, and a listing that started before that fact (an event-stream rename, our own
+//! `markSessionDeleted`, a deletion) keeps the view's value; a session gone after the listing
+//! started is not brought back by it.
+//!
+//! Only our sessions are mirrored: a sub-agent child (`parent_id`) or a session another worker
+//! tagged never enters the view.
 
 use std::collections::HashSet;
 
@@ -12,11 +20,43 @@ use crate::events::*;
 use crate::ports::{AgentListing, AgentObservation};
 use crate::projections::{MessageState, MessagesView, SessionsView};
 
+/// Whether a session is ours to mirror: not a sub-agent child, not tagged by another worker.
+pub fn is_ours(info: &AgentSessionInfo, worker_id: &str) -> bool {
+    info.parent_id.is_none() && info.tag.as_ref().is_none_or(|t| t.worker_id == worker_id)
+}
+
+/// When an observation was read: a listing that started at a log seq, or the event stream
+/// (a report as new as anything in the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadAt {
+    Listing(u64),
+    Stream,
+}
+
+impl ReadAt {
+    /// Whether a fact recorded at `seq` is newer than what was read.
+    fn older_than(self, seq: u64) -> bool {
+        matches!(self, ReadAt::Listing(as_of) if seq > as_of)
+    }
+}
+
 /// The event of one agent session as seen now, if it is news to the view.
-fn agent_session(view: &SessionsView, info: &AgentSessionInfo) -> Option<Event> {
+fn agent_session(view: &SessionsView, info: &AgentSessionInfo, read: ReadAt) -> Option<Event> {
+    if let Some(&gone) = view.agent_gone.get(&info.agent_session_id) {
+        // Gone after this was read, or reported by a stream that may deliver out of order
+        // (ids are never reused): only a complete listing begun after it may say otherwise.
+        if read == ReadAt::Stream || read.older_than(gone) {
+            return None;
+        }
+    }
     match view.agent.get(&info.agent_session_id) {
         None => Some(Event::AgentSessionSeen(info.clone())),
         Some(row) => {
+            let mut info = info.clone();
+            if read.older_than(row.title_seq) {
+                info.title.clone_from(&row.title);
+            }
+            let info = &info;
             let changed = row.title != info.title
                 || (info.directory.is_some() && row.directory != info.directory)
                 || (row.project.is_none() && info.project.is_some())
@@ -30,10 +70,19 @@ fn agent_session(view: &SessionsView, info: &AgentSessionInfo) -> Option<Event> 
 /// The events of one report of the agent server's event stream. Deletions reported by the
 /// server itself are facts (`GoneReason::Deleted`); a reconnect yields nothing here (the
 /// observer answers it with a full listing, which closes any gap).
-pub fn agent_observation(view: &SessionsView, obs: &AgentObservation) -> Vec<Event> {
+pub fn agent_observation(
+    view: &SessionsView,
+    obs: &AgentObservation,
+    worker_id: &str,
+) -> Vec<Event> {
     match obs {
         AgentObservation::Connected { .. } => Vec::new(),
-        AgentObservation::SessionUpdated(info) => agent_session(view, info).into_iter().collect(),
+        AgentObservation::SessionUpdated(info) if is_ours(info, worker_id) => {
+            agent_session(view, info, ReadAt::Stream)
+                .into_iter()
+                .collect()
+        }
+        AgentObservation::SessionUpdated(_) => Vec::new(),
         AgentObservation::SessionDeleted(id) => {
             if view.agent.contains_key(id) {
                 vec![Event::AgentSessionGone(AgentSessionGone {
@@ -62,6 +111,8 @@ pub fn agent_observation(view: &SessionsView, obs: &AgentObservation) -> Vec<Eve
                     project: row.project.clone(),
                     model: row.model.clone(),
                     updated_at: *at,
+                    parent_id: None,
+                    tag: None,
                 })]
             }
             _ => Vec::new(),
@@ -70,18 +121,19 @@ pub fn agent_observation(view: &SessionsView, obs: &AgentObservation) -> Vec<Eve
 }
 
 /// The events of one agent-server listing.
-pub fn agent_listing(view: &SessionsView, listing: &AgentListing, as_of_seq: u64) -> Vec<Event> {
-    let mut events: Vec<Event> = listing
-        .sessions
-        .iter()
-        .filter_map(|info| agent_session(view, info))
+pub fn agent_listing(
+    view: &SessionsView,
+    listing: &AgentListing,
+    as_of_seq: u64,
+    worker_id: &str,
+) -> Vec<Event> {
+    let ours = || listing.sessions.iter().filter(|s| is_ours(s, worker_id));
+    let read = ReadAt::Listing(as_of_seq);
+    let mut events: Vec<Event> = ours()
+        .filter_map(|info| agent_session(view, info, read))
         .collect();
     if listing.complete {
-        let listed: HashSet<&AgentSessionId> = listing
-            .sessions
-            .iter()
-            .map(|s| &s.agent_session_id)
-            .collect();
+        let listed: HashSet<&AgentSessionId> = ours().map(|s| &s.agent_session_id).collect();
         for (id, row) in &view.agent {
             if row.first_seq <= as_of_seq && !listed.contains(id) {
                 events.push(Event::AgentSessionGone(AgentSessionGone {
@@ -93,8 +145,9 @@ pub fn agent_listing(view: &SessionsView, listing: &AgentListing, as_of_seq: u64
     }
     events.push(Event::ListingCompleted(ListingCompleted {
         source: Source::Agent,
-        sessions: listing.sessions.len() as u64,
+        sessions: ours().count() as u64,
         complete: listing.complete,
+        as_of: Some(as_of_seq),
     }));
     events
 }
@@ -104,13 +157,27 @@ pub fn backend_sessions(
     view: &SessionsView,
     sessions: &[ChatSessionInfo],
     complete: bool,
-    as_of_seq: u64,
+    as_of: u64,
 ) -> Vec<Event> {
     let mut events = Vec::new();
+    let read = ReadAt::Listing(as_of);
     for info in sessions {
+        if let Some(&gone) = view.chat_gone.get(&info.chat_session_id) {
+            if read.older_than(gone) {
+                continue;
+            }
+        }
         match view.chat.get(&info.chat_session_id) {
             None => events.push(Event::BackendSessionSeen(info.clone())),
             Some(row) => {
+                let mut info = info.clone();
+                if read.older_than(row.title_seq) {
+                    info.title.clone_from(&row.title);
+                }
+                if read.older_than(row.status_seq) {
+                    info.status = row.status;
+                }
+                let info = &info;
                 let changed = row.title != info.title
                     || row.status != info.status
                     || (info.agent_session_id.is_some()
@@ -127,7 +194,7 @@ pub fn backend_sessions(
     if complete {
         let listed: HashSet<&ChatSessionId> = sessions.iter().map(|s| &s.chat_session_id).collect();
         for (id, row) in &view.chat {
-            if row.first_seq <= as_of_seq && !listed.contains(id) {
+            if row.first_seq <= as_of && !listed.contains(id) {
                 events.push(Event::BackendSessionGone(BackendSessionGone {
                     chat_session_id: id.clone(),
                 }));
@@ -138,6 +205,7 @@ pub fn backend_sessions(
         source: Source::Backend,
         sessions: sessions.len() as u64,
         complete,
+        as_of: Some(as_of),
     }));
     events
 }
@@ -176,6 +244,42 @@ pub fn backend_messages(view: &MessagesView, messages: &[MessageInfo]) -> Vec<Ev
         .collect()
 }
 
+/// The events of a status reply (`GET /session/status`, which lists the sessions that are not
+/// idle) read when the log was at `as_of`: statuses that differ from the view, and sessions the
+/// view holds as busy that the reply no longer lists (idle again). A status set by an event
+/// newer than the reply stands.
+pub fn agent_statuses(
+    view: &SessionsView,
+    statuses: Vec<AgentSessionStatus>,
+    as_of: u64,
+) -> Vec<Event> {
+    let read = ReadAt::Listing(as_of);
+    let mut events = Vec::new();
+    let mut reported = HashSet::new();
+    for s in statuses {
+        reported.insert(s.agent_session_id.clone());
+        if view
+            .agent
+            .get(&s.agent_session_id)
+            .is_some_and(|row| row.status != s.status && !read.older_than(row.status_seq))
+        {
+            events.push(Event::AgentSessionStatus(s));
+        }
+    }
+    for (id, row) in &view.agent {
+        if row.status != AgentStatus::Idle
+            && !reported.contains(id)
+            && !read.older_than(row.status_seq)
+        {
+            events.push(Event::AgentSessionStatus(AgentSessionStatus {
+                agent_session_id: id.clone(),
+                status: AgentStatus::Idle,
+            }));
+        }
+    }
+    events
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +293,8 @@ mod tests {
             project: None,
             model: None,
             updated_at: 1,
+            parent_id: None,
+            tag: None,
         }
     }
 
@@ -212,17 +318,17 @@ mod tests {
             sessions: vec![info("a", "A"), info("b", "B")],
             complete: true,
         };
-        let events = agent_listing(&view, &first, 0);
+        let events = agent_listing(&view, &first, 0, "w");
         assert_eq!(events.len(), 3, "two seen + listing_completed");
         fold(&mut view, events, 1);
         // The same listing again: nothing but the marker.
-        assert_eq!(agent_listing(&view, &first, 3).len(), 1);
+        assert_eq!(agent_listing(&view, &first, 3, "w").len(), 1);
         // A partial listing without `b` proves nothing.
         let partial = AgentListing {
             sessions: vec![info("a", "A2")],
             complete: false,
         };
-        let events = agent_listing(&view, &partial, 3);
+        let events = agent_listing(&view, &partial, 3, "w");
         assert!(matches!(events[0], Event::AgentSessionChanged(_)));
         assert!(!events
             .iter()
@@ -233,7 +339,7 @@ mod tests {
             complete: true,
         };
         let gone = |as_of| {
-            agent_listing(&view, &complete, as_of)
+            agent_listing(&view, &complete, as_of, "w")
                 .into_iter()
                 .filter(|e| matches!(e, Event::AgentSessionGone(_)))
                 .count()

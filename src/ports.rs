@@ -16,7 +16,7 @@ use futures_core::future::BoxFuture;
 use crate::clock::Millis;
 use crate::events::{
     AgentSessionId, AgentSessionInfo, AgentSessionStatus, ChatSessionId, ChatSessionInfo, Command,
-    CommandId, ErrorClass, MessageInfo, ModelRef,
+    CommandId, ErrorClass, MessageInfo, ModelRef, SessionTag,
 };
 
 /// What a port call returns.
@@ -119,14 +119,61 @@ pub struct ModelList {
     pub default: Option<ModelRef>,
 }
 
+/// A prompt to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptRequest<'a> {
+    /// The user's text.
+    pub text: &'a str,
+    /// The model, or the server's default.
+    pub model: Option<&'a ModelRef>,
+    /// The id the user message is to get in the agent server (OpenCode's `messageID`), so
+    /// that an attempt whose reply was lost can be looked up instead of sent again.
+    pub message_id: Option<&'a str>,
+}
+
+impl<'a> PromptRequest<'a> {
+    /// A prompt of `text` with no chosen message id.
+    pub fn text(text: &'a str, model: Option<&'a ModelRef>) -> Self {
+        Self {
+            text,
+            model,
+            message_id: None,
+        }
+    }
+}
+
+/// What the agent server holds of a prompt sent earlier under a chosen message id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptOutcome {
+    /// It never arrived: sending it now runs the model once.
+    NotSent,
+    /// It arrived and the agent is still working on it: wait, do not send it again (OpenCode
+    /// would append a second copy to the message and run the model again).
+    Running,
+    /// It arrived, and the agent stopped working on it without an answer (the server
+    /// restarted mid-prompt, or it was aborted).
+    Interrupted,
+    /// The agent answered it: the answer's text.
+    Answered(String),
+    /// The agent's answer is an error (say, a context overflow).
+    Failed(PortError),
+}
+
 /// The agent server: sessions are data inside it; prompts are answered by its model.
 pub trait AgentServer: Send + Sync {
     /// Whether it answers at all.
     fn health(&self) -> PortFuture<'_, ()>;
     /// Its sessions: all of them (`since: None`), or those updated at or after `since`.
     fn list_sessions(&self, since: Option<Millis>) -> PortFuture<'_, AgentListing>;
-    /// Creates a session.
-    fn create_session<'a>(&'a self, title: &'a str) -> PortFuture<'a, AgentSessionInfo>;
+    /// Creates a session, tagged (when `tag` is given) so that it can be found again.
+    fn create_session<'a>(
+        &'a self,
+        title: &'a str,
+        tag: Option<&'a SessionTag>,
+    ) -> PortFuture<'a, AgentSessionInfo>;
+    /// The session created under `tag`'s command id by `tag`'s worker, if the server has one:
+    /// asked before any retry of a creation whose outcome is unknown.
+    fn find_session<'a>(&'a self, tag: &'a SessionTag) -> PortFuture<'a, Option<AgentSessionInfo>>;
     /// Renames a session.
     fn rename_session<'a>(&'a self, id: &'a AgentSessionId, title: &'a str) -> PortFuture<'a, ()>;
     /// Deletes a session.
@@ -136,9 +183,15 @@ pub trait AgentServer: Send + Sync {
     fn prompt<'a>(
         &'a self,
         id: &'a AgentSessionId,
-        text: &'a str,
-        model: Option<&'a ModelRef>,
+        prompt: PromptRequest<'a>,
     ) -> PortFuture<'a, String>;
+    /// What became of the prompt sent to session `id` as user message `message_id`: asked
+    /// before any retry of a prompt whose outcome is unknown.
+    fn prompt_outcome<'a>(
+        &'a self,
+        id: &'a AgentSessionId,
+        message_id: &'a str,
+    ) -> PortFuture<'a, PromptOutcome>;
     /// Aborts whatever a session is doing.
     fn abort<'a>(&'a self, id: &'a AgentSessionId) -> PortFuture<'a, ()>;
     /// The status of every session that is not idle.

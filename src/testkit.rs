@@ -212,6 +212,8 @@ impl History {
                     project: None,
                     model: Some(model.clone()),
                     updated_at: self.now,
+                    parent_id: None,
+                    tag: None,
                 };
                 let seen = self.push(Event::AgentSessionSeen(info), None);
                 let cmd = Command::CreateSession {
@@ -249,6 +251,8 @@ impl History {
                     project: Some("proj".into()),
                     model: None,
                     updated_at: self.now,
+                    parent_id: None,
+                    tag: None,
                 };
                 let changed = self.push(Event::AgentSessionChanged(info), None);
                 let cmd = Command::RenameSession {
@@ -314,6 +318,7 @@ impl History {
                         source,
                         sessions,
                         complete,
+                        as_of: None,
                     }),
                     None,
                 );
@@ -347,6 +352,7 @@ impl History {
                         source: Source::Agent,
                         sessions: 0,
                         complete: true,
+                        as_of: None,
                     }),
                     Some(gone),
                 );
@@ -438,6 +444,7 @@ impl History {
             message_id: message_id.clone(),
             text: "Please look".into(),
             model: self.models.first().cloned(),
+            agent_message_id: Some(format!("msg_{:012x}testkit", self.now)),
         };
         let (op, subject) = (cmd.op(), cmd.subject());
         let planned = self.push(

@@ -600,7 +600,7 @@ async fn the_incident_at_full_size_converges_once_through_an_outage_and_a_sigkil
     for chunk in (0..LINKED + NEW + GONE).collect::<Vec<_>>().chunks(10) {
         let calls = chunk.iter().map(|&i| {
             let client = client.clone();
-            async move { client.create_session(&format!("Session {i}")).await }
+            async move { client.create_session(&format!("Session {i}"), None).await }
         });
         for s in futures_util::future::join_all(calls).await {
             agent_ids.push(s.unwrap().agent_session_id);

@@ -12,7 +12,7 @@ use agentsync::agent::supervisor::{supervise, GaveUp, RestartPolicy};
 use agentsync::agent::{OpencodeClient, OpencodeConfig, Secret};
 use agentsync::clock::SystemClock;
 use agentsync::events::{AgentSessionId, AgentStatus, ErrorClass, Event};
-use agentsync::ports::{AgentObservation, AgentServer};
+use agentsync::ports::{AgentObservation, AgentServer, PromptOutcome, PromptRequest};
 use agentsync::sim::model::{MockModel, REPLY_PREFIX};
 use common::opencode::{mock_model, Project};
 use futures_util::StreamExt;
@@ -94,7 +94,7 @@ async fn crud_round_trip() {
     let (mut server, client) = project.start(None).await;
     client.health().await.unwrap();
 
-    let created = client.create_session("first title").await.unwrap();
+    let created = client.create_session("first title", None).await.unwrap();
     assert!(created.agent_session_id.as_str().starts_with("ses"));
     assert_eq!(created.title, "first title");
     assert_eq!(
@@ -153,7 +153,7 @@ async fn three_hundred_sessions_are_listed_whole_and_incrementally() {
             let client = client.clone();
             async move {
                 client
-                    .create_session(&format!("session {}", chunk * 10 + i))
+                    .create_session(&format!("session {}", chunk * 10 + i), None)
                     .await
             }
         });
@@ -187,7 +187,10 @@ async fn three_hundred_sessions_are_listed_whole_and_incrementally() {
     let since = now_ms();
     let mut newer = BTreeSet::new();
     for i in 0..5 {
-        let s = client.create_session(&format!("newer {i}")).await.unwrap();
+        let s = client
+            .create_session(&format!("newer {i}"), None)
+            .await
+            .unwrap();
         newer.insert(s.agent_session_id.to_string());
     }
     let old = all.sessions[0].agent_session_id.clone();
@@ -213,12 +216,11 @@ async fn a_prompt_is_answered_with_the_mock_models_text_and_models_come_from_the
     assert!(models.models.contains(&mock_model()), "{models:?}");
     assert_eq!(models.default, Some(mock_model()));
 
-    let session = client.create_session("prompted").await.unwrap();
+    let session = client.create_session("prompted", None).await.unwrap();
     let answer = client
         .prompt(
             &session.agent_session_id,
-            "hello from agentsync",
-            Some(&mock_model()),
+            PromptRequest::text("hello from agentsync", Some(&mock_model())),
         )
         .await
         .unwrap();
@@ -233,12 +235,11 @@ async fn failures_are_classified_a_context_overflow_is_terminal_a_dead_server_re
     let project = Project::new(&model);
     let (mut server, client) = project.start(None).await;
 
-    let session = client.create_session("overflowing").await.unwrap();
+    let session = client.create_session("overflowing", None).await.unwrap();
     let err = client
         .prompt(
             &session.agent_session_id,
-            "this will OVERFLOW the context",
-            Some(&mock_model()),
+            PromptRequest::text("this will OVERFLOW the context", Some(&mock_model())),
         )
         .await
         .unwrap_err();
@@ -247,7 +248,7 @@ async fn failures_are_classified_a_context_overflow_is_terminal_a_dead_server_re
 
     let missing = AgentSessionId::from("ses_doesnotexist");
     let err = client
-        .prompt(&missing, "hello", Some(&mock_model()))
+        .prompt(&missing, PromptRequest::text("hello", Some(&mock_model())))
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Terminal, "{err}");
@@ -283,14 +284,17 @@ async fn the_event_stream_reports_create_rename_status_and_delete() {
         Some(AgentObservation::Connected { reconnected: false })
     );
 
-    let session = client.create_session("watched").await.unwrap();
+    let session = client.create_session("watched", None).await.unwrap();
     let id = session.agent_session_id.clone();
     client
         .rename_session(&id, "watched, renamed")
         .await
         .unwrap();
     let answer = client
-        .prompt(&id, "SLOW:300 answer slowly", Some(&mock_model()))
+        .prompt(
+            &id,
+            PromptRequest::text("SLOW:300 answer slowly", Some(&mock_model())),
+        )
         .await
         .unwrap();
     assert!(answer.starts_with(REPLY_PREFIX));
@@ -348,7 +352,7 @@ async fn a_server_killed_with_sigkill_is_restarted_and_still_lists_its_sessions(
     let mut before = BTreeSet::new();
     for i in 0..3 {
         let s = client
-            .create_session(&format!("survivor {i}"))
+            .create_session(&format!("survivor {i}"), None)
             .await
             .unwrap();
         before.insert(s.agent_session_id.to_string());
@@ -469,7 +473,7 @@ async fn with_a_password_calls_without_it_are_refused_and_calls_with_it_work() {
         ..OpencodeConfig::new(client.base_url())
     })
     .unwrap();
-    let err = wrong.create_session("nope").await.unwrap_err();
+    let err = wrong.create_session("nope", None).await.unwrap_err();
     assert!(err.message.contains("401"), "{err}");
     assert!(
         !err.message.contains("wrong"),
@@ -477,7 +481,7 @@ async fn with_a_password_calls_without_it_are_refused_and_calls_with_it_work() {
     );
 
     client.health().await.unwrap();
-    let s = client.create_session("authorised").await.unwrap();
+    let s = client.create_session("authorised", None).await.unwrap();
     let listing = client.list_sessions(None).await.unwrap();
     assert_eq!(
         ids(&listing),
@@ -502,4 +506,108 @@ fn without_npm_the_installer_fails_with_a_clear_message() {
         stderr.contains("npm not found") && stderr.contains("opencode-ai@1.18.33"),
         "{stderr}"
     );
+}
+
+/// The facts idempotent agent commands rest on, on the real server: a tagged session is found
+/// again by its command id (and another worker's is not ours), sub-agent children are left out
+/// of listings, and a prompt sent under a chosen message id is read back (running, then
+/// answered) without the model running again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_create_or_prompt_can_be_looked_up_on_the_real_server() {
+    use agentsync::events::{MessageId, SessionTag};
+    use agentsync::reconcile::ids;
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let (mut server, client) = project.start(None).await;
+    let tag = |worker: &str, command: &str| SessionTag {
+        worker_id: worker.into(),
+        command_id: command.into(),
+        chat_session_id: "chat_1".into(),
+    };
+    let ours = tag("w1", "createAgentSession:chat_1");
+    let created = client.create_session("tagged", Some(&ours)).await.unwrap();
+    assert_eq!(created.tag.as_ref(), Some(&ours), "metadata round-trips");
+    client
+        .create_session("theirs", Some(&tag("w2", "createAgentSession:chat_9")))
+        .await
+        .unwrap();
+    client.create_session("untagged", None).await.unwrap();
+    let found = client.find_session(&ours).await.unwrap();
+    assert_eq!(
+        found.map(|s| s.agent_session_id),
+        Some(created.agent_session_id.clone())
+    );
+    assert_eq!(
+        client
+            .find_session(&tag("w2", "createAgentSession:chat_1"))
+            .await
+            .unwrap(),
+        None,
+        "the same command id under another worker is not ours"
+    );
+    // A sub-agent child (OpenCode's `parentID`) is not listed.
+    let child = reqwest::Client::new()
+        .post(format!("{}/session", client.base_url()))
+        .json(&serde_json::json!({"title": "child", "parentID": created.agent_session_id}))
+        .send()
+        .await
+        .unwrap();
+    assert!(child.status().is_success());
+    let listing = client.list_sessions(None).await.unwrap();
+    let titles: BTreeSet<String> = listing.sessions.iter().map(|s| s.title.clone()).collect();
+    assert_eq!(
+        titles,
+        BTreeSet::from(["tagged".into(), "theirs".into(), "untagged".into()])
+    );
+
+    let id = &created.agent_session_id;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let m1 = ids::agent_message_id(&MessageId("m1".into()), now);
+    assert_eq!(
+        client.prompt_outcome(id, &m1).await.unwrap(),
+        PromptOutcome::NotSent
+    );
+    let asked = {
+        let (client, id, m1) = (client.clone(), id.clone(), m1.clone());
+        tokio::spawn(async move {
+            let model = mock_model();
+            let req = PromptRequest {
+                text: "SLOW:2000 first question",
+                model: Some(&model),
+                message_id: Some(&m1),
+            };
+            client.prompt(&id, req).await
+        })
+    };
+    let mut seen_running = false;
+    for _ in 0..100 {
+        match client.prompt_outcome(id, &m1).await.unwrap() {
+            PromptOutcome::Running => {
+                seen_running = true;
+                break;
+            }
+            PromptOutcome::NotSent => tokio::time::sleep(Duration::from_millis(50)).await,
+            // Measured: for a moment after the user message is stored the session is not yet
+            // busy (the executor looks a few times before it calls a prompt interrupted).
+            PromptOutcome::Interrupted => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("before the answer: {other:?}"),
+        }
+    }
+    assert!(seen_running, "a prompt in progress reads as running");
+    let answer = asked.await.unwrap().unwrap();
+    assert_eq!(answer, format!("{REPLY_PREFIX}SLOW:2000 first question"));
+    assert_eq!(
+        client.prompt_outcome(id, &m1).await.unwrap(),
+        PromptOutcome::Answered(answer),
+        "the answer is read back by the chosen id"
+    );
+    assert_eq!(
+        model.requests.load(Ordering::SeqCst),
+        1,
+        "the model ran once"
+    );
+    server.shutdown().await;
 }

@@ -19,9 +19,10 @@ use serde::de::DeserializeOwned;
 
 use super::wire;
 use crate::clock::Millis;
-use crate::events::{AgentSessionId, AgentSessionInfo, AgentSessionStatus, ModelRef};
+use crate::events::{AgentSessionId, AgentSessionInfo, AgentSessionStatus, ModelRef, SessionTag};
 use crate::ports::{
     AgentListing, AgentObservation, AgentServer, ModelList, PortError, PortFuture, PortResult,
+    PromptOutcome, PromptRequest,
 };
 pub use crate::secret::Secret;
 use crate::transport::{one_line, retry_after_ms, transport_error};
@@ -302,9 +303,11 @@ impl OpencodeClient {
         decode(&m, path, &bytes)
     }
 
-    async fn list(&self, since: Option<Millis>) -> PortResult<AgentListing> {
+    /// Root sessions (sub-agent children are the agent's own business), all or those updated
+    /// at or after `since`; and whether the listing came back full (so may lack some).
+    async fn list_raw(&self, since: Option<Millis>) -> PortResult<(Vec<wire::Session>, bool)> {
         let limit = self.config.listing_limit;
-        let mut query = vec![("limit", limit.to_string())];
+        let mut query = vec![("limit", limit.to_string()), ("roots", "true".to_owned())];
         if let Some(t) = since {
             query.push(("start", t.to_string()));
         }
@@ -312,6 +315,12 @@ impl OpencodeClient {
             .call_json(Method::GET, "/session", &query, None, None)
             .await?;
         let full = sessions.len() >= limit as usize;
+        Ok((sessions, full))
+    }
+
+    async fn list(&self, since: Option<Millis>) -> PortResult<AgentListing> {
+        let limit = self.config.listing_limit;
+        let (sessions, full) = self.list_raw(since).await?;
         if full {
             tracing::warn!(
                 limit,
@@ -327,6 +336,54 @@ impl OpencodeClient {
                 .collect(),
             complete: since.is_none() && !full,
         })
+    }
+
+    /// What became of user message `message_id` in session `id` (see
+    /// [`AgentServer::prompt_outcome`]). The reply is the last assistant message whose
+    /// `parentID` is the user message (measured on 1.18.33); while the session is busy the
+    /// prompt is still running.
+    async fn outcome_of(&self, id: &AgentSessionId, message_id: &str) -> PortResult<PromptOutcome> {
+        let session = segment(id.as_str());
+        let path = format!("/session/{session}/message/{}", segment(message_id));
+        match self.call(Method::GET, &path, &[], None, None).await {
+            Ok(_) => {}
+            Err(e) if e.status == Some(StatusCode::NOT_FOUND) => return Ok(PromptOutcome::NotSent),
+            Err(e) => return Err(e.error),
+        }
+        if self.is_busy(id).await? {
+            return Ok(PromptOutcome::Running);
+        }
+        let path = format!("/session/{session}/message");
+        // The newest messages first; the whole history only if the reply is not among them.
+        let mut reply = None;
+        for query in [vec![("limit", "50".to_owned())], vec![]] {
+            let messages: Vec<wire::SessionMessage> = self
+                .call_json(Method::GET, &path, &query, None, None)
+                .await?;
+            let full = query.is_empty() || messages.len() < 50;
+            reply = messages.into_iter().rev().find(|m| {
+                m.info.role == "assistant" && m.info.parent_id.as_deref() == Some(message_id)
+            });
+            if reply.is_some() || full {
+                break;
+            }
+        }
+        Ok(match reply {
+            Some(m) if m.info.error.is_some() => {
+                PromptOutcome::Failed(prompt_error(m.info.error.as_ref().expect("checked")))
+            }
+            Some(m) if m.info.time.completed.is_some() => PromptOutcome::Answered(m.text()),
+            _ => PromptOutcome::Interrupted,
+        })
+    }
+
+    async fn is_busy(&self, id: &AgentSessionId) -> PortResult<bool> {
+        let map: std::collections::BTreeMap<String, wire::Status> = self
+            .call_json(Method::GET, "/session/status", &[], None, None)
+            .await?;
+        Ok(map
+            .get(id.as_str())
+            .is_some_and(|s| !matches!(s, wire::Status::Idle)))
     }
 
     async fn models(&self) -> PortResult<ModelList> {
@@ -390,13 +447,44 @@ impl AgentServer for OpencodeClient {
         Box::pin(self.list(since))
     }
 
-    fn create_session<'a>(&'a self, title: &'a str) -> PortFuture<'a, AgentSessionInfo> {
+    fn create_session<'a>(
+        &'a self,
+        title: &'a str,
+        tag: Option<&'a SessionTag>,
+    ) -> PortFuture<'a, AgentSessionInfo> {
         Box::pin(async move {
-            let body = serde_json::to_value(wire::CreateSession { title }).expect("plain struct");
+            let metadata = tag.map(wire::tag_metadata);
+            let body = serde_json::to_value(wire::CreateSession { title, metadata })
+                .expect("plain struct");
             let session: wire::Session = self
                 .call_json(Method::POST, "/session", &[], Some(body), None)
                 .await?;
             Ok(session.into_info())
+        })
+    }
+
+    fn find_session<'a>(&'a self, tag: &'a SessionTag) -> PortFuture<'a, Option<AgentSessionInfo>> {
+        Box::pin(async move {
+            // OpenCode cannot filter by metadata: list every root session and look. Only a
+            // creation whose outcome is unknown pays for this.
+            let (sessions, full) = self.list_raw(None).await?;
+            let mut found: Vec<AgentSessionInfo> = sessions
+                .into_iter()
+                .map(wire::Session::into_info)
+                .filter(|s| {
+                    s.tag.as_ref().is_some_and(|t| {
+                        t.command_id == tag.command_id && t.worker_id == tag.worker_id
+                    })
+                })
+                .collect();
+            if found.is_empty() && full {
+                return Err(PortError::retryable(
+                    "GET /session: listing full, cannot tell whether the session was created (raise the listing limit)",
+                ));
+            }
+            // Two can exist only if a creation raced its own lookup: adopt the oldest.
+            found.sort_by(|a, b| a.agent_session_id.cmp(&b.agent_session_id));
+            Ok(found.into_iter().next())
         })
     }
 
@@ -426,12 +514,13 @@ impl AgentServer for OpencodeClient {
     fn prompt<'a>(
         &'a self,
         id: &'a AgentSessionId,
-        text: &'a str,
-        model: Option<&'a ModelRef>,
+        prompt: PromptRequest<'a>,
     ) -> PortFuture<'a, String> {
         Box::pin(async move {
             let path = format!("/session/{}/message", segment(id.as_str()));
-            let body = serde_json::to_value(wire::Prompt::text(text, model)).expect("plain struct");
+            let mut request = wire::Prompt::text(prompt.text, prompt.model);
+            request.message_id = prompt.message_id;
+            let body = serde_json::to_value(request).expect("plain struct");
             let reply: wire::AssistantReply = self
                 .call_json(
                     Method::POST,
@@ -442,15 +531,18 @@ impl AgentServer for OpencodeClient {
                 )
                 .await?;
             if let Some(error) = reply.info.error {
-                let message = format!("prompt failed: {}", error.describe());
-                return Err(if error.is_retryable() {
-                    PortError::retryable(message)
-                } else {
-                    PortError::terminal(message)
-                });
+                return Err(prompt_error(&error));
             }
             Ok(reply.text())
         })
+    }
+
+    fn prompt_outcome<'a>(
+        &'a self,
+        id: &'a AgentSessionId,
+        message_id: &'a str,
+    ) -> PortFuture<'a, PromptOutcome> {
+        Box::pin(self.outcome_of(id, message_id))
     }
 
     fn abort<'a>(&'a self, id: &'a AgentSessionId) -> PortFuture<'a, ()> {
@@ -526,6 +618,16 @@ pub fn translate_event(data: &str, directory: Option<&str>) -> Translated {
         other => Ok(Translated::Ignored(other.to_owned())),
     };
     result.unwrap_or_else(Translated::Malformed)
+}
+
+/// A failed assistant message as an error: terminal unless the provider said a retry may work.
+fn prompt_error(error: &wire::AssistantError) -> PortError {
+    let message = format!("prompt failed: {}", error.describe());
+    if error.is_retryable() {
+        PortError::retryable(message)
+    } else {
+        PortError::terminal(message)
+    }
 }
 
 fn in_directory(s: &wire::Session, directory: Option<&str>) -> bool {

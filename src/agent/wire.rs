@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::events::{AgentSessionInfo, AgentSessionStatus, AgentStatus, ModelRef};
+use crate::events::{AgentSessionInfo, AgentSessionStatus, AgentStatus, ModelRef, SessionTag};
 use crate::transport::one_line;
 
 /// `Session`.
@@ -25,6 +25,13 @@ pub struct Session {
     /// `global` for sessions of directories outside a git repository.
     #[serde(default, rename = "projectID")]
     pub project_id: Option<String>,
+    /// The session this one is a sub-agent child of.
+    #[serde(default, rename = "parentID")]
+    pub parent_id: Option<String>,
+    /// Free-form metadata given at creation, returned unchanged (measured on 1.18.33):
+    /// agentsync's tag lives under `agentsync`.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
     /// Its times.
     pub time: SessionTime,
 }
@@ -51,8 +58,31 @@ impl Session {
             project: self.project_id,
             model: None,
             updated_at: self.time.updated.max(self.time.created),
+            parent_id: self.parent_id.map(Into::into),
+            tag: self.metadata.as_ref().and_then(read_tag),
         }
     }
+}
+
+/// The metadata `POST /session` is given so that the session can be found again.
+pub fn tag_metadata(tag: &SessionTag) -> serde_json::Value {
+    serde_json::json!({ "agentsync": {
+        "workerId": tag.worker_id,
+        "commandId": tag.command_id,
+        "chatSessionId": tag.chat_session_id,
+    }})
+}
+
+/// agentsync's tag in a session's metadata; `None` when absent or not ours in shape (metadata
+/// is free-form: anything may have written it).
+fn read_tag(metadata: &serde_json::Value) -> Option<SessionTag> {
+    let tag = metadata.get("agentsync")?;
+    let field = |name: &str| tag.get(name)?.as_str().map(str::to_owned);
+    Some(SessionTag {
+        worker_id: field("workerId")?,
+        command_id: field("commandId")?.into(),
+        chat_session_id: field("chatSessionId")?.into(),
+    })
 }
 
 /// One value of `GET /session/status` (a map from session id to this).
@@ -93,6 +123,9 @@ impl Status {
 pub struct CreateSession<'a> {
     /// The title; given, so the server does not ask the model for one.
     pub title: &'a str,
+    /// agentsync's tag ([`tag_metadata`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// `PATCH /session/{id}` body.
@@ -110,6 +143,9 @@ pub struct Prompt<'a> {
     /// The model; the server's default when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<PromptModel<'a>>,
+    /// The user message's id, chosen by agentsync (pattern `^msg`).
+    #[serde(rename = "messageID", skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<&'a str>,
 }
 
 /// `{type: "text", text}`.
@@ -142,8 +178,52 @@ impl<'a> Prompt<'a> {
                 provider_id: &m.provider_id,
                 model_id: &m.model_id,
             }),
+            message_id: None,
         }
     }
+}
+
+/// One message of `GET /session/{id}/message`: its info and parts.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SessionMessage {
+    /// What the message is.
+    pub info: SessionMessageInfo,
+    /// Its parts; the text parts of an assistant message are the answer.
+    #[serde(default)]
+    pub parts: Vec<Part>,
+}
+
+/// The fields of a listed message that tell whose reply it is and whether it is done.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SessionMessageInfo {
+    /// `msg_…`.
+    pub id: String,
+    /// `user` or `assistant`.
+    pub role: String,
+    /// For an assistant message: the user message it answers.
+    #[serde(default, rename = "parentID")]
+    pub parent_id: Option<String>,
+    /// Its times.
+    pub time: MessageTime,
+    /// Set when an assistant message failed.
+    #[serde(default)]
+    pub error: Option<AssistantError>,
+}
+
+impl SessionMessage {
+    /// The text parts, joined.
+    pub fn text(&self) -> String {
+        text_of(&self.parts)
+    }
+}
+
+fn text_of(parts: &[Part]) -> String {
+    let texts: Vec<&str> = parts
+        .iter()
+        .filter(|p| p.kind == "text")
+        .filter_map(|p| p.text.as_deref())
+        .collect();
+    texts.join("")
 }
 
 /// The answer of `POST /session/{id}/message`: the assistant message and its parts.
@@ -219,13 +299,7 @@ pub struct Part {
 impl AssistantReply {
     /// The answer's text: its text parts, joined.
     pub fn text(&self) -> String {
-        let texts: Vec<&str> = self
-            .parts
-            .iter()
-            .filter(|p| p.kind == "text")
-            .filter_map(|p| p.text.as_deref())
-            .collect();
-        texts.join("")
+        text_of(&self.parts)
     }
 }
 

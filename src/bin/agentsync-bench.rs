@@ -396,6 +396,8 @@ fn prepare_startup(dir: &Path, n: usize) -> Res<()> {
                 project: Some("project".into()),
                 model: Some(model.clone()),
                 updated_at: at,
+                parent_id: None,
+                tag: None,
             }),
             Event::BackendSessionSeen(ChatSessionInfo {
                 chat_session_id: ChatSessionId(format!("chat_{i:08}")),
@@ -490,6 +492,8 @@ fn drifted_views(n: usize) -> Views {
                     project: None,
                     model: None,
                     updated_at: START,
+                    parent_id: None,
+                    tag: None,
                 }),
             );
         }
@@ -516,6 +520,7 @@ fn drifted_views(n: usize) -> Views {
                 source,
                 sessions: n as u64,
                 complete: true,
+                as_of: None,
             }),
         );
     }
@@ -758,6 +763,8 @@ fn prepare_worker_dir(
             project: Some(s.project_id.clone()),
             model: None,
             updated_at: s.updated,
+            parent_id: None,
+            tag: None,
         })
     });
     let chat_events = chats

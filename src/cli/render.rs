@@ -132,8 +132,10 @@ fn command(c: &Command) -> String {
             message_id,
             text,
             model,
+            agent_message_id,
         } => format!(
-            "chat={chat_session_id} agent={agent_session_id} message={message_id} model={} text={}",
+            "chat={chat_session_id} agent={agent_session_id} message={message_id} agent_message={} model={} text={}",
+            opt(agent_message_id),
             opt(model),
             quote(text)
         ),

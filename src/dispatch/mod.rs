@@ -273,6 +273,9 @@ struct Queued {
     waiting_since: Millis,
     /// Enqueue order, to keep equal ranks first-in first-out.
     order: u64,
+    /// Whether an earlier attempt may have reached the target (its reply was lost, it timed
+    /// out, or the process died during it): the next attempt looks before it acts.
+    uncertain: bool,
 }
 
 /// A command whose attempt is running.
@@ -307,6 +310,9 @@ pub struct Attempt {
     pub timeout: Duration,
     /// Fetch the model list before a creation (the unthrottled baseline only).
     pub fetch_models_first: bool,
+    /// An earlier attempt may have taken effect: look it up before acting again (see
+    /// [`execute`]).
+    pub uncertain: bool,
     /// The target's permit, held for the call.
     pub permit: OwnedSemaphorePermit,
 }
@@ -460,7 +466,7 @@ impl Dispatcher {
 
     /// Queues a planned command (a no-op when it is already queued or running).
     pub fn enqueue(&mut self, id: CommandId, command: Command, now: Millis) {
-        self.push(id, command, (0, 0), now, now);
+        self.push(id, command, (0, 0), (now, false), now);
     }
 
     fn push(
@@ -468,7 +474,7 @@ impl Dispatcher {
         id: CommandId,
         command: Command,
         (attempts, charged): (u32, u32),
-        at: Millis,
+        (at, uncertain): (Millis, bool),
         now: Millis,
     ) {
         if self.running.contains_key(&id) || self.queue.contains_key(&id) {
@@ -485,6 +491,7 @@ impl Dispatcher {
                 not_before: at,
                 waiting_since: at.max(now),
                 order: self.order,
+                uncertain,
             },
         );
     }
@@ -502,8 +509,11 @@ impl Dispatcher {
                 CommandState::InFlight => entry.attempts.saturating_sub(1),
                 _ => entry.attempts,
             };
+            // Cut short by the process's death, or failed in a way that may have taken effect.
+            let uncertain = matches!(entry.state, CommandState::InFlight | CommandState::Failed);
             let at = entry.next_attempt_at().unwrap_or(now);
-            self.push(id.clone(), command.clone(), (attempts, attempts), at, now);
+            let when = (at, uncertain);
+            self.push(id.clone(), command.clone(), (attempts, attempts), when, now);
             n += 1;
         }
         n
@@ -604,6 +614,7 @@ impl Dispatcher {
                 attempt,
                 timeout,
                 fetch_models_first,
+                uncertain: q.uncertain,
                 permit,
             }));
         }
@@ -768,7 +779,13 @@ impl Dispatcher {
                     let t = self.key_not_before.entry(k.clone()).or_insert(next);
                     *t = (*t).max(next);
                 }
-                self.push(id.clone(), run.command, (attempt, charged), next, next);
+                self.push(
+                    id.clone(),
+                    run.command,
+                    (attempt, charged),
+                    (next, true),
+                    next,
+                );
                 vec![Event::CommandFailed(CommandFailed {
                     command_id: id.clone(),
                     op,

@@ -140,6 +140,27 @@ pub struct AgentSessionInfo {
     pub model: Option<ModelRef>,
     /// When the agent server last updated it.
     pub updated_at: Millis,
+    /// The session it is a sub-agent child of (OpenCode's `parentID`): children are the
+    /// agent's own work, never mirrored as chat sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<AgentSessionId>,
+    /// The tag agentsync created it with (OpenCode's `metadata.agentsync`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<SessionTag>,
+}
+
+/// What agentsync tags each agent session it creates with (OpenCode keeps it as the session's
+/// `metadata.agentsync` and returns it in every listing): a creation whose reply was lost is
+/// found again by its command id instead of being made twice, and a session made for a chat
+/// session is never mirrored as a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SessionTag {
+    /// The worker that created it: another worker's sessions are not ours to mirror.
+    pub worker_id: String,
+    /// The `createAgentSession` command that created it.
+    pub command_id: CommandId,
+    /// The chat session it was created for.
+    pub chat_session_id: ChatSessionId,
 }
 
 /// Why an agent session is considered gone.
@@ -290,6 +311,10 @@ pub struct ListingCompleted {
     /// False when the listing is known to be incomplete (a page failed, a limit was hit):
     /// such a listing never proves that a session is gone.
     pub complete: bool,
+    /// The log's last seq when the listing started: facts recorded after it are newer than
+    /// anything the listing says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of: Option<u64>,
 }
 
 /// An observation that failed. It is a failure, never an empty result.
@@ -439,6 +464,12 @@ pub enum Command {
         text: String,
         /// The model to use, if chosen.
         model: Option<ModelRef>,
+        /// The id the user message gets in the agent server (OpenCode's `messageID`), chosen
+        /// when the prompt is planned and the same on every attempt: before posting again, the
+        /// worker asks the server whether it already has it. Absent in prompts planned by an
+        /// agentsync older than this field.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent_message_id: Option<String>,
     },
     /// See [`Op::AbortAgentSession`].
     AbortAgentSession {

@@ -45,6 +45,8 @@ impl From<AgentSessionInfoV1> for AgentSessionInfo {
             project: v1.project,
             model: v1.model.as_deref().map(ModelRef::parse),
             updated_at: v1.updated_at,
+            parent_id: None,
+            tag: None,
         }
     }
 }

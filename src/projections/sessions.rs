@@ -30,6 +30,13 @@ pub struct SessionsView {
     /// The last model-list fetch started: (generation, when). Within the TTL it is the
     /// window's one fetch, whatever became of it, across restarts of the worker too.
     pub models_requested: Option<(u64, Millis)>,
+    /// Agent sessions gone, with the seq that said so, until a complete listing that started
+    /// after it confirms: a listing that started before the deletion cannot bring one back.
+    #[serde(default)]
+    pub agent_gone: BTreeMap<AgentSessionId, u64>,
+    /// Chat sessions gone from the backend, likewise.
+    #[serde(default)]
+    pub chat_gone: BTreeMap<ChatSessionId, u64>,
 }
 
 /// One agent session.
@@ -54,6 +61,13 @@ pub struct AgentSessionRow {
     pub busy_since: Option<Millis>,
     /// Its last activity (the agent server's `updated_at`; status reports are not progress).
     pub last_activity: Millis,
+    /// The seq of the event that set its status: an older status reply cannot undo it.
+    #[serde(default)]
+    pub status_seq: u64,
+    /// The chat session our `createAgentSession` made it for (its tag): such a session is
+    /// never mirrored as a chat session of its own.
+    #[serde(default)]
+    pub created_for: Option<ChatSessionId>,
 }
 
 /// One chat session.
@@ -77,6 +91,12 @@ pub struct ChatSessionRow {
     pub last_activity: Millis,
     /// Its project (filled once, never overwritten).
     pub project: Option<String>,
+    /// The seq of the event that set its title.
+    #[serde(default)]
+    pub title_seq: u64,
+    /// The seq of the event that set its status (our own `markSessionDeleted` among them).
+    #[serde(default)]
+    pub status_seq: u64,
 }
 
 /// What is known about one source's listings.
@@ -139,6 +159,8 @@ impl SessionsView {
                 status: AgentStatus::Idle,
                 busy_since: None,
                 last_activity: 0,
+                status_seq: seq,
+                created_for: None,
             });
         if row.title != info.title {
             row.title.clone_from(&info.title);
@@ -149,7 +171,10 @@ impl SessionsView {
         }
         backfill(&mut row.project, &info.project);
         backfill(&mut row.model, &info.model);
+        let made_for = info.tag.as_ref().map(|t| t.chat_session_id.clone());
+        backfill(&mut row.created_for, &made_for);
         row.last_activity = row.last_activity.max(info.updated_at);
+        self.agent_gone.remove(&info.agent_session_id);
     }
 
     fn observe_chat(&mut self, info: &ChatSessionInfo, seq: u64) {
@@ -166,6 +191,8 @@ impl SessionsView {
                 status: info.status,
                 last_activity: 0,
                 project: None,
+                title_seq: seq,
+                status_seq: seq,
             });
         if let Some(agent) = &info.agent_session_id {
             if row.agent_session_id.as_ref() != Some(agent) {
@@ -174,11 +201,18 @@ impl SessionsView {
             }
             row.link_confirmed = true;
         }
-        row.title.clone_from(&info.title);
-        row.status = info.status;
+        if row.title != info.title {
+            row.title.clone_from(&info.title);
+            row.title_seq = seq;
+        }
+        if row.status != info.status {
+            row.status = info.status;
+            row.status_seq = seq;
+        }
         row.last_activity = row.last_activity.max(info.last_activity);
         backfill(&mut row.model, &info.model);
         backfill(&mut row.project, &info.project);
+        self.chat_gone.remove(&info.chat_session_id);
     }
 
     fn apply_effect(&mut self, effect: &Effect, e: &Envelope) {
@@ -202,6 +236,8 @@ impl SessionsView {
                             status: ChatStatus::Active,
                             last_activity: e.at,
                             project: None,
+                            title_seq: e.seq,
+                            status_seq: e.seq,
                         });
                 if row.agent_session_id.as_ref() != Some(agent_session_id) {
                     row.agent_session_id = Some(agent_session_id.clone());
@@ -227,6 +263,8 @@ impl SessionsView {
                         status: AgentStatus::Idle,
                         busy_since: None,
                         last_activity: e.at,
+                        status_seq: e.seq,
+                        created_for: Some(chat_session_id.clone()),
                     });
                 if let Some(row) = self.chat.get_mut(chat_session_id) {
                     row.agent_session_id = Some(agent_session_id.clone());
@@ -252,11 +290,13 @@ impl SessionsView {
             } => {
                 if let Some(row) = self.chat.get_mut(chat_session_id) {
                     row.title.clone_from(title);
+                    row.title_seq = e.seq;
                 }
             }
             Effect::SessionDeleted { chat_session_id } => {
                 if let Some(row) = self.chat.get_mut(chat_session_id) {
                     row.status = ChatStatus::Deleted;
+                    row.status_seq = e.seq;
                 }
             }
             Effect::SessionFailed {
@@ -264,6 +304,7 @@ impl SessionsView {
             } => {
                 if let Some(row) = self.chat.get_mut(chat_session_id) {
                     row.status = ChatStatus::Failed;
+                    row.status_seq = e.seq;
                 }
             }
             Effect::PromptAnswered {
@@ -283,7 +324,9 @@ impl SessionsView {
 impl Projection for SessionsView {
     const NAME: &'static str = "sessions";
     // v2: `title_seq`, `first_seq`, `agent_generation`, `models_requested`; status reports no longer count as activity.
-    const VERSION: u32 = 2;
+    // v3: the seq of each field a listing can change (titles, statuses), tombstones of gone
+    // sessions, and the chat session a tagged agent session was made for.
+    const VERSION: u32 = 3;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
@@ -292,6 +335,7 @@ impl Projection for SessionsView {
             }
             Event::AgentSessionGone(b) => {
                 self.agent.remove(&b.agent_session_id);
+                self.agent_gone.insert(b.agent_session_id.clone(), e.seq);
             }
             Event::AgentSessionStatus(b) => {
                 // A status for a session not (yet) listed carries no title: wait for the listing.
@@ -303,6 +347,7 @@ impl Projection for SessionsView {
                         (true, since) => since,
                     };
                     row.status = b.status.clone();
+                    row.status_seq = e.seq;
                 }
             }
             Event::ModelsListed(b) => {
@@ -318,12 +363,21 @@ impl Projection for SessionsView {
             }
             Event::BackendSessionGone(b) => {
                 self.chat.remove(&b.chat_session_id);
+                self.chat_gone.insert(b.chat_session_id.clone(), e.seq);
             }
             // A partial listing proves nothing about absence: only complete ones are recorded.
             Event::ListingCompleted(b) if b.complete => {
                 let l = self.listings.entry(b.source).or_default();
                 l.last_complete_seq = Some(e.seq);
                 l.last_complete_at = Some(e.at);
+                // A complete listing that began after a session was gone and lacked it
+                // confirms the tombstone: no older listing is still in flight to contradict it.
+                if let Some(as_of) = b.as_of {
+                    match b.source {
+                        Source::Agent => self.agent_gone.retain(|_, seq| *seq > as_of),
+                        Source::Backend => self.chat_gone.retain(|_, seq| *seq > as_of),
+                    }
+                }
             }
             Event::ModelsRequested(b) => self.models_requested = Some((b.generation, e.at)),
             // A failed model fetch says nothing about the listings.

@@ -61,3 +61,50 @@ pub fn complete_message(message: &MessageId) -> CommandId {
 pub fn fail_message(message: &MessageId) -> CommandId {
     id(format!("failMessage:{message}"))
 }
+
+/// The id a prompt's user message gets in the agent server, chosen when the prompt is planned
+/// (`now`) and recorded in its `command_planned`, so every attempt sends the same one and an
+/// attempt whose reply was lost can be looked up by it. It has the form of OpenCode's own ids
+/// (`packages/opencode/src/id/id.ts`: `msg_`, 12 hex digits of the low 48 bits of
+/// `ms * 4096 + counter`, 14 base62 characters), so it sorts among the server's own by time.
+/// The counter and the tail come from a hash of the message id: pure, and distinct per message.
+pub fn agent_message_id(message: &MessageId, now: Millis) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    message.hash(&mut h);
+    let mut bits = h.finish();
+    let stamp = (now.wrapping_mul(4096).wrapping_add(bits & 0xfff)) & 0xffff_ffff_ffff;
+    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut tail = String::with_capacity(14);
+    for i in 0..14 {
+        if i == 7 {
+            // 64 bits give ~10 base62 digits: mix again for the rest.
+            bits = bits.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
+        }
+        tail.push(BASE62[(bits % 62) as usize] as char);
+        bits /= 62;
+    }
+    format!("msg_{stamp:012x}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_message_ids_have_opencodes_form_ascend_with_time_and_differ_per_message() {
+        let a = agent_message_id(&MessageId("m1".into()), 1_796_100_954_171);
+        assert_eq!(a.len(), 4 + 12 + 14, "{a}");
+        assert!(a.starts_with("msg_") && a[4..].chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_eq!(
+            a,
+            agent_message_id(&MessageId("m1".into()), 1_796_100_954_171)
+        );
+        let later = agent_message_id(&MessageId("m1".into()), 1_796_100_954_172);
+        assert!(later > a, "{later} > {a}");
+        assert_ne!(
+            a,
+            agent_message_id(&MessageId("m2".into()), 1_796_100_954_171)
+        );
+    }
+}

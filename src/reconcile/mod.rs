@@ -198,6 +198,11 @@ fn plan_sessions(
 ) {
     for (agent_id, agent) in &s.agent {
         let Some((chat_id, chat)) = index.by_agent.remove(agent_id) else {
+            if agent.created_for.is_some() {
+                // Made by our createAgentSession for a chat session: that command adopts it
+                // (or it is a spare from a race); mirroring it would make a second chat.
+                continue;
+            }
             plan.because(agent.first_seq).plan(
                 ids::create_session(agent_id),
                 || Command::CreateSession {
@@ -430,6 +435,7 @@ fn plan_pending(
                         message_id: message_id.clone(),
                         text: row.text.clone().unwrap_or_default(),
                         model,
+                        agent_message_id: Some(ids::agent_message_id(message_id, ctx.now)),
                     },
                     "user message has no answer".into(),
                 );

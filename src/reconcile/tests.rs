@@ -100,6 +100,8 @@ impl World {
             project: None,
             model: None,
             updated_at: self.now,
+            parent_id: None,
+            tag: None,
         }))
     }
 
@@ -120,6 +122,7 @@ impl World {
             source,
             sessions: 0,
             complete,
+            as_of: None,
         }))
     }
 
@@ -301,6 +304,7 @@ fn stale_messages_found_at_start_are_failed_once_and_never_prompted() {
         message_id: "msg_old".into(),
         text: "q".into(),
         model: None,
+        agent_message_id: None,
     };
     assert!(obsolete(&w.views, &prompt).is_some());
 }

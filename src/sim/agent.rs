@@ -1,12 +1,22 @@
 //! A simulated agent server: sessions in memory, prompts answered by rule.
+//!
+//! It keeps the promises of the real one that agentsync relies on, as measured on OpenCode
+//! 1.18.33 (`../shared/DESIGN.md`, "Facts measured on the real server"): a session's
+//! `metadata` (here its [`SessionTag`]) comes back in every listing; a prompt may carry a
+//! client-chosen message id, which `prompt_outcome` finds again; posting the **same** id again is
+//! not deduplicated (the model runs again: counted in [`SimAgent::model_runs`]). With
+//! `Faults::lost_reply_rate` a creation or a prompt is applied and then its reply is lost, as a
+//! proxy or a network that drops the answer would do.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::{CallStats, Faults, Harness};
 use crate::clock::{Clock, Millis};
-use crate::events::{AgentSessionId, AgentSessionInfo, AgentSessionStatus, ModelRef};
-use crate::ports::{AgentListing, AgentServer, ModelList, PortError, PortFuture};
+use crate::events::{AgentSessionId, AgentSessionInfo, AgentSessionStatus, ModelRef, SessionTag};
+use crate::ports::{
+    AgentListing, AgentServer, ModelList, PortError, PortFuture, PromptOutcome, PromptRequest,
+};
 
 /// A prompt containing this text fails like an overflowing context window (terminal).
 pub const OVERFLOW_MARKER: &str = "[overflow]";
@@ -24,6 +34,12 @@ struct AgentState {
     listings: u32,
     model_fetches: u64,
     prompts: BTreeMap<AgentSessionId, u64>,
+    /// Model runs per user message id (a prompt without an id counts under its text).
+    model_runs: BTreeMap<String, u64>,
+    /// Answers by (session, user message id).
+    answers: BTreeMap<(AgentSessionId, String), Result<String, PortError>>,
+    /// Sessions created, by the command id of their tag.
+    created_for: BTreeMap<String, u64>,
 }
 
 impl SimAgent {
@@ -70,6 +86,16 @@ impl SimAgent {
         self.lock().prompts.clone()
     }
 
+    /// Model runs per user message id: more than one for a message is a prompt paid twice.
+    pub fn model_runs(&self) -> BTreeMap<String, u64> {
+        self.lock().model_runs.clone()
+    }
+
+    /// Sessions created per tag command id: more than one is a duplicate creation.
+    pub fn created_for(&self) -> BTreeMap<String, u64> {
+        self.lock().created_for.clone()
+    }
+
     /// Its call counters.
     pub fn stats(&self) -> CallStats {
         self.h.stats()
@@ -86,6 +112,44 @@ impl SimAgent {
 
     fn now(&self) -> Millis {
         self.h.clock.now_ms()
+    }
+
+    /// The model answers a prompt (once per call: the same message id posted twice runs twice).
+    fn run_model(
+        &self,
+        id: &AgentSessionId,
+        prompt: PromptRequest<'_>,
+    ) -> Result<Result<String, PortError>, PortError> {
+        let now = self.now();
+        let mut s = self.lock();
+        let Some(session) = s.sessions.get_mut(id) else {
+            return Err(PortError::terminal(format!("404: no session {id}")));
+        };
+        session.updated_at = now;
+        *s.prompts.entry(id.clone()).or_default() += 1;
+        let key = prompt.message_id.unwrap_or(prompt.text).to_owned();
+        *s.model_runs.entry(key).or_default() += 1;
+        let answer = if prompt.text.contains(OVERFLOW_MARKER) {
+            Err(PortError::terminal(
+                "ContextOverflowError: prompt is too long for the model's context",
+            ))
+        } else {
+            Ok(format!("answer: {}", prompt.text))
+        };
+        if let Some(m) = prompt.message_id {
+            s.answers.insert((id.clone(), m.to_owned()), answer.clone());
+        }
+        Ok(answer)
+    }
+
+    /// After the effect: with `lost_reply_rate`, the reply never reaches the caller.
+    fn maybe_lose_reply(&self, op: &str) -> Result<(), PortError> {
+        if self.h.roll(self.h.faults().lost_reply_rate) {
+            return Err(PortError::retryable(format!(
+                "{op}: connection reset after the server applied it"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -125,23 +189,52 @@ impl AgentServer for SimAgent {
         })
     }
 
-    fn create_session<'a>(&'a self, title: &'a str) -> PortFuture<'a, AgentSessionInfo> {
+    fn create_session<'a>(
+        &'a self,
+        title: &'a str,
+        tag: Option<&'a SessionTag>,
+    ) -> PortFuture<'a, AgentSessionInfo> {
         Box::pin(async move {
             let _call = self.h.call("create_session", 0).await?;
             let now = self.now();
-            let mut s = self.lock();
-            s.next_id += 1;
-            let info = AgentSessionInfo {
-                agent_session_id: AgentSessionId(format!("ses_sim{:06}", s.next_id)),
-                title: title.to_owned(),
-                directory: Some("/sim".into()),
-                project: Some("global".into()),
-                model: None,
-                updated_at: now,
+            let info = {
+                let mut s = self.lock();
+                s.next_id += 1;
+                let info = AgentSessionInfo {
+                    agent_session_id: AgentSessionId(format!("ses_sim{:06}", s.next_id)),
+                    title: title.to_owned(),
+                    directory: Some("/sim".into()),
+                    project: Some("global".into()),
+                    model: None,
+                    updated_at: now,
+                    parent_id: None,
+                    tag: tag.cloned(),
+                };
+                if let Some(t) = tag {
+                    *s.created_for.entry(t.command_id.0.clone()).or_default() += 1;
+                }
+                s.sessions
+                    .insert(info.agent_session_id.clone(), info.clone());
+                info
             };
-            s.sessions
-                .insert(info.agent_session_id.clone(), info.clone());
+            self.maybe_lose_reply("create_session")?;
             Ok(info)
+        })
+    }
+
+    fn find_session<'a>(&'a self, tag: &'a SessionTag) -> PortFuture<'a, Option<AgentSessionInfo>> {
+        Box::pin(async move {
+            let _call = self.h.call("list_sessions", 0).await?;
+            Ok(self
+                .lock()
+                .sessions
+                .values()
+                .find(|s| {
+                    s.tag.as_ref().is_some_and(|t| {
+                        t.command_id == tag.command_id && t.worker_id == tag.worker_id
+                    })
+                })
+                .cloned())
         })
     }
 
@@ -171,24 +264,29 @@ impl AgentServer for SimAgent {
     fn prompt<'a>(
         &'a self,
         id: &'a AgentSessionId,
-        text: &'a str,
-        _model: Option<&'a ModelRef>,
+        prompt: PromptRequest<'a>,
     ) -> PortFuture<'a, String> {
         Box::pin(async move {
             let _call = self.h.call("prompt", 0).await?;
-            let now = self.now();
-            let mut s = self.lock();
-            let Some(session) = s.sessions.get_mut(id) else {
-                return Err(PortError::terminal(format!("404: no session {id}")));
-            };
-            session.updated_at = now;
-            *s.prompts.entry(id.clone()).or_default() += 1;
-            if text.contains(OVERFLOW_MARKER) {
-                return Err(PortError::terminal(
-                    "ContextOverflowError: prompt is too long for the model's context",
-                ));
-            }
-            Ok(format!("answer: {text}"))
+            let answer = self.run_model(id, prompt)?;
+            self.maybe_lose_reply("prompt")?;
+            answer
+        })
+    }
+
+    fn prompt_outcome<'a>(
+        &'a self,
+        id: &'a AgentSessionId,
+        message_id: &'a str,
+    ) -> PortFuture<'a, PromptOutcome> {
+        Box::pin(async move {
+            let _call = self.h.call("get_message", 0).await?;
+            let key = (id.clone(), message_id.to_owned());
+            Ok(match self.lock().answers.get(&key) {
+                None => PromptOutcome::NotSent,
+                Some(Ok(text)) => PromptOutcome::Answered(text.clone()),
+                Some(Err(e)) => PromptOutcome::Failed(e.clone()),
+            })
         })
     }
 

@@ -98,6 +98,8 @@ impl Incident {
                     project: Some("project".into()),
                     model: None,
                     updated_at: now - 60 * minute,
+                    parent_id: None,
+                    tag: None,
                 });
                 backend.insert_session(ChatSessionInfo {
                     chat_session_id: ChatSessionId(id("chat", i)),
@@ -128,6 +130,8 @@ impl Incident {
                     project: Some("project".into()),
                     model: None,
                     updated_at: now - 5 * minute,
+                    parent_id: None,
+                    tag: None,
                 });
             }
             for i in 0..3 {

@@ -213,7 +213,7 @@ mod tests {
         assert!(client.status().await.unwrap().is_empty());
         let models = client.list_models().await.unwrap();
         assert_eq!(models.models.len(), 1);
-        assert!(client.create_session("x").await.is_err());
+        assert!(client.create_session("x", None).await.is_err());
         assert!(fake.calls() >= 6);
     }
 

@@ -347,7 +347,7 @@ impl Worker {
             tokio::select! {
                 () = &mut shutdown => break "shutdown requested".to_owned(),
                 Some(obs) = rx.recv() => {
-                    let round_end = matches!(obs, Observation::BackendMessages(_));
+                    let round_end = matches!(obs, Observation::BackendMessages { .. });
                     agent_listed_since_round |= matches!(obs, Observation::AgentSessions { result: Ok(_), .. });
                     self.observed(obs).await?;
                     if round_end {
@@ -507,8 +507,10 @@ impl Worker {
             }
             let agent = self.agent.clone();
             let backend = self.backend.clone();
+            let worker_id = self.cfg.worker_id.clone();
             calls.spawn(async move {
-                let result = dispatch::execute(agent.as_ref(), backend.as_ref(), &attempt).await;
+                let (agent, backend) = (agent.as_ref(), backend.as_ref());
+                let result = dispatch::execute(agent, backend, &attempt, &worker_id).await;
                 Done::Command {
                     id: attempt.id,
                     attempt: attempt.attempt,
@@ -571,23 +573,29 @@ impl Worker {
             }
             other => other,
         };
-        let (source, ok) = match &obs {
-            Observation::AgentStream(_) => (Source::Agent, true),
-            Observation::Lifecycle(_) => unreachable!("handled above"),
-            Observation::AgentSessions { result, .. } => (Source::Agent, result.is_ok()),
-            Observation::AgentStatus(r) => (Source::Agent, r.is_ok()),
-            Observation::BackendSessions { error, .. } => (Source::Backend, error.is_none()),
-            Observation::BackendMessages(r) => (Source::Backend, r.is_ok()),
+        // Only a call that really succeeded closes a breaker: a pushed stream event is no call,
+        // and a listing cut short by a failure failed.
+        let call = match &obs {
+            Observation::AgentStream(_) | Observation::Lifecycle(_) => None,
+            Observation::AgentSessions { result, .. } => Some((Source::Agent, result.is_ok())),
+            Observation::AgentStatus { result, .. } => Some((Source::Agent, result.is_ok())),
+            Observation::BackendSessions { error, .. } => Some((Source::Backend, error.is_none())),
+            Observation::BackendMessages { error, .. } => Some((Source::Backend, error.is_none())),
         };
-        self.dispatcher.observed(source, ok, now);
+        if let Some((source, ok)) = call {
+            self.dispatcher.observed(source, ok, now);
+        }
+        let worker_id = self.cfg.worker_id.as_str();
         let views = self.views();
         let events = match obs {
             Observation::AgentSessions { as_of, result } => match result {
-                Ok(listing) => observe::agent_listing(&views.sessions.state, &listing, as_of),
+                Ok(listing) => {
+                    observe::agent_listing(&views.sessions.state, &listing, as_of, worker_id)
+                }
                 Err(e) => vec![failed(Source::Agent, "list_sessions", e)],
             },
-            Observation::AgentStatus(result) => match result {
-                Ok(statuses) => status_events(views, statuses),
+            Observation::AgentStatus { as_of, result } => match result {
+                Ok(statuses) => observe::agent_statuses(&views.sessions.state, statuses, as_of),
                 Err(e) => vec![failed(Source::Agent, "status", e)],
             },
             Observation::BackendSessions {
@@ -603,12 +611,15 @@ impl Worker {
                 }
                 events
             }
-            Observation::BackendMessages(result) => match result {
-                Ok(messages) => observe::backend_messages(&views.messages.state, &messages),
-                Err(e) => vec![failed(Source::Backend, "list_messages", e)],
-            },
+            Observation::BackendMessages { messages, error } => {
+                let mut events = observe::backend_messages(&views.messages.state, &messages);
+                if let Some(e) = error {
+                    events.push(failed(Source::Backend, "list_messages", e));
+                }
+                events
+            }
             Observation::AgentStream(report) => {
-                observe::agent_observation(&views.sessions.state, &report)
+                observe::agent_observation(&views.sessions.state, &report, worker_id)
             }
             Observation::Lifecycle(_) => unreachable!("handled above"),
         };
@@ -716,32 +727,6 @@ impl Worker {
         let now = self.clock.now_ms();
         self.write_checkpoints(now).await
     }
-}
-
-/// Status reports that differ from the view: busy/retry sessions reported, and sessions the
-/// view holds as busy that the report no longer lists (idle again).
-fn status_events(views: &Views, statuses: Vec<AgentSessionStatus>) -> Vec<Event> {
-    let agent = &views.sessions.state.agent;
-    let mut events = Vec::new();
-    let mut reported = std::collections::HashSet::new();
-    for s in statuses {
-        reported.insert(s.agent_session_id.clone());
-        if agent
-            .get(&s.agent_session_id)
-            .is_some_and(|row| row.status != s.status)
-        {
-            events.push(Event::AgentSessionStatus(s));
-        }
-    }
-    for (id, row) in agent {
-        if row.status != AgentStatus::Idle && !reported.contains(id) {
-            events.push(Event::AgentSessionStatus(AgentSessionStatus {
-                agent_session_id: id.clone(),
-                status: AgentStatus::Idle,
-            }));
-        }
-    }
-    events
 }
 
 fn with_cause(e: NewEvent, cause: Option<&Uuid>) -> NewEvent {

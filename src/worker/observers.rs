@@ -84,8 +84,13 @@ pub enum Observation {
         /// The listing, or why it failed.
         result: Result<AgentListing, PortError>,
     },
-    /// The agent sessions that are not idle.
-    AgentStatus(Result<Vec<AgentSessionStatus>, PortError>),
+    /// The agent sessions that are not idle, read when the log was at `as_of`.
+    AgentStatus {
+        /// The log's last seq when the call started.
+        as_of: u64,
+        /// The statuses, or why the call failed.
+        result: Result<Vec<AgentSessionStatus>, PortError>,
+    },
     /// Every page of the backend's sessions, started when the log was at `as_of`.
     BackendSessions {
         /// The log's last seq when the listing started.
@@ -95,8 +100,14 @@ pub enum Observation {
         /// Why the listing stopped early, if it did: the listing is then partial.
         error: Option<PortError>,
     },
-    /// The backend messages changed since the last poll.
-    BackendMessages(Result<Vec<MessageInfo>, PortError>),
+    /// The backend messages changed since the last poll: those of the pages that came, and
+    /// why the listing stopped early, if it did (the rest is read next time).
+    BackendMessages {
+        /// The messages read.
+        messages: Vec<MessageInfo>,
+        /// The failure that cut the listing short.
+        error: Option<PortError>,
+    },
     /// What the agent server's event stream reported.
     AgentStream(AgentObservation),
     /// An event from outside the loop (the agent server's supervisor), appended as it is.
@@ -146,7 +157,8 @@ pub async fn observe_agent(agent: Arc<dyn AgentServer>, link: ObserverLink) {
         {
             return;
         }
-        let status = {
+        let as_of = link.seq.load(Ordering::SeqCst);
+        let result = {
             let Ok(_permit) = link.gates.agent.acquire().await else {
                 return;
             };
@@ -154,7 +166,7 @@ pub async fn observe_agent(agent: Arc<dyn AgentServer>, link: ObserverLink) {
         };
         if link
             .tx
-            .send(Observation::AgentStatus(status))
+            .send(Observation::AgentStatus { as_of, result })
             .await
             .is_err()
         {
@@ -239,16 +251,11 @@ pub async fn observe_backend(backend: Arc<dyn Backend>, link: ObserverLink) {
         };
         // The pages before a failure are real; the rest is read from this cursor next time.
         message_cursor = cursor;
-        let result = match failure {
-            Some(e) if messages.is_empty() => Err(e),
-            _ => Ok(messages),
+        let obs = Observation::BackendMessages {
+            messages,
+            error: failure,
         };
-        if link
-            .tx
-            .send(Observation::BackendMessages(result))
-            .await
-            .is_err()
-        {
+        if link.tx.send(obs).await.is_err() {
             return;
         }
         pause(&mut poller, &mut rng, &link, &link.nudge_backend).await;
