@@ -440,6 +440,7 @@ fn check(s: &Scenario, o: &Outcome) -> Result<(), TestCaseError> {
     }
     // (f) convergence.
     let ctx = Context {
+        process_seq: 0,
         now: o.end,
         started_at: o.end,
         ready: true,

@@ -351,4 +351,149 @@ mod tests {
             "b first appeared at seq 2, after a listing from seq 1"
         );
     }
+
+    fn seqs_after(view: &SessionsView) -> u64 {
+        view.agent
+            .values()
+            .map(|r| r.title_seq.max(r.status_seq))
+            .chain(view.chat.values().map(|c| c.title_seq.max(c.status_seq)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_listing_read_before_a_newer_fact_does_not_undo_it() {
+        let mut view = SessionsView::default();
+        fold(
+            &mut view,
+            vec![Event::AgentSessionSeen(info("a", "Old"))],
+            1,
+        );
+        // The stream reports a rename at seq 5, after a listing began at seq 3.
+        let renamed = AgentObservation::SessionUpdated(Box::new(info("a", "New")));
+        let events = agent_observation(&view, &renamed, "w");
+        fold(&mut view, events, 5);
+        assert_eq!(view.agent[&AgentSessionId::from("a")].title, "New");
+        let stale = AgentListing {
+            sessions: vec![info("a", "Old")],
+            complete: true,
+        };
+        let events = agent_listing(&view, &stale, 3, "w");
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::AgentSessionChanged(_))),
+            "{events:?}"
+        );
+        // A listing that began after the rename is believed.
+        let fresh = agent_listing(&view, &stale, 6, "w");
+        assert!(matches!(fresh[0], Event::AgentSessionChanged(ref i) if i.title == "Old"));
+        // A status reply read before the stream's busy report does not idle it.
+        let busy = AgentObservation::Status(AgentSessionStatus {
+            agent_session_id: "a".into(),
+            status: AgentStatus::Busy,
+        });
+        let events = agent_observation(&view, &busy, "w");
+        fold(&mut view, events, 8);
+        assert!(agent_statuses(&view, vec![], 7).is_empty());
+        assert_eq!(
+            agent_statuses(&view, vec![], 8).len(),
+            1,
+            "a newer reply idles it"
+        );
+        assert_eq!(seqs_after(&view), 8);
+    }
+
+    #[test]
+    fn a_session_gone_after_a_listing_began_is_not_brought_back_by_it() {
+        let mut view = SessionsView::default();
+        fold(&mut view, vec![Event::AgentSessionSeen(info("a", "A"))], 1);
+        let deleted = AgentObservation::SessionDeleted("a".into());
+        let events = agent_observation(&view, &deleted, "w");
+        fold(&mut view, events, 4);
+        let stale = AgentListing {
+            sessions: vec![info("a", "A")],
+            complete: true,
+        };
+        let events = agent_listing(&view, &stale, 2, "w");
+        assert!(!events
+            .iter()
+            .any(|e| matches!(e, Event::AgentSessionSeen(_))));
+        // Nor by a stream report that arrives out of order.
+        let late = AgentObservation::SessionUpdated(Box::new(info("a", "A")));
+        assert!(agent_observation(&view, &late, "w").is_empty());
+        // A complete listing begun after the deletion that lacks it clears the tombstone.
+        let empty = AgentListing {
+            sessions: vec![],
+            complete: true,
+        };
+        let events = agent_listing(&view, &empty, 5, "w");
+        fold(&mut view, events, 6);
+        assert!(view.agent_gone.is_empty());
+    }
+
+    #[test]
+    fn our_own_deletion_wins_over_a_backend_listing_read_before_it() {
+        let mut view = SessionsView::default();
+        let chat = ChatSessionInfo {
+            chat_session_id: "c".into(),
+            agent_session_id: Some("a".into()),
+            title: "T".into(),
+            model: None,
+            status: ChatStatus::Active,
+            last_activity: 1,
+            project: None,
+        };
+        fold(&mut view, vec![Event::BackendSessionSeen(chat.clone())], 1);
+        let deleted = Event::CommandSucceeded(CommandSucceeded {
+            command_id: "markSessionDeleted:c".into(),
+            op: Op::MarkSessionDeleted,
+            subject: Subject::default(),
+            attempt: 1,
+            effect: Effect::SessionDeleted {
+                chat_session_id: "c".into(),
+            },
+        });
+        fold(&mut view, vec![deleted], 5);
+        let stale = backend_sessions(&view, std::slice::from_ref(&chat), true, 3);
+        assert_eq!(stale.len(), 1, "only the marker: {stale:?}");
+        let fresh = backend_sessions(&view, &[chat], true, 5);
+        assert!(
+            matches!(fresh[0], Event::BackendSessionChanged(ref c) if c.status == ChatStatus::Active)
+        );
+    }
+
+    #[test]
+    fn children_and_other_workers_sessions_are_not_mirrored() {
+        let view = SessionsView::default();
+        let mut child = info("child", "C");
+        child.parent_id = Some("a".into());
+        let mut theirs = info("theirs", "T");
+        theirs.tag = Some(SessionTag {
+            worker_id: "other".into(),
+            command_id: "createAgentSession:x".into(),
+            chat_session_id: "x".into(),
+        });
+        let mut ours = info("ours", "O");
+        ours.tag = Some(SessionTag {
+            worker_id: "w".into(),
+            command_id: "createAgentSession:y".into(),
+            chat_session_id: "y".into(),
+        });
+        let listing = AgentListing {
+            sessions: vec![child.clone(), theirs, ours],
+            complete: true,
+        };
+        let events = agent_listing(&view, &listing, 0, "w");
+        let seen: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::AgentSessionSeen(i) => Some(i.agent_session_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seen, ["ours"]);
+        let created = AgentObservation::SessionUpdated(Box::new(child));
+        assert!(agent_observation(&view, &created, "w").is_empty());
+    }
 }

@@ -94,7 +94,7 @@ pub enum AgentObservation {
         reconnected: bool,
     },
     /// A session was created or changed (title, directory, last update).
-    SessionUpdated(AgentSessionInfo),
+    SessionUpdated(Box<AgentSessionInfo>),
     /// A session was deleted.
     SessionDeleted(AgentSessionId),
     /// A session's status changed.

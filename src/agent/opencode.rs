@@ -597,7 +597,9 @@ pub fn translate_event(data: &str, directory: Option<&str>) -> Translated {
         "session.created" | "session.updated" => read::<wire::SessionEvent>(kind, event.properties)
             .map(|e| {
                 if in_directory(&e.info, directory) {
-                    Translated::Observation(AgentObservation::SessionUpdated(e.info.into_info()))
+                    Translated::Observation(AgentObservation::SessionUpdated(Box::new(
+                        e.info.into_info(),
+                    )))
                 } else {
                     Translated::Ignored(format!("{kind} (other directory)"))
                 }

@@ -532,6 +532,7 @@ fn bench_reconcile(n: usize) -> Res<serde_json::Value> {
     let views = drifted_views(n);
     let build_ms = t.elapsed().as_secs_f64() * 1000.0;
     let ctx = Context {
+        process_seq: 0,
         now: START,
         started_at: START,
         ready: true,

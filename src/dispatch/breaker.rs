@@ -92,7 +92,7 @@ impl Breaker {
         }
     }
 
-    /// The target answered (even with a terminal error: it is alive).
+    /// A call to the target succeeded.
     pub fn on_success(&mut self) {
         self.failures = 0;
         self.state = BreakerState::Closed;
@@ -120,7 +120,8 @@ impl Breaker {
         matches!(self.state, BreakerState::Open { .. })
     }
 
-    /// A started call ended without an answer either way (cancelled): a probe may go again.
+    /// A started call ended without proving the target up or down (cancelled, or a terminal
+    /// error): a probe may go again, and nothing closes.
     pub fn on_abandoned(&mut self, now: Millis) {
         if let BreakerState::Probing { next_ms } = self.state {
             self.state = BreakerState::Open {

@@ -731,8 +731,9 @@ impl Dispatcher {
                 })]
             }
             Err(e) if !e.is_retryable() => {
-                // The target answered: it is alive, the request was wrong.
-                self.target(target).breaker.on_success();
+                // An answer, but no success: it neither counts against the target nor closes
+                // its breaker (only a call that really succeeded does); a probe may go again.
+                self.target(target).breaker.on_abandoned(now);
                 vec![Event::CommandFailed(CommandFailed {
                     command_id: id.clone(),
                     op,
@@ -767,11 +768,18 @@ impl Dispatcher {
                         }),
                     ];
                 }
+                // A call to the agent whose connection broke may still be on its way to the
+                // server: give it time to land before the next attempt looks it up.
+                let landing = match target {
+                    Source::Agent => self.cfg.retry.base_ms / 2,
+                    Source::Backend => 0,
+                };
                 let wait = self
                     .cfg
                     .retry
                     .backoff(charged.max(1), &mut self.rng)
-                    .max(e.retry_after_ms.unwrap_or(0));
+                    .max(e.retry_after_ms.unwrap_or(0))
+                    .max(landing);
                 // A target that is down is waited for, not retried into.
                 let reopens = self.target(target).breaker.reopens_at().unwrap_or(now);
                 let next = (now + wait).max(reopens);

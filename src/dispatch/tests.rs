@@ -338,4 +338,45 @@ fn resumed_commands_keep_their_ids_and_an_interrupted_attempt_is_made_again() {
         s[0].attempt, 1,
         "the interrupted attempt is not counted as failed"
     );
+    assert!(
+        s[0].uncertain,
+        "the process died during it: the next attempt looks before it acts"
+    );
+}
+
+#[test]
+fn an_attempt_after_a_failure_that_may_have_taken_effect_looks_first() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    d.enqueue("a".into(), rename("chat_1"), 0);
+    let s = started(d.select(&views, 0));
+    assert!(!s[0].uncertain, "a first attempt has nothing to look for");
+    d.observed(Source::Backend, true, 0);
+    let events = d.finished(&s[0].id, 1, Err(PortError::retryable("reply lost")), 0);
+    let Event::CommandFailed(f) = &events[0] else {
+        panic!("{events:?}")
+    };
+    let s = started(d.select(&views, f.next_attempt_at.unwrap()));
+    assert!(s[0].uncertain);
+}
+
+#[test]
+fn a_terminal_failure_does_not_close_an_open_breaker() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    for t in 0..3 {
+        d.observed(Source::Backend, false, t);
+    }
+    assert!(!d.backend.breaker.allows(3), "open after three failures");
+    let probe_at = d.backend.breaker.reopens_at().unwrap();
+    d.enqueue("a".into(), rename("chat_1"), probe_at);
+    let s = started(d.select(&views, probe_at));
+    assert_eq!(s.len(), 1, "the probe");
+    d.finished(&s[0].id, 1, Err(PortError::terminal("400 bad")), probe_at);
+    assert_ne!(
+        d.backend.breaker.state(),
+        BreakerState::Closed,
+        "an error is no proof of health"
+    );
+    assert!(d.backend.breaker.allows(probe_at), "another probe may go");
 }

@@ -1,4 +1,14 @@
-//! `messages`: every user message's way from seen to answered or failed.
+//! `messages`: every user message's way from seen to answered or failed, and on to the backend.
+//!
+//! Invariants:
+//! - a message is pending (`Seen`, `Prompting`) until it has an outcome; the first outcome
+//!   stands (a late answer to a message already failed is ignored);
+//! - a message is failed as soon as its `failMessage` is *planned*, with that command's reason,
+//!   so nothing prompts it afterwards and the reason survives whatever becomes of the delivery;
+//! - `undelivered` holds exactly the messages with an outcome the backend does not hold yet:
+//!   what the reconciler must deliver (in rounds, until it lands) and what `/readyz` reports;
+//! - an answer the backend refuses for good (a terminal `completeMessage` failure) turns into a
+//!   failure with that reason, so the user learns something rather than nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -7,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use super::Projection;
 use crate::clock::Millis;
 use crate::events::{
-    ChatSessionId, ChatStatus, Effect, Envelope, ErrorClass, Event, MessageId, MessageInfo, Op,
-    Role,
+    ChatSessionId, ChatStatus, Command, Effect, Envelope, ErrorClass, Event, MessageId,
+    MessageInfo, Op, Role,
 };
 
 /// The state of every user message, and which are still pending per chat session.
@@ -19,6 +29,9 @@ pub struct MessagesView {
     /// Pending (seen or prompting) messages per chat session, so that ending a session ends its
     /// messages without scanning them all.
     pub pending_by_chat: BTreeMap<ChatSessionId, BTreeSet<MessageId>>,
+    /// Messages whose outcome the backend does not hold yet, with when they got it.
+    #[serde(default)]
+    pub undelivered: BTreeMap<MessageId, Millis>,
 }
 
 /// Where a user message stands.
@@ -74,10 +87,40 @@ pub struct MessageRow {
     /// The seq of the event that last changed its state: the cause of delivering its outcome.
     #[serde(default)]
     pub state_seq: u64,
+    /// When the worker first saw it (its own clock): its deadline runs from here.
+    #[serde(default)]
+    pub seen_at: Millis,
 }
 
 impl MessagesView {
+    /// Keeps `undelivered` in step with a message's state and `delivered` flag.
+    fn track(&mut self, id: &MessageId, at: Millis) {
+        match self.messages.get(id) {
+            Some(row) if !row.state.is_pending() && !row.delivered => {
+                self.undelivered.entry(id.clone()).or_insert(at);
+            }
+            _ => {
+                self.undelivered.remove(id);
+            }
+        }
+    }
+
+    /// Marks the backend as holding a message's outcome.
+    fn delivered(&mut self, id: &MessageId, at: Millis) {
+        if let Some(row) = self.messages.get_mut(id) {
+            row.delivered = true;
+            row.answer = None;
+            row.incomplete_reply = None;
+        }
+        self.track(id, at);
+    }
+
     fn set_state(&mut self, id: &MessageId, state: MessageState, at: Millis, seq: u64) {
+        self.set_state_untracked(id, state, at, seq);
+        self.track(id, at);
+    }
+
+    fn set_state_untracked(&mut self, id: &MessageId, state: MessageState, at: Millis, seq: u64) {
         let Some(row) = self.messages.get_mut(id) else {
             return;
         };
@@ -122,6 +165,19 @@ impl MessagesView {
         self.set_state(id, state, at, seq);
     }
 
+    /// An answer the backend will never take becomes the message's failure.
+    fn undeliverable(&mut self, id: &MessageId, error: &str, at: Millis, seq: u64) {
+        let Some(row) = self.messages.get_mut(id) else {
+            return;
+        };
+        if row.state != MessageState::Answered || row.delivered {
+            return;
+        }
+        row.answer = None;
+        row.reason = Some(format!("the answer could not be delivered: {error}"));
+        self.set_state(id, MessageState::Failed, at, seq);
+    }
+
     fn abandon_session(&mut self, chat: &ChatSessionId, reason: &str, at: Millis, seq: u64) {
         let pending: Vec<MessageId> = self
             .pending_by_chat
@@ -152,6 +208,7 @@ impl MessagesView {
                             updated_at: at,
                             seen_seq: seq,
                             state_seq: seq,
+                            seen_at: at,
                         },
                     );
                     self.set_state(&m.message_id, MessageState::Seen, at, seq);
@@ -162,9 +219,7 @@ impl MessagesView {
                 }
                 if let Some(error) = &m.error {
                     self.end(&m.message_id, MessageState::Failed, error, true, at, seq);
-                    if let Some(row) = self.messages.get_mut(&m.message_id) {
-                        row.delivered = true;
-                    }
+                    self.delivered(&m.message_id, at);
                 }
             }
             Role::Assistant => {
@@ -186,12 +241,11 @@ impl MessagesView {
                             updated_at: at,
                             seen_seq: seq,
                             state_seq: seq,
+                            seen_at: at,
                         });
-                    row.delivered = true;
-                    row.answer = None;
-                    row.incomplete_reply = None;
                     row.reason = None;
-                    self.set_state(user, MessageState::Answered, at, seq);
+                    self.set_state_untracked(user, MessageState::Answered, at, seq);
+                    self.delivered(user, at);
                 } else if let Some(row) = self.messages.get_mut(user) {
                     if !m.completed && row.state.is_pending() {
                         row.incomplete_reply = Some(m.message_id.clone());
@@ -206,7 +260,9 @@ impl Projection for MessagesView {
     const NAME: &'static str = "messages";
     // v2: a pending message whose failMessage gave up is failed.
     // v3: `seen_seq` and `state_seq`, the causes of the commands about a message.
-    const VERSION: u32 = 3;
+    // v4: failed when its failMessage is planned; `undelivered`; `seen_at` (the deadline); an
+    // answer refused for good becomes a failure.
+    const VERSION: u32 = 4;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
@@ -254,20 +310,22 @@ impl Projection for MessagesView {
                     }
                 }
             }
-            // Failing a still-pending message (a stale one) gave up: it is failed all the same,
-            // undelivered, and the dead letter says why.
-            Event::CommandDeadLettered(b) if b.op == Op::FailMessage => {
-                if let Some(id) = &b.subject.message_id {
-                    let reason = format!("could not record its failure: {}", b.last_error);
-                    self.end(id, MessageState::Failed, &reason, false, e.at, e.seq);
+            // Failing a pending message (stale, orphaned, past its deadline) is decided when it
+            // is planned: its reason stands whatever becomes of the delivery.
+            Event::CommandPlanned(b) => {
+                if let Command::FailMessage {
+                    message_id, reason, ..
+                } = &b.command
+                {
+                    self.end(message_id, MessageState::Failed, reason, false, e.at, e.seq);
                 }
             }
+            // The backend refused the answer for good: tell the user that instead.
             Event::CommandFailed(b)
-                if b.op == Op::FailMessage && b.class == ErrorClass::Terminal =>
+                if b.op == Op::CompleteMessage && b.class == ErrorClass::Terminal =>
             {
                 if let Some(id) = &b.subject.message_id {
-                    let reason = format!("could not record its failure: {}", b.error);
-                    self.end(id, MessageState::Failed, &reason, false, e.at, e.seq);
+                    self.undeliverable(id, &b.error, e.at, e.seq);
                 }
             }
             Event::CommandDeadLettered(b) if b.op == Op::Prompt => {
@@ -293,12 +351,8 @@ impl Projection for MessagesView {
                     self.set_state(message_id, MessageState::Answered, e.at, e.seq);
                 }
                 Effect::MessageCompleted { message_id, .. } => {
-                    if let Some(row) = self.messages.get_mut(message_id) {
-                        row.delivered = true;
-                        row.answer = None;
-                        row.incomplete_reply = None;
-                    }
-                    self.set_state(message_id, MessageState::Answered, e.at, e.seq);
+                    self.set_state_untracked(message_id, MessageState::Answered, e.at, e.seq);
+                    self.delivered(message_id, e.at);
                 }
                 Effect::MessageFailed {
                     message_id, reason, ..
@@ -308,13 +362,12 @@ impl Projection for MessagesView {
                         .get(message_id)
                         .is_some_and(|r| r.state == MessageState::Abandoned);
                     if let Some(row) = self.messages.get_mut(message_id) {
-                        row.delivered = true;
-                        row.answer = None;
                         row.reason.get_or_insert_with(|| reason.clone());
                     }
                     if !keep {
-                        self.set_state(message_id, MessageState::Failed, e.at, e.seq);
+                        self.set_state_untracked(message_id, MessageState::Failed, e.at, e.seq);
                     }
+                    self.delivered(message_id, e.at);
                 }
                 Effect::SessionDeleted { chat_session_id } => {
                     self.abandon_session(chat_session_id, "session deleted", e.at, e.seq)

@@ -54,12 +54,32 @@ pub fn prompt(message: &MessageId) -> CommandId {
 
 /// Delivering a user message's answer to the backend.
 pub fn complete_message(message: &MessageId) -> CommandId {
-    id(format!("completeMessage:{message}"))
+    complete_message_round(message, 0)
 }
 
 /// Delivering a user message's failure to the backend.
 pub fn fail_message(message: &MessageId) -> CommandId {
-    id(format!("failMessage:{message}"))
+    fail_message_round(message, 0)
+}
+
+/// Delivery round `round` of a message's answer: a round that gave up (dead letter, terminal
+/// failure) is followed, after a backoff, by the next under a new id, since the backend applies
+/// each id at most once. Round 0 has the plain id.
+pub fn complete_message_round(message: &MessageId, round: u32) -> CommandId {
+    with_round(format!("completeMessage:{message}"), round)
+}
+
+/// Delivery round `round` of a message's failure (see [`complete_message_round`]).
+pub fn fail_message_round(message: &MessageId, round: u32) -> CommandId {
+    with_round(format!("failMessage:{message}"), round)
+}
+
+fn with_round(base: String, round: u32) -> CommandId {
+    if round == 0 {
+        id(base)
+    } else {
+        id(format!("{base}#round{}", round + 1))
+    }
 }
 
 /// The id a prompt's user message gets in the agent server, chosen when the prompt is planned

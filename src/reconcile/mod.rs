@@ -25,7 +25,7 @@ use rustc_hash::FxHashMap;
 use crate::clock::Millis;
 use crate::events::{
     AgentSessionId, ChatSessionId, ChatStatus, Command, CommandId, CommandPlanned, ErrorClass,
-    ModelRef, Source,
+    MessageId, ModelRef, Source,
 };
 use crate::projections::{
     ChatSessionRow, CommandLedger, CommandState, MessageState, MessagesView, SessionsView, Views,
@@ -41,6 +41,14 @@ pub struct Policy {
     /// The model of prompts whose session names none (`--model`); `None`: the agent server's
     /// default.
     pub default_model: Option<ModelRef>,
+    /// A message still pending this long after the worker first saw it is failed, whether or
+    /// not the worker restarted meanwhile.
+    pub message_deadline_ms: Millis,
+    /// The wait before the second delivery round of an outcome whose delivery gave up; each
+    /// later round waits twice as long, up to `delivery_retry_cap_ms`.
+    pub delivery_retry_ms: Millis,
+    /// The longest wait between delivery rounds.
+    pub delivery_retry_cap_ms: Millis,
 }
 
 impl Default for Policy {
@@ -49,7 +57,20 @@ impl Default for Policy {
             retry_window_ms: 5 * 60 * 1000,
             stale_busy_ms: 6 * 60 * 60 * 1000,
             default_model: None,
+            message_deadline_ms: 30 * 60 * 1000,
+            delivery_retry_ms: 60 * 1000,
+            delivery_retry_cap_ms: 60 * 60 * 1000,
         }
+    }
+}
+
+impl Policy {
+    /// The wait before delivery round `round` (from 1) after the previous round gave up.
+    pub fn delivery_backoff(&self, round: u32) -> Millis {
+        let doublings = round.saturating_sub(1).min(32);
+        self.delivery_retry_ms
+            .saturating_mul(1 << doublings)
+            .min(self.delivery_retry_cap_ms)
     }
 }
 
@@ -61,8 +82,12 @@ pub struct Context {
     /// When this worker process started: messages older than the retry window at this moment
     /// were "found at start".
     pub started_at: Millis,
-    /// Whether the worker is Ready (first complete listings of both sides done).
+    /// Whether the worker is Ready (both sides listed completely in this process).
     pub ready: bool,
+    /// The log's last seq when this process started: only a listing completed after it says
+    /// anything about the world now (a checkpoint's listings may be days old, of a server
+    /// since wiped or replaced).
+    pub process_seq: u64,
 }
 
 /// A command to plan, with the position of the event that made it necessary, when one did
@@ -85,12 +110,12 @@ pub fn reconcile(views: &Views, ctx: &Context, policy: &Policy) -> Vec<Planned> 
     };
     let sessions = &views.sessions.state;
     let messages = &views.messages.state;
-    if both_listed(sessions) {
+    if listed_in_this_process(sessions, ctx.process_seq) {
         let mut index = ChatIndex::new(sessions);
         plan_sessions(&mut plan, sessions, &mut index, ctx, policy);
         plan_deletions(&mut plan, sessions, &index);
     }
-    plan_outcomes(&mut plan, messages);
+    plan_outcomes(&mut plan, messages, ctx, policy);
     plan_pending(&mut plan, sessions, messages, ctx, policy);
     plan.out
 }
@@ -141,13 +166,16 @@ impl Planner<'_> {
     }
 }
 
-/// Both sides have been listed completely at least once: before that, a missing counterpart
-/// may only be unlisted, and acting on it would duplicate sessions.
-fn both_listed(s: &SessionsView) -> bool {
+/// Both sides have been listed completely since this process started (after `process_seq`):
+/// before that, a missing counterpart may only be unlisted, and acting on it would duplicate
+/// or delete sessions on the strength of what a previous process saw. The worker is Ready
+/// exactly when this holds.
+pub fn listed_in_this_process(s: &SessionsView, process_seq: u64) -> bool {
     [Source::Agent, Source::Backend].iter().all(|src| {
         s.listings
             .get(src)
-            .is_some_and(|l| l.last_complete_seq.is_some())
+            .and_then(|l| l.last_complete_seq)
+            .is_some_and(|seq| seq > process_seq)
     })
 }
 
@@ -307,41 +335,83 @@ fn plan_deletions(plan: &mut Planner<'_>, s: &SessionsView, index: &ChatIndex<'_
     }
 }
 
-/// Outcomes the backend does not hold yet: answers to deliver, failures to record.
-fn plan_outcomes(plan: &mut Planner<'_>, m: &MessagesView) {
-    for (id, row) in &m.messages {
-        if row.delivered {
+/// Outcomes the backend does not hold yet: answers to deliver, failures to record. A delivery
+/// that gave up is tried again, in rounds with new ids and a growing wait: no outcome is left
+/// stranded because one command died.
+fn plan_outcomes(plan: &mut Planner<'_>, m: &MessagesView, ctx: &Context, policy: &Policy) {
+    for id in m.undelivered.keys() {
+        let Some(row) = m.messages.get(id) else {
             continue;
-        }
-        match row.state {
-            MessageState::Answered => {
-                if let Some(answer) = &row.answer {
-                    plan.because(row.state_seq).plan(
-                        ids::complete_message(id),
-                        || Command::CompleteMessage {
-                            chat_session_id: row.chat_session_id.clone(),
-                            message_id: id.clone(),
-                            content: answer.clone(),
-                        },
-                        "answered by the agent".into(),
-                    );
-                }
-            }
-            MessageState::Failed | MessageState::Abandoned => {
+        };
+        let (answer, round_id): (Option<&String>, RoundId) = match row.state {
+            MessageState::Answered => match &row.answer {
+                Some(answer) => (Some(answer), ids::complete_message_round),
+                None => continue,
+            },
+            MessageState::Failed | MessageState::Abandoned => (None, ids::fail_message_round),
+            MessageState::Seen | MessageState::Prompting => continue,
+        };
+        let Some((round, after)) = next_round(plan.ledger, |r| round_id(id, r), ctx, policy) else {
+            continue;
+        };
+        let chat_session_id = row.chat_session_id.clone();
+        let (command, reason) = match answer {
+            Some(answer) => (
+                Command::CompleteMessage {
+                    chat_session_id,
+                    message_id: id.clone(),
+                    content: answer.clone(),
+                },
+                "answered by the agent".to_owned(),
+            ),
+            None => {
                 let reason = row.reason.clone().unwrap_or_else(|| "failed".into());
-                plan.because(row.state_seq).plan(
-                    ids::fail_message(id),
-                    || Command::FailMessage {
-                        chat_session_id: row.chat_session_id.clone(),
-                        message_id: id.clone(),
-                        reason: reason.clone(),
-                    },
-                    reason.clone(),
-                );
+                let command = Command::FailMessage {
+                    chat_session_id,
+                    message_id: id.clone(),
+                    reason: reason.clone(),
+                };
+                (command, reason)
             }
-            MessageState::Seen | MessageState::Prompting => {}
-        }
+        };
+        let reason = match after {
+            Some(previous) => format!("{reason} (delivery round {}: {previous})", round + 1),
+            None => reason,
+        };
+        plan.because(row.state_seq)
+            .plan(round_id(id, round), || command, reason);
     }
+}
+
+/// The id of a delivery round of a message's outcome.
+type RoundId = fn(&MessageId, u32) -> CommandId;
+
+/// The delivery round to plan now, if any, and why the previous round ended: `None` while a
+/// round is open or succeeded, or while the previous one's backoff runs.
+fn next_round(
+    ledger: &CommandLedger,
+    round_id: impl Fn(u32) -> CommandId,
+    ctx: &Context,
+    policy: &Policy,
+) -> Option<(u32, Option<String>)> {
+    let mut previous = None;
+    for round in 0.. {
+        let Some(entry) = ledger.commands.get(&round_id(round)) else {
+            return Some((round, previous));
+        };
+        if !entry.is_final() || entry.state == CommandState::Succeeded {
+            return None;
+        }
+        if ctx.now
+            < entry
+                .updated_at
+                .saturating_add(policy.delivery_backoff(round + 1))
+        {
+            return None;
+        }
+        previous = Some(entry.last_error.clone().unwrap_or_else(|| "gave up".into()));
+    }
+    None
 }
 
 /// Pending messages: fail the stale and the orphaned, ensure an agent session, then prompt.
@@ -379,6 +449,11 @@ fn plan_pending(
                     plan,
                     format!("still incomplete {minutes} min after it was written when the worker started"),
                 );
+                continue;
+            }
+            if ctx.now >= row.seen_at.saturating_add(policy.message_deadline_ms) {
+                let minutes = policy.message_deadline_ms / 60_000;
+                fail(plan, format!("no answer within {minutes} min"));
                 continue;
             }
             let Some(chat) = chat else {

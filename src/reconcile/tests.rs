@@ -43,6 +43,7 @@ impl World {
 
     fn plan(&self) -> Vec<Planned> {
         let ctx = Context {
+            process_seq: 0,
             now: self.now,
             started_at: self.started_at,
             ready: self.ready,
@@ -411,4 +412,179 @@ fn commands_about_a_message_name_the_events_they_follow_from() {
         Some(Some(answered)),
         "delivering the answer follows from the prompt's success"
     );
+}
+
+impl World {
+    fn dead(&mut self, id: &str, error: &str) -> &mut Self {
+        let c = self.command(id);
+        self.ev(Event::CommandDeadLettered(CommandDeadLettered {
+            command_id: id.into(),
+            op: c.op(),
+            subject: c.subject(),
+            attempts: 3,
+            last_error: error.into(),
+        }))
+    }
+
+    fn answered(&mut self) -> &mut Self {
+        self.agent("ses_1", "A")
+            .chat("chat_1", Some("ses_1"), "A")
+            .both_listed();
+        self.user_message("chat_1", "msg_1", T0);
+        assert_eq!(self.step(), ["prompt:msg_1"]);
+        self.succeed(
+            "prompt:msg_1",
+            Effect::PromptAnswered {
+                chat_session_id: "chat_1".into(),
+                message_id: "msg_1".into(),
+                content: "42".into(),
+            },
+        );
+        assert_eq!(self.step(), ["completeMessage:msg_1"]);
+        self
+    }
+}
+
+#[test]
+fn an_answer_whose_delivery_died_is_delivered_again_in_a_new_round_after_a_backoff() {
+    let mut w = World::new();
+    w.answered();
+    w.dead("completeMessage:msg_1", "503 overloaded");
+    assert_eq!(
+        w.views.messages.state.undelivered.len(),
+        1,
+        "still owed to the backend"
+    );
+    assert!(w.step().is_empty(), "the first backoff has not passed");
+    w.now += Policy::default().delivery_backoff(1);
+    assert_eq!(w.step(), ["completeMessage:msg_1#round2"]);
+    match w.command("completeMessage:msg_1#round2") {
+        Command::CompleteMessage { content, .. } => assert_eq!(content, "42"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(w.step().is_empty(), "one round at a time");
+    w.dead("completeMessage:msg_1#round2", "503 overloaded");
+    w.now += Policy::default().delivery_backoff(1);
+    assert!(w.step().is_empty(), "the second wait is longer");
+    w.now += Policy::default().delivery_backoff(2);
+    assert_eq!(w.step(), ["completeMessage:msg_1#round3"]);
+    w.succeed(
+        "completeMessage:msg_1#round3",
+        Effect::MessageCompleted {
+            chat_session_id: "chat_1".into(),
+            message_id: "msg_1".into(),
+        },
+    );
+    assert!(w.views.messages.state.undelivered.is_empty());
+    w.now += Policy::default().delivery_retry_cap_ms;
+    assert!(w.step().is_empty(), "delivered: nothing more");
+}
+
+#[test]
+fn an_answer_the_backend_refuses_for_good_becomes_a_failure_the_user_sees() {
+    let mut w = World::new();
+    w.answered();
+    w.fail(
+        "completeMessage:msg_1",
+        ErrorClass::Terminal,
+        "Value is too large",
+    );
+    assert_eq!(w.step(), ["failMessage:msg_1"]);
+    match w.command("failMessage:msg_1") {
+        Command::FailMessage { reason, .. } => {
+            assert_eq!(
+                reason,
+                "the answer could not be delivered: Value is too large"
+            )
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_failure_whose_delivery_failed_keeps_its_reason_in_every_round() {
+    let mut w = World::new();
+    w.agent("ses_1", "A")
+        .chat("chat_1", Some("ses_1"), "A")
+        .both_listed();
+    w.user_message("chat_1", "msg_old", T0 - 10 * MIN);
+    assert_eq!(w.step(), ["failMessage:msg_old"]);
+    w.fail("failMessage:msg_old", ErrorClass::Terminal, "bad request");
+    w.now += Policy::default().delivery_backoff(1);
+    assert_eq!(w.step(), ["failMessage:msg_old#round2"]);
+    match w.command("failMessage:msg_old#round2") {
+        Command::FailMessage { reason, .. } => assert!(reason.starts_with("still incomplete")),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_pending_message_is_failed_at_its_deadline_even_without_a_restart() {
+    let mut w = World::new();
+    w.chat("chat_1", None, "A").both_listed();
+    w.ready = false; // the agent side never lets it be prompted
+    w.user_message("chat_1", "msg_1", T0);
+    w.now += Policy::default().message_deadline_ms - 1;
+    assert!(w.step().is_empty());
+    w.now += 1;
+    assert_eq!(w.step(), ["failMessage:msg_1"]);
+    match w.command("failMessage:msg_1") {
+        Command::FailMessage { reason, .. } => assert_eq!(reason, "no answer within 30 min"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let m = &w.views.messages.state.messages[&MessageId::from("msg_1")];
+    assert_eq!(m.state, crate::projections::MessageState::Failed);
+}
+
+#[test]
+fn listings_from_before_this_process_started_do_not_make_it_ready() {
+    let mut w = World::new();
+    w.chat("chat_1", Some("ses_gone"), "A").both_listed();
+    let process_seq = w.seq;
+    let ctx = |w: &World| Context {
+        process_seq,
+        now: w.now,
+        started_at: w.started_at,
+        ready: false,
+    };
+    let sessions = &w.views.sessions.state;
+    assert!(!listed_in_this_process(sessions, process_seq));
+    assert!(
+        reconcile(&w.views, &ctx(&w), &Policy::default()).is_empty(),
+        "no deletion on the strength of an old checkpoint's listing"
+    );
+    w.listed(Source::Agent, true);
+    assert!(!listed_in_this_process(
+        &w.views.sessions.state,
+        process_seq
+    ));
+    w.listed(Source::Backend, true);
+    assert!(listed_in_this_process(&w.views.sessions.state, process_seq));
+    let ids: Vec<String> = reconcile(&w.views, &ctx(&w), &Policy::default())
+        .into_iter()
+        .map(|p| p.planned.command_id.0)
+        .collect();
+    assert_eq!(ids, ["markSessionDeleted:chat_1"]);
+}
+
+#[test]
+fn a_session_we_created_for_a_chat_is_never_mirrored_as_another_chat() {
+    let mut w = World::new();
+    w.chat("chat_1", None, "A");
+    w.ev(Event::AgentSessionSeen(AgentSessionInfo {
+        agent_session_id: "ses_orphan".into(),
+        title: "A".into(),
+        directory: None,
+        project: None,
+        model: None,
+        updated_at: w.now,
+        parent_id: None,
+        tag: Some(SessionTag {
+            worker_id: "w".into(),
+            command_id: "createAgentSession:chat_1".into(),
+            chat_session_id: "chat_1".into(),
+        }),
+    }));
+    w.agent("ses_plain", "B").both_listed();
+    assert_eq!(w.step(), ["createSession:ses_plain"]);
 }

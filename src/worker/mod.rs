@@ -155,6 +155,8 @@ pub struct Worker {
     dispatcher: Dispatcher,
     cfg: WorkerConfig,
     started_at: Millis,
+    /// The log's last seq when this process opened it: Ready needs listings newer than this.
+    process_seq: u64,
     ready_after: Option<u64>,
     seq: Arc<AtomicU64>,
     /// The event id of each command's `command_planned`, for the causes of its outcomes.
@@ -199,6 +201,7 @@ impl Worker {
         }
         let mut worker = Worker {
             seq: Arc::new(AtomicU64::new(log.last_seq())),
+            process_seq: log.last_seq(),
             log,
             live: Some(live),
             clock,
@@ -337,6 +340,9 @@ impl Worker {
                 self.dispatcher.in_flight(),
                 self.dispatcher.oldest_waiting_since(),
             );
+            let undelivered = &self.views().messages.state.undelivered;
+            let oldest = undelivered.values().min().copied();
+            self.status.undelivered(undelivered.len(), oldest);
             if let Some(n) = self.cfg.stop_when_quiet {
                 if quiet_rounds >= n {
                     break "quiet".to_owned();
@@ -386,18 +392,13 @@ impl Worker {
         })
     }
 
-    /// Observing -> Ready once both sides have been listed completely.
+    /// Observing -> Ready once both sides have been listed completely by this process.
     async fn check_ready(&mut self, now: Millis) -> Result<(), WorkerError> {
         if self.ready_after.is_some() {
             return Ok(());
         }
-        let listings = &self.views().sessions.state.listings;
-        let listed = [Source::Agent, Source::Backend].iter().all(|s| {
-            listings
-                .get(s)
-                .is_some_and(|l| l.last_complete_seq.is_some())
-        });
-        if listed {
+        let sessions = &self.views().sessions.state;
+        if reconcile::listed_in_this_process(sessions, self.process_seq) {
             let ms = now.saturating_sub(self.started_at);
             self.ready_after = Some(ms);
             let views = self.views();
@@ -431,6 +432,7 @@ impl Worker {
             now,
             started_at: self.started_at,
             ready: self.ready_after.is_some(),
+            process_seq: self.process_seq,
         };
         let planned = reconcile::reconcile(self.views(), &ctx, &self.cfg.policy);
         let any = !planned.is_empty();

@@ -22,6 +22,8 @@ pub struct StuckPolicy {
     pub oldest_queued_ms: Millis,
     /// No successful observation of a source for longer than this (ms).
     pub observation_ms: Millis,
+    /// An answer or failure the backend has not taken for longer than this (ms).
+    pub undelivered_ms: Millis,
 }
 
 impl Default for StuckPolicy {
@@ -29,6 +31,7 @@ impl Default for StuckPolicy {
         Self {
             oldest_queued_ms: 5 * 60_000,
             observation_ms: 2 * 60_000,
+            undelivered_ms: 5 * 60_000,
         }
     }
 }
@@ -61,6 +64,7 @@ struct Marks {
     started_at: Option<Millis>,
     oldest_waiting: Option<Millis>,
     dispatch: DispatchStats,
+    undelivered: (usize, Option<Millis>),
 }
 
 /// The worker's outside view. Cheap to update; shared with the HTTP server.
@@ -78,6 +82,8 @@ pub struct WorkerStatus {
     observation_failures: Family<SourceLabel, Counter>,
     observation_lag: Family<SourceLabel, Gauge<f64, AtomicU64>>,
     oldest_queued: Gauge<f64, AtomicU64>,
+    undelivered: Gauge,
+    oldest_undelivered: Gauge<f64, AtomicU64>,
     checkpoint_seq: Gauge,
     log_seq: Gauge,
 }
@@ -121,6 +127,8 @@ impl WorkerStatus {
             observation_failures: Family::default(),
             observation_lag: Family::default(),
             oldest_queued: Gauge::default(),
+            undelivered: Gauge::default(),
+            oldest_undelivered: Gauge::default(),
             checkpoint_seq: Gauge::default(),
             log_seq: Gauge::default(),
         };
@@ -174,6 +182,16 @@ impl WorkerStatus {
             "oldest_queued_seconds",
             "How long the longest-waiting queued command has waited",
             s.oldest_queued.clone(),
+        );
+        registry.register(
+            "undelivered_outcomes",
+            "Answers and failures the backend does not hold yet (their delivery is retried in rounds)",
+            s.undelivered.clone(),
+        );
+        registry.register(
+            "oldest_undelivered_seconds",
+            "How long the oldest undelivered answer or failure has waited",
+            s.oldest_undelivered.clone(),
         );
         registry.register(
             "checkpoint_seq",
@@ -275,6 +293,13 @@ impl WorkerStatus {
         self.in_flight.set(in_flight as i64);
     }
 
+    /// Records how many outcomes the backend does not hold yet, and since when the oldest.
+    pub fn undelivered(&self, count: usize, oldest: Option<Millis>) {
+        let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        m.undelivered = (count, oldest);
+        self.undelivered.set(count as i64);
+    }
+
     /// The Prometheus text exposition, as of `now`.
     pub fn metrics(&self, now: Millis) -> String {
         {
@@ -292,6 +317,11 @@ impl WorkerStatus {
                 .oldest_waiting
                 .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
             self.oldest_queued.set(oldest);
+            let oldest = m
+                .undelivered
+                .1
+                .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
+            self.oldest_undelivered.set(oldest);
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
@@ -312,6 +342,15 @@ impl WorkerStatus {
             if waited > policy.oldest_queued_ms {
                 return Err(format!(
                     "stuck: the oldest queued command has waited {} s",
+                    waited / 1000
+                ));
+            }
+        }
+        if let (count, Some(t)) = m.undelivered {
+            let waited = now.saturating_sub(t);
+            if waited > policy.undelivered_ms {
+                return Err(format!(
+                    "stuck: {count} answers or failures not delivered to the backend, the oldest for {} s",
                     waited / 1000
                 ));
             }
@@ -350,6 +389,15 @@ mod tests {
         s.dispatch(&DispatchStats::default(), 1, 0, Some(2_000));
         let err = s.readiness(2_000 + p.oldest_queued_ms + 1, &p).unwrap_err();
         assert!(err.contains("oldest queued"), "{err}");
+        s.dispatch(&DispatchStats::default(), 0, 0, None);
+        s.undelivered(2, Some(2_000));
+        let err = s.readiness(2_000 + p.undelivered_ms + 1, &p).unwrap_err();
+        assert!(err.contains("2 answers or failures not delivered"), "{err}");
+        assert!(s
+            .metrics(3_000)
+            .contains("agentsync_undelivered_outcomes 2"));
+        s.undelivered(0, None);
+        s.dispatch(&DispatchStats::default(), 1, 0, Some(2_000));
         let text = s.metrics(3_000);
         assert!(
             text.contains("agentsync_lifecycle_state{state=\"ready\"} 1"),
