@@ -480,20 +480,23 @@ async fn sigkill_mid_work_then_restart_applies_every_backend_effect_once() {
     // directory are kept when it fails (see `keep_evidence`).
     let explain = || {
         let texts = model.texts();
-        let mut out =
-            String::from("message: chat -> agent session, replies (completed), model calls\n");
+        let mut out = String::from(
+            "message: chat -> agent session, replies (completed), model calls, failure\n",
+        );
         for (i, (chat, m)) in asked.iter().enumerate() {
             let link = store
                 .get_chat(chat)
                 .unwrap()
                 .and_then(|c| c.agent_session_id);
-            let r = replies(&store.conversation(chat).unwrap(), m);
+            let conversation = store.conversation(chat).unwrap();
+            let r = replies(&conversation, m);
             let text = format!("SLOW:300 question {i}");
             out.push_str(&format!(
-                "{m}: {chat} -> {link:?}, {} ({}), {}\n",
+                "{m}: {chat} -> {link:?}, {} ({}), {}, {:?}\n",
                 r.len(),
                 r.iter().filter(|r| r.completed).count(),
-                texts.iter().filter(|t| **t == text).count()
+                texts.iter().filter(|t| **t == text).count(),
+                failure(&conversation, m)
             ));
         }
         for c in store.chats(WORKER).unwrap() {
@@ -512,22 +515,32 @@ async fn sigkill_mid_work_then_restart_applies_every_backend_effect_once() {
         out.push_str(&format!("backend mutations: {ops:?}\n"));
         out
     };
+    // Every message answered, or one failed (then it never will be: no need to wait on).
+    let failed = || {
+        asked
+            .iter()
+            .filter_map(|(chat, m)| failure(&store.conversation(chat).unwrap(), m))
+            .collect::<Vec<_>>()
+    };
     until_explained(
         "every answer",
         Duration::from_secs(120),
         || {
-            asked
-                .iter()
-                .all(|(chat, m)| {
-                    replies(&store.conversation(chat).unwrap(), m)
-                        .iter()
-                        .any(|r| r.completed)
-                })
-                .then_some(())
+            let answered = asked.iter().all(|(chat, m)| {
+                replies(&store.conversation(chat).unwrap(), m)
+                    .iter()
+                    .any(|r| r.completed)
+            });
+            (answered || !failed().is_empty()).then_some(())
         },
         explain,
     )
     .await;
+    assert!(
+        failed().is_empty(),
+        "a message failed, none should:\n{}",
+        explain()
+    );
     for (chat, m) in &asked {
         let r = replies(&store.conversation(chat).unwrap(), m);
         assert_eq!(r.len(), 1, "one reply to {m}:\n{}", explain());
