@@ -503,6 +503,11 @@ fn run_refuses_bad_settings_with_exit_2_naming_the_key_and_writes_nothing() {
             "listing-limit must be at least 1",
         ),
         (
+            format!("{base}message-deadline-mins = 0\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "message-deadline-mins must be between 1 and 10080",
+        ),
+        (
             format!("{base}concurrency = \"ten\"\n"),
             vec!["--agent-url", "http://127.0.0.1:9"],
             "(line 3): invalid type: string \"ten\"",
@@ -564,4 +569,213 @@ fn run_refuses_bad_settings_with_exit_2_naming_the_key_and_writes_nothing() {
             "{flags:?}: a refused start wrote the data dir"
         );
     }
+}
+
+/// An agent server that is not there: the worker starts, observes failures, never prunes.
+const NOWHERE: &str = "http://127.0.0.1:9";
+
+/// `agentsync run --data-dir DATA ARGS...` stopped with SIGTERM once it is observing (or
+/// its own exit, if it refuses to start): its exit code and stderr.
+fn run_until_observing(data: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    use nix::sys::signal::{kill, Signal};
+    use std::time::{Duration, Instant};
+    let log = data.with_extension("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_agentsync"))
+        .args(["run", "--data-dir", data.to_str().unwrap()])
+        .args(["--metrics-addr", "127.0.0.1:0", "--drain-grace-secs", "1"])
+        .args(args)
+        .env("RUST_LOG", "agentsync=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    while child.try_wait().unwrap().is_none() {
+        if text().contains(r#"state="observing""#) {
+            // The signal handlers are installed as the loop starts, just after this line.
+            std::thread::sleep(Duration::from_millis(300));
+            kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                Signal::SIGTERM,
+            )
+            .unwrap();
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("not observing within 30 s:\n{}", text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = child.wait().unwrap();
+    (status.code(), text())
+}
+
+/// Every file of `dir` but `LOCK` (which names the last process that took it), with its bytes.
+fn snapshot_without_lock(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = snapshot(dir);
+    files.retain(|(p, _)| !p.ends_with("LOCK"));
+    files
+}
+
+fn recorded_identity(data: &std::path::Path) -> Value {
+    serde_json::from_slice(&std::fs::read(data.join("IDENTITY.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_data_dir_refuses_another_worker_id_with_exit_2_and_is_left_untouched() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (code, err) = run_until_observing(&data, &["--worker-id", "w1", "--agent-url", NOWHERE]);
+    assert_eq!(code, Some(0), "{err}");
+    let file = data.join("IDENTITY.json");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "IDENTITY.json is its owner's only");
+    assert_eq!(
+        recorded_identity(&data),
+        serde_json::json!({"worker_id": "w1", "agent": {"url": "http://127.0.0.1:9/"}, "backend": "local"})
+    );
+
+    let before = snapshot_without_lock(&data);
+    let d = data.to_str().unwrap();
+    let out = agentsync(&[
+        "run",
+        "--data-dir",
+        d,
+        "--worker-id",
+        "w2",
+        "--agent-url",
+        NOWHERE,
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains(r#"worker id "w1" is recorded, not "w2""#),
+        "{err}"
+    );
+    assert!(
+        err.contains("--adopt"),
+        "says how to move deliberately: {err}"
+    );
+    assert!(
+        !err.contains("agent server"),
+        "names only what differs: {err}"
+    );
+    assert_eq!(
+        before,
+        snapshot_without_lock(&data),
+        "a refused start touched the data dir"
+    );
+}
+
+#[test]
+fn a_data_dir_refuses_another_agent_url_and_records_no_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let with_secret = "http://opencode:hunter2@127.0.0.1:9";
+    let (code, err) = run_until_observing(&data, &["--worker-id", "w", "--agent-url", with_secret]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        recorded_identity(&data)["agent"]["url"],
+        "http://127.0.0.1:9/"
+    );
+    let exported = stdout(&agentsync_in(&data, "export", &[]));
+    let file = std::fs::read_to_string(data.join("IDENTITY.json")).unwrap();
+    assert!(!file.contains("hunter2"), "the password in IDENTITY.json");
+    assert!(
+        !exported.contains("hunter2"),
+        "the password in the log: {exported}"
+    );
+    assert!(!err.contains("hunter2"), "the password on stderr: {err}");
+
+    let before = snapshot_without_lock(&data);
+    let d = data.to_str().unwrap();
+    let other = [
+        "run",
+        "--data-dir",
+        d,
+        "--worker-id",
+        "w",
+        "--agent-url",
+        "http://127.0.0.1:10",
+    ];
+    let out = agentsync(&other);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("agent server http://127.0.0.1:9/ is recorded, not http://127.0.0.1:10/"),
+        "{err}"
+    );
+    assert_eq!(before, snapshot_without_lock(&data));
+
+    // The config key adopts as the flag does.
+    let config = dir.path().join("adopt.toml");
+    std::fs::write(&config, "adopt = true\n").unwrap();
+    let args = ["--worker-id", "w", "--agent-url", "http://127.0.0.1:10"];
+    let (code, err) = run_until_observing(
+        &data,
+        &[&args[..], &["--config", config.to_str().unwrap()]].concat(),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        recorded_identity(&data)["agent"]["url"],
+        "http://127.0.0.1:10/"
+    );
+}
+
+#[test]
+fn adopt_moves_a_data_dir_to_a_new_identity_and_the_log_records_the_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (code, err) = run_until_observing(&data, &["--worker-id", "w1", "--agent-url", NOWHERE]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = run_until_observing(
+        &data,
+        &["--worker-id", "w2", "--agent-url", NOWHERE, "--adopt"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("adopted"), "{err}");
+    assert_eq!(recorded_identity(&data)["worker_id"], "w2");
+
+    let out = agentsync_in(&data, "replay", &["--kind", "identity_adopted", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let events = json_lines(&stdout(&out));
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["body"]["previous"]["worker_id"], "w1");
+    assert_eq!(events[0]["body"]["current"]["worker_id"], "w2");
+    assert_eq!(events[0]["body"]["current"]["backend"], "local");
+
+    // The new identity is now the one that binds: the old one is refused.
+    let d = data.to_str().unwrap();
+    let out = agentsync(&[
+        "run",
+        "--data-dir",
+        d,
+        "--worker-id",
+        "w1",
+        "--agent-url",
+        NOWHERE,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains(r#"worker id "w2" is recorded, not "w1""#));
+}
+
+#[test]
+fn a_data_dir_from_before_identities_is_given_one_at_its_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    story(&data);
+    assert!(!data.join("IDENTITY.json").exists());
+    let (code, err) = run_until_observing(&data, &["--worker-id", "w1", "--agent-url", NOWHERE]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("written by an older agentsync"), "{err}");
+    assert_eq!(recorded_identity(&data)["worker_id"], "w1");
+    let out = agentsync_in(&data, "replay", &["--kind", "identity_adopted", "--json"]);
+    assert!(
+        stdout(&out).is_empty(),
+        "recording a first identity is not a move"
+    );
 }

@@ -7,7 +7,10 @@
 //! kills it if the worker itself dies (`PR_SET_DEATHSIG`), even by SIGKILL.
 //!
 //! Measured on 1.18.33: `--port 0` first tries 4096 and takes a random port only when 4096 is
-//! busy, so the address must be read from the output, never assumed.
+//! busy. So the port is chosen here, a random free one from the kernel: a server that restarts
+//! does not come back on the port another server (another worker's, another test's) just left,
+//! where a client still pointed at the old address would talk to the wrong server and list its
+//! sessions as ours. The address is still read from the output, never assumed.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -61,6 +64,15 @@ impl LaunchConfig {
     }
 }
 
+/// A loopback port the kernel just handed out as free (random, not 4096 first). Another
+/// process may take it before the server binds it; the server then fails to start and the
+/// supervisor's restart picks another.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
 /// Starts `opencode serve` processes and points a client at each new one.
 pub struct OpencodeLauncher {
     config: LaunchConfig,
@@ -76,15 +88,22 @@ impl OpencodeLauncher {
     /// Starts one server and waits until it is healthy.
     pub async fn start(&self) -> Result<OpencodeProcess, String> {
         let c = &self.config;
+        let port = free_port().map_err(|e| format!("cannot find a free loopback port: {e}"))?;
         let mut cmd = Command::new(&c.program);
-        cmd.args(["serve", "--hostname", "127.0.0.1", "--port", "0"])
-            .current_dir(&c.dir)
-            .envs(c.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
+        cmd.args([
+            "serve",
+            "--hostname",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .current_dir(&c.dir)
+        .envs(c.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
         match &c.password {
             Some(pw) => cmd.env("OPENCODE_SERVER_PASSWORD", pw.expose()),
             None => cmd.env_remove("OPENCODE_SERVER_PASSWORD"),

@@ -194,6 +194,14 @@ struct RunArgs {
     /// back full counts as incomplete (never prunes, never Ready): raise it above your count.
     #[arg(long, value_name = "N")]
     listing_limit: Option<u32>,
+    /// Fail a user message still without an answer this many minutes after the worker first
+    /// saw it, restart or not (default 30).
+    #[arg(long, value_name = "MINUTES")]
+    message_deadline_mins: Option<u64>,
+    /// Accept this worker id, agent server and backend for a data directory that recorded
+    /// others (in its IDENTITY.json), and record the move in the log.
+    #[arg(long)]
+    adopt: bool,
     /// A TOML file with the same keys as these flags (`data-dir = "..."`); flags win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,

@@ -292,5 +292,14 @@ pub(crate) fn summary(e: &Event) -> String {
         ),
         Event::AgentServerGaveUp(b) => format!("after {} restarts: {}", b.restarts, b.error),
         Event::CheckpointWritten(b) => format!("{} v{} at seq {}", b.projection, b.version, b.seq),
+        Event::IdentityAdopted(b) => format!("from {} to {}", b.previous, b.current),
+        Event::DeletionsHeld(b) => format!(
+            "listing #{}: {} deletions held (limit {})",
+            b.listing_seq, b.candidates, b.limit
+        ),
+        Event::DeletionHoldLifted(b) => format!(
+            "hold of listing #{} lifted at listing #{}: {} deletions (limit {})",
+            b.held_listing_seq, b.listing_seq, b.candidates, b.limit
+        ),
     }
 }

@@ -19,9 +19,11 @@ use crate::agent::supervisor::{supervise, RestartPolicy};
 use crate::agent::{OpencodeClient, OpencodeConfig, OpencodeLauncher};
 use crate::backend::local::{inbox_router, INBOX_FILE};
 use crate::backend::{ConvexClient, ConvexConfig, LocalBackend};
-use crate::clock::{Clock, SystemClock};
-use crate::events::{Event, Lifecycle, ModelRef};
-use crate::log::{EventLog, LogOptions};
+use crate::clock::{Clock, Millis, SystemClock};
+use crate::events::{
+    AgentIdentity, BackendIdentity, Event, Identity, IdentityAdopted, Lifecycle, ModelRef, NewEvent,
+};
+use crate::log::{store_identity, EventLog, IdentityStatus, LogOptions};
 use crate::ports::{AgentServer, Backend};
 use crate::secret::Secret;
 use crate::worker::{http, Observation, StuckPolicy, Worker, WorkerConfig};
@@ -56,6 +58,8 @@ struct FileConfig {
     metrics_addr: Option<String>,
     drain_grace_secs: Option<u64>,
     listing_limit: Option<u32>,
+    message_deadline_mins: Option<u64>,
+    adopt: Option<bool>,
 }
 
 enum AgentSide {
@@ -80,6 +84,8 @@ struct Settings {
     metrics_addr: SocketAddr,
     drain_grace_ms: u64,
     listing_limit: u32,
+    message_deadline_ms: u64,
+    adopt: bool,
 }
 
 fn read_config(path: &Path) -> Result<FileConfig, CliError> {
@@ -230,6 +236,15 @@ impl Settings {
         if listing_limit == 0 {
             return Err(CliError::usage("listing-limit must be at least 1"));
         }
+        let deadline_mins = args
+            .message_deadline_mins
+            .or(file.message_deadline_mins)
+            .unwrap_or(30);
+        if !(1..=7 * 24 * 60).contains(&deadline_mins) {
+            return Err(CliError::usage(
+                "message-deadline-mins must be between 1 and 10080 (a week)",
+            ));
+        }
         Ok(Settings {
             data_dir,
             worker_id,
@@ -242,17 +257,77 @@ impl Settings {
             metrics_addr,
             drain_grace_ms,
             listing_limit,
+            message_deadline_ms: deadline_mins * 60_000,
+            adopt: args.adopt || file.adopt.unwrap_or(false),
+        })
+    }
+
+    /// What this run binds its data directory to: the worker id, the agent server (the
+    /// canonical agent directory when spawned, else the URL) and the backend, without secrets.
+    fn identity(&self) -> Result<Identity, CliError> {
+        let agent = match &self.agent {
+            AgentSide::Url(url) => AgentIdentity::Url(public_url("agent-url", url)?),
+            AgentSide::Spawn { dir, .. } => {
+                let dir = std::fs::canonicalize(dir)
+                    .map_err(|e| CliError::usage(format!("agent-dir {}: {e}", dir.display())))?;
+                AgentIdentity::Dir(dir.display().to_string())
+            }
+        };
+        let backend = match &self.backend {
+            BackendSide::Local => BackendIdentity::Local,
+            BackendSide::Convex(c) => BackendIdentity::Convex(public_url("convex-url", &c.url)?),
+        };
+        Ok(Identity {
+            worker_id: self.worker_id.clone(),
+            agent,
+            backend,
         })
     }
 }
 
+/// `url` without what may be a secret (user, password, query, fragment), normalized.
+fn public_url(key: &str, url: &str) -> Result<String, CliError> {
+    let bad = |e: String| CliError::usage(format!("{key} {url:?}: {e}"));
+    let mut u = reqwest::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    if u.set_username("").is_err() || u.set_password(None).is_err() {
+        return Err(bad("cannot be a base URL".into()));
+    }
+    u.set_query(None);
+    u.set_fragment(None);
+    Ok(u.to_string())
+}
+
+/// Records the identity checked by `EventLog::open`: a new directory's, one an older agentsync
+/// left without, or an adopted one. An adoption is an event first and the file second, so the
+/// log never lacks the move (a crash in between asks for `--adopt` again).
+fn record_identity(log: &EventLog, identity: &Identity, now: Millis) -> Result<(), CliError> {
+    match log.identity_status() {
+        None | Some(IdentityStatus::Same) => return Ok(()),
+        Some(IdentityStatus::New) => tracing::info!(%identity, "data directory identity recorded"),
+        Some(IdentityStatus::Unrecorded) => tracing::info!(
+            %identity,
+            "data directory has a log but no identity (written by an older agentsync): recording this one"
+        ),
+        Some(IdentityStatus::Adopting(previous)) => {
+            tracing::warn!(%previous, current = %identity, "data directory adopted by another identity (--adopt)");
+            let adopted = IdentityAdopted {
+                previous: previous.clone(),
+                current: identity.clone(),
+            };
+            log.append(vec![NewEvent::new(Event::IdentityAdopted(adopted), now)])?;
+        }
+    }
+    Ok(store_identity(log.dir(), identity)?)
+}
+
 pub(super) fn run(args: RunArgs, _out: &mut Out) -> Result<(), CliError> {
     let settings = Settings::resolve(args)?;
+    let identity = settings.identity()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::runtime(format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(run_worker(settings))
+    runtime.block_on(run_worker(settings, identity))
 }
 
 /// Resolves when SIGTERM or SIGINT arrives, with its name.
@@ -277,17 +352,26 @@ async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
     }
 }
 
-async fn run_worker(s: Settings) -> Result<(), CliError> {
+async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let log = {
         let dir = s.data_dir.clone();
         let opts = LogOptions {
             create: true,
+            identity: Some(identity.clone()),
+            adopt: s.adopt,
             ..LogOptions::default()
         };
-        tokio::task::spawn_blocking(move || EventLog::open(&dir, &opts))
-            .await
-            .map_err(|e| CliError::runtime(e.to_string()))??
+        let now = clock.now_ms();
+        let identity = identity.clone();
+        // The identity is checked inside `open`, before anything in the directory is touched.
+        tokio::task::spawn_blocking(move || {
+            let log = EventLog::open(&dir, &opts)?;
+            record_identity(&log, &identity, now)?;
+            Ok::<_, CliError>(log)
+        })
+        .await
+        .map_err(|e| CliError::runtime(e.to_string()))??
     };
     let log = Arc::new(log);
 
@@ -329,6 +413,7 @@ async fn run_worker(s: Settings) -> Result<(), CliError> {
     };
     wcfg.dispatch.concurrency = s.concurrency;
     wcfg.policy.default_model = s.model.clone();
+    wcfg.policy.message_deadline_ms = s.message_deadline_ms;
     let agent: Arc<dyn AgentServer> = client.clone();
     let mut worker = Worker::open(log.clone(), agent, backend, clock.clone(), wcfg)
         .await
@@ -344,7 +429,8 @@ async fn run_worker(s: Settings) -> Result<(), CliError> {
         BackendSide::Convex(c) => format!("convex at {}", c.url),
     };
     let agent_desc = match &s.agent {
-        AgentSide::Url(u) => format!("agent server at {u}"),
+        // Not the URL as given: it may carry a password, and this line is an event.
+        AgentSide::Url(_) => format!("agent server at {}", identity.agent),
         AgentSide::Spawn { dir, .. } => format!("spawning opencode in {}", dir.display()),
     };
     worker
@@ -406,10 +492,10 @@ async fn run_worker(s: Settings) -> Result<(), CliError> {
                 Err(_) => return Err(CliError::runtime("the agent supervisor stopped")),
             }
         }
-        AgentSide::Url(url) => {
+        AgentSide::Url(_) => {
             if let Err(e) = client.health().await {
                 // Not fatal: the observers keep trying, and a failed observation never prunes.
-                tracing::warn!(url, error = %e, "agent server not answering yet");
+                tracing::warn!(url = %identity.agent, error = %e, "agent server not answering yet");
             }
         }
     }

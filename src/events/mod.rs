@@ -139,6 +139,13 @@ event_catalogue! {
     AgentServerGaveUp(AgentServerGaveUp) = "agent_server_gave_up", version 1;
     /// A projection checkpoint was written.
     CheckpointWritten(CheckpointWritten) = "checkpoint_written", version 1;
+    // Safeguards.
+    /// The data directory was moved to another identity with `--adopt`.
+    IdentityAdopted(IdentityAdopted) = "identity_adopted", version 1;
+    /// A listing's deletions exceeded the limit and were held.
+    DeletionsHeld(DeletionsHeld) = "deletions_held", version 1;
+    /// A hold on deletions ended.
+    DeletionHoldLifted(DeletionHoldLifted) = "deletion_hold_lifted", version 1;
 }
 
 impl std::fmt::Display for EventKind {
@@ -192,7 +199,10 @@ impl Event {
             | Event::AgentServerStarted(_)
             | Event::AgentServerExited(_)
             | Event::AgentServerGaveUp(_)
-            | Event::CheckpointWritten(_) => Vec::new(),
+            | Event::CheckpointWritten(_)
+            | Event::IdentityAdopted(_)
+            | Event::DeletionsHeld(_)
+            | Event::DeletionHoldLifted(_) => Vec::new(),
         }
     }
 

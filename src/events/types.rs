@@ -898,3 +898,128 @@ pub struct CheckpointWritten {
     /// The last sequence number it holds.
     pub seq: u64,
 }
+
+/// What a data directory belongs to: recorded in `DATA_DIR/IDENTITY.json` at the first
+/// `agentsync run` and checked at every later one, so that a directory is never reconciled
+/// against another worker id, agent server or backend by accident. Holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Identity {
+    /// The worker's id (the backend's `workerId`).
+    pub worker_id: String,
+    /// The agent server.
+    pub agent: AgentIdentity,
+    /// The backend.
+    pub backend: BackendIdentity,
+}
+
+/// Which agent server a data directory is synced with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentIdentity {
+    /// `--agent-url`: the URL without user, password, query or fragment.
+    Url(String),
+    /// `--spawn-agent`: the canonical agent directory.
+    Dir(String),
+}
+
+/// Which backend a data directory is synced with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendIdentity {
+    /// The embedded local backend (in the data directory itself).
+    Local,
+    /// A Convex deployment: its URL without user, password, query or fragment.
+    Convex(String),
+}
+
+impl fmt::Display for AgentIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentIdentity::Url(u) => f.write_str(u),
+            AgentIdentity::Dir(d) => write!(f, "spawned in {d}"),
+        }
+    }
+}
+
+impl fmt::Display for BackendIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendIdentity::Local => f.write_str("local"),
+            BackendIdentity::Convex(u) => write!(f, "convex at {u}"),
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "worker id {:?}, agent server {}, backend {}",
+            self.worker_id, self.agent, self.backend
+        )
+    }
+}
+
+impl Identity {
+    /// What differs from `other`, one phrase per part, this one's value first:
+    /// `worker id "a" is recorded, not "b"`.
+    pub fn differences(&self, other: &Identity) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut differ = |what: &str, this: String, that: String| {
+            if this != that {
+                out.push(format!("{what} {this} is recorded, not {that}"));
+            }
+        };
+        differ(
+            "worker id",
+            format!("{:?}", self.worker_id),
+            format!("{:?}", other.worker_id),
+        );
+        differ(
+            "agent server",
+            self.agent.to_string(),
+            other.agent.to_string(),
+        );
+        differ(
+            "backend",
+            self.backend.to_string(),
+            other.backend.to_string(),
+        );
+        out
+    }
+}
+
+/// A data directory was moved deliberately (`--adopt`) to another identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct IdentityAdopted {
+    /// The identity recorded until now.
+    pub previous: Identity,
+    /// The identity recorded from now on.
+    pub current: Identity,
+}
+
+/// A complete agent listing would have marked more chat sessions deleted than the policy
+/// allows at once: none was, until a later listing confirms the absences.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeletionsHeld {
+    /// The seq of the held listing's `listing_completed`.
+    pub listing_seq: u64,
+    /// How many active chat sessions it would have marked deleted.
+    pub candidates: u64,
+    /// How many one listing may mark deleted.
+    pub limit: u64,
+}
+
+/// A hold on deletions ended: the absences are within the limit again (the sessions came
+/// back, or the confirmed deletions were carried out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeletionHoldLifted {
+    /// The seq of the listing that was held.
+    pub held_listing_seq: u64,
+    /// The seq of the last complete agent listing.
+    pub listing_seq: u64,
+    /// How many active chat sessions are still to be marked deleted.
+    pub candidates: u64,
+    /// The limit.
+    pub limit: u64,
+}

@@ -96,10 +96,25 @@ impl Format {
 /// Replaces `path` with `bytes` so that a crash leaves either the old file or the new one:
 /// write a temporary file beside it, fsync it, rename it over, fsync the directory.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), LogError> {
+    write_replacing(path, bytes, None)
+}
+
+/// [`write_atomically`], for a file only its owner may read or write (mode 0600).
+pub(crate) fn write_atomically_private(path: &Path, bytes: &[u8]) -> Result<(), LogError> {
+    write_replacing(path, bytes, Some(0o600))
+}
+
+fn write_replacing(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), LogError> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     let ctx = |what: &str| format!("cannot {what} {}", tmp.display());
     let mut f = std::fs::File::create(&tmp).map_err(|e| LogError::io(ctx("create"), e))?;
+    if let Some(mode) = mode {
+        // On the open file, before the contents: a leftover temp file would keep its mode.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| LogError::io(ctx("restrict"), e))?;
+    }
     f.write_all(bytes)
         .map_err(|e| LogError::io(ctx("write"), e))?;
     f.sync_all().map_err(|e| LogError::io(ctx("sync"), e))?;

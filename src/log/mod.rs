@@ -5,6 +5,7 @@
 //! ```text
 //! DIR/LOCK          flock'd by the one process using DIR; holds its pid
 //! DIR/FORMAT.json   the layout version and every event kind's version ever written here
+//! DIR/IDENTITY.json the worker id, agent server and backend the directory belongs to (mode 0600)
 //! DIR/log/          the sled database
 //!     tree events       u64 big-endian seq -> envelope JSON
 //! DIR/checkpoints/  one JSON file per projection, replaced atomically
@@ -19,10 +20,14 @@
 //!   scan with a byte prefilter (the id as a JSON string) and decode only the candidates.
 //! - `FORMAT.json` is checked before sled is opened: a directory written by a newer agentsync
 //!   is refused with nothing modified.
+//! - A writer that names its identity has it checked against `IDENTITY.json` before sled is
+//!   opened, too: a directory recorded for another worker id, agent server or backend is
+//!   refused with nothing modified, unless adopting was asked for.
 //! - Undecodable entries are reported with their sequence number, never skipped silently.
 
 mod checkpoint;
 mod format;
+mod identity;
 mod lock;
 
 use std::ops::RangeInclusive;
@@ -36,8 +41,9 @@ pub use checkpoint::{
 };
 pub use format::Format;
 use futures_core::Stream;
+pub use identity::{load_identity, store_identity, IdentityStatus};
 
-use crate::events::{DecodeError, Envelope, EventKind, NewEvent};
+use crate::events::{DecodeError, Envelope, EventKind, Identity, NewEvent};
 
 const EVENTS_TREE: &str = "events";
 /// How many events a blocking reader hands over at a time.
@@ -66,6 +72,12 @@ pub struct LogOptions {
     /// `agentsync-bench log` on 1,000,000 events, 4 MiB rebuilt at 246,000 events/s against
     /// 251,000 with 64 MiB, appended as fast, and kept 60 MB less resident.
     pub cache_bytes: u64,
+    /// Who opens the directory (the worker): checked against `IDENTITY.json` before anything
+    /// in the directory is touched. `None`: not checked (inspection commands). Recording it
+    /// is the caller's, after opening ([`EventLog::identity_status`], [`store_identity`]).
+    pub identity: Option<Identity>,
+    /// Accept `identity` even though another one is recorded (`--adopt`).
+    pub adopt: bool,
 }
 
 impl Default for LogOptions {
@@ -74,6 +86,8 @@ impl Default for LogOptions {
             create: false,
             durability: Durability::EveryBatch,
             cache_bytes: 4 * 1024 * 1024,
+            identity: None,
+            adopt: false,
         }
     }
 }
@@ -101,6 +115,16 @@ pub enum LogError {
         dir: PathBuf,
         /// What is newer.
         reason: String,
+    },
+    /// The directory belongs to another worker id, agent server or backend.
+    #[error(
+        "data directory {dir} belongs to another identity (its IDENTITY.json): {differences}; to move it deliberately, start once with --adopt (config: adopt = true); nothing was modified"
+    )]
+    IdentityMismatch {
+        /// The directory.
+        dir: PathBuf,
+        /// What differs, recorded value and new one.
+        differences: String,
     },
     /// An entry could not be decoded.
     #[error("event seq {seq} cannot be decoded: {source}")]
@@ -139,12 +163,15 @@ impl LogError {
         }
     }
 
-    /// True when the error is about how the log was asked for (bad path, newer schema, locked),
-    /// rather than a failure while using it: the CLI exits 2 for these.
+    /// True when the error is about how the log was asked for (bad path, newer schema, locked,
+    /// another identity), rather than a failure while using it: the CLI exits 2 for these.
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            LogError::NotFound(_) | LogError::NewerSchema { .. } | LogError::Locked { .. }
+            LogError::NotFound(_)
+                | LogError::NewerSchema { .. }
+                | LogError::Locked { .. }
+                | LogError::IdentityMismatch { .. }
         )
     }
 }
@@ -191,6 +218,7 @@ pub struct EventLog {
     events: sled::Tree,
     durability: Durability,
     writer: Mutex<WriterState>,
+    identity: Option<IdentityStatus>,
     _lock: lock::DirLock,
 }
 
@@ -210,12 +238,13 @@ impl std::fmt::Debug for EventLog {
 
 impl EventLog {
     /// Opens (or, with `create`, creates) the log in `dir`: takes the directory lock, checks the
-    /// schema marker, and opens sled.
+    /// schema marker and the identity (when one is given), and opens sled.
     /// Blocking: call it off the async runtime.
     pub fn open(dir: impl AsRef<Path>, opts: &LogOptions) -> Result<EventLog, LogError> {
         let dir = dir.as_ref().to_path_buf();
         let db_path = dir.join("log");
-        if !db_path.exists() {
+        let had_log = db_path.exists();
+        if !had_log {
             if !opts.create {
                 return Err(LogError::NotFound(dir));
             }
@@ -227,6 +256,10 @@ impl EventLog {
         if let Some(reason) = format.as_ref().and_then(Format::newer_than_this_binary) {
             return Err(LogError::NewerSchema { dir, reason });
         }
+        let identity = match &opts.identity {
+            Some(current) => Some(identity::check(&dir, current, opts.adopt, had_log)?),
+            None => None,
+        };
         let db = open_sled(&db_path, opts.cache_bytes)?;
         let events = db.open_tree(EVENTS_TREE)?;
         let last_seq = match events.last()? {
@@ -249,6 +282,7 @@ impl EventLog {
                 durable_seq: last_seq,
                 last_flush: Instant::now(),
             }),
+            identity,
             _lock: lock,
         };
         Ok(log)
@@ -257,6 +291,11 @@ impl EventLog {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// What opening found about the directory's identity (`None`: none was given to check).
+    pub fn identity_status(&self) -> Option<&IdentityStatus> {
+        self.identity.as_ref()
     }
 
     /// Another tree of the log's sled database, for state that lives beside the log (the

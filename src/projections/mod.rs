@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 pub use commands::{CommandLedger, CommandState, LedgerEntry, OpenCommand};
 pub use messages::{MessageRow, MessageState, MessagesView};
 pub use sessions::{
-    AgentSessionRow, ChatSessionRow, ListingState, ModelCache, SessionsView, MODELS_OPERATION,
+    AgentSessionRow, ChatSessionRow, DeletionHold, ListingState, ModelCache, SessionsView,
+    MODELS_OPERATION,
 };
 
 use crate::events::Envelope;

@@ -22,6 +22,12 @@ pub struct SessionsView {
     /// Per source: its last complete listing and last failure. A deletion is only ever derived
     /// from a complete listing newer than the link it breaks.
     pub listings: BTreeMap<Source, ListingState>,
+    /// Deletions held because a listing called for more than one listing may cause, until a
+    /// later listing confirms them or the hold is lifted (`reconcile::deletion_hold`). Absent
+    /// from checkpoints written before `deletions_held` existed, whose logs hold none: no
+    /// version bump, no rebuild.
+    #[serde(default)]
+    pub deletion_hold: Option<DeletionHold>,
     /// The agent server's model list, as last fetched.
     pub models: Option<ModelCache>,
     /// The running agent server's generation (bumped on every restart): a model list of an
@@ -37,6 +43,22 @@ pub struct SessionsView {
     /// Chat sessions gone from the backend, likewise.
     #[serde(default)]
     pub chat_gone: BTreeMap<ChatSessionId, u64>,
+}
+
+/// A hold on deletions, as recorded by `deletions_held`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletionHold {
+    /// The seq of the held listing's `listing_completed`.
+    pub listing_seq: u64,
+    /// The seq of the `deletions_held` event.
+    pub seq: u64,
+    /// When the hold was recorded: the confirming listing must end at least the policy's
+    /// wait after this.
+    pub at: Millis,
+    /// How many deletions the held listing called for.
+    pub candidates: u64,
+    /// The limit then.
+    pub limit: u64,
 }
 
 /// One agent session.
@@ -389,6 +411,16 @@ impl Projection for SessionsView {
             }
             Event::CommandSucceeded(b) => self.apply_effect(&b.effect, e),
             Event::AgentServerStarted(b) => self.agent_generation = b.generation,
+            Event::DeletionsHeld(b) => {
+                self.deletion_hold = Some(DeletionHold {
+                    listing_seq: b.listing_seq,
+                    seq: e.seq,
+                    at: e.at,
+                    candidates: b.candidates,
+                    limit: b.limit,
+                })
+            }
+            Event::DeletionHoldLifted(_) => self.deletion_hold = None,
             _ => {}
         }
     }

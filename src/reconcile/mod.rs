@@ -8,14 +8,18 @@
 //! makes the incidents of DESIGN.md impossible by construction here:
 //!
 //! - deletions are derived only from a complete, successful agent listing newer than the link,
-//!   and none while the agent side's last observation failed;
+//!   and none while the agent side's last observation failed; one listing causes at most a
+//!   bounded number, more are held until a later listing confirms them ([`deletion_hold`]);
 //! - agent sessions are created lazily, for a message that needs one, never restored eagerly;
 //! - nothing is prompted before the worker is Ready, and messages that were already older than
 //!   the retry window when the worker started are failed once, not retried;
 //! - a message whose prompt failed terminally or ran out of attempts, or whose session ended,
 //!   is failed in the backend with a reason; none stays pending.
 
+mod deletions;
 pub mod ids;
+
+pub use deletions::{deletion_hold, HoldChange};
 
 use std::collections::hash_map::Entry;
 use std::collections::HashSet;
@@ -38,6 +42,15 @@ pub struct Policy {
     pub retry_window_ms: Millis,
     /// A session busy this long with no progress is marked failed.
     pub stale_busy_ms: Millis,
+    /// One complete agent listing may mark at most this share (percent, rounded down) of the
+    /// active chat sessions deleted, or [`Policy::deletion_limit_min`] if that is more; beyond
+    /// it the listing is held, not obeyed.
+    pub deletion_limit_percent: u32,
+    /// The least number of deletions one listing may cause.
+    pub deletion_limit_min: usize,
+    /// Held deletions proceed when a complete agent listing that ends at least this long after
+    /// the hold still calls for more than the limit.
+    pub deletion_confirm_ms: Millis,
     /// The model of prompts whose session names none (`--model`); `None`: the agent server's
     /// default.
     pub default_model: Option<ModelRef>,
@@ -56,6 +69,9 @@ impl Default for Policy {
         Self {
             retry_window_ms: 5 * 60 * 1000,
             stale_busy_ms: 6 * 60 * 60 * 1000,
+            deletion_limit_percent: 10,
+            deletion_limit_min: 20,
+            deletion_confirm_ms: 60_000,
             default_model: None,
             message_deadline_ms: 30 * 60 * 1000,
             delivery_retry_ms: 60 * 1000,
@@ -113,7 +129,7 @@ pub fn reconcile(views: &Views, ctx: &Context, policy: &Policy) -> Vec<Planned> 
     if listed_in_this_process(sessions, ctx.process_seq) {
         let mut index = ChatIndex::new(sessions);
         plan_sessions(&mut plan, sessions, &mut index, ctx, policy);
-        plan_deletions(&mut plan, sessions, &index);
+        plan_deletions(&mut plan, sessions, &index, policy);
     }
     plan_outcomes(&mut plan, messages, ctx, policy);
     plan_pending(&mut plan, sessions, messages, ctx, policy);
@@ -302,36 +318,46 @@ fn plan_sessions(
 /// Deletions: only from a complete, successful agent listing newer than the link, and none
 /// while the agent side's last observation is a failure (the server may simply be down).
 /// `index` holds, after `plan_sessions`, the chat sessions whose agent session is absent.
-fn plan_deletions(plan: &mut Planner<'_>, s: &SessionsView, index: &ChatIndex<'_>) {
-    let Some(listing) = s.listings.get(&Source::Agent) else {
+/// More than the policy's limit are held, not obeyed, until a later listing confirms them
+/// (see [`deletion_hold`]).
+fn plan_deletions(
+    plan: &mut Planner<'_>,
+    s: &SessionsView,
+    index: &ChatIndex<'_>,
+    policy: &Policy,
+) {
+    let Some(complete_seq) = deletions::trusted_agent_listing(s) else {
         return;
     };
-    let Some(complete_seq) = listing.last_complete_seq else {
-        return;
-    };
-    if listing.last_failure_seq.is_some_and(|f| f > complete_seq) {
-        return;
-    }
-    let absent = index
+    let absent: Vec<_> = index
         .by_agent
         .iter()
         .map(|(a, (c, row))| (*a, *c, *row))
         .chain(index.others.iter().copied())
-        .filter(|(a, _, _)| !s.agent.contains_key(*a));
-    for (agent_id, chat_id, chat) in absent {
-        let newer_than_link = chat.linked_seq.unwrap_or(chat.first_seq) < complete_seq
-            && chat.first_seq < complete_seq;
-        if chat.status == ChatStatus::Active && newer_than_link {
-            plan.because(complete_seq).plan(
-                ids::mark_session_deleted(chat_id),
-                || Command::MarkSessionDeleted {
-                    chat_session_id: chat_id.clone(),
-                },
-                format!(
-                    "agent session {agent_id} absent from the complete listing at seq {complete_seq}"
-                ),
-            );
-        }
+        .filter(|(a, _, chat)| deletions::deletable(s, a, chat, complete_seq))
+        .collect();
+    let over = deletions::over_limit(s, policy, absent.len());
+    if over && !deletions::hold_confirmed(s, policy) {
+        return; // held: see `deletion_hold`
+    }
+    let note = match &s.deletion_hold {
+        Some(h) if over => format!(
+            "; {} absent, held at seq {} and confirmed",
+            absent.len(),
+            h.seq
+        ),
+        _ => String::new(),
+    };
+    for (agent_id, chat_id, _) in absent {
+        plan.because(complete_seq).plan(
+            ids::mark_session_deleted(chat_id),
+            || Command::MarkSessionDeleted {
+                chat_session_id: chat_id.clone(),
+            },
+            format!(
+                "agent session {agent_id} absent from the complete listing at seq {complete_seq}{note}"
+            ),
+        );
     }
 }
 

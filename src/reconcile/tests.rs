@@ -4,12 +4,16 @@ use super::*;
 use crate::events::*;
 use crate::projections::Views;
 
+mod deletions;
+
 const T0: Millis = 1_700_000_000_000;
 const MIN: Millis = 60_000;
 
 /// Views folded from events appended one by one, and a clock.
 struct World {
     views: Views,
+    /// Every event applied, for rebuilding the views from scratch.
+    log: Vec<Envelope>,
     seq: u64,
     now: Millis,
     started_at: Millis,
@@ -20,6 +24,7 @@ impl World {
     fn new() -> Self {
         Self {
             views: Views::default(),
+            log: Vec::new(),
             seq: 0,
             now: T0,
             started_at: T0,
@@ -38,6 +43,7 @@ impl World {
             cause: None,
         };
         self.views.apply(&env);
+        self.log.push(env);
         self
     }
 

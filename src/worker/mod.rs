@@ -329,9 +329,11 @@ impl Worker {
         let mut quiet_rounds = 0u32;
         let mut planned_since_round = false;
         let mut agent_listed_since_round = false;
+        let mut hold_checked_at = None;
         let stopped = loop {
             let now = self.clock.now_ms();
             self.check_ready(now).await?;
+            self.hold_deletions(now, &mut hold_checked_at).await?;
             planned_since_round |= self.plan_and_start(now, &mut calls, &nudge).await?;
             self.maybe_checkpoint(now).await?;
             self.status.dispatch(
@@ -417,6 +419,56 @@ impl Worker {
                 .await?;
             self.enter(Lifecycle::Ready, Some(summary)).await?;
         }
+        Ok(())
+    }
+
+    /// Holds a listing's deletions when they are more than one listing may cause, or lifts a
+    /// hold: the reconciler decides (purely), the worker appends the event before this turn's
+    /// planning reads it, caused by the listing it is about. Asked once per complete agent
+    /// listing (`checked_at`: the last one asked about), not every turn: it scans every chat
+    /// session, and only a listing changes its answer in time to matter (the reconciler holds
+    /// deletions over the limit by itself; this records the hold and starts its wait).
+    async fn hold_deletions(
+        &mut self,
+        now: Millis,
+        checked_at: &mut Option<u64>,
+    ) -> Result<(), WorkerError> {
+        let listings = &self.views().sessions.state.listings;
+        let listing = listings
+            .get(&Source::Agent)
+            .and_then(|l| l.last_complete_seq);
+        if listing.is_none() || listing == *checked_at {
+            return Ok(());
+        }
+        *checked_at = listing;
+        let Some(change) = reconcile::deletion_hold(self.views(), &self.cfg.policy) else {
+            return Ok(());
+        };
+        let listing_seq = match &change {
+            reconcile::HoldChange::Held(h) => {
+                tracing::warn!(
+                    listing_seq = h.listing_seq,
+                    candidates = h.candidates,
+                    limit = h.limit,
+                    confirm_after_ms = self.cfg.policy.deletion_confirm_ms,
+                    "deletions held: a complete agent listing lacks more linked sessions than one listing may delete; a later listing must confirm"
+                );
+                h.listing_seq
+            }
+            reconcile::HoldChange::Lifted(l) => {
+                tracing::info!(
+                    held_listing_seq = l.held_listing_seq,
+                    listing_seq = l.listing_seq,
+                    candidates = l.candidates,
+                    limit = l.limit,
+                    "deletion hold lifted"
+                );
+                l.listing_seq
+            }
+        };
+        let cause = self.event_ids(std::iter::once(listing_seq)).await?;
+        let event = NewEvent::new(change.into(), now).caused_by(cause.get(&listing_seq).copied());
+        self.append(vec![event]).await?;
         Ok(())
     }
 
@@ -743,3 +795,6 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| WorkerError::Task(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests;
