@@ -340,6 +340,7 @@ async fn a_message_posted_in_convex_is_answered_there_and_sigterm_drains_and_exi
         "{metrics}"
     );
     assert!(fake.peak_in_flight() <= 10);
+    the_spawned_server_holds_no_secret_and_wants_its_password(&worker).await;
 
     worker.signal(Signal::SIGTERM);
     let (status, took) = worker.exit_within(Duration::from_secs(20)).await;
@@ -372,6 +373,56 @@ async fn a_message_posted_in_convex_is_answered_there_and_sigterm_drains_and_exi
         !common::stdout(&export).contains("secret-key"),
         "no secret in an event"
     );
+}
+
+/// The processes whose parent is `pid` (from `/proc`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // `pid (comm) state ppid ...`: comm may hold spaces, so read after the last `)`.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            kids.push(child);
+        }
+    }
+    kids
+}
+
+/// The spawned OpenCode sees neither the deploy key nor its variable (its tools run shell
+/// commands for the model), and its API refuses a call without the password the worker gave it.
+async fn the_spawned_server_holds_no_secret_and_wants_its_password(worker: &WorkerProcess) {
+    let kids = children_of(worker.child.id());
+    assert_eq!(kids.len(), 1, "one spawned server: {kids:?}");
+    let environ = std::fs::read(format!("/proc/{}/environ", kids[0])).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    let vars: Vec<&str> = environ.split('\0').collect();
+    assert!(
+        !environ.contains("secret-key") && !environ.contains("E2E_CONVEX_KEY"),
+        "the deploy key reached the agent's environment: {vars:?}"
+    );
+    assert!(
+        vars.iter()
+            .any(|v| v.starts_with("OPENCODE_SERVER_PASSWORD=") && v.len() > 60),
+        "a random password of its own: {vars:?}"
+    );
+    let log = worker.log();
+    let url = log
+        .lines()
+        .find_map(|l| l.split("agent server up url=\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no agent url in the log:\n{log}"));
+    let status = reqwest::get(format!("{url}/session"))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status.as_u16(), 401, "its API without the password");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
