@@ -641,8 +641,7 @@ pub fn write_inbox_file(data_dir: &Path, url: &str, token: &Secret) -> Result<Pa
             if meta.file_type().is_symlink() {
                 return Err(cannot("it is a symbolic link (refusing to follow it)"));
             }
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            let me = unsafe { libc::geteuid() };
+            let me = nix::unistd::geteuid().as_raw();
             if !meta.file_type().is_file() || meta.uid() != me {
                 return Err(cannot("it is not a regular file of this user"));
             }
@@ -656,7 +655,7 @@ pub fn write_inbox_file(data_dir: &Path, url: &str, token: &Secret) -> Result<Pa
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(&path)
         .map_err(|e| cannot(&e.to_string()))?;
     let text = serde_json::to_string(&InboxFile {
@@ -684,10 +683,12 @@ pub fn read_inbox_file(data_dir: &Path) -> Result<(String, Secret), InboxError> 
     };
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(&path)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => unreadable("a symbolic link, not followed".into()),
+            Some(code) if code == nix::errno::Errno::ELOOP as i32 => {
+                unreadable("a symbolic link, not followed".into())
+            }
             _ => unreadable(e.to_string()),
         })?;
     let mut text = String::new();
