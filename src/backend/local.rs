@@ -251,7 +251,7 @@ pub fn inbox_router<K: Kv + 'static>(
         )
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(state)
-        // Outermost: every request, routed or not, passes the guard first.
+        // Outermost: a request passes the guard before any extractor reads it.
         .layer(axum::middleware::from_fn_with_state(guard, guarded))
 }
 
