@@ -44,7 +44,7 @@ use crate::clock::Millis;
 use crate::events::*;
 use crate::ports::{ModelList, PortError};
 use crate::projections::{CommandLedger, CommandState, Views};
-use crate::reconcile::obsolete;
+use crate::reconcile::{deletions_allowed, obsolete};
 
 /// Retries of retryable failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -578,6 +578,9 @@ impl Dispatcher {
                     reason,
                 })));
                 continue;
+            }
+            if command.op() == Op::MarkSessionDeleted && !deletions_allowed(&views.sessions.state) {
+                continue; // waits for a complete listing after the failure
             }
             let target = command.op().target();
             if !self.target(target).breaker.allows(now) {

@@ -388,10 +388,47 @@ fn a_held_dispatcher_starts_only_deliveries_until_released() {
     d.set_ready(false);
     d.enqueue("rename".into(), rename("chat_r"), 0);
     d.enqueue("fail".into(), fail_message("chat_f", "m"), 0);
-    let held: Vec<String> = started(d.select(&views, 0)).into_iter().map(|a| a.id.0).collect();
+    let held: Vec<String> = started(d.select(&views, 0))
+        .into_iter()
+        .map(|a| a.id.0)
+        .collect();
     assert_eq!(held, ["fail"], "only the delivery starts before Ready");
     d.set_ready(true);
     let s = started(d.select(&views, 1));
     assert_eq!(s.len(), 1);
     assert_eq!(s[0].id.0, "rename");
+}
+
+#[test]
+fn a_deletion_waits_while_the_agent_sides_latest_observation_failed() {
+    let listing = || {
+        Event::ListingCompleted(ListingCompleted {
+            source: Source::Agent,
+            sessions: 0,
+            complete: true,
+            as_of: Some(0),
+        })
+    };
+    let failure = Event::ObservationFailed(ObservationFailed {
+        source: Source::Agent,
+        operation: "list_sessions".into(),
+        error: "500".into(),
+    });
+    let mut views = Views::default();
+    apply(&mut views, vec![listing(), failure], 0);
+    let mut d = Dispatcher::new(config(10), 0);
+    let delete = Command::MarkSessionDeleted {
+        chat_session_id: "c".into(),
+    };
+    d.enqueue("delete".into(), delete, 0);
+    assert!(
+        started(d.select(&views, 0)).is_empty(),
+        "held after the failure"
+    );
+    apply(&mut views, vec![listing()], 1);
+    assert_eq!(
+        started(d.select(&views, 1)).len(),
+        1,
+        "a complete listing releases it"
+    );
 }

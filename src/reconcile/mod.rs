@@ -550,6 +550,13 @@ fn plan_pending(
     }
 }
 
+/// Whether deletions may proceed now: the agent side's latest observation is a complete,
+/// successful listing (no failure since). The dispatcher asks before each deletion's attempt,
+/// so a deletion planned from a good listing waits while the agent server fails to answer.
+pub fn deletions_allowed(s: &SessionsView) -> bool {
+    deletions::trusted_agent_listing(s).is_some()
+}
+
 /// Why `command` no longer serves its purpose, if it does not: checked by the dispatcher before
 /// each attempt, so a command planned earlier (or resumed after a restart) never acts on a
 /// world that has moved on.
