@@ -64,21 +64,72 @@ struct Process {
     ready: bool,
 }
 
+/// The true time of the log's events, recovered from their times (the worker's stepped clock)
+/// and the steps: events are appended in true-time order, so each one's true time is the
+/// earliest reading, not before the previous event's, that its clock could have shown it at.
+struct TrueTime {
+    /// The true time from which each offset holds, and the offset.
+    offsets: Vec<(Millis, i64)>,
+    last: Millis,
+}
+
+impl TrueTime {
+    fn new(steps: &[(Millis, i64)]) -> Self {
+        let mut offsets = vec![(0, 0)];
+        for (at, delta) in steps {
+            let cumulative = offsets.last().map_or(0, |o| o.1) + delta;
+            offsets.push((*at, cumulative));
+        }
+        Self { offsets, last: 0 }
+    }
+
+    /// The true time of an event the worker's clock stamped `at`.
+    fn of(&mut self, at: Millis) -> Millis {
+        let candidates = self
+            .offsets
+            .iter()
+            .enumerate()
+            .filter_map(|(k, (from, offset))| {
+                let until = self.offsets.get(k + 1).map_or(Millis::MAX, |o| o.0);
+                let t = at.checked_add_signed(-offset)?;
+                (t >= *from && t < until && t >= self.last).then_some(t)
+            });
+        self.last = candidates.min().unwrap_or(self.last);
+        self.last
+    }
+
+    /// The clock's steps back between two true times: a deadline on the worker's wall clock
+    /// is late by that much, and can be no earlier (it is all that survives a restart).
+    fn back_between(&self, from: Millis, to: Millis) -> Millis {
+        self.offsets
+            .windows(2)
+            .filter(|w| w[1].0 > from && w[1].0 <= to && w[1].1 < w[0].1)
+            .map(|w| w[0].1.abs_diff(w[1].1))
+            .sum()
+    }
+}
+
 /// Walks the log from its first event, folding fresh views and checking, at each event, the
 /// rules that are about the order of things (4, 5 and the deadline of 3).
 pub(super) struct Auditor<'a> {
     pub views: Views,
     process: Process,
     decided: BTreeMap<MessageId, Millis>,
+    /// When each message was first seen (true time).
+    seen: BTreeMap<MessageId, Millis>,
+    time: TrueTime,
     v: &'a mut Violations,
 }
 
 impl<'a> Auditor<'a> {
-    pub fn new(v: &'a mut Violations) -> Self {
+    /// An auditor of a run whose worker clock made `steps` (true time, delta).
+    pub fn new(v: &'a mut Violations, steps: Vec<(Millis, i64)>) -> Self {
         Self {
             views: Views::default(),
             process: Process::default(),
             decided: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            time: TrueTime::new(&steps),
             v,
         }
     }
@@ -156,16 +207,20 @@ impl<'a> Auditor<'a> {
         }
     }
 
-    /// Rule 3's deadline: the first moment (the worker's clock) each message was decided.
+    /// Rule 3's deadline: the first moment (true time) each message was decided, against
+    /// the first moment it was seen.
     fn deadlines(&mut self, env: &Envelope) {
+        let now = self.time.of(env.at);
         for (id, row) in &self.views.messages.state.messages {
+            let seen = *self.seen.entry(id.clone()).or_insert(now);
             if row.state.is_pending() || self.decided.contains_key(id) {
                 continue;
             }
-            self.decided.insert(id.clone(), env.at);
-            let due = row.seen_at + MESSAGE_DEADLINE_MS + DEADLINE_SLACK_MS;
-            if env.at > due {
-                let late = (env.at - row.seen_at) / 1_000;
+            self.decided.insert(id.clone(), now);
+            let back = self.time.back_between(seen, now);
+            let due = seen + MESSAGE_DEADLINE_MS + DEADLINE_SLACK_MS + back;
+            if now > due {
+                let late = (now - seen) / 1_000;
                 let what = format!("seq {}: {id} decided {late} s after it was seen", env.seq);
                 self.v.add(EVERY_MESSAGE_RESOLVED, what);
             }
@@ -325,5 +380,26 @@ pub(super) fn mirrored(views: &Views, agent: &SimAgent, backend: &SimBackend, v:
         if c.status == ChatStatus::Active && !gave_up(&deletion) {
             v.add(CONVERGENCE, format!("{} not deleted", c.chat_session_id));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn true_time_is_recovered_across_steps_both_ways() {
+        const B: Millis = 10_000_000;
+        // +5 min at B+1 s, then -10 min at B+2 s.
+        let mut t = TrueTime::new(&[(B + 1_000, 300_000), (B + 2_000, -600_000)]);
+        assert_eq!(t.of(B + 500), B + 500);
+        assert_eq!(t.of(B + 301_500), B + 1_500, "after the step forward");
+        assert_eq!(t.of(B + 2_500 - 300_000), B + 2_500, "after the step back");
+        assert_eq!(t.back_between(B, B + 3_000), 600_000);
+        assert_eq!(
+            t.back_between(B + 2_000, B + 3_000),
+            0,
+            "a step at `from` is not between"
+        );
     }
 }

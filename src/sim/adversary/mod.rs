@@ -251,6 +251,7 @@ fn simulate(s: &Scenario, dir: &Path, v: &mut Violations) -> Result<(u64, Millis
             backend: Arc::new(SimBackend::new(dyn_truth.clone(), s.backend.clone())),
             worker_clock: Arc::new(SteppedClock::new(dyn_truth.clone())),
             truth: dyn_truth,
+            steps: Arc::default(),
         },
         truth,
     };
@@ -332,7 +333,8 @@ impl Sim<'_> {
         v: &mut Violations,
     ) -> Result<(u64, Millis), String> {
         let log = open_log(self.dir)?;
-        let mut auditor = audit::Auditor::new(v);
+        let steps = self.world.steps.lock().expect("steps").clone();
+        let mut auditor = audit::Auditor::new(v, steps);
         for env in log.read(ReadFilter::from(1)) {
             auditor.event(&env.map_err(|e| format!("reading the log: {e}"))?);
         }

@@ -25,6 +25,8 @@ pub(super) struct World {
     pub truth: Arc<dyn Clock>,
     /// The worker's clock, which the world steps.
     pub worker_clock: Arc<SteppedClock>,
+    /// Each step of the worker's clock: when (true time) and by how much.
+    pub steps: Arc<std::sync::Mutex<Vec<(Millis, i64)>>>,
 }
 
 impl World {
@@ -111,7 +113,10 @@ impl World {
             }
             WorldAction::AgentDelete { agent } => self.agent.remove(&agent.as_str().into()),
             WorldAction::AgentNew { agent } => self.agent.insert(agent_session(agent, now)),
-            WorldAction::ClockStep { delta_ms } => self.worker_clock.step(*delta_ms),
+            WorldAction::ClockStep { delta_ms } => {
+                self.worker_clock.step(*delta_ms);
+                self.steps.lock().expect("steps").push((now, *delta_ms));
+            }
             WorldAction::AgentRestart { down_ms } => {
                 let generation = self.agent.restart(*down_ms);
                 let started = AgentServerStarted {
