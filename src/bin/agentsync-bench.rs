@@ -653,11 +653,16 @@ fn bench_sim(n: u64) -> Res<serde_json::Value> {
         .filter(|r| !r.passed())
         .map(|r| r.seed)
         .collect();
+    let broke: std::collections::BTreeMap<String, &String> = reports
+        .iter()
+        .filter_map(|r| Some((r.seed.to_string(), r.details.first()?)))
+        .collect();
     let sum = |f: fn(&adversary::SimReport) -> u64| reports.iter().map(f).sum::<u64>();
     Ok(json!({
         "runs": reports.len(),
         "violations": violations,
         "failing_seeds": failing,
+        "first_violation": broke,
         "wall_s": round2(started.elapsed().as_secs_f64()),
         "simulated_h": round2(sum(|r| r.simulated_ms) as f64 / 3_600_000.0),
         "events": sum(|r| r.events),

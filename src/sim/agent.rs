@@ -63,6 +63,8 @@ struct AgentState {
     next_run: u64,
     /// Prompts that stopped without an answer (a restart, an abort).
     interrupted: BTreeSet<(AgentSessionId, String)>,
+    /// Runs that stopped without an answer, per message key.
+    interrupted_runs: BTreeMap<String, u64>,
     /// What the event stream reports, in the order it happened.
     journal: Vec<AgentObservation>,
 }
@@ -141,6 +143,7 @@ impl AgentState {
             if !self.busy(&key.0) {
                 self.report_status(&key.0, AgentStatus::Idle);
             }
+            *self.interrupted_runs.entry(key.1.clone()).or_default() += 1;
             self.interrupted.insert(key);
         }
     }
@@ -239,6 +242,12 @@ impl SimAgent {
     /// Model runs per user message id: more than one for a message is a prompt paid twice.
     pub fn model_runs(&self) -> BTreeMap<String, u64> {
         self.lock().model_runs.clone()
+    }
+
+    /// Runs of the model that stopped without an answer (a restart, an abort), per user
+    /// message id.
+    pub fn interrupted_runs(&self) -> BTreeMap<String, u64> {
+        self.lock().interrupted_runs.clone()
     }
 
     /// Sessions created per tag command id: more than one is a duplicate creation.

@@ -254,11 +254,11 @@ pub(super) fn sides(agent: &SimAgent, backend: &SimBackend, v: &mut Violations) 
     for (a, c) in chats.iter().filter(|(_, c)| c.len() > 1) {
         v.add(NO_DUPLICATE_SESSION, format!("{a} has chat sessions {c:?}"));
     }
+    let interrupted = agent.interrupted_runs();
     for (m, n) in agent.model_runs().into_iter().filter(|(_, n)| *n > 1) {
-        v.add(
-            NO_DUPLICATE_PROMPT,
-            format!("the model ran {n} times for {m}"),
-        );
+        let dead = interrupted.get(&m).copied().unwrap_or(0);
+        let what = format!("the model ran {n} times for {m} ({dead} of the runs interrupted)");
+        v.add(NO_DUPLICATE_PROMPT, what);
     }
     let live = agent.sessions();
     for c in backend.sessions().into_values() {
