@@ -44,7 +44,7 @@ use crate::clock::Millis;
 use crate::events::*;
 use crate::ports::{ModelList, PortError};
 use crate::projections::{CommandLedger, CommandState, Views};
-use crate::reconcile::{deletions_allowed, obsolete};
+use crate::reconcile::{agent_side_failing, obsolete};
 
 /// Retries of retryable failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -579,7 +579,7 @@ impl Dispatcher {
                 })));
                 continue;
             }
-            if command.op() == Op::MarkSessionDeleted && !deletions_allowed(&views.sessions.state) {
+            if command.op() == Op::MarkSessionDeleted && agent_side_failing(&views.sessions.state) {
                 continue; // waits for a complete listing after the failure
             }
             let target = command.op().target();

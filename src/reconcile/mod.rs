@@ -550,11 +550,14 @@ fn plan_pending(
     }
 }
 
-/// Whether deletions may proceed now: the agent side's latest observation is a complete,
-/// successful listing (no failure since). The dispatcher asks before each deletion's attempt,
-/// so a deletion planned from a good listing waits while the agent server fails to answer.
-pub fn deletions_allowed(s: &SessionsView) -> bool {
-    deletions::trusted_agent_listing(s).is_some()
+/// Whether the agent side's latest observation is a failure (none since succeeded in
+/// listing it completely). The dispatcher asks before each deletion's attempt, so a deletion
+/// planned from a good listing waits while the agent server fails to answer.
+pub fn agent_side_failing(s: &SessionsView) -> bool {
+    s.listings.get(&Source::Agent).is_some_and(|l| {
+        l.last_failure_seq
+            .is_some_and(|f| l.last_complete_seq.is_none_or(|c| f > c))
+    })
 }
 
 /// Why `command` no longer serves its purpose, if it does not: checked by the dispatcher before
