@@ -1,8 +1,10 @@
 //! What the HTTP adapters (OpenCode, Convex) share: naming a transport failure, reading
-//! `Retry-After`, and cutting a server's message to one line.
+//! `Retry-After`, and cutting a server's message to one line ([`one_line`], from
+//! [`crate::text`]).
 
 use crate::clock::Millis;
 use crate::ports::PortError;
+pub use crate::text::one_line;
 
 /// A request that got no answer: retryable, named by what the connection did.
 /// reqwest's messages include the URL, never credentials (those travel in headers).
@@ -36,21 +38,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
-}
-
-/// Cuts a server's message to one line of at most 300 characters.
-pub fn one_line(s: &str) -> String {
-    let mut out: String = s
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .chars()
-        .take(300)
-        .collect();
-    if out.is_empty() {
-        out.push_str("(empty)");
-    }
-    out
 }
 
 #[cfg(test)]
