@@ -6,7 +6,7 @@
 //!
 //! Error classes: a function that threw (`status: "error"`, HTTP 560) and any other 4xx are
 //! terminal; 5xx, 429 (waiting as long as `Retry-After` says) and connection failures are
-//! retryable. A value that does not match the contract is an error naming the field: the
+//! retryable; a reply larger than `max_reply_bytes` is terminal (the same call gets it again). A value that does not match the contract is an error naming the field: the
 //! observer records it as a failed observation, never as an empty listing.
 
 use std::time::Duration;
@@ -17,7 +17,11 @@ use super::contract::{self, ChatSession, CreatedValue, FunctionKind, Message, Pa
 use crate::events::{ChatSessionId, ChatSessionInfo, Command, CommandId, MessageInfo};
 use crate::ports::{Backend, MutationReply, Page, PortError, PortFuture, PortResult};
 use crate::secret::Secret;
-use crate::transport::{one_line, retry_after_ms, transport_error};
+use crate::text::one_line_bytes;
+use crate::transport::{
+    read_body, retry_after_ms, transport_error, BodyError, DEFAULT_MAX_REPLY_BYTES,
+    MAX_ERROR_BODY_BYTES,
+};
 
 /// How to reach a Convex deployment.
 #[derive(Debug, Clone)]
@@ -34,10 +38,15 @@ pub struct ConvexConfig {
     pub timeout: Duration,
     /// The largest page asked for, whatever the caller asks.
     pub max_page: u32,
+    /// The largest reply body read: a larger one fails the call with `POST /api/query
+    /// agentsync:listSessions: reply larger than N bytes`. Default 32 MiB (Convex itself
+    /// returns at most 16 MiB).
+    pub max_reply_bytes: usize,
 }
 
 impl ConvexConfig {
-    /// Defaults for a deployment at `url`: module `agentsync`, 30 s calls, pages of at most 500.
+    /// Defaults for a deployment at `url`: module `agentsync`, 30 s calls, pages of at most 500,
+    /// replies of at most 32 MiB.
     pub fn new(url: impl Into<String>, worker_id: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -46,6 +55,7 @@ impl ConvexConfig {
             worker_id: worker_id.into(),
             timeout: Duration::from_secs(30),
             max_page: 500,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
         }
     }
 }
@@ -108,15 +118,29 @@ impl ConvexClient {
             .map_err(|e| transport_error(&path, &e))?;
         let status = response.status();
         let retry_after = retry_after_ms(response.headers());
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(&format!("{path}: reply broke off"), &e))?;
+        // An answer is read up to the configured cap; an error reply is classified by its
+        // status and only its start is read.
+        let cap = if status.as_u16() == 200 {
+            self.config.max_reply_bytes
+        } else {
+            MAX_ERROR_BODY_BYTES
+        };
+        let (bytes, too_large) = match read_body(response, cap).await {
+            Ok(bytes) => (bytes, None),
+            Err(e @ BodyError::TooLarge { .. }) if status.as_u16() != 200 => {
+                (Default::default(), Some(e.to_string()))
+            }
+            Err(e) => {
+                let what = format!("POST /api/{} {path}", kind.as_str());
+                return Err(e.into_port_error(&what));
+            }
+        };
         let reply = serde_json::from_slice::<Reply>(&bytes).ok();
         let message = reply
             .as_ref()
             .and_then(|r| r.error_message.clone())
-            .unwrap_or_else(|| one_line(&String::from_utf8_lossy(&bytes)));
+            .or(too_large)
+            .unwrap_or_else(|| one_line_bytes(&bytes));
         match status.as_u16() {
             200 => {}
             // The function threw: it will throw again.

@@ -352,6 +352,7 @@ impl InboxClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<T, InboxError> {
+        let method_name = method.to_string();
         let mut req = self.http.request(method, format!("{}{path}", self.url));
         if let Some(b) = body {
             req = req.json(&b);
@@ -361,15 +362,21 @@ impl InboxClient {
             .await
             .map_err(|e| InboxError(format!("cannot reach the inbox at {}: {e}", self.url)))?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
+        // The inbox is the worker's own, on loopback, but its replies are read under the same
+        // cap as any server's: a conversation is never near 32 MiB.
+        let bytes = crate::transport::read_body(resp, crate::transport::DEFAULT_MAX_REPLY_BYTES)
             .await
-            .map_err(|e| InboxError(format!("inbox reply broke off: {e}")))?;
+            .map_err(|e| match e {
+                e @ crate::transport::BodyError::TooLarge { .. } => {
+                    InboxError(format!("inbox: {method_name} {path}: {e}"))
+                }
+                e => InboxError(format!("inbox reply broke off: {e}")),
+            })?;
         if !status.is_success() {
             let why = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                .and_then(|v| v["error"].as_str().map(crate::text::one_line))
+                .unwrap_or_else(|| crate::text::one_line_bytes(&bytes));
             return Err(InboxError(format!(
                 "inbox: HTTP {}: {why}",
                 status.as_u16()
