@@ -156,7 +156,7 @@ pub enum PromptOutcome {
     /// would append a second copy to the message and run the model again).
     Running,
     /// It arrived, and the agent stopped working on it without an answer (the server
-    /// restarted mid-prompt, or it was aborted).
+    /// restarted mid-prompt, or it was aborted): no answer will come of it.
     Interrupted,
     /// The agent answered it: the answer's text.
     Answered(String),
@@ -197,6 +197,14 @@ pub trait AgentServer: Send + Sync {
         id: &'a AgentSessionId,
         message_id: &'a str,
     ) -> PortFuture<'a, PromptOutcome>;
+    /// Removes an interrupted prompt (user message `message_id` and any unfinished reply to
+    /// it) so that it can be sent again under the same id as if for the first time; done when
+    /// it is already gone.
+    fn forget_prompt<'a>(
+        &'a self,
+        id: &'a AgentSessionId,
+        message_id: &'a str,
+    ) -> PortFuture<'a, ()>;
     /// Aborts whatever a session is doing.
     fn abort<'a>(&'a self, id: &'a AgentSessionId) -> PortFuture<'a, ()>;
     /// The status of every session that is not idle.

@@ -22,6 +22,17 @@ impl Secret {
         }
     }
 
+    /// A fresh random secret: 256 bits from the operating system's CSPRNG, as 64 hex digits
+    /// (a password for a server the worker spawns, a bearer token).
+    pub fn random() -> Self {
+        use rand::TryRngCore;
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut bytes)
+            .expect("the operating system's random source works");
+        Self(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// The value, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -46,5 +57,13 @@ mod tests {
             err,
             "environment variable AGENTSYNC_TEST_SURELY_UNSET_VAR is not set"
         );
+    }
+
+    #[test]
+    fn random_secrets_are_long_and_distinct() {
+        let (a, b) = (Secret::random(), Secret::random());
+        assert_eq!(a.expose().len(), 64);
+        assert!(a.expose().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 }

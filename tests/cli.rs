@@ -558,6 +558,46 @@ fn run_refuses_bad_settings_with_exit_2_naming_the_key_and_writes_nothing() {
             vec!["--agent-url", "http://127.0.0.1:9", "--model", "no-slash"],
             "model \"no-slash\" is not PROVIDER/MODEL",
         ),
+        // The deploy key would cross the network in clear.
+        (
+            base.clone(),
+            vec![
+                "--agent-url",
+                "http://127.0.0.1:9",
+                "--backend",
+                "convex",
+                "--convex-url",
+                "http://happy-otter-123.convex.cloud",
+            ],
+            "plain http to another host would send the deploy key in clear: use https",
+        ),
+        (
+            base.clone(),
+            vec!["--agent-url", "http://127.0.0.1:9/?token=abc"],
+            "has a query or fragment",
+        ),
+        (
+            base.clone(),
+            vec![
+                "--agent-url",
+                "http://127.0.0.1:9",
+                "--metrics-addr",
+                "0.0.0.0:9464",
+            ],
+            "is not a loopback address: it would serve the worker's metrics to the network; add --metrics-public",
+        ),
+        // A secret of the worker's is never handed to the agent's shell.
+        (
+            base.clone(),
+            vec![
+                "--spawn-agent",
+                "--agent-password-env",
+                "HOME",
+                "--agent-env",
+                "HOME",
+            ],
+            "agent-env HOME: a secret of the worker's is never passed to the agent server",
+        ),
     ] {
         let out = run(&config_text, &flags);
         let err = stderr(&out);
@@ -675,21 +715,29 @@ fn a_data_dir_refuses_another_worker_id_with_exit_2_and_is_left_untouched() {
 fn a_data_dir_refuses_another_agent_url_and_records_no_password() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    // A password in the URL is refused outright (it would reach logs and events): it belongs
+    // in the variable --agent-password-env names.
     let with_secret = "http://opencode:hunter2@127.0.0.1:9";
-    let (code, err) = run_until_observing(&data, &["--worker-id", "w", "--agent-url", with_secret]);
+    let refused = agentsync(&[
+        "run",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--worker-id",
+        "w",
+        "--agent-url",
+        with_secret,
+    ]);
+    let err = stderr(&refused);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(err.contains("carries credentials"), "{err}");
+    assert!(!err.contains("hunter2"), "the password on stderr: {err}");
+    assert!(!data.exists(), "a refused start creates nothing");
+    let (code, err) = run_until_observing(&data, &["--worker-id", "w", "--agent-url", NOWHERE]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(
         recorded_identity(&data)["agent"]["url"],
         "http://127.0.0.1:9/"
     );
-    let exported = stdout(&agentsync_in(&data, "export", &[]));
-    let file = std::fs::read_to_string(data.join("IDENTITY.json")).unwrap();
-    assert!(!file.contains("hunter2"), "the password in IDENTITY.json");
-    assert!(
-        !exported.contains("hunter2"),
-        "the password in the log: {exported}"
-    );
-    assert!(!err.contains("hunter2"), "the password on stderr: {err}");
 
     let before = snapshot_without_lock(&data);
     let d = data.to_str().unwrap();
@@ -778,4 +826,66 @@ fn a_data_dir_from_before_identities_is_given_one_at_its_next_start() {
         stdout(&out).is_empty(),
         "recording a first identity is not a move"
     );
+}
+
+#[test]
+fn a_fresh_data_dir_is_private_and_a_shared_one_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (code, err) = run_until_observing(&data, &["--worker-id", "w", "--agent-url", NOWHERE]);
+    assert_eq!(code, Some(0), "{err}");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    let mut files = 0;
+    let mut stack = vec![data.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                assert_eq!(mode(&p), 0o700, "{}", p.display());
+                stack.push(p);
+            } else {
+                assert_eq!(mode(&p) & 0o077, 0, "{} is {:o}", p.display(), mode(&p));
+                files += 1;
+            }
+        }
+    }
+    assert!(
+        files >= 4,
+        "the log, its lock, marker and identity: {files}"
+    );
+
+    // Writable by the group: whoever is in it could plant a log. Refused, untouched.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o770)).unwrap();
+    let before = snapshot_without_lock(&data);
+    let out = agentsync(&[
+        "run",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--worker-id",
+        "w",
+        "--agent-url",
+        NOWHERE,
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("writable by group or others (mode 770)"),
+        "{err}"
+    );
+    assert_eq!(before, snapshot_without_lock(&data));
+    let replay = agentsync_in(&data, "replay", &[]);
+    assert_eq!(replay.status.code(), Some(2), "inspection refuses it too");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    // A LOCK that is a symlink is not followed (the link's target is left alone).
+    let target = dir.path().join("elsewhere");
+    std::fs::write(&target, b"precious").unwrap();
+    std::fs::remove_file(data.join("LOCK")).unwrap();
+    std::os::unix::fs::symlink(&target, data.join("LOCK")).unwrap();
+    let out = agentsync_in(&data, "stats", &[]);
+    assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("LOCK"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
 }

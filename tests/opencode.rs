@@ -609,5 +609,47 @@ async fn a_lost_create_or_prompt_can_be_looked_up_on_the_real_server() {
         1,
         "the model ran once"
     );
+
+    // A run that died with its server leaves the user message stored, unanswered, the session
+    // idle (here: stored with `noReply`): it reads as interrupted, and once forgotten it is
+    // gone, so it can be sent anew under the same id and shows once.
+    let m2 = ids::agent_message_id(&MessageId("m2".into()), now + 1);
+    let stored = reqwest::Client::new()
+        .post(format!("{}/session/{id}/message", client.base_url()))
+        .json(&serde_json::json!({"messageID": m2, "noReply": true,
+            "parts": [{"type": "text", "text": "second question"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(stored.status().is_success());
+    assert_eq!(
+        client.prompt_outcome(id, &m2).await.unwrap(),
+        PromptOutcome::Interrupted
+    );
+    client.forget_prompt(id, &m2).await.unwrap();
+    client.forget_prompt(id, &m2).await.unwrap(); // already gone: done
+    assert_eq!(
+        client.prompt_outcome(id, &m2).await.unwrap(),
+        PromptOutcome::NotSent
+    );
+    let req = PromptRequest {
+        text: "second question",
+        model: Some(&mock_model()),
+        message_id: Some(&m2),
+    };
+    let again = client.prompt(id, req).await.unwrap();
+    assert_eq!(again, format!("{REPLY_PREFIX}second question"));
+    let history: Vec<serde_json::Value> =
+        reqwest::get(format!("{}/session/{id}/message", client.base_url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let users = history
+        .iter()
+        .filter(|m| m["info"]["role"] == "user")
+        .count();
+    assert_eq!(users, 2, "each question once: {history:?}");
     server.shutdown().await;
 }

@@ -388,21 +388,7 @@ impl OpencodeClient {
         if self.is_busy(id).await? {
             return Ok(PromptOutcome::Running);
         }
-        let path = format!("/session/{session}/message");
-        // The newest messages first; the whole history only if the reply is not among them.
-        let mut reply = None;
-        for query in [vec![("limit", "50".to_owned())], vec![]] {
-            let messages: Vec<wire::SessionMessage> = self
-                .call_json(Method::GET, &path, &query, None, None)
-                .await?;
-            let full = query.is_empty() || messages.len() < 50;
-            reply = messages.into_iter().rev().find(|m| {
-                m.info.role == "assistant" && m.info.parent_id.as_deref() == Some(message_id)
-            });
-            if reply.is_some() || full {
-                break;
-            }
-        }
+        let reply = self.replies_to(id, message_id).await?.pop();
         Ok(match reply {
             Some(m) if m.info.error.is_some() => {
                 PromptOutcome::Failed(prompt_error(m.info.error.as_ref().expect("checked")))
@@ -410,6 +396,34 @@ impl OpencodeClient {
             Some(m) if m.info.time.completed.is_some() => PromptOutcome::Answered(m.text()),
             _ => PromptOutcome::Interrupted,
         })
+    }
+
+    /// The assistant messages answering user message `message_id`, oldest first: the newest
+    /// messages are read first, the whole history only if they do not reach back to it.
+    async fn replies_to(
+        &self,
+        id: &AgentSessionId,
+        message_id: &str,
+    ) -> PortResult<Vec<wire::SessionMessage>> {
+        let path = format!("/session/{}/message", segment(id.as_str()));
+        for query in [vec![("limit", "50".to_owned())], vec![]] {
+            let messages: Vec<wire::SessionMessage> = self
+                .call_json(Method::GET, &path, &query, None, None)
+                .await?;
+            let whole = query.is_empty()
+                || messages.len() < 50
+                || messages.iter().any(|m| m.info.id == message_id);
+            if whole {
+                return Ok(messages
+                    .into_iter()
+                    .filter(|m| {
+                        m.info.role == "assistant"
+                            && m.info.parent_id.as_deref() == Some(message_id)
+                    })
+                    .collect());
+            }
+        }
+        Ok(Vec::new())
     }
 
     async fn is_busy(&self, id: &AgentSessionId) -> PortResult<bool> {
@@ -578,6 +592,33 @@ impl AgentServer for OpencodeClient {
         message_id: &'a str,
     ) -> PortFuture<'a, PromptOutcome> {
         Box::pin(self.outcome_of(id, message_id))
+    }
+
+    fn forget_prompt<'a>(
+        &'a self,
+        id: &'a AgentSessionId,
+        message_id: &'a str,
+    ) -> PortFuture<'a, ()> {
+        Box::pin(async move {
+            let session = segment(id.as_str());
+            let mut doomed: Vec<String> = self
+                .replies_to(id, message_id)
+                .await?
+                .into_iter()
+                .map(|m| m.info.id)
+                .collect();
+            doomed.push(message_id.to_owned());
+            // Replies first: a reply never outlives the question it answers.
+            for m in doomed {
+                let path = format!("/session/{session}/message/{}", segment(&m));
+                match self.call(Method::DELETE, &path, &[], None, None).await {
+                    Ok(_) => {}
+                    Err(e) if e.status == Some(StatusCode::NOT_FOUND) => {}
+                    Err(e) => return Err(e.error),
+                }
+            }
+            Ok(())
+        })
     }
 
     fn abort<'a>(&'a self, id: &'a AgentSessionId) -> PortFuture<'a, ()> {

@@ -28,6 +28,20 @@ use super::opencode::{OpencodeClient, Secret};
 use super::supervisor::{ExitStatus, Launcher, RunningServer};
 use crate::ports::AgentServer;
 
+/// The variables every spawned server gets from the worker's environment (when set): what a
+/// shell and its tools need to run, and nothing secret. `LC_*` and `XDG_*` pass too.
+pub const BASE_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TMPDIR", "TZ", "LANG", "LANGUAGE",
+];
+
+/// Whether the variable `name` passes to a spawned server.
+fn passes(name: &str, extra: &[String]) -> bool {
+    BASE_ENV.contains(&name)
+        || name.starts_with("LC_")
+        || name.starts_with("XDG_")
+        || extra.iter().any(|e| e == name)
+}
+
 /// What OpenCode prints once it listens; the URL follows.
 const LISTENING: &str = "opencode server listening on ";
 
@@ -40,6 +54,11 @@ pub struct LaunchConfig {
     pub dir: PathBuf,
     /// Extra environment for the server (tests give it its own data directories).
     pub env: Vec<(String, String)>,
+    /// Variables passed on from the worker's own environment, besides [`BASE_ENV`]: the
+    /// model provider's (`OPENAI_API_KEY`, ...), as the user names them. Nothing else of the
+    /// worker's environment reaches the server, whose tools run shell commands for the model:
+    /// not the deploy key, not the variable holding the agent password.
+    pub pass_env: Vec<String>,
     /// The server's password (`OPENCODE_SERVER_PASSWORD`). When `None` the variable is
     /// removed from the child's environment, so the server never wants a password the client
     /// does not have.
@@ -57,6 +76,7 @@ impl LaunchConfig {
             program: program.into(),
             dir: dir.into(),
             env: Vec::new(),
+            pass_env: Vec::new(),
             password: None,
             start_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(5),
@@ -98,6 +118,10 @@ impl OpencodeLauncher {
             &port.to_string(),
         ])
         .current_dir(&c.dir)
+        .env_clear()
+        .envs(
+            std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(|k| passes(k, &c.pass_env))),
+        )
         .envs(c.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -108,11 +132,15 @@ impl OpencodeLauncher {
             Some(pw) => cmd.env("OPENCODE_SERVER_PASSWORD", pw.expose()),
             None => cmd.env_remove("OPENCODE_SERVER_PASSWORD"),
         };
+        // The user's own file-creation mask: agentsync runs with 0o077 so its data directory is
+        // private, but the files the agent writes in the project must come out as usual.
+        let umask = crate::cli::user_umask();
         #[cfg(target_os = "linux")]
-        // SAFETY: the closure runs in the forked child before exec and only makes one
-        // async-signal-safe system call (prctl).
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (umask, prctl).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                nix::sys::stat::umask(umask);
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
             });
         }

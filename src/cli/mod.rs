@@ -159,9 +159,15 @@ struct RunArgs {
     /// The agent directory: where a spawned server runs, and whose sessions are synced.
     #[arg(long, value_name = "DIR")]
     agent_dir: Option<PathBuf>,
-    /// The environment variable holding the agent server's password.
+    /// The environment variable holding the agent server's password. A spawned server gets a
+    /// random password of its own when this is not given.
     #[arg(long, value_name = "VAR")]
     agent_password_env: Option<String>,
+    /// A variable of the worker's environment that a spawned server may see (the model
+    /// provider's key, say); repeatable. Nothing else passes but PATH, HOME, the locale and the
+    /// XDG directories.
+    #[arg(long = "agent-env", value_name = "VAR")]
+    agent_env: Vec<String>,
     /// The `opencode` executable for --spawn-agent (default: $AGENTSYNC_OPENCODE_BIN, or
     /// `opencode` on PATH).
     #[arg(long, value_name = "PATH")]
@@ -187,6 +193,10 @@ struct RunArgs {
     /// Where /metrics, /healthz and /readyz listen (default 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<String>,
+    /// Allow --metrics-addr on a non-loopback address (it then serves the worker's metrics to
+    /// the network, without authentication).
+    #[arg(long)]
+    metrics_public: bool,
     /// How long in-flight calls may finish after SIGTERM (default 10).
     #[arg(long, value_name = "SECS")]
     drain_grace_secs: Option<u64>,
@@ -312,6 +322,27 @@ pub fn main() -> ExitCode {
     main_from(std::env::args_os())
 }
 
+/// The file-creation mask the process was started with, before agentsync narrowed its own to
+/// 0o077 (see [`private_files`]); what the processes it spawns get back.
+pub fn user_umask() -> nix::sys::stat::Mode {
+    *USER_UMASK.get_or_init(|| {
+        // Reading the mask means setting it: set it back at once.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        nix::sys::stat::umask(old);
+        old
+    })
+}
+
+static USER_UMASK: std::sync::OnceLock<nix::sys::stat::Mode> = std::sync::OnceLock::new();
+
+/// Makes every file and directory this process creates private to its user (mode 0600/0700,
+/// whatever the umask was): the log, checkpoints and the local backend hold every message and
+/// answer. Spawned servers get the user's own mask back ([`user_umask`]).
+pub fn private_files() {
+    let _ = user_umask();
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
 /// [`main`] with the arguments given (the first is the program's name): how `agentsync-bench
 /// startup` runs the very same worker in a process of its own.
 pub fn main_from<I, T>(args: I) -> ExitCode
@@ -320,6 +351,7 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let cli = Cli::parse_from(args);
+    private_files();
     // The worker tells its lifecycle at info; the inspection commands speak only when wrong.
     let default_filter = match cli.command {
         Command::Run(_) => "agentsync=info",

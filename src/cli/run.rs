@@ -48,6 +48,7 @@ struct FileConfig {
     spawn_agent: Option<bool>,
     agent_dir: Option<PathBuf>,
     agent_password_env: Option<String>,
+    agent_env: Option<Vec<String>>,
     opencode_bin: Option<PathBuf>,
     backend: Option<BackendKind>,
     convex_url: Option<String>,
@@ -56,6 +57,7 @@ struct FileConfig {
     model: Option<String>,
     concurrency: Option<usize>,
     metrics_addr: Option<String>,
+    metrics_public: Option<bool>,
     drain_grace_secs: Option<u64>,
     listing_limit: Option<u32>,
     message_deadline_mins: Option<u64>,
@@ -78,6 +80,8 @@ struct Settings {
     agent: AgentSide,
     agent_dir: Option<PathBuf>,
     password: Option<Secret>,
+    /// Variables of the worker's environment a spawned server may see.
+    agent_env: Vec<String>,
     backend: BackendSide,
     model: Option<ModelRef>,
     concurrency: usize,
@@ -144,6 +148,7 @@ impl Settings {
                         "agent-url {url:?} is not an http(s) URL"
                     )));
                 }
+                plain_url("agent-url", &url, "--agent-password-env VAR")?;
                 AgentSide::Url(url)
             }
             (None, true) => {
@@ -166,13 +171,31 @@ impl Settings {
                 ))
             }
         };
-        let password = match args.agent_password_env.or(file.agent_password_env) {
+        let password_var = args.agent_password_env.or(file.agent_password_env);
+        let password = match &password_var {
             Some(var) => Some(
-                Secret::from_env(&var)
+                Secret::from_env(var)
                     .map_err(|e| CliError::usage(format!("agent-password-env: {e}")))?,
             ),
             None => None,
         };
+        let key_var = args.convex_key_env.clone().or(file.convex_key_env.clone());
+        let agent_env = match args.agent_env.is_empty() {
+            true => file.agent_env.unwrap_or_default(),
+            false => args.agent_env,
+        };
+        for var in &agent_env {
+            if var.is_empty() || var.contains('=') {
+                return Err(CliError::usage(format!(
+                    "agent-env {var:?} is not a variable name"
+                )));
+            }
+            if [&password_var, &key_var].contains(&&Some(var.clone())) {
+                return Err(CliError::usage(format!(
+                    "agent-env {var}: a secret of the worker's is never passed to the agent server"
+                )));
+            }
+        }
         let backend = match args.backend.or(file.backend).unwrap_or(BackendKind::Local) {
             BackendKind::Local => {
                 if args.convex_url.is_some() || file.convex_url.is_some() {
@@ -186,6 +209,13 @@ impl Settings {
                 let url = args.convex_url.or(file.convex_url).ok_or_else(|| {
                     CliError::usage("backend convex needs convex-url (--convex-url URL)")
                 })?;
+                let parsed = plain_url("convex-url", &url, "--convex-key-env VAR")?;
+                if parsed.scheme() != "https" && !is_loopback_host(&parsed) {
+                    return Err(CliError::usage(format!(
+                        "convex-url {}: plain http to another host would send the deploy key in clear: use https",
+                        public_url("convex-url", &url)?
+                    )));
+                }
                 let mut cfg = ConvexConfig::new(url, worker_id.clone());
                 if let Some(var) = args.convex_key_env.or(file.convex_key_env) {
                     cfg.deploy_key = Some(
@@ -224,6 +254,15 @@ impl Settings {
         let metrics_addr: SocketAddr = addr
             .parse()
             .map_err(|e| CliError::usage(format!("metrics-addr {addr:?}: {e}")))?;
+        let metrics_public = args.metrics_public || file.metrics_public.unwrap_or(false);
+        if !metrics_addr.ip().is_loopback() {
+            if !metrics_public {
+                return Err(CliError::usage(format!(
+                    "metrics-addr {metrics_addr} is not a loopback address: it would serve the worker's metrics to the network; add --metrics-public (config: metrics-public = true) if that is meant"
+                )));
+            }
+            tracing::warn!(addr = %metrics_addr, "metrics, /healthz and /readyz are served beyond this machine, without authentication");
+        }
         let drain_grace_ms = args
             .drain_grace_secs
             .or(file.drain_grace_secs)
@@ -251,6 +290,7 @@ impl Settings {
             agent,
             agent_dir,
             password,
+            agent_env,
             backend,
             model,
             concurrency,
@@ -283,6 +323,39 @@ impl Settings {
             backend,
         })
     }
+}
+
+/// `url` parsed, refused when it carries credentials, a query or a fragment: a secret in a URL
+/// ends up in logs and events; the named variable (`secret_flag`) is where it belongs.
+fn plain_url(key: &str, url: &str, secret_flag: &str) -> Result<reqwest::Url, CliError> {
+    let u = reqwest::Url::parse(url)
+        .map_err(|e| CliError::usage(format!("{key} is not a valid URL: {e}")))?;
+    let shown = || public_url(key, url).unwrap_or_else(|_| "(unparsable)".into());
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(CliError::usage(format!(
+            "{key} {} carries credentials: give them with {secret_flag}, never in the URL",
+            shown()
+        )));
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err(CliError::usage(format!(
+            "{key} {} has a query or fragment: give the server's base URL only",
+            shown()
+        )));
+    }
+    Ok(u)
+}
+
+/// Whether `url` names this machine (a loopback address, or `localhost`).
+fn is_loopback_host(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `url` without what may be a secret (user, password, query, fragment), normalized.
@@ -384,7 +457,13 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
         AgentSide::Url(url) => url.clone(),
         AgentSide::Spawn { .. } => "http://127.0.0.1:9".into(),
     });
-    agent_config.password = s.password.clone();
+    // A spawned server always has a password (a random one unless the user named one), so no
+    // other local process can drive it; the worker is the only one told.
+    let password = match (&s.agent, &s.password) {
+        (AgentSide::Spawn { .. }, None) => Some(Secret::random()),
+        (_, given) => given.clone(),
+    };
+    agent_config.password = password.clone();
     agent_config.listing_limit = s.listing_limit;
     agent_config.directory = s.agent_dir.as_ref().map(|d| d.display().to_string());
     let client = Arc::new(OpencodeClient::new(agent_config).map_err(runtime)?);
@@ -448,7 +527,8 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
     match &s.agent {
         AgentSide::Spawn { dir, program } => {
             let launch = LaunchConfig {
-                password: s.password.clone(),
+                password: password.clone(),
+                pass_env: s.agent_env.clone(),
                 ..LaunchConfig::new(program.clone(), dir.clone())
             };
             let launcher = OpencodeLauncher::new(launch, client.clone());

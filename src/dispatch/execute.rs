@@ -144,9 +144,11 @@ async fn earlier_prompt(
             PromptOutcome::Failed(e) => return Ok(Some(Err(e))),
             PromptOutcome::Running => idle_looks = 0,
             PromptOutcome::Interrupted if idle_looks + 1 >= INTERRUPTED_LOOKS => {
-                return Ok(Some(Err(PortError::terminal(
-                    "the agent server stopped working on this message without answering it (restarted or aborted); not sent again, which would run the model twice",
-                ))))
+                // Its run died (with its server, say) and no answer will come of it: clear it
+                // away and send it anew, so the history shows the question once.
+                tracing::warn!(%session, message_id, "a prompt interrupted before its answer is sent again");
+                agent.forget_prompt(session, message_id).await?;
+                return Ok(None);
             }
             PromptOutcome::Interrupted => idle_looks += 1,
         }

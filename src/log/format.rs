@@ -39,14 +39,14 @@ impl Format {
     /// Reads the marker of `dir`, if there is one.
     pub fn load(dir: &Path) -> Result<Option<Self>, LogError> {
         let path = dir.join(FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        match super::private::read(&path) {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
                 LogError::io(
                     format!("{} is unreadable", path.display()),
                     std::io::Error::new(std::io::ErrorKind::InvalidData, e),
                 )
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Ok(None) => Ok(None),
             Err(e) => Err(LogError::io(format!("cannot read {}", path.display()), e)),
         }
     }
@@ -109,7 +109,7 @@ fn write_replacing(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), L
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     let ctx = |what: &str| format!("cannot {what} {}", tmp.display());
-    let mut f = std::fs::File::create(&tmp).map_err(|e| LogError::io(ctx("create"), e))?;
+    let mut f = super::private::create_new(&tmp).map_err(|e| LogError::io(ctx("create"), e))?;
     if let Some(mode) = mode {
         // On the open file, before the contents: a leftover temp file would keep its mode.
         f.set_permissions(std::fs::Permissions::from_mode(mode))

@@ -25,14 +25,14 @@ pub enum IdentityStatus {
 /// Reads the identity recorded in `dir`, if any.
 pub fn load_identity(dir: &Path) -> Result<Option<Identity>, LogError> {
     let path = dir.join(FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+    match super::private::read(&path) {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             LogError::io(
                 format!("{} is unreadable", path.display()),
                 std::io::Error::new(std::io::ErrorKind::InvalidData, e),
             )
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Ok(None) => Ok(None),
         Err(e) => Err(LogError::io(format!("cannot read {}", path.display()), e)),
     }
 }

@@ -1,6 +1,6 @@
 //! The data-directory lock: one process per directory, and a clear message naming the holder.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::Path;
 
@@ -17,12 +17,7 @@ impl DirLock {
     /// Takes `DIR/LOCK` without waiting, or says who holds it.
     pub(crate) fn acquire(dir: &Path) -> Result<Self, LogError> {
         let path = dir.join("LOCK");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
+        let mut file = super::private::open_rw(&path)
             .map_err(|e| LogError::io(format!("cannot open {}", path.display()), e))?;
         match file.try_lock() {
             Ok(()) => {

@@ -29,6 +29,7 @@ mod checkpoint;
 mod format;
 mod identity;
 mod lock;
+mod private;
 
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -126,6 +127,14 @@ pub enum LogError {
         /// What differs, recorded value and new one.
         differences: String,
     },
+    /// The directory is not private to this user.
+    #[error("data directory {dir} is not safe to use: {reason}; nothing was modified")]
+    UnsafeDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// An entry could not be decoded.
     #[error("event seq {seq} cannot be decoded: {source}")]
     Corrupt {
@@ -172,6 +181,7 @@ impl LogError {
                 | LogError::NewerSchema { .. }
                 | LogError::Locked { .. }
                 | LogError::IdentityMismatch { .. }
+                | LogError::UnsafeDir { .. }
         )
     }
 }
@@ -244,13 +254,10 @@ impl EventLog {
         let dir = dir.as_ref().to_path_buf();
         let db_path = dir.join("log");
         let had_log = db_path.exists();
-        if !had_log {
-            if !opts.create {
-                return Err(LogError::NotFound(dir));
-            }
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| LogError::io(format!("cannot create {}", dir.display()), e))?;
+        if !had_log && !opts.create {
+            return Err(LogError::NotFound(dir));
         }
+        private::prepare_dir(&dir, opts.create)?;
         let lock = lock::DirLock::acquire(&dir)?;
         let format = Format::load(&dir)?;
         if let Some(reason) = format.as_ref().and_then(Format::newer_than_this_binary) {

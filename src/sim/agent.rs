@@ -274,6 +274,19 @@ impl AgentServer for SimAgent {
         })
     }
 
+    fn forget_prompt<'a>(
+        &'a self,
+        id: &'a AgentSessionId,
+        message_id: &'a str,
+    ) -> PortFuture<'a, ()> {
+        Box::pin(async move {
+            let _call = self.h.call("delete_message", 0).await?;
+            let key = (id.clone(), message_id.to_owned());
+            self.lock().answers.remove(&key);
+            Ok(())
+        })
+    }
+
     fn prompt_outcome<'a>(
         &'a self,
         id: &'a AgentSessionId,

@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -31,7 +31,15 @@ pub struct MockModel {
     pub base_url: String,
     /// Chat completions requested so far.
     pub requests: Arc<AtomicUsize>,
+    /// The last user text of every request so far, in arrival order.
+    texts: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct Seen {
+    requests: Arc<AtomicUsize>,
+    texts: Arc<Mutex<Vec<String>>>,
 }
 
 impl MockModel {
@@ -44,10 +52,13 @@ impl MockModel {
 
     /// Starts on `addr`.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
-        let requests = Arc::new(AtomicUsize::new(0));
+        let seen = Seen {
+            requests: Arc::new(AtomicUsize::new(0)),
+            texts: Arc::default(),
+        };
         let app = Router::new()
             .route("/v1/chat/completions", post(complete))
-            .with_state(requests.clone());
+            .with_state(seen.clone());
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
@@ -57,9 +68,26 @@ impl MockModel {
         });
         Ok(Self {
             base_url: format!("http://{addr}/v1"),
-            requests,
+            requests: seen.requests,
+            texts: seen.texts,
             task,
         })
+    }
+
+    /// Requests so far whose last user text contains `text`: how often the model was asked to
+    /// answer that message (a message posted twice under one id has its text twice).
+    pub fn asked(&self, text: &str) -> usize {
+        self.texts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|t| t.contains(text))
+            .count()
+    }
+
+    /// The last user text of every request so far, in arrival order.
+    pub fn texts(&self) -> Vec<String> {
+        self.texts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The `opencode.json` of an agent directory whose only model is this one (`mock/echo`).
@@ -110,9 +138,13 @@ fn last_user_text(body: &Value) -> String {
     }
 }
 
-async fn complete(State(requests): State<Arc<AtomicUsize>>, Json(body): Json<Value>) -> Response {
-    requests.fetch_add(1, Ordering::SeqCst);
+async fn complete(State(seen): State<Seen>, Json(body): Json<Value>) -> Response {
     let text = last_user_text(&body);
+    seen.texts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(text.clone());
+    seen.requests.fetch_add(1, Ordering::SeqCst);
     if let Some(ms) = text
         .split("SLOW:")
         .nth(1)
