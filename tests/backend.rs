@@ -591,3 +591,107 @@ async fn agentsync_send_posts_through_the_inbox_and_waits_for_the_answer() {
     answering.abort();
     server.abort();
 }
+
+// Issue 13, "untrusted replies": a hostile deployment on loopback.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_convex_reply_larger_than_the_cap_is_cut_with_an_error_naming_the_call_and_the_size() {
+    use axum::routing::{get, post};
+    use common::hostile::{endless_zeros, huge_content_length, serve};
+
+    let endless = serve(
+        axum::Router::new()
+            .route("/api/query", post(|| async { endless_zeros() }))
+            .route(
+                "/api/mutation",
+                post(|| async { (axum::http::StatusCode::BAD_GATEWAY, endless_zeros()) }),
+            )
+            .route("/sessions/{id}/messages", get(|| async { endless_zeros() })),
+    )
+    .await;
+    let client = ConvexClient::new(ConvexConfig::new(&endless.url, WORKER)).unwrap();
+    let err = client.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(
+        err.message,
+        "POST /api/query agentsync:listSessions: reply larger than 33554432 bytes"
+    );
+    assert_eq!(
+        err.class,
+        ErrorClass::Terminal,
+        "the same call gets the same reply"
+    );
+    let rename = Command::RenameSession {
+        chat_session_id: "c1".into(),
+        title: "t".into(),
+    };
+    let err = client.mutate(&id("rename:1"), &rename).await.unwrap_err();
+    assert_eq!(
+        err.class,
+        ErrorClass::Retryable,
+        "an error reply keeps its status's class"
+    );
+    assert_eq!(
+        err.message,
+        "agentsync:renameSession: HTTP 502: reply larger than 65536 bytes"
+    );
+
+    // The inbox client (`agentsync send`, `chat`) reads under the same cap.
+    let inbox = InboxClient::new(&endless.url);
+    let err = inbox.conversation("c1").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "inbox: GET /sessions/c1/messages: reply larger than 33554432 bytes"
+    );
+
+    // `Content-Length: 1 GiB` and nothing after: refused before reading.
+    let liar = huge_content_length(200).await;
+    let client = ConvexClient::new(ConvexConfig {
+        timeout: Duration::from_secs(20),
+        max_reply_bytes: 1 << 20,
+        ..ConvexConfig::new(&liar.url, WORKER)
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let err = client.list_messages(None, 10).await.unwrap_err();
+    assert_eq!(
+        err.message,
+        "POST /api/query agentsync:listMessages: reply larger than 1048576 bytes"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "not read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_convex_error_message_with_newlines_becomes_one_bounded_line() {
+    use axum::routing::post;
+    use common::hostile::serve;
+
+    let message =
+        "Uncaught Error: boom\n    at handler (agentsync.ts:1:1)\r\n\x1b[2J".repeat(20_000);
+    assert!(message.len() > 1_000_000);
+    let body = serde_json::json!({"status": "error", "errorMessage": message}).to_string();
+    let server = serve(axum::Router::new().route(
+        "/api/query",
+        post(move || {
+            let body = body.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
+    ))
+    .await;
+    let client = ConvexClient::new(ConvexConfig::new(&server.url, WORKER)).unwrap();
+    let err = client.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal);
+    assert_eq!(err.message.chars().count(), 1_000, "{}", err.message);
+    assert!(err.message.ends_with('…'));
+    assert!(
+        !err.message.contains(['\n', '\r', '\x1b']),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message.starts_with(
+            "agentsync:listSessions: Uncaught Error: boom at handler (agentsync.ts:1:1) \\u{1b}[2J"
+        ),
+        "{}",
+        err.message
+    );
+}
