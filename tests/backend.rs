@@ -695,3 +695,53 @@ async fn a_megabyte_convex_error_message_with_newlines_becomes_one_bounded_line(
         err.message
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentsync_send_prints_an_answers_escape_sequences_escaped() {
+    use axum::routing::{get, post};
+    use common::hostile::serve;
+
+    // An inbox whose answer sets the terminal's title and clears it.
+    let message = |id: &str, role: &str, content: &str, reply_to: Option<&str>| {
+        serde_json::json!({"chatSessionId": "chat_1", "messageId": id, "role": role,
+            "content": content, "completed": true, "timestamp": 1, "replyTo": reply_to,
+            "error": null})
+    };
+    let question = message("msg_1", "user", "hi", None);
+    let answer = message(
+        "msg_2",
+        "assistant",
+        "line one\x1b]0;pwned\x07\r\nline two\x1b[2J",
+        Some("msg_1"),
+    );
+    let conversation = serde_json::json!([question.clone(), answer]);
+    let inbox = serve(
+        axum::Router::new()
+            .route(
+                "/sessions/{id}/messages",
+                post(
+                    move || async move { (axum::http::StatusCode::CREATED, axum::Json(question)) },
+                ),
+            )
+            .route(
+                "/sessions/{id}/messages",
+                get(move || async move { axum::Json(conversation) }),
+            ),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("INBOX"), &inbox.url).unwrap();
+    let path = dir.path().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        common::agentsync_in(&path, "send", &["chat_1", "hi", "--wait", "5"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(!text.contains(['\x1b', '\x07', '\r']), "{text:?}");
+    assert_eq!(
+        text, "chat_1 msg_1\nline one\\u{1b}]0;pwned\\u{7}\nline two\\u{1b}[2J\n",
+        "escaped, its lines kept"
+    );
+}
