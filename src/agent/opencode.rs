@@ -262,12 +262,13 @@ impl OpencodeClient {
             }
             Translated::Ignored(kind) => {
                 self.stats.ignored.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(kind = %kind, "agent event not read");
+                // The server chose these words: one bounded line in the log.
+                tracing::debug!(kind = %one_line(&kind), "agent event not read");
                 None
             }
             Translated::Malformed(error) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %error, "malformed agent event skipped");
+                tracing::warn!(error = %one_line(&error), "malformed agent event skipped");
                 None
             }
         }
