@@ -503,6 +503,11 @@ fn run_refuses_bad_settings_with_exit_2_naming_the_key_and_writes_nothing() {
             "listing-limit must be at least 1",
         ),
         (
+            format!("{base}max-reply-mib = 0\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "max-reply-mib must be at least 1 and at most 1 GiB",
+        ),
+        (
             format!("{base}message-deadline-mins = 0\n"),
             vec!["--agent-url", "http://127.0.0.1:9"],
             "message-deadline-mins must be between 1 and 10080",
