@@ -302,3 +302,128 @@ fn a_megabyte_listing_error_is_one_bounded_line_in_observation_failed() {
             .starts_with("listMessages: HTTP 502: <h1>502 Bad Gateway</h1> \\u{1b}]0;pwned\\u{7}"));
     }
 }
+         .count();
+     assert_eq!(lifted, 1, "lifted once the deletions were carried out");
+ }
+
+/// The log of a process that died with a prompt on the wire: chat `chat_0` linked to `ses_0`,
+/// user message `m1` seen, `prompt:m1` planned and its attempt started.
+fn died_mid_prompt(log: &EventLog) {
+    let chat = ChatSessionInfo {
+        chat_session_id: "chat_0".into(),
+        agent_session_id: Some("ses_0".into()),
+        title: "S0".into(),
+        model: None,
+        status: ChatStatus::Active,
+        last_activity: T0,
+        project: None,
+    };
+    let agent: AgentSessionInfo = serde_json::from_value(
+        serde_json::json!({"agent_session_id": "ses_0", "title": "S0", "updated_at": T0}),
+    )
+    .unwrap();
+    let prompt = Command::Prompt {
+        chat_session_id: "chat_0".into(),
+        agent_session_id: "ses_0".into(),
+        message_id: "m1".into(),
+        text: "hello".into(),
+        model: None,
+        agent_message_id: Some(crate::reconcile::ids::agent_message_id(&"m1".into(), T0)),
+    };
+    let events = vec![
+        Event::BackendSessionSeen(chat),
+        Event::AgentSessionSeen(agent),
+        Event::BackendMessageSeen(MessageInfo {
+            chat_session_id: "chat_0".into(),
+            message_id: "m1".into(),
+            role: Role::User,
+            content: "hello".into(),
+            completed: true,
+            timestamp: T0,
+            reply_to: None,
+            error: None,
+        }),
+        Event::CommandPlanned(CommandPlanned {
+            command_id: "prompt:m1".into(),
+            command: prompt.clone(),
+            reason: "user message has no answer".into(),
+        }),
+        Event::AttemptStarted(AttemptStarted {
+            command_id: "prompt:m1".into(),
+            op: Op::Prompt,
+            subject: prompt.subject(),
+            attempt: 1,
+        }),
+    ];
+    log.append(events.into_iter().map(|e| NewEvent::new(e, T0)).collect())
+        .unwrap();
+}
+
+/// "Ready means observed in this process: until then nothing is prompted and nothing is
+/// deleted" (issue 12, point 3). A command the previous process left open is queued by
+/// `Dispatcher::resume` at open and started by the first `select`, which knows nothing of
+/// readiness: restarted with the backend down (so never Ready), the worker still runs the
+/// model for the resumed prompt.
+#[test]
+fn a_resumed_prompt_waits_for_ready_like_a_planned_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LogOptions {
+        create: true,
+        ..LogOptions::default()
+    };
+    let log = Arc::new(EventLog::open(dir.path(), &opts).unwrap());
+    died_mid_prompt(&log);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let agent = rt.block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0 + 5_000));
+        let agent = Arc::new(SimAgent::new(clock.clone(), Faults::default()));
+        agent.insert(
+            serde_json::from_value(
+                serde_json::json!({"agent_session_id": "ses_0", "title": "S0", "updated_at": T0}),
+            )
+            .unwrap(),
+        );
+        // The backend is down for the whole run: no complete listing, never Ready.
+        let down = Faults {
+            outages: vec![(0, Millis::MAX)],
+            ..Faults::default()
+        };
+        let backend = Arc::new(SimBackend::new(clock.clone(), down));
+        let worker = Worker::open(
+            log.clone(),
+            agent.clone(),
+            backend,
+            clock,
+            WorkerConfig::default(),
+        )
+        .await
+        .unwrap();
+        let report = worker
+            .run(tokio::time::sleep(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        assert_eq!(report.time_to_ready_ms, None, "Ready with the backend down");
+        agent
+    });
+    let attempts: Vec<Envelope> = log
+        .read(ReadFilter {
+            kinds: Some(vec![EventKind::AttemptStarted, EventKind::WorkerReady]),
+            ..ReadFilter::default()
+        })
+        .map(Result::unwrap)
+        .filter(|e| e.seq > 5)
+        .collect();
+    assert!(
+        agent.model_runs().is_empty() && attempts.is_empty(),
+        "prompted before Ready: model runs {:?}, attempts {:?}",
+        agent.model_runs(),
+        attempts
+            .iter()
+            .map(|e| (e.seq, e.kind()))
+            .collect::<Vec<_>>()
+    );
+}
