@@ -886,6 +886,61 @@ mod tests {
         assert_eq!(segment("../x?y"), "%2E%2E%2Fx%3Fy");
     }
 
+    /// A server whose prompt run died (it restarted, say) after a tool step: the session is
+    /// idle, and the last reply to the user message is the completed `tool-calls` step ("let me
+    /// look"), not an answer. OpenCode itself goes on looping after such a step
+    /// (`finish` in `tool-calls`/`unknown`); `outcome_of` reads no `finish` and takes any
+    /// completed reply as the answer, so the user gets the first step's preamble as the answer
+    /// and the prompt, which died without one, is never sent again.
+    #[tokio::test]
+    async fn a_run_that_died_after_a_tool_step_is_not_answered_by_that_step() {
+        use axum::routing::get;
+        let messages = serde_json::json!([
+            {"info": {"id": "msg_u1", "role": "user", "sessionID": "ses_a",
+                      "time": {"created": 1}},
+             "parts": [{"type": "text", "text": "fix the bug in main.rs"}]},
+            {"info": {"id": "msg_a1", "role": "assistant", "sessionID": "ses_a",
+                      "parentID": "msg_u1", "finish": "tool-calls",
+                      "time": {"created": 2, "completed": 3}},
+             "parts": [{"type": "step-start"},
+                       {"type": "text", "text": "Let me look at main.rs first."},
+                       {"type": "tool", "tool": "read"}]}
+        ]);
+        let user = messages[0].clone();
+        let app = axum::Router::new()
+            .route(
+                "/session/{id}/message/{mid}",
+                get(move || {
+                    let user = user.clone();
+                    async move { axum::Json(user) }
+                }),
+            )
+            .route(
+                "/session/{id}/message",
+                get(move || {
+                    let messages = messages.clone();
+                    async move { axum::Json(messages) }
+                }),
+            )
+            .route(
+                "/session/status",
+                get(|| async { axum::Json(serde_json::json!({})) }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let client = OpencodeClient::new(OpencodeConfig::new(url)).unwrap();
+        let outcome = client
+            .prompt_outcome(&AgentSessionId::from("ses_a"), "msg_u1")
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            PromptOutcome::Interrupted,
+            "a tool-calls step is not the answer"
+        );
+    }
+
     #[test]
     fn a_secret_never_prints() {
         let s = Secret::new("hunter2");
