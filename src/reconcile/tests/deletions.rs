@@ -212,3 +212,22 @@ fn a_failed_agent_listing_neither_holds_nor_lifts() {
     assert_eq!(hold(&mut w), None);
     assert!(deletions(&w.step()).is_empty());
 }
+
+/// "More needs a second complete listing at least a minute later that agrees" (issue 12,
+/// point 5), with "a wall-clock step of minutes both ways" among the faults to survive. The
+/// wait is measured in the events' wall time (`hold.at`, `last_complete_at`): when the clock
+/// steps forward an hour between the hold and the next listing, two seconds apart, the wait is
+/// over at once and a wiped server's listing is obeyed.
+#[test]
+fn a_clock_stepped_forward_does_not_cut_the_wait_of_a_hold() {
+    let mut w = held();
+    // Two seconds later, but the wall clock has just been stepped forward by an hour.
+    w.now += 60 * MIN + 2 * SECOND;
+    listing_without(&mut w, 0..0);
+    assert_eq!(hold(&mut w), None);
+    assert_eq!(
+        deletions(&w.step()),
+        Vec::<&String>::new(),
+        "a listing two seconds after the hold confirmed it"
+    );
+}
