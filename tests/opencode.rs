@@ -565,7 +565,7 @@ async fn a_lost_create_or_prompt_can_be_looked_up_on_the_real_server() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let m1 = ids::agent_message_id(&MessageId("m1".into()), now);
+    let m1 = ids::agent_message_id(&MessageId("m1".into()), now, 0);
     assert_eq!(
         client.prompt_outcome(id, &m1).await.unwrap(),
         PromptOutcome::NotSent
@@ -613,7 +613,7 @@ async fn a_lost_create_or_prompt_can_be_looked_up_on_the_real_server() {
     // A run that died with its server leaves the user message stored, unanswered, the session
     // idle (here: stored with `noReply`): it reads as interrupted, and once forgotten it is
     // gone, so it can be sent anew under the same id and shows once.
-    let m2 = ids::agent_message_id(&MessageId("m2".into()), now + 1);
+    let m2 = ids::agent_message_id(&MessageId("m2".into()), now + 1, 0);
     let stored = reqwest::Client::new()
         .post(format!("{}/session/{id}/message", client.base_url()))
         .json(&serde_json::json!({"messageID": m2, "noReply": true,

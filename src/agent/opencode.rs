@@ -391,10 +391,15 @@ impl OpencodeClient {
         }
         let reply = self.replies_to(id, message_id).await?.pop();
         Ok(match reply {
+            // Stopped from outside (our own shutdown of the server, say): no answer came of
+            // it, and none will.
+            Some(m) if m.info.aborted() => PromptOutcome::Interrupted,
             Some(m) if m.info.error.is_some() => {
                 PromptOutcome::Failed(prompt_error(m.info.error.as_ref().expect("checked")))
             }
-            Some(m) if m.info.time.completed.is_some() => PromptOutcome::Answered(m.text()),
+            Some(m) if m.info.ends_the_run() => PromptOutcome::Answered(m.text()),
+            // No step, or a step after which the server meant to run another, and the session
+            // is idle: the run died between steps.
             _ => PromptOutcome::Interrupted,
         })
     }

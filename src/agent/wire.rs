@@ -212,6 +212,27 @@ pub struct SessionMessageInfo {
     /// Set when an assistant message failed.
     #[serde(default)]
     pub error: Option<AssistantError>,
+    /// Why an assistant step ended: `stop`, `length`, ... or `tool-calls` / `unknown`, after
+    /// which OpenCode runs another step (1.18.33's loop), so such a step is not the answer.
+    #[serde(default)]
+    pub finish: Option<String>,
+}
+
+impl SessionMessageInfo {
+    /// Whether this assistant step ends its prompt's run: completed, and not followed by
+    /// another step.
+    pub fn ends_the_run(&self) -> bool {
+        self.time.completed.is_some()
+            && !matches!(self.finish.as_deref(), Some("tool-calls" | "unknown"))
+    }
+
+    /// Whether the run was stopped from outside (OpenCode stamps the running step with
+    /// `MessageAbortedError` when it is aborted or shut down).
+    pub fn aborted(&self) -> bool {
+        self.error
+            .as_ref()
+            .is_some_and(|e| e.name == "MessageAbortedError")
+    }
 }
 
 impl SessionMessage {

@@ -19,7 +19,7 @@ use crate::agent::supervisor::{supervise, RestartPolicy};
 use crate::agent::{OpencodeClient, OpencodeConfig, OpencodeLauncher};
 use crate::backend::local::{open_inbox, InboxLimits};
 use crate::backend::{ConvexClient, ConvexConfig, LocalBackend};
-use crate::clock::{Clock, Millis, SystemClock};
+use crate::clock::{Clock, Millis, SteadyClock, SystemClock};
 use crate::events::{
     AgentIdentity, BackendIdentity, Event, Identity, IdentityAdopted, Lifecycle, ModelRef, NewEvent,
 };
@@ -454,7 +454,8 @@ async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
 }
 
 async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Event times follow the monotonic clock: a wall-clock step while running moves nothing.
+    let clock: Arc<dyn Clock> = Arc::new(SteadyClock::new());
     let log = {
         let dir = s.data_dir.clone();
         let opts = LogOptions {

@@ -384,6 +384,22 @@ pub struct Dispatcher {
     models: ModelState,
     order: u64,
     stats: DispatchStats,
+    /// Whether the worker is Ready: before, only what cannot act on a stale picture of the
+    /// world may start ([`waits_for_ready`]).
+    ready: bool,
+}
+
+/// Whether `op` must wait until the worker is Ready: everything that acts on the agent server
+/// (prompts, creations, aborts, and the model fetch a chat creation needs) and every verdict
+/// on a chat session (deleted, failed). A command resumed from the ledger was decided on what
+/// a previous process saw; until this process has listed both sides it may be wrong. Delivering
+/// an outcome already in hand, linking and renaming may go at once.
+pub fn waits_for_ready(op: Op) -> bool {
+    op.target() == Source::Agent
+        || matches!(
+            op,
+            Op::CreateSession | Op::MarkSessionDeleted | Op::MarkSessionFailed
+        )
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -424,7 +440,14 @@ impl Dispatcher {
             models: ModelState::default(),
             order: 0,
             stats: DispatchStats::default(),
+            ready: true,
         }
+    }
+
+    /// Holds back (`false`) or lets go (`true`) the commands that wait for Ready. A worker
+    /// holds them from its start until both sides were listed in its own process.
+    pub fn set_ready(&mut self, ready: bool) {
+        self.ready = ready;
     }
 
     /// The per-target gates, for the observers to share.
@@ -511,7 +534,11 @@ impl Dispatcher {
             };
             // Cut short by the process's death, or failed in a way that may have taken effect.
             let uncertain = matches!(entry.state, CommandState::InFlight | CommandState::Failed);
-            let at = entry.next_attempt_at().unwrap_or(now);
+            // A wait logged before the wall clock was stepped back is capped at the longest.
+            let at = entry
+                .next_attempt_at()
+                .unwrap_or(now)
+                .min(now.saturating_add(self.cfg.retry.cap_ms));
             let when = (at, uncertain);
             self.push(id.clone(), command.clone(), (attempts, attempts), when, now);
             n += 1;
@@ -540,6 +567,9 @@ impl Dispatcher {
             let Some(queued) = self.queue.get(&id) else {
                 continue;
             };
+            if !self.ready && waits_for_ready(queued.command.op()) {
+                continue;
+            }
             let mut command = queued.command.clone();
             let keys = queued.keys.clone();
             let blocked = keys.iter().any(|k| {

@@ -200,6 +200,8 @@ impl Worker {
             log.last_seq()
         );
         let mut dispatcher = Dispatcher::new(cfg.dispatch.clone(), started_at);
+        // Resumed commands were decided on a previous process's view: they wait for Ready.
+        dispatcher.set_ready(false);
         let resumed = dispatcher.resume(&live.views.commands.state, started_at);
         if resumed > 0 {
             tracing::info!(resumed, "resuming unfinished commands");
@@ -407,6 +409,7 @@ impl Worker {
         }
         let sessions = &self.views().sessions.state;
         if reconcile::listed_in_this_process(sessions, self.process_seq) {
+            self.dispatcher.set_ready(true);
             let ms = now.saturating_sub(self.started_at);
             self.ready_after = Some(ms);
             let views = self.views();
