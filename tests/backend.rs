@@ -369,7 +369,10 @@ async fn every_error_class_of_the_client() {
     });
     let err = client.list_sessions(None, 10).await.unwrap_err();
     assert_eq!(err.class, ErrorClass::Retryable);
-    assert_eq!(err.retry_after_ms, Some(7_000), "Retry-After is honoured");
+    assert_eq!(
+        err.retry_after_ms, None,
+        "Convex sends no Retry-After: the dispatcher's own backoff decides"
+    );
 
     // A malformed value in a non-empty page names the item's field: never read as empty.
     fake.set_faults(ConvexFaults::default());
