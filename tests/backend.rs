@@ -349,6 +349,30 @@ async fn every_error_class_of_the_client() {
         ),
         (
             ConvexFaults {
+                paused: 1,
+                ..Default::default()
+            },
+            ErrorClass::Retryable,
+            "Cannot run functions while this deployment is paused",
+        ),
+        (
+            ConvexFaults {
+                timed_out: 1,
+                ..Default::default()
+            },
+            ErrorClass::Retryable,
+            "Function execution timed out",
+        ),
+        (
+            ConvexFaults {
+                rate_limited: 1,
+                ..Default::default()
+            },
+            ErrorClass::Retryable,
+            "HTTP 429: TooManyConcurrentRequests",
+        ),
+        (
+            ConvexFaults {
                 query_delay_ms: 2_000,
                 ..Default::default()
             },
@@ -364,7 +388,6 @@ async fn every_error_class_of_the_client() {
     }
     fake.set_faults(ConvexFaults {
         rate_limited: 1,
-        retry_after_s: 7,
         ..Default::default()
     });
     let err = client.list_sessions(None, 10).await.unwrap_err();
@@ -388,8 +411,23 @@ async fn every_error_class_of_the_client() {
     let anonymous = ConvexClient::new(ConvexConfig::new(&fake.url, WORKER)).unwrap();
     let err = anonymous.list_sessions(None, 10).await.unwrap_err();
     assert_eq!(err.class, ErrorClass::Terminal, "{err}");
-    assert!(err.message.contains("401"), "{err}");
-    assert!(!err.message.contains("dev:key"));
+    assert!(
+        err.message.contains("Could not find public function")
+            && err.message.contains("--convex-key-env"),
+        "internal functions are invisible without the key: {err}"
+    );
+    let wrong_key = ConvexClient::new(ConvexConfig {
+        deploy_key: Some(Secret::new("dev:stale")),
+        ..config.clone()
+    })
+    .unwrap();
+    let err = wrong_key.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+    assert!(
+        err.message.contains("HTTP 403") && err.message.contains("the deploy key is wrong"),
+        "{err}"
+    );
+    assert!(!err.message.contains("dev:key") && !err.message.contains("dev:stale"));
 
     let wrong_module = ConvexClient::new(ConvexConfig {
         module: "other".into(),
@@ -397,7 +435,10 @@ async fn every_error_class_of_the_client() {
     })
     .unwrap();
     let err = wrong_module.list_sessions(None, 10).await.unwrap_err();
-    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+    // With the key, a function not found is what a deploy in progress answers: retried, and
+    // (for a mutation) delivered in a later round once the module is there.
+    assert_eq!(err.class, ErrorClass::Retryable, "{err}");
+    assert!(err.message.contains("a deploy in progress?"), "{err}");
 
     let url = fake.url.clone();
     drop(fake);
@@ -593,4 +634,75 @@ async fn agentsync_send_posts_through_the_inbox_and_waits_for_the_answer() {
     assert_eq!(store.conversation(ids[0]).unwrap().len(), 2);
     answering.abort();
     server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_answers_in_the_real_wire_format_and_the_client_reads_it() {
+    let fake = FakeConvex::start("agentsync", Some("dev:key"), clock())
+        .await
+        .unwrap();
+    let chat = fake.store().open_chat(WORKER, "floats").unwrap();
+    fake.store()
+        .post_user_message(&chat.chat_session_id, "hi")
+        .unwrap();
+    // The raw answer: every number a float, as Convex's export_clean writes Date.now().
+    let raw = reqwest::Client::new()
+        .post(format!("{}/api/query", fake.url))
+        .header("authorization", "Convex dev:key")
+        .json(&serde_json::json!({"path": "agentsync:listSessions",
+            "args": {"workerId": WORKER, "cursor": null, "limit": 10}, "format": "json"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(raw.headers().get("retry-after").is_none());
+    let text = raw.text().await.unwrap();
+    println!("wire: {text}");
+    assert!(text.contains(r#""lastActivity":1763700000000.0"#), "{text}");
+    let client = ConvexClient::new(ConvexConfig {
+        deploy_key: Some(Secret::new("dev:key")),
+        ..ConvexConfig::new(&fake.url, WORKER)
+    })
+    .unwrap();
+    let sessions = client.list_sessions(None, 10).await.unwrap();
+    println!("parsed: {:?}", sessions.page);
+    assert_eq!(sessions.page[0].last_activity, 1_763_700_000_000);
+    let messages = client.list_messages(None, 10).await.unwrap();
+    println!("parsed: {:?}", messages.page);
+    assert_eq!(messages.page[0].timestamp, 1_763_700_000_000);
+
+    // A function's error is HTTP 200 (560 on older backends), classed by what it says.
+    for legacy in [false, true] {
+        fake.set_legacy_560(legacy);
+        fake.set_faults(ConvexFaults {
+            paused: 1,
+            ..Default::default()
+        });
+        let err = client.list_sessions(None, 10).await.unwrap_err();
+        assert_eq!(err.class, ErrorClass::Retryable, "{err}");
+        let err = client
+            .mutate(
+                &id("rename:ghost"),
+                &Command::RenameSession {
+                    chat_session_id: "chat_ghost".into(),
+                    title: "x".into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+        assert!(
+            err.message.contains("Uncaught Error: no chat session"),
+            "{err}"
+        );
+    }
+    let statuses: Vec<(u16, bool)> = fake
+        .calls()
+        .iter()
+        .filter(|c| c.error.is_some())
+        .map(|c| (c.status, c.error.as_deref().unwrap().contains("paused")))
+        .collect();
+    assert_eq!(
+        statuses,
+        [(200, true), (200, false), (560, true), (560, false)]
+    );
 }
