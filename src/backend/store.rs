@@ -12,7 +12,15 @@
 //! - `m/{message}`: a message with its change number; `x/{change:020}`: the change log that
 //!   `listMessages` pages through (one entry per message: the old one goes when it changes);
 //! - `sm/{chat}/{message}`: a session's messages; `r/{message}`: the reply to a user message;
-//! - `a/{commandId}`: the recorded reply of an applied mutation; `n`: the id/change counter.
+//! - `a/{commandId}`: the recorded reply of an applied mutation; `n`: the change counter;
+//! - `o/{worker}/{chat}`: the chat sessions a person opened (the inbox) that are still active;
+//!   `p/{worker}/{message}`: the user messages posted since that index existed that have neither
+//!   an answer nor a failure. They let the inbox cap both without reading every record.
+//!
+//! Chat session and message ids are random (`chat_` or `msg_` and 128 bits from the operating
+//! system's CSPRNG, in hex): an id is no capability, yet nothing can be reached by counting.
+//! Nothing orders by id: listings page by change number (messages) or by key (sessions), and a
+//! conversation is in creation order (each message records the change number that created it).
 
 use std::sync::{Arc, Mutex};
 
@@ -90,7 +98,59 @@ pub fn message_bytes(m: &Message) -> usize {
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredMessage {
     change: u64,
+    /// The change number that created it: the conversation's order. 0 in records written
+    /// before it was kept; their ids (`msg_` and that number) carry it.
+    #[serde(default)]
+    created: u64,
     message: Message,
+}
+
+impl StoredMessage {
+    /// The position of the message in its conversation.
+    fn order(&self) -> u64 {
+        if self.created != 0 {
+            return self.created;
+        }
+        self.message
+            .message_id
+            .strip_prefix("msg_")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A call refused because a limit of [`ContractStore::open_chat_capped`] or
+/// [`ContractStore::post_user_message_capped`] was reached, or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Capped {
+    /// The limit was reached: nothing was written.
+    #[error("{0}")]
+    Full(String),
+    /// The call failed.
+    #[error(transparent)]
+    Call(#[from] CallError),
+}
+
+impl From<StoreError> for Capped {
+    fn from(e: StoreError) -> Self {
+        Self::Call(CallError::Store(e))
+    }
+}
+
+/// A new random id: `prefix`, `_`, 128 bits from the operating system's CSPRNG in hex.
+pub fn random_id(prefix: &str) -> Result<String, StoreError> {
+    use rand::TryRngCore;
+    let mut bytes = [0u8; 16];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| StoreError(format!("no randomness from the operating system: {e}")))?;
+    let mut id = String::with_capacity(prefix.len() + 1 + 32);
+    id.push_str(prefix);
+    id.push('_');
+    for b in bytes {
+        id.push_str(&format!("{b:02x}"));
+    }
+    Ok(id)
 }
 
 /// The writes of one mutation, applied together.
@@ -200,11 +260,33 @@ impl<K: Kv> ContractStore<K> {
 
     /// A new chat session started by a person (the local inbox): no agent session yet.
     pub fn open_chat(&self, worker_id: &str, title: &str) -> Result<ChatSession, CallError> {
+        self.open_chat_capped(worker_id, title, usize::MAX)
+            .map_err(|e| match e {
+                Capped::Call(e) => e,
+                Capped::Full(m) => CallError::Function(m),
+            })
+    }
+
+    /// [`open_chat`](Self::open_chat), unless `max_open` chat sessions a person opened for
+    /// `worker_id` are still active: then [`Capped::Full`] and nothing is written.
+    pub fn open_chat_capped(
+        &self,
+        worker_id: &str,
+        title: &str,
+        max_open: usize,
+    ) -> Result<ChatSession, Capped> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if max_open != usize::MAX {
+            let open = self.kv.scan(&format!("o/{worker_id}/"), None, max_open)?;
+            if open.len() >= max_open {
+                return Err(Capped::Full(format!(
+                    "too many open chat sessions ({max_open}): close some first"
+                )));
+            }
+        }
         let mut tx = Tx::default();
-        let n = self.next(&mut tx)?;
         let session = ChatSession {
-            chat_session_id: format!("chat_{n:012}"),
+            chat_session_id: random_id("chat")?,
             agent_session_id: None,
             title: title.to_owned(),
             model: None,
@@ -212,6 +294,7 @@ impl<K: Kv> ContractStore<K> {
             last_activity: self.clock.now_ms(),
             project: None,
         };
+        tx.put(format!("o/{worker_id}/{}", session.chat_session_id), &());
         self.put_session(&mut tx, worker_id, &session);
         self.kv.commit(tx.writes)?;
         Ok(session)
@@ -219,20 +302,44 @@ impl<K: Kv> ContractStore<K> {
 
     /// A person's message in a chat session (the local inbox, or a test seeding the fake).
     pub fn post_user_message(&self, chat: &str, content: &str) -> Result<Message, CallError> {
+        self.post_user_message_capped(chat, content, usize::MAX)
+            .map_err(|e| match e {
+                Capped::Call(e) => e,
+                Capped::Full(m) => CallError::Function(m),
+            })
+    }
+
+    /// [`post_user_message`](Self::post_user_message), unless the chat's worker already has
+    /// `max_pending` user messages without an answer or a failure: then [`Capped::Full`] and
+    /// nothing is written.
+    pub fn post_user_message_capped(
+        &self,
+        chat: &str,
+        content: &str,
+        max_pending: usize,
+    ) -> Result<Message, Capped> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let (worker, mut session) = self.session(chat)?;
         if session.status != ChatStatus::Active {
             return Err(CallError::Function(format!(
                 "chat session {chat} is {}",
                 status_name(session.status)
-            )));
+            ))
+            .into());
+        }
+        if max_pending != usize::MAX {
+            let pending = self.kv.scan(&format!("p/{worker}/"), None, max_pending)?;
+            if pending.len() >= max_pending {
+                return Err(Capped::Full(format!(
+                    "too many messages waiting for an answer ({max_pending}): wait for some"
+                )));
+            }
         }
         let mut tx = Tx::default();
-        let n = self.next(&mut tx)?;
         let now = self.clock.now_ms();
         let message = Message {
             chat_session_id: chat.to_owned(),
-            message_id: format!("msg_{n:012}"),
+            message_id: random_id("msg")?,
             role: Role::User,
             content: content.to_owned(),
             completed: true,
@@ -241,6 +348,7 @@ impl<K: Kv> ContractStore<K> {
             error: None,
         };
         self.put_message(&mut tx, None, &message)?;
+        tx.put(format!("p/{worker}/{}", message.message_id), &());
         session.last_activity = now;
         self.put_session(&mut tx, &worker, &session);
         self.kv.commit(tx.writes)?;
@@ -282,17 +390,69 @@ impl<K: Kv> ContractStore<K> {
 
     /// A chat session's messages in the order they were written.
     pub fn conversation(&self, chat: &str) -> Result<Vec<Message>, CallError> {
+        Ok(self
+            .ordered_conversation(chat)?
+            .into_iter()
+            .map(|m| m.message)
+            .collect())
+    }
+
+    /// Up to `limit` messages of a chat session in the order they were written, after
+    /// `cursor` (the `continueCursor` of the page before; none or empty: from the start).
+    pub fn conversation_page(
+        &self,
+        chat: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<PageValue<Message>, CallError> {
+        let after = match cursor {
+            None | Some("") => 0,
+            Some(c) => c
+                .parse::<u64>()
+                .map_err(|_| CallError::Function(format!("bad cursor {c:?}")))?,
+        };
+        let rest: Vec<StoredMessage> = self
+            .ordered_conversation(chat)?
+            .into_iter()
+            .filter(|m| m.order() > after)
+            .collect();
+        let is_done = rest.len() <= limit;
+        let page: Vec<StoredMessage> = rest.into_iter().take(limit).collect();
+        let continue_cursor = page.last().map_or(after, StoredMessage::order).to_string();
+        Ok(PageValue {
+            page: page.into_iter().map(|m| m.message).collect(),
+            is_done,
+            continue_cursor,
+        })
+    }
+
+    fn ordered_conversation(&self, chat: &str) -> Result<Vec<StoredMessage>, CallError> {
         self.session(chat)?;
         let prefix = format!("sm/{chat}/");
         let mut out = Vec::new();
         for (key, _) in self.kv.scan(&prefix, None, usize::MAX)? {
             let id = &key[prefix.len()..];
             if let Some(m) = self.stored_message(id)? {
-                out.push(m.message);
+                out.push(m);
             }
         }
-        out.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
+        out.sort_by_key(|m| (m.order(), m.message.timestamp));
         Ok(out)
+    }
+
+    /// Up to `limit` chat sessions of `worker_id` in id order, after `cursor` (the
+    /// `continueCursor` of the page before).
+    pub fn chats_page(
+        &self,
+        worker_id: &str,
+        cursor: Option<&str>,
+        limit: u32,
+    ) -> Result<PageValue<ChatSession>, CallError> {
+        self.list_sessions(&ListArgs {
+            worker_id: worker_id.to_owned(),
+            cursor: cursor.filter(|c| !c.is_empty()).map(str::to_owned),
+            limit,
+        })
     }
 
     fn list_sessions(&self, args: &ListArgs) -> Result<PageValue<ChatSession>, CallError> {
@@ -385,9 +545,8 @@ impl<K: Kv> ContractStore<K> {
     }
 
     fn create_session(&self, tx: &mut Tx, a: CreateSessionArgs) -> Result<CreatedValue, CallError> {
-        let n = self.next(tx)?;
         let session = ChatSession {
-            chat_session_id: format!("chat_{n:012}"),
+            chat_session_id: random_id("chat")?,
             agent_session_id: Some(a.agent_session_id),
             title: a.title,
             model: a.model,
@@ -422,7 +581,7 @@ impl<K: Kv> ContractStore<K> {
         user_message: &str,
         outcome: Result<String, String>,
     ) -> Result<serde_json::Value, CallError> {
-        self.session(chat)?;
+        let (worker, _) = self.session(chat)?;
         let user = self
             .stored_message(user_message)?
             .filter(|m| m.message.chat_session_id == chat && m.message.role == Role::User)
@@ -440,13 +599,14 @@ impl<K: Kv> ContractStore<K> {
             None => None,
         };
         let now = self.clock.now_ms();
+        // Answered or failed: no longer waiting.
+        tx.remove(format!("p/{worker}/{user_message}"));
         match outcome {
             Ok(content) => {
-                let (change, mut message) = match reply {
-                    Some(r) => (Some(r.change), r.message),
+                let (old, mut message) = match reply {
+                    Some(r) => (Some((r.change, r.order())), r.message),
                     None => {
-                        let n = self.next(tx)?;
-                        let id = format!("msg_{n:012}");
+                        let id = random_id("msg")?;
                         tx.put(format!("r/{user_message}"), &id);
                         let m = Message {
                             chat_session_id: chat.to_owned(),
@@ -464,16 +624,18 @@ impl<K: Kv> ContractStore<K> {
                 message.content = content;
                 message.completed = true;
                 message.error = None;
-                self.put_message(tx, change, &message)?;
+                self.put_message(tx, old, &message)?;
             }
             Err(reason) => {
+                let old = (user.change, user.order());
                 let mut m = user.message;
                 m.error = Some(reason.clone());
-                self.put_message(tx, Some(user.change), &m)?;
+                self.put_message(tx, Some(old), &m)?;
                 if let Some(r) = reply.filter(|r| !r.message.completed) {
+                    let old = (r.change, r.order());
                     let mut m = r.message;
                     m.error = Some(reason);
-                    self.put_message(tx, Some(r.change), &m)?;
+                    self.put_message(tx, Some(old), &m)?;
                 }
             }
         }
@@ -488,6 +650,9 @@ impl<K: Kv> ContractStore<K> {
 
     fn put_stored(&self, tx: &mut Tx, worker: &str, stored: StoredSession) {
         let id = stored.session.chat_session_id.clone();
+        if stored.session.status != ChatStatus::Active {
+            tx.remove(format!("o/{worker}/{id}"));
+        }
         tx.put(format!("w/{worker}/{id}"), &());
         tx.put(format!("s/{id}"), &stored);
     }
@@ -524,17 +689,19 @@ impl<K: Kv> ContractStore<K> {
         );
     }
 
-    /// Writes a message under a new change number, dropping its old change-log entry.
+    /// Writes a message under a new change number, dropping its old change-log entry. `old`:
+    /// its change number and its place in the conversation, when it exists already.
     fn put_message(
         &self,
         tx: &mut Tx,
-        old_change: Option<u64>,
+        old: Option<(u64, u64)>,
         message: &Message,
     ) -> Result<(), CallError> {
-        if let Some(old) = old_change {
-            tx.remove(format!("x/{old:020}"));
+        if let Some((old_change, _)) = old {
+            tx.remove(format!("x/{old_change:020}"));
         }
         let change = self.next(tx)?;
+        let created = old.map_or(change, |(_, created)| created);
         let id = &message.message_id;
         tx.writes
             .push((format!("x/{change:020}"), Some(id.as_bytes().to_vec())));
@@ -543,6 +710,7 @@ impl<K: Kv> ContractStore<K> {
             format!("m/{id}"),
             &StoredMessage {
                 change,
+                created,
                 message: message.clone(),
             },
         );
@@ -684,4 +852,133 @@ impl Kv for SledKv {
 
 fn sled_error(e: sled::Error) -> StoreError {
     StoreError(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn store() -> ContractStore<MemoryKv> {
+        ContractStore::new(
+            MemoryKv::default(),
+            Arc::new(ManualClock::new(1_763_700_000_000)),
+        )
+    }
+
+    fn is_random_id(id: &str, prefix: &str) -> bool {
+        id.strip_prefix(prefix)
+            .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
+
+    #[test]
+    fn ids_are_random_and_a_conversation_keeps_the_order_written_within_one_millisecond() {
+        let s = store();
+        let chat = s.open_chat("w", "t").unwrap().chat_session_id;
+        assert!(is_random_id(&chat, "chat_"), "{chat}");
+        let sent: Vec<String> = (0..30)
+            .map(|i| {
+                s.post_user_message(&chat, &format!("q{i}"))
+                    .unwrap()
+                    .message_id
+            })
+            .collect();
+        assert!(sent.iter().all(|id| is_random_id(id, "msg_")), "{sent:?}");
+        let mut sorted = sent.clone();
+        sorted.sort();
+        assert_ne!(sorted, sent, "30 random ids are not in order by chance");
+        let read: Vec<String> = s
+            .conversation(&chat)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect();
+        assert_eq!(read, sent, "the order written, all at the same millisecond");
+        // Pages of 7 give the same order, each message once.
+        let mut paged = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = s.conversation_page(&chat, cursor.as_deref(), 7).unwrap();
+            paged.extend(page.page.into_iter().map(|m| m.message_id));
+            if page.is_done {
+                break;
+            }
+            cursor = Some(page.continue_cursor);
+        }
+        assert_eq!(paged, sent);
+    }
+
+    #[test]
+    fn messages_stored_with_sequential_ids_keep_their_order() {
+        let s = store();
+        let chat = s.open_chat("w", "t").unwrap().chat_session_id;
+        let old = |n: u64| {
+            let id = format!("msg_{n:012}");
+            let record = serde_json::json!({
+                "change": n,
+                "message": {"chatSessionId": chat, "messageId": id, "role": "user",
+                    "content": "old", "completed": true, "timestamp": 1, "replyTo": null,
+                    "error": null}
+            });
+            s.kv.commit(vec![
+                (format!("m/{id}"), Some(record.to_string().into_bytes())),
+                (format!("sm/{chat}/{id}"), Some(b"null".to_vec())),
+                ("n".into(), Some(n.to_string().into_bytes())),
+            ])
+            .unwrap();
+            id
+        };
+        let (first, second) = (old(9), old(10));
+        let new = s.post_user_message(&chat, "new").unwrap().message_id;
+        let ids: Vec<String> = s
+            .conversation(&chat)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect();
+        assert_eq!(ids, [first, second, new]);
+    }
+
+    #[test]
+    fn caps_refuse_without_writing_and_free_up_when_chats_close_or_messages_are_answered() {
+        let s = store();
+        let a = s.open_chat_capped("w", "a", 2).unwrap().chat_session_id;
+        s.open_chat_capped("w", "b", 2).unwrap();
+        assert!(matches!(
+            s.open_chat_capped("w", "c", 2),
+            Err(Capped::Full(_))
+        ));
+        assert_eq!(s.chats("w").unwrap().len(), 2, "nothing written");
+        s.mutation(
+            "markSessionDeleted",
+            serde_json::json!({"commandId": "d", "chatSessionId": a}),
+        )
+        .unwrap();
+        let c = s.open_chat_capped("w", "c", 2).unwrap().chat_session_id;
+
+        let first = s.post_user_message_capped(&c, "1", 2).unwrap();
+        let second = s.post_user_message_capped(&c, "2", 2).unwrap();
+        assert!(matches!(
+            s.post_user_message_capped(&c, "3", 2),
+            Err(Capped::Full(_))
+        ));
+        assert_eq!(s.conversation(&c).unwrap().len(), 2, "nothing written");
+        s.mutation(
+            "completeMessage",
+            serde_json::json!({"commandId": "c1", "chatSessionId": c,
+                "messageId": first.message_id, "content": "ok"}),
+        )
+        .unwrap();
+        s.mutation(
+            "failMessage",
+            serde_json::json!({"commandId": "f2", "chatSessionId": c,
+                "messageId": second.message_id, "reason": "no"}),
+        )
+        .unwrap();
+        s.post_user_message_capped(&c, "3", 2).unwrap();
+        s.post_user_message_capped(&c, "4", 2).unwrap();
+        // Another worker's waiting messages are not this one's.
+        let other = s.open_chat("v", "x").unwrap().chat_session_id;
+        s.post_user_message_capped(&other, "5", 2).unwrap();
+    }
 }

@@ -17,7 +17,7 @@ use super::{CliError, Out, RunArgs};
 use crate::agent::process::LaunchConfig;
 use crate::agent::supervisor::{supervise, RestartPolicy};
 use crate::agent::{OpencodeClient, OpencodeConfig, OpencodeLauncher};
-use crate::backend::local::{inbox_router, INBOX_FILE};
+use crate::backend::local::{open_inbox, InboxLimits};
 use crate::backend::{ConvexClient, ConvexConfig, LocalBackend};
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::events::{
@@ -468,7 +468,7 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
     agent_config.directory = s.agent_dir.as_ref().map(|d| d.display().to_string());
     let client = Arc::new(OpencodeClient::new(agent_config).map_err(runtime)?);
 
-    let (backend, inbox): (Arc<dyn Backend>, Option<axum::Router>) = match &s.backend {
+    let (backend, inbox) = match &s.backend {
         BackendSide::Local => {
             let log2 = log.clone();
             let (worker_id, clock2) = (s.worker_id.clone(), clock.clone());
@@ -476,11 +476,11 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
                 tokio::task::spawn_blocking(move || LocalBackend::open(&log2, &worker_id, clock2))
                     .await
                     .map_err(|e| CliError::runtime(e.to_string()))??;
-            let router = inbox_router(local.store(), &s.worker_id);
-            (Arc::new(local), Some(router))
+            let store = local.store();
+            (Arc::new(local) as Arc<dyn Backend>, Some(store))
         }
         BackendSide::Convex(cfg) => (
-            Arc::new(ConvexClient::new(cfg.clone()).map_err(runtime)?),
+            Arc::new(ConvexClient::new(cfg.clone()).map_err(runtime)?) as Arc<dyn Backend>,
             None,
         ),
     };
@@ -593,19 +593,18 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
         })
     };
 
-    // The local inbox, on its own loopback port, its address in DIR/INBOX.
-    let inbox_file = s.data_dir.join(INBOX_FILE);
+    // The local inbox, on its own loopback port; its address and this run's token in
+    // DIR/INBOX (0600). The token is never logged.
     let inbox_task = match inbox {
-        Some(router) => {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Some(store) => {
+            let inbox = open_inbox(store, &s.worker_id, &s.data_dir, InboxLimits::default())
                 .await
-                .map_err(|e| CliError::runtime(format!("cannot open the inbox: {e}")))?;
-            let url = format!("http://{}", listener.local_addr().map_err(runtime)?);
-            std::fs::write(&inbox_file, format!("{url}\n")).map_err(|e| {
-                CliError::runtime(format!("cannot write {}: {e}", inbox_file.display()))
-            })?;
-            tracing::info!(url, "local inbox listening");
-            Some(tokio::spawn(serve(listener, router)))
+                .map_err(runtime)?;
+            tracing::info!(url = %inbox.url, "local inbox listening");
+            Some((
+                tokio::spawn(serve(inbox.listener, inbox.router)),
+                inbox.file,
+            ))
         }
         None => None,
     };
@@ -619,9 +618,9 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
         .await;
 
     stream_task.abort();
-    if let Some(t) = inbox_task {
+    if let Some((t, file)) = inbox_task {
         t.abort();
-        let _ = std::fs::remove_file(&inbox_file);
+        let _ = std::fs::remove_file(&file);
     }
     let _ = stop_agent.send(true);
     if let Some(sup) = supervisor {

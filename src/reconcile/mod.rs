@@ -32,7 +32,8 @@ use crate::events::{
     MessageId, ModelRef, Source,
 };
 use crate::projections::{
-    ChatSessionRow, CommandLedger, CommandState, MessageState, MessagesView, SessionsView, Views,
+    ChatSessionRow, CommandLedger, CommandState, MessageRow, MessageState, MessagesView,
+    SessionsView, Views,
 };
 
 /// What the reconciler may decide, as numbers.
@@ -450,10 +451,14 @@ fn plan_pending(
 ) {
     for (chat_id, pending) in &m.pending_by_chat {
         let chat = s.chat.get(chat_id);
-        for message_id in pending {
-            let Some(row) = m.messages.get(message_id) else {
-                continue;
-            };
+        // In the order they were written, never by id: backend ids are random (Convex's, the
+        // local inbox's), and the dispatcher prompts a chat's messages in the order planned.
+        let mut pending: Vec<(&MessageId, &MessageRow)> = pending
+            .iter()
+            .filter_map(|id| m.messages.get(id).map(|row| (id, row)))
+            .collect();
+        pending.sort_by_key(|(id, row)| (row.timestamp, row.seen_seq, *id));
+        for (message_id, row) in pending {
             let fail_id = ids::fail_message(message_id);
             if plan.known(&fail_id) {
                 continue;

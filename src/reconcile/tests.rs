@@ -317,6 +317,23 @@ fn stale_messages_found_at_start_are_failed_once_and_never_prompted() {
 }
 
 #[test]
+fn a_chats_messages_are_prompted_in_the_order_written_not_by_id() {
+    let mut w = World::new();
+    w.agent("ses_1", "A")
+        .chat("chat_1", Some("ses_1"), "A")
+        .both_listed();
+    // Random ids: the later message's id sorts first.
+    w.user_message("chat_1", "msg_f00d", T0 - 2_000)
+        .user_message("chat_1", "msg_0bad", T0 - 1_000)
+        .user_message("chat_1", "msg_00aa", T0 - 1_000);
+    assert_eq!(
+        w.step(),
+        ["prompt:msg_f00d", "prompt:msg_0bad", "prompt:msg_00aa"],
+        "by time, then by when the worker saw them"
+    );
+}
+
+#[test]
 fn a_terminal_prompt_failure_fails_the_message_at_once() {
     let mut w = World::new();
     w.agent("ses_1", "A")
