@@ -1136,3 +1136,119 @@ fn send_without_a_readable_inbox_file_fails_in_one_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("INBOX"), "{err}");
 }
+
+/// The worker against the fake deployment: a paused deployment's 200-status error on
+/// `completeMessage` is retried until the answer lands; a terminal one (the function threw)
+/// fails the message with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_status_error_is_retried_and_a_terminal_one_fails_the_message_with_its_reason()
+{
+    use agentsync::dispatch::{DispatchConfig, RetryPolicy};
+    use agentsync::sim::{Faults, SimAgent};
+    use agentsync::worker::{PollPolicy, Worker, WorkerConfig};
+    let clock: Arc<dyn Clock> = Arc::new(agentsync::clock::SystemClock);
+    let fake = FakeConvex::start("agentsync", Some("dev:key"), clock.clone())
+        .await
+        .unwrap();
+    let store = fake.store();
+    let chat = store.open_chat(WORKER, "chat").unwrap();
+    let config = WorkerConfig {
+        worker_id: WORKER.into(),
+        dispatch: DispatchConfig {
+            retry: RetryPolicy {
+                base_ms: 50,
+                cap_ms: 200,
+                max_attempts: 3,
+            },
+            ..DispatchConfig::default()
+        },
+        polling: PollPolicy {
+            active_ms: 100,
+            idle_max_ms: 300,
+            ..PollPolicy::default()
+        },
+        stop_when_quiet: Some(5),
+        drain_grace_ms: 500,
+        ..WorkerConfig::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(EventLog::open(dir.path(), &common::create()).unwrap());
+    let agent = Arc::new(SimAgent::new(clock.clone(), Faults::default()));
+    let run = |faults: ConvexFaults| {
+        fake.set_faults(faults);
+        let (log, agent, client, clock, config) = (
+            log.clone(),
+            agent.clone(),
+            ConvexClient::new(ConvexConfig {
+                deploy_key: Some(Secret::new("dev:key")),
+                ..ConvexConfig::new(&fake.url, WORKER)
+            })
+            .unwrap(),
+            clock.clone(),
+            config.clone(),
+        );
+        async move {
+            let worker = Worker::open(log, agent, Arc::new(client), clock, config)
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(60), worker.run(std::future::pending()))
+                .await
+                .expect("settles")
+                .unwrap()
+        }
+    };
+
+    // Paused twice, then running: the answer lands in the first round.
+    let first = store
+        .post_user_message(&chat.chat_session_id, "first question")
+        .unwrap();
+    run(ConvexFaults {
+        paused: 2,
+        only: Some("completeMessage".into()),
+        ..Default::default()
+    })
+    .await;
+    let completes: Vec<(u16, Option<String>)> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "agentsync:completeMessage")
+        .map(|c| (c.status, c.error))
+        .collect();
+    println!("completeMessage calls: {completes:?}");
+    assert_eq!(completes.len(), 3, "{completes:?}");
+    assert!(completes[..2].iter().all(|(s, e)| *s == 200
+        && e.as_deref()
+            .unwrap()
+            .starts_with("Cannot run functions while this deployment is paused")));
+    assert_eq!(completes[2], (200, None));
+    let conversation = store.conversation(&chat.chat_session_id).unwrap();
+    let reply = conversation
+        .iter()
+        .find(|m| m.reply_to.as_deref() == Some(first.message_id.as_str()))
+        .expect("answered");
+    assert!(reply.completed && reply.error.is_none(), "{reply:?}");
+
+    // The function throws: terminal, the message fails with the reason.
+    let second = store
+        .post_user_message(&chat.chat_session_id, "second question")
+        .unwrap();
+    run(ConvexFaults {
+        throws: 1,
+        only: Some("completeMessage".into()),
+        ..Default::default()
+    })
+    .await;
+    let failed = store
+        .conversation(&chat.chat_session_id)
+        .unwrap()
+        .into_iter()
+        .find(|m| m.message_id == second.message_id)
+        .unwrap();
+    println!("failed: {:?}", failed.error);
+    let reason = failed.error.expect("failed with a reason");
+    assert!(
+        reason.contains("could not be delivered")
+            && reason.contains("Uncaught Error: injected: the function threw"),
+        "{reason}"
+    );
+}
