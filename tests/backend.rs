@@ -715,6 +715,198 @@ async fn the_fake_answers_in_the_real_wire_format_and_the_client_reads_it() {
     );
 }
 
+// Issue 13, "untrusted replies": a hostile deployment on loopback.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_convex_reply_larger_than_the_cap_is_cut_with_an_error_naming_the_call_and_the_size() {
+    use axum::routing::{get, post};
+    use common::hostile::{endless_zeros, huge_content_length, serve};
+
+    let endless = serve(
+        axum::Router::new()
+            .route("/api/query", post(|| async { endless_zeros() }))
+            .route(
+                "/api/mutation",
+                post(|| async { (axum::http::StatusCode::BAD_GATEWAY, endless_zeros()) }),
+            )
+            .route("/sessions/{id}/messages", get(|| async { endless_zeros() })),
+    )
+    .await;
+    let client = ConvexClient::new(ConvexConfig::new(&endless.url, WORKER)).unwrap();
+    let err = client.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(
+        err.message,
+        "POST /api/query agentsync:listSessions: reply larger than 33554432 bytes"
+    );
+    assert_eq!(
+        err.class,
+        ErrorClass::Terminal,
+        "the same call gets the same reply"
+    );
+    let rename = Command::RenameSession {
+        chat_session_id: "c1".into(),
+        title: "t".into(),
+    };
+    let err = client.mutate(&id("rename:1"), &rename).await.unwrap_err();
+    assert_eq!(
+        err.class,
+        ErrorClass::Retryable,
+        "an error reply keeps its status's class"
+    );
+    assert_eq!(
+        err.message,
+        "agentsync:renameSession: HTTP 502: reply larger than 65536 bytes"
+    );
+
+    // The inbox client (`agentsync send`, `chat`) reads under the same cap.
+    let inbox = InboxClient::new(&endless.url, Secret::new("token"));
+    let err = inbox.conversation("c1").await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("inbox: GET /sessions/c1/messages")
+            && err.ends_with(": reply larger than 33554432 bytes"),
+        "{err}"
+    );
+
+    // `Content-Length: 1 GiB` and nothing after: refused before reading.
+    let liar = huge_content_length(200).await;
+    let client = ConvexClient::new(ConvexConfig {
+        timeout: Duration::from_secs(20),
+        max_reply_bytes: 1 << 20,
+        ..ConvexConfig::new(&liar.url, WORKER)
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let err = client.list_messages(None, 10).await.unwrap_err();
+    assert_eq!(
+        err.message,
+        "POST /api/query agentsync:listMessages: reply larger than 1048576 bytes"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "not read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_client_stops_a_conversation_that_pages_forever() {
+    use axum::extract::Query;
+    use axum::routing::get;
+    use common::hostile::serve;
+    use std::collections::HashMap;
+
+    // /sessions/stuck: never done, the same cursor back; /sessions/moving: never done, a new
+    // cursor every time.
+    let server = serve(axum::Router::new().route(
+        "/sessions/{id}/messages",
+        get(
+            |axum::extract::Path(id): axum::extract::Path<String>,
+             Query(q): Query<HashMap<String, String>>| async move {
+                let cursor = q.get("cursor").cloned().unwrap_or_default();
+                let next = if id == "stuck" {
+                    cursor
+                } else {
+                    format!("{cursor}x")
+                };
+                axum::Json(serde_json::json!({"page": [], "isDone": false, "continueCursor": next}))
+            },
+        ),
+    ))
+    .await;
+    let inbox = InboxClient::new(&server.url, Secret::new("token"));
+    let err = inbox.conversation("stuck").await.unwrap_err().to_string();
+    assert!(
+        err.contains("gives back the cursor it was asked with"),
+        "{err}"
+    );
+    let err = inbox.conversation("moving").await.unwrap_err().to_string();
+    assert_eq!(err, "inbox: the conversation did not end within 1000 pages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_convex_error_message_with_newlines_becomes_one_bounded_line() {
+    use axum::routing::post;
+    use common::hostile::serve;
+
+    let message =
+        "Uncaught Error: boom\n    at handler (agentsync.ts:1:1)\r\n\x1b[2J".repeat(20_000);
+    assert!(message.len() > 1_000_000);
+    let body = serde_json::json!({"status": "error", "errorMessage": message}).to_string();
+    let server = serve(axum::Router::new().route(
+        "/api/query",
+        post(move || {
+            let body = body.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
+    ))
+    .await;
+    let client = ConvexClient::new(ConvexConfig::new(&server.url, WORKER)).unwrap();
+    let err = client.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal);
+    assert_eq!(err.message.chars().count(), 1_000, "{}", err.message);
+    assert!(err.message.ends_with('…'));
+    assert!(
+        !err.message.contains(['\n', '\r', '\x1b']),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message.starts_with(
+            "agentsync:listSessions: Uncaught Error: boom at handler (agentsync.ts:1:1) \\u{1b}[2J"
+        ),
+        "{}",
+        err.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentsync_send_prints_an_answers_escape_sequences_escaped() {
+    use axum::routing::{get, post};
+    use common::hostile::serve;
+
+    // An inbox whose answer sets the terminal's title and clears it.
+    let message = |id: &str, role: &str, content: &str, reply_to: Option<&str>| {
+        serde_json::json!({"chatSessionId": "chat_1", "messageId": id, "role": role,
+            "content": content, "completed": true, "timestamp": 1, "replyTo": reply_to,
+            "error": null})
+    };
+    let question = message("msg_1", "user", "hi", None);
+    let answer = message(
+        "msg_2",
+        "assistant",
+        "line one\x1b]0;pwned\x07\r\nline two\x1b[2J",
+        Some("msg_1"),
+    );
+    let conversation = serde_json::json!({"page": [question.clone(), answer],
+        "isDone": true, "continueCursor": "2"});
+    let inbox = serve(
+        axum::Router::new()
+            .route(
+                "/sessions/{id}/messages",
+                post(
+                    move || async move { (axum::http::StatusCode::CREATED, axum::Json(question)) },
+                ),
+            )
+            .route(
+                "/sessions/{id}/messages",
+                get(move || async move { axum::Json(conversation) }),
+            ),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    agentsync::backend::local::write_inbox_file(dir.path(), &inbox.url, &Secret::new("token"))
+        .unwrap();
+    let path = dir.path().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        common::agentsync_in(&path, "send", &["chat_1", "hi", "--wait", "5"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(!text.contains(['\x1b', '\x07', '\r']), "{text:?}");
+    assert_eq!(
+        text, "chat_1 msg_1\nline one\\u{1b}]0;pwned\\u{7}\nline two\\u{1b}[2J\n",
+        "escaped, its lines kept"
+    );
+}
+
 // ---- The inbox's doors (issue 13): each attack fails with its 4xx, writes nothing and
 // prompts nothing (the worker would see no new message through the port). ----
 

@@ -112,7 +112,11 @@ impl Status {
             status: match self {
                 Status::Idle => AgentStatus::Idle,
                 Status::Busy => AgentStatus::Busy,
-                Status::Retry { attempt, message } => AgentStatus::Retry { attempt, message },
+                // The provider's error text, kept in an event: one bounded line.
+                Status::Retry { attempt, message } => AgentStatus::Retry {
+                    attempt,
+                    message: one_line(&message),
+                },
             },
         }
     }
@@ -276,11 +280,11 @@ impl AssistantError {
         self.name == "APIError" && self.data.is_retryable == Some(true)
     }
 
-    /// `Name: message`, one line.
+    /// `Name: message`, one bounded line (both parts are the server's text).
     pub fn describe(&self) -> String {
         match &self.data.message {
-            Some(m) => format!("{}: {}", self.name, one_line(m)),
-            None => self.name.clone(),
+            Some(m) => one_line(&format!("{}: {m}", self.name)),
+            None => one_line(&self.name),
         }
     }
 }
@@ -371,8 +375,8 @@ impl ErrorBody {
             .and_then(|d| d.message.as_deref())
             .or(self.message.as_deref());
         match (name, message) {
-            (Some(n), Some(m)) => Some(format!("{n}: {}", one_line(m))),
-            (Some(n), None) => Some(n.to_owned()),
+            (Some(n), Some(m)) => Some(one_line(&format!("{n}: {m}"))),
+            (Some(n), None) => Some(one_line(n)),
             (None, Some(m)) => Some(one_line(m)),
             (None, None) => None,
         }

@@ -9,8 +9,9 @@
 //! says it is paused, disabled, suspended, deploying, timed out or overloaded, and terminal
 //! when the function refused the call; 408, 421, 425, 429, 5xx and connection failures are
 //! retryable with the dispatcher's own backoff (Convex sends no `Retry-After`); 401/403 say
-//! the deploy key is wrong. A value that does not match the contract is an error naming the
-//! field: the observer records it as a failed observation, never as an empty listing.
+//! the deploy key is wrong; a reply larger than `max_reply_bytes` is terminal (the same call
+//! gets it again). A value that does not match the contract is an error naming the field: the
+//! observer records it as a failed observation, never as an empty listing.
 
 use std::time::Duration;
 
@@ -20,7 +21,10 @@ use super::contract::{self, ChatSession, CreatedValue, FunctionKind, Message, Pa
 use crate::events::{ChatSessionId, ChatSessionInfo, Command, CommandId, MessageInfo};
 use crate::ports::{Backend, MutationReply, Page, PortError, PortFuture, PortResult};
 use crate::secret::Secret;
-use crate::transport::{one_line, transport_error};
+use crate::text::{one_line, one_line_bytes};
+use crate::transport::{
+    read_body, transport_error, BodyError, DEFAULT_MAX_REPLY_BYTES, MAX_ERROR_BODY_BYTES,
+};
 
 /// How to reach a Convex deployment.
 #[derive(Debug, Clone)]
@@ -37,10 +41,15 @@ pub struct ConvexConfig {
     pub timeout: Duration,
     /// The largest page asked for, whatever the caller asks.
     pub max_page: u32,
+    /// The largest reply body read: a larger one fails the call with `POST /api/query
+    /// agentsync:listSessions: reply larger than N bytes`. Default 32 MiB (Convex itself
+    /// returns at most 16 MiB).
+    pub max_reply_bytes: usize,
 }
 
 impl ConvexConfig {
-    /// Defaults for a deployment at `url`: module `agentsync`, 30 s calls, pages of at most 500.
+    /// Defaults for a deployment at `url`: module `agentsync`, 30 s calls, pages of at most 500,
+    /// replies of at most 32 MiB.
     pub fn new(url: impl Into<String>, worker_id: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -49,6 +58,7 @@ impl ConvexConfig {
             worker_id: worker_id.into(),
             timeout: Duration::from_secs(30),
             max_page: 500,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
         }
     }
 }
@@ -200,7 +210,7 @@ pub fn classify(
         }
     };
     let reply = serde_json::from_slice::<Reply>(body).ok();
-    let text = || one_line(&String::from_utf8_lossy(body));
+    let text = || one_line_bytes(body);
     if matches!(status, 200 | 560) {
         let Some(reply) = reply else {
             return Err(PortError::retryable(format!(
@@ -291,14 +301,32 @@ impl ConvexClient {
             .await
             .map_err(|e| transport_error(&path, &e))?;
         let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(&format!("{path}: reply broke off"), &e))?;
+        // An answer is read up to the configured cap; an error reply is classified by its
+        // status and only its start is read.
+        let cap = if status.as_u16() == 200 {
+            self.config.max_reply_bytes
+        } else {
+            MAX_ERROR_BODY_BYTES
+        };
+        let (bytes, too_large) = match read_body(response, cap).await {
+            Ok(bytes) => (bytes, None),
+            Err(e @ BodyError::TooLarge { .. }) if status.as_u16() != 200 => {
+                (Default::default(), Some(e.to_string()))
+            }
+            Err(e) => {
+                let what = format!("POST /api/{} {path}", kind.as_str());
+                return Err(e.into_port_error(&what));
+            }
+        };
+        // An error reply too large to read is classed by its status, with the cap's words.
+        let body: &[u8] = match &too_large {
+            Some(words) => words.as_bytes(),
+            None => &bytes,
+        };
         classify(
             &path,
             status.as_u16(),
-            &bytes,
+            body,
             self.config.deploy_key.is_some(),
         )
     }

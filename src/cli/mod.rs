@@ -384,7 +384,11 @@ where
         Err(e) if e.code == 0 => ExitCode::SUCCESS,
         Err(e) => {
             let _ = out.flush();
-            eprintln!("agentsync: error: {}", e.message);
+            // Errors quote servers (an inbox's reply, a failure reason): escaped.
+            eprintln!(
+                "agentsync: error: {}",
+                crate::text::printable_lines(&e.message)
+            );
             ExitCode::from(e.code)
         }
     }

@@ -218,6 +218,41 @@ fn a_terminal_failure_is_not_retried() {
 }
 
 #[test]
+fn a_megabyte_error_from_a_server_enters_the_events_as_one_bounded_line() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    d.enqueue("a".into(), rename("chat_1"), 0);
+    let body = "HTTP 502 from the proxy\n<html>\r\n\x1b[2J".repeat(30_000);
+    assert!(body.len() > 1_000_000);
+    let mut now = 0;
+    let mut errors = Vec::new();
+    for attempt in 1..=3u32 {
+        d.observed(Source::Backend, true, now);
+        let s = started(d.select(&views, now));
+        let events = d.finished(&s[0].id, attempt, Err(PortError::retryable(&*body)), now);
+        for e in &events {
+            match e {
+                Event::CommandFailed(f) => {
+                    errors.push(f.error.clone());
+                    now = f.next_attempt_at.unwrap_or(now);
+                }
+                Event::CommandDeadLettered(dl) => errors.push(dl.last_error.clone()),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(errors.len(), 4, "three failures and the dead letter");
+    for e in errors {
+        assert_eq!(e.chars().count(), crate::text::MAX_LINE_CHARS, "{e}");
+        assert!(!e.contains(['\n', '\r', '\x1b']), "{e}");
+        assert!(
+            e.starts_with("HTTP 502 from the proxy <html> \\u{1b}[2J"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn the_global_limit_and_the_breaker_hold() {
     let views = Views::default();
     let mut cfg = config(3);

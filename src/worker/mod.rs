@@ -84,6 +84,10 @@ pub struct WorkerConfig {
     /// Backend page size: the most the Convex client asks for (more round trips cost more than
     /// bigger pages; 100,000 sessions list in 200 calls).
     pub page_size: u32,
+    /// The most pages one backend listing reads (at most `page_size` x this many items): a
+    /// backend that never says `isDone` is stopped there, and the listing is a failed
+    /// observation. Default 1,000 (500,000 items at the default page size).
+    pub max_listing_pages: u32,
     /// How long in-flight calls may finish when draining.
     pub drain_grace_ms: Millis,
     /// Stop by itself after this many consecutive quiet observation rounds (both sides listed,
@@ -100,6 +104,7 @@ impl Default for WorkerConfig {
             checkpoints: CheckpointPolicy::default(),
             polling: PollPolicy::default(),
             page_size: 500,
+            max_listing_pages: 1_000,
             drain_grace_ms: 10_000,
             stop_when_quiet: None,
         }
@@ -319,6 +324,7 @@ impl Worker {
             gates: self.dispatcher.gates(),
             policy: self.cfg.polling,
             page_size: self.cfg.page_size,
+            max_pages: self.cfg.max_listing_pages,
             seed: self.cfg.dispatch.seed,
         };
         let mut observers = JoinSet::new();

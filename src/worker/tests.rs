@@ -140,3 +140,165 @@ fn a_wiped_agent_server_deletes_nothing_until_a_listing_a_minute_later_agrees() 
         .count();
     assert_eq!(lifted, 1, "lifted once the deletions were carried out");
 }
+
+/// A backend whose listings misbehave; mutations go to the simulated one.
+struct Hostile {
+    inner: Arc<SimBackend>,
+    /// `listSessions`: a cursor that moves forever ("c1", "c2", ...), never done.
+    sessions_moving: bool,
+    /// `listMessages`: the cursor it was asked with, never done (else: a 1 MB error page).
+    messages_stuck: bool,
+    pages: std::sync::atomic::AtomicU64,
+}
+
+impl Backend for Hostile {
+    fn list_sessions<'a>(
+        &'a self,
+        cursor: Option<&'a str>,
+        _limit: u32,
+    ) -> crate::ports::PortFuture<'a, crate::ports::Page<ChatSessionInfo>> {
+        let n = self.pages.fetch_add(1, Ordering::SeqCst);
+        let moving = self.sessions_moving;
+        Box::pin(async move {
+            if !moving {
+                return self.inner.list_sessions(cursor, 10).await;
+            }
+            Ok(crate::ports::Page {
+                page: Vec::new(),
+                is_done: false,
+                continue_cursor: format!("c{n}"),
+            })
+        })
+    }
+
+    fn list_messages<'a>(
+        &'a self,
+        cursor: Option<&'a str>,
+        _limit: u32,
+    ) -> crate::ports::PortFuture<'a, crate::ports::Page<MessageInfo>> {
+        let stuck = self.messages_stuck;
+        Box::pin(async move {
+            if stuck {
+                return Ok(crate::ports::Page {
+                    page: Vec::new(),
+                    is_done: false,
+                    continue_cursor: cursor.unwrap_or("start").to_owned(),
+                });
+            }
+            let page = "<h1>502 Bad Gateway</h1>\r\n\x1b]0;pwned\x07\n".repeat(25_000);
+            Err(PortError::retryable(format!(
+                "listMessages: HTTP 502: {page}"
+            )))
+        })
+    }
+
+    fn mutate<'a>(
+        &'a self,
+        command_id: &'a CommandId,
+        command: &'a Command,
+    ) -> crate::ports::PortFuture<'a, crate::ports::MutationReply> {
+        self.inner.mutate(command_id, command)
+    }
+}
+
+/// Runs a worker against `backend` for `secs` of paused time; its `observation_failed` events.
+fn observation_failures(backend: Hostile, secs: u64) -> Vec<ObservationFailed> {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LogOptions {
+        create: true,
+        ..LogOptions::default()
+    };
+    let log = Arc::new(EventLog::open(dir.path(), &opts).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, _) = linked_sides(clock.clone(), 3);
+        let cfg = WorkerConfig {
+            max_listing_pages: 20,
+            ..WorkerConfig::default()
+        };
+        let worker = Worker::open(log.clone(), agent, Arc::new(backend), clock, cfg)
+            .await
+            .unwrap();
+        worker
+            .run(tokio::time::sleep(Duration::from_secs(secs)))
+            .await
+            .unwrap();
+    });
+    let filter = ReadFilter {
+        kinds: Some(vec![EventKind::ObservationFailed]),
+        ..ReadFilter::default()
+    };
+    log.read(filter)
+        .map(|e| match e.unwrap().event {
+            Event::ObservationFailed(f) => f,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn a_backend_that_pages_forever_is_a_failed_observation_never_an_endless_loop() {
+    let clock: Arc<dyn Clock> = Arc::new(crate::clock::ManualClock::new(T0));
+    let backend = Hostile {
+        inner: Arc::new(SimBackend::new(clock, Faults::default())),
+        sessions_moving: true,
+        messages_stuck: true,
+        pages: Default::default(),
+    };
+    let failures = observation_failures(backend, 60);
+    let sessions: Vec<_> = failures
+        .iter()
+        .filter(|f| f.operation == "list_sessions")
+        .collect();
+    let messages: Vec<_> = failures
+        .iter()
+        .filter(|f| f.operation == "list_messages")
+        .collect();
+    assert!(!sessions.is_empty() && !messages.is_empty(), "{failures:?}");
+    assert!(
+        sessions.len() < 40,
+        "one failure per poll: {}",
+        sessions.len()
+    );
+    assert!(
+        sessions.iter().all(|f| f.source == Source::Backend
+            && f.error.starts_with("listSessions: not done after 20 pages")),
+        "{sessions:?}"
+    );
+    assert!(
+        messages.iter().all(|f| f.error.starts_with(
+            "listMessages: the backend answered isDone: false with the cursor it was asked with"
+        )),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn a_megabyte_listing_error_is_one_bounded_line_in_observation_failed() {
+    let clock: Arc<dyn Clock> = Arc::new(crate::clock::ManualClock::new(T0));
+    let backend = Hostile {
+        inner: Arc::new(SimBackend::new(clock, Faults::default())),
+        sessions_moving: false,
+        messages_stuck: false,
+        pages: Default::default(),
+    };
+    let failures = observation_failures(backend, 10);
+    assert!(!failures.is_empty());
+    for f in failures {
+        assert_eq!(f.operation, "list_messages");
+        assert_eq!(f.error.chars().count(), crate::text::MAX_LINE_CHARS);
+        assert!(
+            !f.error.contains(['\n', '\r', '\x1b', '\x07']),
+            "{}",
+            f.error
+        );
+        assert!(f
+            .error
+            .starts_with("listMessages: HTTP 502: <h1>502 Bad Gateway</h1> \\u{1b}]0;pwned\\u{7}"));
+    }
+}
