@@ -25,6 +25,45 @@ impl Clock for SystemClock {
     }
 }
 
+/// The wall clock read once, then moved by the monotonic clock: what a worker process runs on.
+/// A step of the wall clock while it runs (NTP, an operator, a VM migration) does not move its
+/// event times, so every wait and deadline measured between two events of one process (a
+/// deletion hold's minute, a delivery round's backoff, a message's deadline) is a real
+/// duration. Across processes the wall clock anchors it again; rules that compare times from an
+/// earlier process allow for that (see `reconcile::Context::started_at`).
+#[derive(Debug, Clone, Copy)]
+pub struct SteadyClock {
+    origin: std::time::Instant,
+    wall: Millis,
+}
+
+impl SteadyClock {
+    /// A clock reading the wall clock now.
+    pub fn new() -> Self {
+        Self::starting_at(SystemClock.now_ms())
+    }
+
+    /// A clock reading `wall` now.
+    pub fn starting_at(wall: Millis) -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+            wall,
+        }
+    }
+}
+
+impl Default for SteadyClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for SteadyClock {
+    fn now_ms(&self) -> Millis {
+        self.wall + self.origin.elapsed().as_millis() as Millis
+    }
+}
+
 /// A clock that only moves when told to: for tests and simulations.
 #[derive(Debug, Default)]
 pub struct ManualClock(AtomicU64);
@@ -99,5 +138,15 @@ mod tests {
         inner.advance(10);
         assert_eq!(clock.now_ms(), 880_010);
         assert_eq!(clock.offset_ms(), -120_000);
+    }
+
+    #[test]
+    fn a_steady_clock_starts_at_its_anchor_and_only_moves_forward() {
+        let c = SteadyClock::starting_at(1_000);
+        let a = c.now_ms();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let b = c.now_ms();
+        assert!((1_000..1_100).contains(&a), "{a}");
+        assert!(b >= a + 5, "{a} -> {b}");
     }
 }

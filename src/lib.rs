@@ -24,5 +24,6 @@ pub mod reconcile;
 pub mod secret;
 pub mod sim;
 pub mod testkit;
+pub mod text;
 pub mod transport;
 pub mod worker;

@@ -42,7 +42,7 @@ impl ReadAt {
 
 /// The event of one agent session as seen now, if it is news to the view.
 fn agent_session(view: &SessionsView, info: &AgentSessionInfo, read: ReadAt) -> Option<Event> {
-    if let Some(&gone) = view.agent_gone.get(&info.agent_session_id) {
+    if let Some(&(gone, _)) = view.agent_gone.get(&info.agent_session_id) {
         // Gone after this was read, or reported by a stream that may deliver out of order
         // (ids are never reused): only a complete listing begun after it may say otherwise.
         if read == ReadAt::Stream || read.older_than(gone) {
@@ -162,7 +162,7 @@ pub fn backend_sessions(
     let mut events = Vec::new();
     let read = ReadAt::Listing(as_of);
     for info in sessions {
-        if let Some(&gone) = view.chat_gone.get(&info.chat_session_id) {
+        if let Some(&(gone, _)) = view.chat_gone.get(&info.chat_session_id) {
             if read.older_than(gone) {
                 continue;
             }
@@ -299,11 +299,15 @@ mod tests {
     }
 
     fn fold(view: &mut SessionsView, events: Vec<Event>, first_seq: u64) {
+        fold_at(view, events, first_seq, 1)
+    }
+
+    fn fold_at(view: &mut SessionsView, events: Vec<Event>, first_seq: u64, at: u64) {
         for (i, event) in events.into_iter().enumerate() {
             view.apply(&Envelope {
                 seq: first_seq + i as u64,
                 id: uuid::Uuid::nil(),
-                at: 1,
+                at,
                 v: 1,
                 event,
                 cause: None,
@@ -422,13 +426,19 @@ mod tests {
         // Nor by a stream report that arrives out of order.
         let late = AgentObservation::SessionUpdated(Box::new(info("a", "A")));
         assert!(agent_observation(&view, &late, "w").is_empty());
-        // A complete listing begun after the deletion that lacks it clears the tombstone.
+        // A complete listing begun after the deletion that lacks it clears the tombstone, once
+        // it is old enough that no late report is still on its way.
         let empty = AgentListing {
             sessions: vec![],
             complete: true,
         };
         let events = agent_listing(&view, &empty, 5, "w");
         fold(&mut view, events, 6);
+        assert_eq!(view.agent_gone.len(), 1, "too recent to forget");
+        let late = AgentObservation::SessionUpdated(Box::new(info("a", "A")));
+        assert!(agent_observation(&view, &late, "w").is_empty());
+        let events = agent_listing(&view, &empty, 7, "w");
+        fold_at(&mut view, events, 8, 1 + crate::projections::TOMBSTONE_MS);
         assert!(view.agent_gone.is_empty());
     }
 

@@ -18,6 +18,7 @@ use crate::events::{
     AgentSessionId, AgentSessionInfo, AgentSessionStatus, ChatSessionId, ChatSessionInfo, Command,
     CommandId, ErrorClass, MessageInfo, ModelRef, SessionTag,
 };
+use crate::text::one_line;
 
 /// What a port call returns.
 pub type PortResult<T> = Result<T, PortError>;
@@ -31,7 +32,8 @@ pub struct PortError {
     /// Retryable (timeouts, refused connections, 5xx, 429) or terminal (4xx, context overflow,
     /// a function that threw).
     pub class: ErrorClass,
-    /// One line saying what went wrong. Never contains a secret.
+    /// One line saying what went wrong, at most [`crate::text::MAX_LINE_CHARS`] characters
+    /// (the constructors make it so: server text is external data). Never contains a secret.
     pub message: String,
     /// How long the other side asked us to wait (HTTP `Retry-After`).
     pub retry_after_ms: Option<Millis>,
@@ -44,20 +46,23 @@ impl fmt::Display for PortError {
 }
 
 impl PortError {
-    /// A failure worth another attempt.
+    /// A failure worth another attempt. The message is made one bounded line
+    /// ([`crate::text::one_line`]): this is where text from a server enters an error, and from
+    /// there every event that reports it.
     pub fn retryable(message: impl Into<String>) -> Self {
         Self {
             class: ErrorClass::Retryable,
-            message: message.into(),
+            message: one_line(&message.into()),
             retry_after_ms: None,
         }
     }
 
-    /// A failure that will repeat: no retry.
+    /// A failure that will repeat: no retry. The message is made one bounded line, as in
+    /// [`PortError::retryable`].
     pub fn terminal(message: impl Into<String>) -> Self {
         Self {
             class: ErrorClass::Terminal,
-            message: message.into(),
+            message: one_line(&message.into()),
             retry_after_ms: None,
         }
     }

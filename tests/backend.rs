@@ -352,6 +352,30 @@ async fn every_error_class_of_the_client() {
         ),
         (
             ConvexFaults {
+                paused: 1,
+                ..Default::default()
+            },
+            ErrorClass::Retryable,
+            "Cannot run functions while this deployment is paused",
+        ),
+        (
+            ConvexFaults {
+                timed_out: 1,
+                ..Default::default()
+            },
+            ErrorClass::Retryable,
+            "Function execution timed out",
+        ),
+        (
+            ConvexFaults {
+                rate_limited: 1,
+                ..Default::default()
+            },
+            ErrorClass::Retryable,
+            "HTTP 429: TooManyConcurrentRequests",
+        ),
+        (
+            ConvexFaults {
                 query_delay_ms: 2_000,
                 ..Default::default()
             },
@@ -367,12 +391,14 @@ async fn every_error_class_of_the_client() {
     }
     fake.set_faults(ConvexFaults {
         rate_limited: 1,
-        retry_after_s: 7,
         ..Default::default()
     });
     let err = client.list_sessions(None, 10).await.unwrap_err();
     assert_eq!(err.class, ErrorClass::Retryable);
-    assert_eq!(err.retry_after_ms, Some(7_000), "Retry-After is honoured");
+    assert_eq!(
+        err.retry_after_ms, None,
+        "Convex sends no Retry-After: the dispatcher's own backoff decides"
+    );
 
     // A malformed value in a non-empty page names the item's field: never read as empty.
     fake.set_faults(ConvexFaults::default());
@@ -388,8 +414,23 @@ async fn every_error_class_of_the_client() {
     let anonymous = ConvexClient::new(ConvexConfig::new(&fake.url, WORKER)).unwrap();
     let err = anonymous.list_sessions(None, 10).await.unwrap_err();
     assert_eq!(err.class, ErrorClass::Terminal, "{err}");
-    assert!(err.message.contains("401"), "{err}");
-    assert!(!err.message.contains("dev:key"));
+    assert!(
+        err.message.contains("Could not find public function")
+            && err.message.contains("--convex-key-env"),
+        "internal functions are invisible without the key: {err}"
+    );
+    let wrong_key = ConvexClient::new(ConvexConfig {
+        deploy_key: Some(Secret::new("dev:stale")),
+        ..config.clone()
+    })
+    .unwrap();
+    let err = wrong_key.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+    assert!(
+        err.message.contains("HTTP 403") && err.message.contains("the deploy key is wrong"),
+        "{err}"
+    );
+    assert!(!err.message.contains("dev:key") && !err.message.contains("dev:stale"));
 
     let wrong_module = ConvexClient::new(ConvexConfig {
         module: "other".into(),
@@ -397,7 +438,10 @@ async fn every_error_class_of_the_client() {
     })
     .unwrap();
     let err = wrong_module.list_sessions(None, 10).await.unwrap_err();
-    assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+    // With the key, a function not found is what a deploy in progress answers: retried, and
+    // (for a mutation) delivered in a later round once the module is there.
+    assert_eq!(err.class, ErrorClass::Retryable, "{err}");
+    assert!(err.message.contains("a deploy in progress?"), "{err}");
 
     let url = fake.url.clone();
     drop(fake);
@@ -598,6 +642,269 @@ async fn agentsync_send_posts_through_the_inbox_and_waits_for_the_answer() {
     assert_eq!(store.conversation(ids[0]).unwrap().len(), 2);
     answering.abort();
     server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_answers_in_the_real_wire_format_and_the_client_reads_it() {
+    let fake = FakeConvex::start("agentsync", Some("dev:key"), clock())
+        .await
+        .unwrap();
+    let chat = fake.store().open_chat(WORKER, "floats").unwrap();
+    fake.store()
+        .post_user_message(&chat.chat_session_id, "hi")
+        .unwrap();
+    // The raw answer: every number a float, as Convex's export_clean writes Date.now().
+    let raw = reqwest::Client::new()
+        .post(format!("{}/api/query", fake.url))
+        .header("authorization", "Convex dev:key")
+        .json(&serde_json::json!({"path": "agentsync:listSessions",
+            "args": {"workerId": WORKER, "cursor": null, "limit": 10}, "format": "json"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(raw.headers().get("retry-after").is_none());
+    let text = raw.text().await.unwrap();
+    println!("wire: {text}");
+    assert!(text.contains(r#""lastActivity":1763700000000.0"#), "{text}");
+    let client = ConvexClient::new(ConvexConfig {
+        deploy_key: Some(Secret::new("dev:key")),
+        ..ConvexConfig::new(&fake.url, WORKER)
+    })
+    .unwrap();
+    let sessions = client.list_sessions(None, 10).await.unwrap();
+    println!("parsed: {:?}", sessions.page);
+    assert_eq!(sessions.page[0].last_activity, 1_763_700_000_000);
+    let messages = client.list_messages(None, 10).await.unwrap();
+    println!("parsed: {:?}", messages.page);
+    assert_eq!(messages.page[0].timestamp, 1_763_700_000_000);
+
+    // A function's error is HTTP 200 (560 on older backends), classed by what it says.
+    for legacy in [false, true] {
+        fake.set_legacy_560(legacy);
+        fake.set_faults(ConvexFaults {
+            paused: 1,
+            ..Default::default()
+        });
+        let err = client.list_sessions(None, 10).await.unwrap_err();
+        assert_eq!(err.class, ErrorClass::Retryable, "{err}");
+        let err = client
+            .mutate(
+                &id("rename:ghost"),
+                &Command::RenameSession {
+                    chat_session_id: "chat_ghost".into(),
+                    title: "x".into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::Terminal, "{err}");
+        assert!(
+            err.message.contains("Uncaught Error: no chat session"),
+            "{err}"
+        );
+    }
+    let statuses: Vec<(u16, bool)> = fake
+        .calls()
+        .iter()
+        .filter(|c| c.error.is_some())
+        .map(|c| (c.status, c.error.as_deref().unwrap().contains("paused")))
+        .collect();
+    assert_eq!(
+        statuses,
+        [(200, true), (200, false), (560, true), (560, false)]
+    );
+}
+
+// Issue 13, "untrusted replies": a hostile deployment on loopback.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_convex_reply_larger_than_the_cap_is_cut_with_an_error_naming_the_call_and_the_size() {
+    use axum::routing::{get, post};
+    use common::hostile::{endless_zeros, huge_content_length, serve};
+
+    let endless = serve(
+        axum::Router::new()
+            .route("/api/query", post(|| async { endless_zeros() }))
+            .route(
+                "/api/mutation",
+                post(|| async { (axum::http::StatusCode::BAD_GATEWAY, endless_zeros()) }),
+            )
+            .route("/sessions/{id}/messages", get(|| async { endless_zeros() })),
+    )
+    .await;
+    let client = ConvexClient::new(ConvexConfig::new(&endless.url, WORKER)).unwrap();
+    let err = client.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(
+        err.message,
+        "POST /api/query agentsync:listSessions: reply larger than 33554432 bytes"
+    );
+    assert_eq!(
+        err.class,
+        ErrorClass::Terminal,
+        "the same call gets the same reply"
+    );
+    let rename = Command::RenameSession {
+        chat_session_id: "c1".into(),
+        title: "t".into(),
+    };
+    let err = client.mutate(&id("rename:1"), &rename).await.unwrap_err();
+    assert_eq!(
+        err.class,
+        ErrorClass::Retryable,
+        "an error reply keeps its status's class"
+    );
+    assert_eq!(
+        err.message,
+        "agentsync:renameSession: HTTP 502: reply larger than 65536 bytes"
+    );
+
+    // The inbox client (`agentsync send`, `chat`) reads under the same cap.
+    let inbox = InboxClient::new(&endless.url, Secret::new("token"));
+    let err = inbox.conversation("c1").await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("inbox: GET /sessions/c1/messages")
+            && err.ends_with(": reply larger than 33554432 bytes"),
+        "{err}"
+    );
+
+    // `Content-Length: 1 GiB` and nothing after: refused before reading.
+    let liar = huge_content_length(200).await;
+    let client = ConvexClient::new(ConvexConfig {
+        timeout: Duration::from_secs(20),
+        max_reply_bytes: 1 << 20,
+        ..ConvexConfig::new(&liar.url, WORKER)
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let err = client.list_messages(None, 10).await.unwrap_err();
+    assert_eq!(
+        err.message,
+        "POST /api/query agentsync:listMessages: reply larger than 1048576 bytes"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "not read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_client_stops_a_conversation_that_pages_forever() {
+    use axum::extract::Query;
+    use axum::routing::get;
+    use common::hostile::serve;
+    use std::collections::HashMap;
+
+    // /sessions/stuck: never done, the same cursor back; /sessions/moving: never done, a new
+    // cursor every time.
+    let server = serve(axum::Router::new().route(
+        "/sessions/{id}/messages",
+        get(
+            |axum::extract::Path(id): axum::extract::Path<String>,
+             Query(q): Query<HashMap<String, String>>| async move {
+                let cursor = q.get("cursor").cloned().unwrap_or_default();
+                let next = if id == "stuck" {
+                    cursor
+                } else {
+                    format!("{cursor}x")
+                };
+                axum::Json(serde_json::json!({"page": [], "isDone": false, "continueCursor": next}))
+            },
+        ),
+    ))
+    .await;
+    let inbox = InboxClient::new(&server.url, Secret::new("token"));
+    let err = inbox.conversation("stuck").await.unwrap_err().to_string();
+    assert!(
+        err.contains("gives back the cursor it was asked with"),
+        "{err}"
+    );
+    let err = inbox.conversation("moving").await.unwrap_err().to_string();
+    assert_eq!(err, "inbox: the conversation did not end within 1000 pages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_convex_error_message_with_newlines_becomes_one_bounded_line() {
+    use axum::routing::post;
+    use common::hostile::serve;
+
+    let message =
+        "Uncaught Error: boom\n    at handler (agentsync.ts:1:1)\r\n\x1b[2J".repeat(20_000);
+    assert!(message.len() > 1_000_000);
+    let body = serde_json::json!({"status": "error", "errorMessage": message}).to_string();
+    let server = serve(axum::Router::new().route(
+        "/api/query",
+        post(move || {
+            let body = body.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
+    ))
+    .await;
+    let client = ConvexClient::new(ConvexConfig::new(&server.url, WORKER)).unwrap();
+    let err = client.list_sessions(None, 10).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Terminal);
+    assert_eq!(err.message.chars().count(), 1_000, "{}", err.message);
+    assert!(err.message.ends_with('…'));
+    assert!(
+        !err.message.contains(['\n', '\r', '\x1b']),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message.starts_with(
+            "agentsync:listSessions: Uncaught Error: boom at handler (agentsync.ts:1:1) \\u{1b}[2J"
+        ),
+        "{}",
+        err.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentsync_send_prints_an_answers_escape_sequences_escaped() {
+    use axum::routing::{get, post};
+    use common::hostile::serve;
+
+    // An inbox whose answer sets the terminal's title and clears it.
+    let message = |id: &str, role: &str, content: &str, reply_to: Option<&str>| {
+        serde_json::json!({"chatSessionId": "chat_1", "messageId": id, "role": role,
+            "content": content, "completed": true, "timestamp": 1, "replyTo": reply_to,
+            "error": null})
+    };
+    let question = message("msg_1", "user", "hi", None);
+    let answer = message(
+        "msg_2",
+        "assistant",
+        "line one\x1b]0;pwned\x07\r\nline two\x1b[2J",
+        Some("msg_1"),
+    );
+    let conversation = serde_json::json!({"page": [question.clone(), answer],
+        "isDone": true, "continueCursor": "2"});
+    let inbox = serve(
+        axum::Router::new()
+            .route(
+                "/sessions/{id}/messages",
+                post(
+                    move || async move { (axum::http::StatusCode::CREATED, axum::Json(question)) },
+                ),
+            )
+            .route(
+                "/sessions/{id}/messages",
+                get(move || async move { axum::Json(conversation) }),
+            ),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    agentsync::backend::local::write_inbox_file(dir.path(), &inbox.url, &Secret::new("token"))
+        .unwrap();
+    let path = dir.path().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        common::agentsync_in(&path, "send", &["chat_1", "hi", "--wait", "5"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(!text.contains(['\x1b', '\x07', '\r']), "{text:?}");
+    assert_eq!(
+        text, "chat_1 msg_1\nline one\\u{1b}]0;pwned\\u{7}\nline two\\u{1b}[2J\n",
+        "escaped, its lines kept"
+    );
 }
 
 // ---- The inbox's doors (issue 13): each attack fails with its 4xx, writes nothing and
@@ -1020,4 +1327,120 @@ fn send_without_a_readable_inbox_file_fails_in_one_line() {
     let err = common::stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("INBOX"), "{err}");
+}
+
+/// The worker against the fake deployment: a paused deployment's 200-status error on
+/// `completeMessage` is retried until the answer lands; a terminal one (the function threw)
+/// fails the message with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_status_error_is_retried_and_a_terminal_one_fails_the_message_with_its_reason()
+{
+    use agentsync::dispatch::{DispatchConfig, RetryPolicy};
+    use agentsync::sim::{Faults, SimAgent};
+    use agentsync::worker::{PollPolicy, Worker, WorkerConfig};
+    let clock: Arc<dyn Clock> = Arc::new(agentsync::clock::SystemClock);
+    let fake = FakeConvex::start("agentsync", Some("dev:key"), clock.clone())
+        .await
+        .unwrap();
+    let store = fake.store();
+    let chat = store.open_chat(WORKER, "chat").unwrap();
+    let config = WorkerConfig {
+        worker_id: WORKER.into(),
+        dispatch: DispatchConfig {
+            retry: RetryPolicy {
+                base_ms: 50,
+                cap_ms: 200,
+                max_attempts: 3,
+            },
+            ..DispatchConfig::default()
+        },
+        polling: PollPolicy {
+            active_ms: 100,
+            idle_max_ms: 300,
+            ..PollPolicy::default()
+        },
+        stop_when_quiet: Some(5),
+        drain_grace_ms: 500,
+        ..WorkerConfig::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(EventLog::open(dir.path(), &common::create()).unwrap());
+    let agent = Arc::new(SimAgent::new(clock.clone(), Faults::default()));
+    let run = |faults: ConvexFaults| {
+        fake.set_faults(faults);
+        let (log, agent, client, clock, config) = (
+            log.clone(),
+            agent.clone(),
+            ConvexClient::new(ConvexConfig {
+                deploy_key: Some(Secret::new("dev:key")),
+                ..ConvexConfig::new(&fake.url, WORKER)
+            })
+            .unwrap(),
+            clock.clone(),
+            config.clone(),
+        );
+        async move {
+            let worker = Worker::open(log, agent, Arc::new(client), clock, config)
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(60), worker.run(std::future::pending()))
+                .await
+                .expect("settles")
+                .unwrap()
+        }
+    };
+
+    // Paused twice, then running: the answer lands in the first round.
+    let first = store
+        .post_user_message(&chat.chat_session_id, "first question")
+        .unwrap();
+    run(ConvexFaults {
+        paused: 2,
+        only: Some("completeMessage".into()),
+        ..Default::default()
+    })
+    .await;
+    let completes: Vec<(u16, Option<String>)> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "agentsync:completeMessage")
+        .map(|c| (c.status, c.error))
+        .collect();
+    println!("completeMessage calls: {completes:?}");
+    assert_eq!(completes.len(), 3, "{completes:?}");
+    assert!(completes[..2].iter().all(|(s, e)| *s == 200
+        && e.as_deref()
+            .unwrap()
+            .starts_with("Cannot run functions while this deployment is paused")));
+    assert_eq!(completes[2], (200, None));
+    let conversation = store.conversation(&chat.chat_session_id).unwrap();
+    let reply = conversation
+        .iter()
+        .find(|m| m.reply_to.as_deref() == Some(first.message_id.as_str()))
+        .expect("answered");
+    assert!(reply.completed && reply.error.is_none(), "{reply:?}");
+
+    // The function throws: terminal, the message fails with the reason.
+    let second = store
+        .post_user_message(&chat.chat_session_id, "second question")
+        .unwrap();
+    run(ConvexFaults {
+        throws: 1,
+        only: Some("completeMessage".into()),
+        ..Default::default()
+    })
+    .await;
+    let failed = store
+        .conversation(&chat.chat_session_id)
+        .unwrap()
+        .into_iter()
+        .find(|m| m.message_id == second.message_id)
+        .unwrap();
+    println!("failed: {:?}", failed.error);
+    let reason = failed.error.expect("failed with a reason");
+    assert!(
+        reason.contains("could not be delivered")
+            && reason.contains("Uncaught Error: injected: the function threw"),
+        "{reason}"
+    );
 }

@@ -503,6 +503,11 @@ fn run_refuses_bad_settings_with_exit_2_naming_the_key_and_writes_nothing() {
             "listing-limit must be at least 1",
         ),
         (
+            format!("{base}max-reply-mib = 0\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "max-reply-mib must be at least 1 and at most 1 GiB",
+        ),
+        (
             format!("{base}message-deadline-mins = 0\n"),
             vec!["--agent-url", "http://127.0.0.1:9"],
             "message-deadline-mins must be between 1 and 10080",
@@ -888,4 +893,58 @@ fn a_fresh_data_dir_is_private_and_a_shared_one_is_refused() {
     assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("LOCK"), "{}", stderr(&out));
     assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+}
+
+/// Issue 13: what a log holds came from servers; printing it must not rewrite the terminal.
+#[test]
+fn replay_and_why_print_escape_sequences_from_the_log_escaped() {
+    use agentsync::events::{
+        ChatSessionInfo, ChatStatus, NewEvent, ObservationFailed, Source, WorkerStopping,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let at = 1_763_800_000_000;
+    let attack = "\x1b]0;pwned\x07\x1b[2J";
+    let events = vec![
+        NewEvent::new(
+            Event::BackendSessionSeen(ChatSessionInfo {
+                chat_session_id: format!("chat_{attack}").into(),
+                agent_session_id: None,
+                title: format!("title {attack}"),
+                model: Some(format!("m/{attack}")),
+                status: ChatStatus::Active,
+                last_activity: at,
+                project: Some(attack.into()),
+            }),
+            at,
+        ),
+        // Written as an older agentsync (or a bug) might have: not made one line.
+        NewEvent::new(
+            Event::ObservationFailed(ObservationFailed {
+                source: Source::Backend,
+                operation: "list_sessions".into(),
+                error: format!("HTTP 500: {attack}\r\nforged line"),
+            }),
+            at,
+        ),
+        NewEvent::new(
+            Event::WorkerStopping(WorkerStopping {
+                reason: attack.into(),
+            }),
+            at,
+        ),
+    ];
+    write_log(dir.path(), events, 8);
+    let raw = |s: &str| s.contains(['\x1b', '\x07', '\r']);
+    let table = stdout(&agentsync_in(dir.path(), "replay", &[]));
+    assert!(!raw(&table), "{table:?}");
+    assert_eq!(table.lines().count(), 4, "one line per event: {table}");
+    assert!(table.contains("\\u{1b}]0;pwned\\u{7}\\u{1b}[2J"), "{table}");
+    for view in ["sessions", "messages", "commands"] {
+        let out = agentsync_in(dir.path(), "replay", &["--at", "3", "--view", view]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(!raw(&stdout(&out)), "{view}: {:?}", stdout(&out));
+    }
+    let why = agentsync_in(dir.path(), "why", &[&format!("chat_{attack}")]);
+    assert_eq!(why.status.code(), Some(0), "{}", stderr(&why));
+    assert!(!raw(&stdout(&why)), "{:?}", stdout(&why));
 }

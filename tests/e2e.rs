@@ -1609,3 +1609,62 @@ async fn the_proxy_faults_apply_the_call_upstream_and_answer_nothing_or_502() {
     assert_eq!(proxy.count_matching("POST", "/api/*"), 4);
     assert_eq!(proxy.injected().len(), 3);
 }
+
+/// A backlog larger than one Convex transaction may read (16 MiB: 20 messages of 900 KB),
+/// found at start: the worker pages through it (each page bounded in bytes by the fake, as
+/// `paginate` with `maximumBytesRead` bounds the real module's), sees every message, and fails
+/// each, stale, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_16_mib_is_paged_through_and_every_message_failed_once() {
+    let model = MockModel::start().await;
+    let project = Project::new(&model);
+    let past = Arc::new(PastClock::default());
+    past.set_behind(20 * 60_000);
+    let fake = FakeConvex::start("agentsync", None, past.clone())
+        .await
+        .unwrap();
+    let store = fake.store();
+    let chat = store.open_chat(WORKER, "a long backlog").unwrap();
+    let big = "x".repeat(900_000);
+    let asked: Vec<String> = (0..20)
+        .map(|i| {
+            let text = format!("{i} {big}");
+            store
+                .post_user_message(&chat.chat_session_id, &text)
+                .unwrap()
+                .message_id
+        })
+        .collect();
+    past.set_behind(0);
+    let data = project.root.path().join("data");
+    let args = ["--backend", "convex", "--convex-url", fake.url.as_str()];
+    let mut worker = WorkerProcess::start(&project, &data, &args, &[]);
+    worker.wait_ready().await;
+    until("every message failed", Duration::from_secs(90), || {
+        let conversation = store.conversation(&chat.chat_session_id).unwrap();
+        asked
+            .iter()
+            .all(|m| failure(&conversation, m).is_some())
+            .then_some(())
+    })
+    .await;
+    let conversation = store.conversation(&chat.chat_session_id).unwrap();
+    for m in &asked {
+        let why = failure(&conversation, m).unwrap();
+        assert!(why.starts_with("still incomplete"), "{m}: {why}");
+    }
+    let pages = fake
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with(":listMessages") && c.status == 200)
+        .count();
+    assert!(
+        pages >= 5,
+        "18 MB cannot come in fewer than 5 pages of 4 MiB: {pages}"
+    );
+    assert_eq!(mutations(&fake, "failMessage"), 20, "each failed once");
+    assert_eq!(model.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+    worker.signal(Signal::SIGTERM);
+    let (status, _) = worker.exit_within(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.log());
+}

@@ -565,7 +565,7 @@ async fn a_lost_create_or_prompt_can_be_looked_up_on_the_real_server() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let m1 = ids::agent_message_id(&MessageId("m1".into()), now);
+    let m1 = ids::agent_message_id(&MessageId("m1".into()), now, 0);
     assert_eq!(
         client.prompt_outcome(id, &m1).await.unwrap(),
         PromptOutcome::NotSent
@@ -613,7 +613,7 @@ async fn a_lost_create_or_prompt_can_be_looked_up_on_the_real_server() {
     // A run that died with its server leaves the user message stored, unanswered, the session
     // idle (here: stored with `noReply`): it reads as interrupted, and once forgotten it is
     // gone, so it can be sent anew under the same id and shows once.
-    let m2 = ids::agent_message_id(&MessageId("m2".into()), now + 1);
+    let m2 = ids::agent_message_id(&MessageId("m2".into()), now + 1, 0);
     let stored = reqwest::Client::new()
         .post(format!("{}/session/{id}/message", client.base_url()))
         .json(&serde_json::json!({"messageID": m2, "noReply": true,
@@ -652,4 +652,139 @@ async fn a_lost_create_or_prompt_can_be_looked_up_on_the_real_server() {
         .count();
     assert_eq!(users, 2, "each question once: {history:?}");
     server.shutdown().await;
+}
+
+// Issue 13, "untrusted replies": attacks on the client from a hostile server on loopback. None
+// needs the real OpenCode server.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_body_larger_than_the_cap_is_cut_with_an_error_naming_the_call_and_the_size() {
+    use axum::routing::get;
+    use common::hostile::{endless_zeros, huge_content_length, serve};
+
+    // A listing that never ends (more than 1 GB of zeros, no length given), and an error
+    // reply that never ends either.
+    let endless = serve(
+        axum::Router::new()
+            .route("/session", get(|| async { endless_zeros() }))
+            .route(
+                "/session/status",
+                get(|| async { (axum::http::StatusCode::SERVICE_UNAVAILABLE, endless_zeros()) }),
+            ),
+    )
+    .await;
+    let client = OpencodeClient::new(OpencodeConfig::new(&endless.url)).unwrap();
+    let err = client.list_sessions(None).await.unwrap_err();
+    assert_eq!(
+        err.message,
+        "GET /session: reply larger than 33554432 bytes"
+    );
+    assert_eq!(
+        err.class,
+        ErrorClass::Terminal,
+        "the same call gets the same reply"
+    );
+    let err = client.status().await.unwrap_err();
+    assert_eq!(
+        err.class,
+        ErrorClass::Retryable,
+        "an error reply keeps its status's class"
+    );
+    assert_eq!(
+        err.message,
+        "GET /session/status: HTTP 503: reply larger than 65536 bytes"
+    );
+
+    // A smaller cap is the configured one.
+    let small = OpencodeClient::new(OpencodeConfig {
+        max_reply_bytes: 1_000_000,
+        ..OpencodeConfig::new(&endless.url)
+    })
+    .unwrap();
+    let err = small.list_sessions(None).await.unwrap_err();
+    assert_eq!(err.message, "GET /session: reply larger than 1000000 bytes");
+
+    // `Content-Length: 1 GiB` and nothing after: refused before reading (reading would wait
+    // for the timeout instead).
+    let liar = huge_content_length(200).await;
+    let client = OpencodeClient::new(OpencodeConfig {
+        timeout: Duration::from_secs(20),
+        ..OpencodeConfig::new(&liar.url)
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let err = client.list_sessions(None).await.unwrap_err();
+    assert_eq!(
+        err.message,
+        "GET /session: reply larger than 33554432 bytes"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "not read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_event_is_cut_at_the_cap_and_the_stream_reconnects() {
+    use axum::routing::get;
+    use common::hostile::{endless, serve};
+    use std::sync::atomic::AtomicUsize;
+
+    // The first connection sends one event that never ends (no newline, ever); the next ones a
+    // well-formed event, then nothing.
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = connections.clone();
+    let server = serve(axum::Router::new().route(
+        "/event",
+        get(move || {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let body = if n == 0 {
+                    let mut start = b"data: ".to_vec();
+                    start.extend(std::iter::repeat_n(b'x', 64 * 1024));
+                    endless(start)
+                } else {
+                    let event = "data: {\"type\":\"session.deleted\",\"properties\":{\"info\":{\"id\":\"ses_after\",\"time\":{\"created\":1,\"updated\":1}}}}\n\n";
+                    axum::body::Body::from_stream(
+                        futures_util::stream::once(async move {
+                            Ok::<_, std::convert::Infallible>(event)
+                        })
+                        .chain(futures_util::stream::pending()),
+                    )
+                };
+                ([("content-type", "text/event-stream")], body)
+            }
+        }),
+    ))
+    .await;
+    let client = Arc::new(
+        OpencodeClient::new(OpencodeConfig {
+            reconnect_min: Duration::from_millis(50),
+            ..OpencodeConfig::new(&server.url)
+        })
+        .unwrap(),
+    );
+    let stats = client.stream_stats();
+    let mut events = Box::pin(client.events());
+    async fn next(
+        events: &mut (impl futures_util::Stream<Item = AgentObservation> + Unpin),
+    ) -> AgentObservation {
+        tokio::time::timeout(PATIENCE, events.next())
+            .await
+            .expect("an observation in time")
+            .expect("the stream goes on")
+    }
+    assert_eq!(
+        next(&mut events).await,
+        AgentObservation::Connected { reconnected: false }
+    );
+    assert_eq!(
+        next(&mut events).await,
+        AgentObservation::Connected { reconnected: true }
+    );
+    assert_eq!(
+        next(&mut events).await,
+        AgentObservation::SessionDeleted("ses_after".into()),
+        "the stream goes on after the cut"
+    );
+    assert_eq!(stats.oversized.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.reconnects.load(Ordering::Relaxed), 1);
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
 }

@@ -2,8 +2,10 @@
 // contract suite (tests/backend.rs) checks of the fake deployment and the local backend.
 import { convexTest } from "convex-test";
 import { anyApi } from "convex/server";
-import { describe, expect, test } from "vitest";
+import { describe, expect, test, vi } from "vitest";
 import schema from "./schema";
+import * as agentsync from "./agentsync";
+import crons from "./crons";
 
 const api = anyApi.agentsync;
 const modules = {
@@ -133,5 +135,111 @@ describe("agentsync contract", () => {
     // A refused mutation records nothing: the same commandId can still be applied later.
     const applied = await t.run((ctx) => ctx.db.query("appliedCommands").collect());
     expect(applied).toEqual([]);
+  });
+
+  test("every function is internal: callable with the deploy key, invisible without it", () => {
+    for (const [name, fn] of Object.entries(agentsync)) {
+      if (typeof fn !== "function" || !("isRegistered" in fn)) continue;
+      expect((fn as any).isInternal, name).toBe(true);
+      expect((fn as any).isPublic, name).toBeFalsy();
+    }
+  });
+
+  test("a 1 MiB message never wedges the cursor: 20 of them page through in bytes", async () => {
+    const t = setup();
+    const chat = await openChat(t);
+    const big = "x".repeat(1024 * 1024 - 1024);
+    for (let i = 0; i < 20; i++) await post(t, chat, big + i);
+    let cursor: string | null = null;
+    let seen = 0;
+    let pages = 0;
+    for (;;) {
+      const page: any = await t.query(api.listMessages, { workerId: W, cursor, limit: 500 });
+      pages++;
+      // Never an empty page while messages remain: the cursor always moves.
+      if (!page.isDone) expect(page.page.length).toBeGreaterThan(0);
+      expect(JSON.stringify(page).length).toBeLessThan(agentsync.PAGE_BYTES + 2 * big.length);
+      seen += page.page.length;
+      if (page.page.length > 0) expect(page.continueCursor).not.toBe(cursor);
+      cursor = page.continueCursor;
+      if (page.isDone) break;
+    }
+    expect(seen).toBe(20);
+    expect(pages).toBeGreaterThanOrEqual(5);
+  });
+
+  test("two workers writing at once each count their own changes, and each sees only its own", async () => {
+    const t = setup();
+    const a = await openChat(t, "worker-a");
+    const b = await openChat(t, "worker-b");
+    const asked = await Promise.all([
+      ...Array.from({ length: 5 }, (_, i) => post(t, a, `a${i}`)),
+      ...Array.from({ length: 5 }, (_, i) => post(t, b, `b${i}`)),
+    ]);
+    await Promise.all(
+      asked.map((messageId, i) =>
+        t.mutation(api.completeMessage, {
+          commandId: `completeMessage:${messageId}`,
+          chatSessionId: i < 5 ? a : b,
+          messageId,
+          content: `answer ${i}`,
+        }),
+      ),
+    );
+    const counters = await t.run((ctx) => ctx.db.query("counters").collect());
+    expect(Object.fromEntries(counters.map((c: any) => [c.name, c.value]))).toEqual({
+      "messageChanges:worker-a": 10,
+      "messageChanges:worker-b": 10,
+    });
+    for (const [worker, chat] of [["worker-a", a], ["worker-b", b]]) {
+      const page = await t.query(api.listMessages, { workerId: worker, cursor: null, limit: 100 });
+      expect(page.page).toHaveLength(10);
+      expect(page.page.every((m: any) => m.chatSessionId === chat)).toBe(true);
+      expect(page.page.filter((m: any) => m.role === "assistant" && m.completed)).toHaveLength(5);
+      expect(page.continueCursor).toBe("10");
+    }
+  });
+
+  test("markSessionFailed keeps its reason", async () => {
+    const t = setup();
+    const chat = await openChat(t);
+    await t.mutation(api.markSessionFailed, { commandId: "f", chatSessionId: chat, reason: "stale for 6 h" });
+    const doc: any = await t.run((ctx) => ctx.db.get(chat as any));
+    expect(doc).toMatchObject({ status: "failed", failureReason: "stale for 6 h" });
+  });
+
+  test("applied commandIds are pruned by the hourly cron after the retention window, in batches", async () => {
+    vi.useFakeTimers();
+    try {
+      const t = setup();
+      const chat = await openChat(t);
+      const start = Date.now();
+      await t.mutation(api.renameSession, { commandId: "old", chatSessionId: chat, title: "one" });
+      await t.run(async (ctx) => {
+        for (let i = 0; i < agentsync.PRUNE_BATCH + 5; i++) {
+          await ctx.db.insert("appliedCommands", { commandId: `bulk${i}`, reply: null, appliedAt: start });
+        }
+      });
+      vi.setSystemTime(start + agentsync.APPLIED_RETENTION_MS - 60_000);
+      await t.mutation(api.renameSession, { commandId: "recent", chatSessionId: chat, title: "two" });
+      // Within the window a repeat is still recognised.
+      expect(await t.mutation(api.pruneAppliedCommands, {})).toEqual({ deleted: 0 });
+      await t.mutation(api.renameSession, { commandId: "old", chatSessionId: chat, title: "one" });
+      let row = (await t.query(api.listSessions, { workerId: W, cursor: null, limit: 10 })).page[0];
+      expect(row.title).toBe("two");
+      // Past it, the old ones go (a full batch schedules the rest), the recent one stays.
+      vi.setSystemTime(start + agentsync.APPLIED_RETENTION_MS + 1);
+      expect(await t.mutation(api.pruneAppliedCommands, {})).toEqual({ deleted: agentsync.PRUNE_BATCH });
+      await t.finishAllScheduledFunctions(vi.runAllTimers);
+      const left = await t.run((ctx) => ctx.db.query("appliedCommands").collect());
+      expect(left.map((d: any) => d.commandId)).toEqual(["recent"]);
+      // The cron runs it hourly.
+      const jobs = Object.values((crons as any).crons) as any[];
+      expect(jobs).toHaveLength(1);
+      expect(jobs[0].schedule).toEqual({ type: "interval", hours: 1 });
+      expect(String(jobs[0].name)).toContain("agentsync:pruneAppliedCommands");
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });

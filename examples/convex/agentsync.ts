@@ -1,16 +1,54 @@
 // The agentsync backend contract (DESIGN.md, "The backend contract") as a Convex module.
 //
-// Drop this file and schema.ts's tables into your app's convex/ directory: the worker calls
-// agentsync:listSessions, agentsync:createSession, ... with its deploy key. Every mutation carries
-// a commandId and is applied at most once: the first reply is recorded in `appliedCommands` and
-// returned to any repeat (a worker retries after a lost reply). Convex runs each mutation as a
-// serializable transaction, so "check, apply, record" is atomic.
+// Drop this file, crons.ts and schema.ts's tables into your app's convex/ directory: the worker
+// calls agentsync:listSessions, agentsync:createSession, ... with its deploy key. Every function
+// is internal (internalQuery / internalMutation): a public function may be called by anyone who
+// knows the deployment URL, an internal one only with a deploy key (`Authorization: Convex
+// <key>`), and without one it is "not found" (convex-backend crates/udf/src/validation.rs:342-365).
 //
-// The generic builders keep this file free of codegen; in your app you may import `query` and
-// `mutation` from "./_generated/server" instead, with the same code.
-import { mutationGeneric as mutation, queryGeneric as query } from "convex/server";
+// Every mutation carries a commandId and is applied at most once: the first reply is recorded in
+// `appliedCommands` and returned to any repeat (a worker retries after a lost reply). Convex runs
+// each mutation as a serializable transaction, so "check, apply, record" is atomic. Records are
+// pruned after APPLIED_RETENTION_MS by a cron (crons.ts, pruneAppliedCommands).
+//
+// The generic builders keep this file free of codegen; in your app you may import
+// `internalQuery` and `internalMutation` from "./_generated/server" instead, with the same code.
+import {
+  internalMutationGeneric as internalMutation,
+  internalQueryGeneric as internalQuery,
+  makeFunctionReference,
+} from "convex/server";
 import type { GenericMutationCtx, GenericQueryCtx, GenericDataModel } from "convex/server";
 import { v } from "convex/values";
+
+/**
+ * The most bytes one listMessages page reads (Convex's `paginate` `maximumBytesRead`; the page
+ * ends with the message that reaches it). Convex refuses a transaction that reads more than
+ * 16 MiB (crates/common/src/knobs.rs:585, TRANSACTION_MAX_READ_SIZE_BYTES) or returns more than
+ * 16 MiB (knobs.rs:419, FUNCTION_MAX_RESULT_SIZE), and a message is at most 1 MiB
+ * (crates/common/src/document.rs:100, MAX_USER_SIZE): a page of at most 4 MiB + one message is
+ * well inside both, and never empty while messages remain, so the cursor always moves.
+ * The worker's local backend uses the same bound (src/backend/store.rs, MESSAGE_PAGE_BYTES).
+ */
+export const PAGE_BYTES = 4 * 1024 * 1024;
+
+/**
+ * How long an applied commandId is remembered. The worker repeats an id only within one delivery
+ * round: at most 3 attempts of at most 30 s each with backoffs of at most 30 s (minutes), or,
+ * when the deployment is unreachable or the worker is stopped mid-attempt, until it is back and
+ * resumes the same id. A failed round is followed by a new round under a new id
+ * (`completeMessage:<msg>#round2`, ... after 1 min doubling to 1 h), so a round's id is never
+ * repeated after its round ended. Seven days covers a week-long outage of the worker or the
+ * deployment. A repeat after pruning is applied again: harmless for every mutation but
+ * createSession (a second chat session for the same agent session), and the worker only
+ * repeats a createSession whose reply it never got.
+ */
+export const APPLIED_RETENTION_MS = 7 * 24 * 60 * 60 * 1000;
+
+/** How many applied records one pruning run deletes (it schedules itself again for more). */
+export const PRUNE_BATCH = 1000;
+
+const pruneSelf = makeFunctionReference<"mutation">("agentsync:pruneAppliedCommands");
 
 type QueryCtx = GenericQueryCtx<GenericDataModel>;
 type MutationCtx = GenericMutationCtx<GenericDataModel>;
@@ -58,17 +96,24 @@ async function once(ctx: MutationCtx, commandId: string, apply: () => Promise<un
     .unique();
   if (applied !== null) return applied.reply;
   const reply = (await apply()) ?? null;
-  await ctx.db.insert("appliedCommands", { commandId, reply });
+  await ctx.db.insert("appliedCommands", { commandId, reply, appliedAt: Date.now() });
   return reply;
 }
 
-async function nextChange(ctx: MutationCtx): Promise<number> {
+/**
+ * The next change number of one worker's messages. Every message change reads and writes its
+ * worker's counter, so Convex's serializable transactions commit them in counter order and a
+ * listMessages cursor never skips a late commit. One counter per worker, not one for the whole
+ * deployment: workers (and the app posting to different workers) never conflict on it.
+ */
+async function nextChange(ctx: MutationCtx, workerId: string): Promise<number> {
+  const name = `messageChanges:${workerId}`;
   const counter = await ctx.db
     .query("counters")
-    .withIndex("by_name", (q) => q.eq("name", "messageChanges"))
+    .withIndex("by_name", (q) => q.eq("name", name))
     .unique();
   const value = (counter?.value ?? 0) + 1;
-  if (counter === null) await ctx.db.insert("counters", { name: "messageChanges", value });
+  if (counter === null) await ctx.db.insert("counters", { name, value });
   else await ctx.db.patch(counter._id, { value });
   return value;
 }
@@ -95,7 +140,7 @@ async function touch(ctx: MutationCtx, chatSessionId: string, patch: Record<stri
   return null;
 }
 
-export const listSessions = query({
+export const listSessions = internalQuery({
   args: listArgs,
   handler: async (ctx, { workerId, cursor, limit }) => {
     const result = await ctx.db
@@ -110,23 +155,35 @@ export const listSessions = query({
   },
 });
 
-export const listMessages = query({
+export const listMessages = internalQuery({
   args: listArgs,
   handler: async (ctx, { workerId, cursor, limit }) => {
     const after = cursor === null || cursor === "" ? 0 : Number(cursor);
     if (!Number.isFinite(after)) throw new Error(`listMessages: bad cursor ${cursor}`);
-    const size = pageSize(limit);
-    const docs = await ctx.db
-      .query("messages")
-      .withIndex("by_worker_change", (q) => q.eq("workerId", workerId).gt("changedAt", after))
-      .take(size + 1);
-    const page = docs.slice(0, size);
+    // Bounded in documents and in bytes: `.take(n)` is not, and a page of large messages would
+    // fail the read limit every time from the same cursor. The range starts after the worker's
+    // own change number, so Convex's cursor is not needed (and the end cursor of a finished
+    // pagination, which never returns anything again, is never kept).
+    const range = () =>
+      ctx.db
+        .query("messages")
+        .withIndex("by_worker_change", (q) => q.eq("workerId", workerId).gt("changedAt", after));
+    const options = { numItems: pageSize(limit), maximumBytesRead: PAGE_BYTES };
+    let result = await range().paginate({ cursor: null, ...options });
+    // A page cut by the byte bound before its first message (convex-test counts the documents
+    // before the range too) would leave the cursor where it is: read on from Convex's cursor
+    // until a message comes or the range ends, so the cursor always moves.
+    for (let i = 0; result.page.length === 0 && !result.isDone; i++) {
+      if (i === 100) throw new Error("listMessages: no message within 100 byte-bounded reads");
+      result = await range().paginate({ cursor: result.continueCursor, ...options });
+    }
+    const page = result.page;
     const last = page.length > 0 ? page[page.length - 1].changedAt : after;
-    return { page: page.map(message), isDone: docs.length <= size, continueCursor: String(last) };
+    return { page: page.map(message), isDone: result.isDone, continueCursor: String(last) };
   },
 });
 
-export const createSession = mutation({
+export const createSession = internalMutation({
   args: {
     commandId: v.string(),
     workerId: v.string(),
@@ -149,28 +206,30 @@ export const createSession = mutation({
     }),
 });
 
-export const linkAgentSession = mutation({
+export const linkAgentSession = internalMutation({
   args: { commandId: v.string(), chatSessionId: v.string(), agentSessionId: v.string() },
   handler: (ctx, { commandId, chatSessionId, agentSessionId }) =>
     once(ctx, commandId, () => touch(ctx, chatSessionId, { agentSessionId })),
 });
 
-export const renameSession = mutation({
+export const renameSession = internalMutation({
   args: { commandId: v.string(), chatSessionId: v.string(), title: v.string() },
   handler: (ctx, { commandId, chatSessionId, title }) =>
     once(ctx, commandId, () => touch(ctx, chatSessionId, { title })),
 });
 
-export const markSessionDeleted = mutation({
+export const markSessionDeleted = internalMutation({
   args: { commandId: v.string(), chatSessionId: v.string() },
   handler: (ctx, { commandId, chatSessionId }) =>
     once(ctx, commandId, () => touch(ctx, chatSessionId, { status: "deleted" })),
 });
 
-export const markSessionFailed = mutation({
+export const markSessionFailed = internalMutation({
   args: { commandId: v.string(), chatSessionId: v.string(), reason: v.string() },
-  handler: (ctx, { commandId, chatSessionId }) =>
-    once(ctx, commandId, () => touch(ctx, chatSessionId, { status: "failed" })),
+  handler: (ctx, { commandId, chatSessionId, reason }) =>
+    once(ctx, commandId, () =>
+      touch(ctx, chatSessionId, { status: "failed", failureReason: reason }),
+    ),
 });
 
 /** The reply to a user message, if one was started. */
@@ -181,7 +240,7 @@ async function replyTo(ctx: QueryCtx, userMessageId: any) {
     .first();
 }
 
-export const completeMessage = mutation({
+export const completeMessage = internalMutation({
   args: {
     commandId: v.string(),
     chatSessionId: v.string(),
@@ -192,7 +251,7 @@ export const completeMessage = mutation({
     once(ctx, commandId, async () => {
       const chat = await session(ctx, chatSessionId);
       const user = await userMessage(ctx, chat._id, messageId);
-      const changedAt = await nextChange(ctx);
+      const changedAt = await nextChange(ctx, chat.workerId);
       const reply = await replyTo(ctx, user._id);
       if (reply !== null) {
         await ctx.db.patch(reply._id, { content, completed: true, error: null, changedAt });
@@ -214,7 +273,7 @@ export const completeMessage = mutation({
     }),
 });
 
-export const failMessage = mutation({
+export const failMessage = internalMutation({
   args: {
     commandId: v.string(),
     chatSessionId: v.string(),
@@ -225,37 +284,72 @@ export const failMessage = mutation({
     once(ctx, commandId, async () => {
       const chat = await session(ctx, chatSessionId);
       const user = await userMessage(ctx, chat._id, messageId);
-      await ctx.db.patch(user._id, { error: reason, changedAt: await nextChange(ctx) });
+      await ctx.db.patch(user._id, {
+        error: reason,
+        changedAt: await nextChange(ctx, chat.workerId),
+      });
       const reply = await replyTo(ctx, user._id);
       if (reply !== null && !reply.completed) {
-        await ctx.db.patch(reply._id, { error: reason, changedAt: await nextChange(ctx) });
+        await ctx.db.patch(reply._id, {
+          error: reason,
+          changedAt: await nextChange(ctx, chat.workerId),
+        });
       }
       return null;
     }),
 });
 
 /**
- * Not called by the worker: how your app posts a person's message, so that it gets a change
+ * Not called by the worker: how your app records a person's message, so that it gets a change
  * number (listMessages pages by change number; a message inserted without one is never seen).
+ * Call it from your own (authenticated) mutation; `postUserMessage` wraps it for tests and
+ * scripts.
  */
-export const postUserMessage = mutation({
+export async function recordUserMessage(
+  ctx: MutationCtx,
+  chatSessionId: string,
+  content: string,
+): Promise<string> {
+  const chat = await session(ctx, chatSessionId);
+  if (chat.status !== "active") throw new Error(`chat session ${chatSessionId} is ${chat.status}`);
+  const now = Date.now();
+  const messageId = await ctx.db.insert("messages", {
+    workerId: chat.workerId,
+    chatSessionId: chat._id,
+    role: "user",
+    content,
+    completed: true,
+    timestamp: now,
+    replyTo: null,
+    error: null,
+    changedAt: await nextChange(ctx, chat.workerId),
+  });
+  await ctx.db.patch(chat._id, { lastActivity: now });
+  return messageId;
+}
+
+export const postUserMessage = internalMutation({
   args: { chatSessionId: v.string(), content: v.string() },
-  handler: async (ctx, { chatSessionId, content }) => {
-    const chat = await session(ctx, chatSessionId);
-    if (chat.status !== "active") throw new Error(`chat session ${chatSessionId} is ${chat.status}`);
-    const now = Date.now();
-    const messageId = await ctx.db.insert("messages", {
-      workerId: chat.workerId,
-      chatSessionId: chat._id,
-      role: "user",
-      content,
-      completed: true,
-      timestamp: now,
-      replyTo: null,
-      error: null,
-      changedAt: await nextChange(ctx),
-    });
-    await ctx.db.patch(chat._id, { lastActivity: now });
-    return { messageId };
+  handler: async (ctx, { chatSessionId, content }) => ({
+    messageId: await recordUserMessage(ctx, chatSessionId, content),
+  }),
+});
+
+/**
+ * Forgets applied commandIds older than APPLIED_RETENTION_MS, at most PRUNE_BATCH per run (a
+ * mutation's reads and writes are bounded); with more left it runs again at once. Run hourly
+ * by crons.ts.
+ */
+export const pruneAppliedCommands = internalMutation({
+  args: {},
+  handler: async (ctx) => {
+    const before = Date.now() - APPLIED_RETENTION_MS;
+    const old = await ctx.db
+      .query("appliedCommands")
+      .withIndex("by_applied_at", (q) => q.lt("appliedAt", before))
+      .take(PRUNE_BATCH);
+    for (const doc of old) await ctx.db.delete(doc._id);
+    if (old.length === PRUNE_BATCH) await ctx.scheduler.runAfter(0, pruneSelf, {});
+    return { deleted: old.length };
   },
 });

@@ -13,6 +13,8 @@ export default defineSchema({
     status: v.union(v.literal("active"), v.literal("deleted"), v.literal("failed")),
     lastActivity: v.number(),
     project: nullable(v.string()),
+    // markSessionFailed's reason (the worker's listing does not read it; your app shows it).
+    failureReason: v.optional(v.string()),
   }).index("by_worker", ["workerId"]),
 
   messages: defineTable({
@@ -30,12 +32,17 @@ export default defineSchema({
     .index("by_worker_change", ["workerId", "changedAt"])
     .index("by_reply", ["replyTo"]),
 
-  // Every applied mutation's commandId and its reply: a repeat gets the first reply.
+  // Every applied mutation's commandId and its reply: a repeat gets the first reply. Pruned
+  // after APPLIED_RETENTION_MS (agentsync.ts) by crons.ts.
   appliedCommands: defineTable({
     commandId: v.string(),
     reply: v.any(),
-  }).index("by_command", ["commandId"]),
+    appliedAt: v.number(),
+  })
+    .index("by_command", ["commandId"])
+    .index("by_applied_at", ["appliedAt"]),
 
+  // One change counter per worker: `messageChanges:<workerId>`.
   counters: defineTable({
     name: v.string(),
     value: v.number(),

@@ -1,8 +1,10 @@
 //! The agent-server side: the OpenCode HTTP adapter ([`opencode`]), OpenCode's JSON
-//! ([`wire`]), the `opencode serve` process ([`process`]) and its supervision ([`supervisor`]).
+//! ([`wire`]), the cap on one event of its event stream ([`sse`]), the `opencode serve`
+//! process ([`process`]) and its supervision ([`supervisor`]).
 
 pub mod opencode;
 pub mod process;
+pub mod sse;
 pub mod supervisor;
 pub mod wire;
 

@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use eventsource_stream::Eventsource;
+use eventsource_stream::{EventStreamError, Eventsource};
 use futures_core::Stream;
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
+use super::sse::{limit_events, SseError};
 use super::wire;
 use crate::clock::Millis;
 use crate::events::{AgentSessionId, AgentSessionInfo, AgentSessionStatus, ModelRef, SessionTag};
@@ -25,7 +26,10 @@ use crate::ports::{
     PromptOutcome, PromptRequest,
 };
 pub use crate::secret::Secret;
-use crate::transport::{one_line, retry_after_ms, transport_error};
+use crate::transport::{
+    one_line, read_body, retry_after_ms, transport_error, DEFAULT_MAX_REPLY_BYTES,
+    MAX_ERROR_BODY_BYTES,
+};
 
 /// The user OpenCode expects in basic auth.
 const BASIC_AUTH_USER: &str = "opencode";
@@ -53,12 +57,22 @@ pub struct OpencodeConfig {
     pub reconnect_min: Duration,
     /// The longest wait between event-stream reconnects.
     pub reconnect_max: Duration,
+    /// The largest reply body read (listings, answers): a larger one fails the call with
+    /// `GET /session: reply larger than N bytes`. Default 32 MiB.
+    pub max_reply_bytes: usize,
+    /// The largest event of the event stream: a larger one (or an endless one, with no blank
+    /// line ever) cuts the connection, and the stream reconnects. Default 1 MiB.
+    pub max_event_bytes: usize,
 }
 
 impl OpencodeConfig {
     /// The default `listing_limit`: ample for one machine's sessions, small enough that one
     /// listing stays a few megabytes.
     pub const DEFAULT_LISTING_LIMIT: u32 = 10_000;
+
+    /// The default `max_event_bytes`: OpenCode's events carry a session or a message's info,
+    /// not its content, and are a few kilobytes.
+    pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 
     /// Defaults for a server at `url`.
     pub fn new(url: impl Into<String>) -> Self {
@@ -71,6 +85,8 @@ impl OpencodeConfig {
             directory: None,
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(10),
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
+            max_event_bytes: Self::DEFAULT_MAX_EVENT_BYTES,
         }
     }
 }
@@ -86,6 +102,8 @@ pub struct StreamStats {
     pub malformed: AtomicU64,
     /// Successful connections after the first.
     pub reconnects: AtomicU64,
+    /// Events cut at `max_event_bytes` (each ends its connection; the stream reconnects).
+    pub oversized: AtomicU64,
 }
 
 /// The OpenCode client.
@@ -157,11 +175,14 @@ impl OpencodeClient {
     /// The server's events as observations, forever: the stream reconnects with a doubling
     /// wait after any failure and says so with [`AgentObservation::Connected`] so the observer
     /// can list everything to close the gap. Events it cannot read are counted in
-    /// [`StreamStats`] and skipped; they never end the stream.
+    /// [`StreamStats`] and skipped; they never end the stream. An event larger than
+    /// `max_event_bytes` (or one that never ends) is cut there: the connection is dropped,
+    /// counted in [`StreamStats::oversized`], and the stream reconnects.
     pub fn events(self: &Arc<Self>) -> impl Stream<Item = AgentObservation> + Send + 'static {
         let client = self.clone();
         async_stream::stream! {
             let mut connected_before = false;
+            let mut cut = false;
             let mut wait = client.config.reconnect_min;
             loop {
                 match client.open_event_stream().await {
@@ -172,14 +193,27 @@ impl OpencodeClient {
                         tracing::debug!(reconnected = connected_before, "agent event stream connected");
                         yield AgentObservation::Connected { reconnected: connected_before };
                         connected_before = true;
-                        wait = client.config.reconnect_min;
-                        let mut events = response.bytes_stream().eventsource();
+                        // A server that keeps sending oversized events is not reconnected to
+                        // at full speed: the wait keeps doubling until a connection ends
+                        // some other way.
+                        if !cut {
+                            wait = client.config.reconnect_min;
+                        }
+                        cut = false;
+                        let cap = client.config.max_event_bytes;
+                        let mut events = limit_events(response.bytes_stream(), cap).eventsource();
                         while let Some(event) = events.next().await {
                             match event {
                                 Ok(event) => {
                                     if let Some(obs) = client.translate(&event.data) {
                                         yield obs;
                                     }
+                                }
+                                Err(EventStreamError::Transport(e @ SseError::EventTooLarge { .. })) => {
+                                    client.stats.oversized.fetch_add(1, Ordering::Relaxed);
+                                    tracing::warn!("GET /event: {e}: connection cut, reconnecting");
+                                    cut = true;
+                                    break;
                                 }
                                 Err(e) => {
                                     tracing::warn!(error = %e, "agent event stream broke");
@@ -228,12 +262,13 @@ impl OpencodeClient {
             }
             Translated::Ignored(kind) => {
                 self.stats.ignored.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(kind = %kind, "agent event not read");
+                // The server chose these words: one bounded line in the log.
+                tracing::debug!(kind = %one_line(&kind), "agent event not read");
                 None
             }
             Translated::Malformed(error) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %error, "malformed agent event skipped");
+                tracing::warn!(error = %one_line(&error), "malformed agent event skipped");
                 None
             }
         }
@@ -258,33 +293,34 @@ impl OpencodeClient {
             request = request.json(&body);
         }
         let limit = timeout.unwrap_or(self.config.timeout);
+        let what = format!("{m} {path}");
         let exchange = async {
-            let response = request.send().await?;
+            let response = request
+                .send()
+                .await
+                .map_err(|e| CallError::plain(transport_error(&what, &e)))?;
             let status = response.status();
             let retry_after = retry_after_ms(response.headers());
-            let bytes = response.bytes().await?;
-            Ok::<_, reqwest::Error>((status, retry_after, bytes))
-        };
-        let (status, retry_after, bytes) = match tokio::time::timeout(limit, exchange).await {
-            Err(_) => {
-                return Err(CallError::plain(PortError::retryable(format!(
-                    "{m} {path}: timed out after {} ms",
-                    limit.as_millis()
-                ))))
+            if status.is_success() {
+                return read_body(response, self.config.max_reply_bytes)
+                    .await
+                    .map(|b| b.to_vec())
+                    .map_err(|e| CallError::plain(e.into_port_error(&what)));
             }
-            Ok(Err(e)) => {
-                return Err(CallError::plain(transport_error(
-                    &format!("{m} {path}"),
-                    &e,
-                )))
-            }
-            Ok(Ok(reply)) => reply,
+            // An error reply is classified by its status; of its body only the start is read.
+            let text = match read_body(response, MAX_ERROR_BODY_BYTES).await {
+                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            Err(classify_status(&m, path, status, retry_after, &text))
         };
-        if status.is_success() {
-            return Ok(bytes.to_vec());
+        match tokio::time::timeout(limit, exchange).await {
+            Err(_) => Err(CallError::plain(PortError::retryable(format!(
+                "{what}: timed out after {} ms",
+                limit.as_millis()
+            )))),
+            Ok(reply) => reply,
         }
-        let text = String::from_utf8_lossy(&bytes);
-        Err(classify_status(&m, path, status, retry_after, &text))
     }
 
     async fn call_json<T: DeserializeOwned>(
@@ -355,10 +391,15 @@ impl OpencodeClient {
         }
         let reply = self.replies_to(id, message_id).await?.pop();
         Ok(match reply {
+            // Stopped from outside (our own shutdown of the server, say): no answer came of
+            // it, and none will.
+            Some(m) if m.info.aborted() => PromptOutcome::Interrupted,
             Some(m) if m.info.error.is_some() => {
                 PromptOutcome::Failed(prompt_error(m.info.error.as_ref().expect("checked")))
             }
-            Some(m) if m.info.time.completed.is_some() => PromptOutcome::Answered(m.text()),
+            Some(m) if m.info.ends_the_run() => PromptOutcome::Answered(m.text()),
+            // No step, or a step after which the server meant to run another, and the session
+            // is idle: the run died between steps.
             _ => PromptOutcome::Interrupted,
         })
     }
@@ -848,6 +889,61 @@ mod tests {
     fn ids_from_outside_cannot_add_path_segments() {
         assert_eq!(segment("ses_abc-1"), "ses_abc-1");
         assert_eq!(segment("../x?y"), "%2E%2E%2Fx%3Fy");
+    }
+
+    /// A server whose prompt run died (it restarted, say) after a tool step: the session is
+    /// idle, and the last reply to the user message is the completed `tool-calls` step ("let me
+    /// look"), not an answer. OpenCode itself goes on looping after such a step
+    /// (`finish` in `tool-calls`/`unknown`); `outcome_of` reads no `finish` and takes any
+    /// completed reply as the answer, so the user gets the first step's preamble as the answer
+    /// and the prompt, which died without one, is never sent again.
+    #[tokio::test]
+    async fn a_run_that_died_after_a_tool_step_is_not_answered_by_that_step() {
+        use axum::routing::get;
+        let messages = serde_json::json!([
+            {"info": {"id": "msg_u1", "role": "user", "sessionID": "ses_a",
+                      "time": {"created": 1}},
+             "parts": [{"type": "text", "text": "fix the bug in main.rs"}]},
+            {"info": {"id": "msg_a1", "role": "assistant", "sessionID": "ses_a",
+                      "parentID": "msg_u1", "finish": "tool-calls",
+                      "time": {"created": 2, "completed": 3}},
+             "parts": [{"type": "step-start"},
+                       {"type": "text", "text": "Let me look at main.rs first."},
+                       {"type": "tool", "tool": "read"}]}
+        ]);
+        let user = messages[0].clone();
+        let app = axum::Router::new()
+            .route(
+                "/session/{id}/message/{mid}",
+                get(move || {
+                    let user = user.clone();
+                    async move { axum::Json(user) }
+                }),
+            )
+            .route(
+                "/session/{id}/message",
+                get(move || {
+                    let messages = messages.clone();
+                    async move { axum::Json(messages) }
+                }),
+            )
+            .route(
+                "/session/status",
+                get(|| async { axum::Json(serde_json::json!({})) }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let client = OpencodeClient::new(OpencodeConfig::new(url)).unwrap();
+        let outcome = client
+            .prompt_outcome(&AgentSessionId::from("ses_a"), "msg_u1")
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            PromptOutcome::Interrupted,
+            "a tool-calls step is not the answer"
+        );
     }
 
     #[test]

@@ -112,7 +112,11 @@ impl Status {
             status: match self {
                 Status::Idle => AgentStatus::Idle,
                 Status::Busy => AgentStatus::Busy,
-                Status::Retry { attempt, message } => AgentStatus::Retry { attempt, message },
+                // The provider's error text, kept in an event: one bounded line.
+                Status::Retry { attempt, message } => AgentStatus::Retry {
+                    attempt,
+                    message: one_line(&message),
+                },
             },
         }
     }
@@ -208,6 +212,27 @@ pub struct SessionMessageInfo {
     /// Set when an assistant message failed.
     #[serde(default)]
     pub error: Option<AssistantError>,
+    /// Why an assistant step ended: `stop`, `length`, ... or `tool-calls` / `unknown`, after
+    /// which OpenCode runs another step (1.18.33's loop), so such a step is not the answer.
+    #[serde(default)]
+    pub finish: Option<String>,
+}
+
+impl SessionMessageInfo {
+    /// Whether this assistant step ends its prompt's run: completed, and not followed by
+    /// another step.
+    pub fn ends_the_run(&self) -> bool {
+        self.time.completed.is_some()
+            && !matches!(self.finish.as_deref(), Some("tool-calls" | "unknown"))
+    }
+
+    /// Whether the run was stopped from outside (OpenCode stamps the running step with
+    /// `MessageAbortedError` when it is aborted or shut down).
+    pub fn aborted(&self) -> bool {
+        self.error
+            .as_ref()
+            .is_some_and(|e| e.name == "MessageAbortedError")
+    }
 }
 
 impl SessionMessage {
@@ -276,11 +301,11 @@ impl AssistantError {
         self.name == "APIError" && self.data.is_retryable == Some(true)
     }
 
-    /// `Name: message`, one line.
+    /// `Name: message`, one bounded line (both parts are the server's text).
     pub fn describe(&self) -> String {
         match &self.data.message {
-            Some(m) => format!("{}: {}", self.name, one_line(m)),
-            None => self.name.clone(),
+            Some(m) => one_line(&format!("{}: {m}", self.name)),
+            None => one_line(&self.name),
         }
     }
 }
@@ -371,8 +396,8 @@ impl ErrorBody {
             .and_then(|d| d.message.as_deref())
             .or(self.message.as_deref());
         match (name, message) {
-            (Some(n), Some(m)) => Some(format!("{n}: {}", one_line(m))),
-            (Some(n), None) => Some(n.to_owned()),
+            (Some(n), Some(m)) => Some(one_line(&format!("{n}: {m}"))),
+            (Some(n), None) => Some(one_line(n)),
             (None, Some(m)) => Some(one_line(m)),
             (None, None) => None,
         }

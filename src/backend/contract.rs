@@ -62,7 +62,9 @@ pub struct ChatSession {
     pub model: Option<String>,
     /// `active`, `deleted` or `failed`.
     pub status: ChatStatus,
-    /// Last activity, ms since the epoch.
+    /// Last activity, ms since the epoch. A JS number, sent as a float (`1795344561749.0`): see `millis`.
+    #[serde(deserialize_with = "millis::deserialize")]
+    #[schemars(schema_with = "millis::schema")]
     pub last_activity: u64,
     /// Its project, if known.
     pub project: Option<String>,
@@ -82,12 +84,95 @@ pub struct Message {
     pub content: String,
     /// Whether it is complete.
     pub completed: bool,
-    /// When it was written, ms since the epoch.
+    /// When it was written, ms since the epoch. A JS number, sent as a float (`1795344561749.0`): see `millis`.
+    #[serde(deserialize_with = "millis::deserialize")]
+    #[schemars(schema_with = "millis::schema")]
     pub timestamp: u64,
     /// For an assistant message, the user message it answers.
     pub reply_to: Option<String>,
     /// Set when it failed.
     pub error: Option<String>,
+}
+
+/// Milliseconds as Convex writes them.
+///
+/// A Convex function's numbers are JS numbers, stored as `Float64`, and the Functions API's
+/// `"format": "json"` writes them with serde_json's float formatting: `Date.now()` arrives as
+/// `1795344561749.0` (`get-convex/convex-backend`, `crates/value/src/export.rs`,
+/// `export_clean`, lines 118-129: `ConvexValue::Float64(value) => value.into()`), NaN and the
+/// infinities as the strings `"NaN"`, `"Infinity"`, `"-Infinity"` (same lines), and a
+/// `v.int64()` as a decimal string (line 117). So a time is read from a JSON integer or float,
+/// and must be a whole, non-negative number of milliseconds no larger than 2^53 (beyond that a
+/// float no longer holds every integer); anything else is a contract error that
+/// [`read_value`] names by its field path (`page[3].lastActivity: ...`).
+pub mod millis {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Visitor};
+
+    /// The largest integer a JS number holds exactly (`Number.MAX_SAFE_INTEGER`).
+    pub const MAX_SAFE: u64 = (1 << 53) - 1;
+
+    struct Millis;
+
+    impl Visitor<'_> for Millis {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a whole number of milliseconds (a JSON number, 0 to 2^53 - 1)")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            if v > MAX_SAFE {
+                return Err(E::custom(format!(
+                    "{v} ms is out of range (at most 2^53 - 1)"
+                )));
+            }
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v)
+                .map_err(|_| E::custom(format!("{v} ms is out of range (negative)")))
+                .and_then(|v| self.visit_u64(v))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+            if !v.is_finite() || v < 0.0 || v > MAX_SAFE as f64 {
+                return Err(E::custom(format!("{v} ms is out of range")));
+            }
+            if v.fract() != 0.0 {
+                return Err(E::custom(format!(
+                    "{v} is not a whole number of milliseconds"
+                )));
+            }
+            // Whole and within 0..2^53: the conversion is exact.
+            Ok(v as u64)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            // "NaN", "Infinity", "-Infinity" (a Float64 that is no number) or an int64.
+            Err(E::custom(format!(
+                "the string {v:?} is not a number of milliseconds (Convex writes NaN, \
+                 Infinity and v.int64() values as strings)"
+            )))
+        }
+    }
+
+    /// Reads milliseconds from a JSON integer or a whole float.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(Millis)
+    }
+
+    /// The schema: a JSON `number` (Convex sends floats), whole, non-negative.
+    pub fn schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "number",
+            "minimum": 0,
+            "maximum": MAX_SAFE,
+            "multipleOf": 1,
+        })
+    }
 }
 
 /// `createSession` arguments.
@@ -402,7 +487,7 @@ impl From<Message> for MessageInfo {
 }
 
 /// Reads a value against the contract type `T`. The error names the path of the first field
-/// that does not match (`page[3].lastActivity: invalid type: string "x", expected u64`), so a
+/// that does not match (`page[3].lastActivity: 1.5 is not a whole number of milliseconds`), so a
 /// backend that answers the wrong shape is told exactly where.
 pub fn read_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
     // The fast path reads the value in place; only a breach pays for tracking the path.
@@ -434,7 +519,7 @@ mod tests {
         ], "isDone": true, "continueCursor": "c2"});
         let err = read_value::<PageValue<ChatSession>>(value).unwrap_err();
         assert!(
-            err.starts_with("page[1].lastActivity: invalid type"),
+            err.starts_with("page[1].lastActivity: the string \"yesterday\""),
             "{err}"
         );
         let err =
@@ -442,6 +527,59 @@ mod tests {
         assert!(err.contains("isDone"), "{err}");
         let err = read_value::<PageValue<ChatSession>>(serde_json::Value::Null).unwrap_err();
         assert!(err.contains("expected struct"), "{err}");
+    }
+
+    fn session_at(last_activity: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"page": [
+            {"chatSessionId": "c1", "agentSessionId": null, "title": "t", "model": null,
+             "status": "active", "lastActivity": 1.0, "project": null},
+            {"chatSessionId": "c2", "agentSessionId": null, "title": "t", "model": null,
+             "status": "active", "lastActivity": last_activity, "project": null}
+        ], "isDone": true, "continueCursor": "c2"})
+    }
+
+    #[test]
+    fn times_are_read_as_convex_writes_them_and_a_bad_one_names_its_field() {
+        // The wire text, as Convex's export_clean writes Date.now(): a float.
+        let text = r#"{"page": [{"chatSessionId": "c1", "agentSessionId": null, "title": "t",
+            "model": null, "status": "active", "lastActivity": 1795344561749.0,
+            "project": null}], "isDone": true, "continueCursor": "x"}"#;
+        let value: serde_json::Value = serde_json::from_str(text).unwrap();
+        let page = read_value::<PageValue<ChatSession>>(value).unwrap();
+        assert_eq!(page.page[0].last_activity, 1_795_344_561_749);
+        for ok in [
+            serde_json::json!(0),
+            serde_json::json!(7),
+            serde_json::json!(7.0),
+        ] {
+            read_value::<PageValue<ChatSession>>(session_at(ok)).unwrap();
+        }
+        for (bad, says) in [
+            (serde_json::json!(1.5), "not a whole number"),
+            (serde_json::json!(-1.0), "out of range"),
+            (serde_json::json!(-1), "out of range"),
+            (serde_json::json!(1e300), "out of range"),
+            (serde_json::json!(9_007_199_254_740_993u64), "out of range"),
+            (serde_json::json!("NaN"), "\"NaN\" is not a number"),
+            (
+                serde_json::json!("Infinity"),
+                "\"Infinity\" is not a number",
+            ),
+            (serde_json::json!("1795344561749"), "v.int64()"),
+            (serde_json::Value::Null, "a whole number of milliseconds"),
+        ] {
+            let err = read_value::<PageValue<ChatSession>>(session_at(bad.clone())).unwrap_err();
+            assert!(err.starts_with("page[1].lastActivity: "), "{bad}: {err}");
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let message = serde_json::json!({"page": [{"chatSessionId": "c1", "messageId": "m1",
+            "role": "user", "content": "hi", "completed": true, "timestamp": 2.5,
+            "replyTo": null, "error": null}], "isDone": true, "continueCursor": "1"});
+        let err = read_value::<PageValue<Message>>(message).unwrap_err();
+        assert!(
+            err.starts_with("page[0].timestamp: 2.5 is not a whole"),
+            "{err}"
+        );
     }
 
     #[test]

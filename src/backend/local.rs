@@ -760,6 +760,9 @@ pub struct InboxClient {
 pub struct InboxError(pub String);
 
 impl InboxClient {
+    /// The most pages [`InboxClient::conversation`] reads: 1,000 of 1,000 messages.
+    pub const MAX_CONVERSATION_PAGES: usize = 1_000;
+
     /// The inbox of the worker running on `data_dir` (its address and token are in
     /// `DIR/INBOX`).
     pub fn for_data_dir(data_dir: &Path) -> Result<Self, InboxError> {
@@ -797,19 +800,30 @@ impl InboxClient {
         .await
     }
 
-    /// The conversation of a chat session, every page of it.
+    /// The conversation of a chat session, every page of it (at most
+    /// [`Self::MAX_CONVERSATION_PAGES`]: pages that never end are an error, not a loop).
     pub async fn conversation(&self, chat: &str) -> Result<Vec<Message>, InboxError> {
         let mut out = Vec::new();
         let mut cursor = String::new();
-        loop {
+        for _ in 0..Self::MAX_CONVERSATION_PAGES {
             let path = format!("/sessions/{chat}/messages?limit=1000&cursor={cursor}");
             let page: PageValue<Message> = self.call(reqwest::Method::GET, &path, None).await?;
             out.extend(page.page);
-            if page.is_done || page.continue_cursor == cursor {
+            if page.is_done {
                 return Ok(out);
+            }
+            if page.continue_cursor == cursor {
+                return Err(InboxError(format!(
+                    "inbox: the conversation's page is not the last but gives back the cursor it was asked with ({})",
+                    crate::text::one_line(&cursor)
+                )));
             }
             cursor = page.continue_cursor;
         }
+        Err(InboxError(format!(
+            "inbox: the conversation did not end within {} pages",
+            Self::MAX_CONVERSATION_PAGES
+        )))
     }
 
     async fn call<T: serde::de::DeserializeOwned>(
@@ -818,6 +832,7 @@ impl InboxClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<T, InboxError> {
+        let method_name = method.to_string();
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.url))
@@ -830,15 +845,21 @@ impl InboxClient {
             .await
             .map_err(|e| InboxError(format!("cannot reach the inbox at {}: {e}", self.url)))?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
+        // The inbox is the worker's own, on loopback, but its replies are read under the same
+        // cap as any server's: a conversation is never near 32 MiB.
+        let bytes = crate::transport::read_body(resp, crate::transport::DEFAULT_MAX_REPLY_BYTES)
             .await
-            .map_err(|e| InboxError(format!("inbox reply broke off: {e}")))?;
+            .map_err(|e| match e {
+                e @ crate::transport::BodyError::TooLarge { .. } => {
+                    InboxError(format!("inbox: {method_name} {path}: {e}"))
+                }
+                e => InboxError(format!("inbox reply broke off: {e}")),
+            })?;
         if !status.is_success() {
             let why = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+                .and_then(|v| v["error"].as_str().map(crate::text::one_line))
+                .unwrap_or_else(|| crate::text::one_line_bytes(&bytes));
             return Err(InboxError(format!(
                 "inbox: HTTP {}: {why}",
                 status.as_u16()

@@ -74,6 +74,25 @@ pub struct ContractStore<K: Kv> {
 struct StoredSession {
     worker_id: String,
     session: ChatSession,
+    /// Why `markSessionFailed` failed it (the contract's listing does not carry it; the app
+    /// shows it). Absent in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failure_reason: Option<String>,
+}
+
+/// The most message bytes one `listMessages` page carries (the content and the other fields,
+/// as JSON), beyond the first message: a page stops before the message that would pass it.
+/// Convex reads at most 16 MiB per transaction and returns at most 16 MiB
+/// (`crates/common/src/knobs.rs:585`, `TRANSACTION_MAX_READ_SIZE_BYTES`; `:419`,
+/// `FUNCTION_MAX_RESULT_SIZE`) and a message is at most 1 MiB (`crates/common/src/document.rs:100`,
+/// `MAX_USER_SIZE`), so a page of at most 4 MiB + one message stays well inside both, and a
+/// page is never empty while messages remain: the cursor always moves. The Convex module
+/// (`examples/convex/agentsync.ts`, `PAGE_BYTES`) uses the same bound.
+pub const MESSAGE_PAGE_BYTES: usize = 4 << 20;
+
+/// The size a message counts for against [`MESSAGE_PAGE_BYTES`]: its JSON.
+pub fn message_bytes(m: &Message) -> usize {
+    serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -214,9 +233,15 @@ impl<K: Kv> ContractStore<K> {
             }
             "markSessionFailed" => {
                 let a: MarkSessionFailedArgs = read_value(args).map_err(|e| bad_args(name, e))?;
-                self.update_session(&mut tx, &a.chat_session_id, |s| {
-                    s.status = ChatStatus::Failed
-                })?
+                let mut stored = self.stored_session(&a.chat_session_id)?.ok_or_else(|| {
+                    CallError::Function(format!("no chat session {}", a.chat_session_id))
+                })?;
+                let worker = stored.worker_id.clone();
+                stored.session.status = ChatStatus::Failed;
+                stored.session.last_activity = self.clock.now_ms();
+                stored.failure_reason = Some(a.reason);
+                self.put_stored(&mut tx, &worker, stored);
+                serde_json::Value::Null
             }
             "completeMessage" => {
                 let a: CompleteMessageArgs = read_value(args).map_err(|e| bad_args(name, e))?;
@@ -333,6 +358,11 @@ impl<K: Kv> ContractStore<K> {
     /// The worker a chat session belongs to, if it exists.
     pub fn owner(&self, chat: &str) -> Result<Option<String>, CallError> {
         Ok(self.stored_session(chat)?.map(|s| s.worker_id))
+    }
+
+    /// Why `markSessionFailed` failed a chat session, if it did.
+    pub fn failure_reason(&self, chat: &str) -> Result<Option<String>, CallError> {
+        Ok(self.stored_session(chat)?.and_then(|s| s.failure_reason))
     }
 
     /// A chat session, if it exists.
@@ -467,11 +497,14 @@ impl<K: Kv> ContractStore<K> {
             .unwrap_or("0".into());
         let mut after = after;
         let mut page = Vec::new();
-        // Other workers' messages are skipped, so read on until the page is full or the log ends.
+        let mut bytes = 0;
+        // Other workers' messages are skipped, so read on until the page is full (in messages
+        // or in bytes, MESSAGE_PAGE_BYTES) or the log ends.
         loop {
             let entries = self.kv.scan("x/", after.as_deref(), limit)?;
             let full_chunk = entries.len() == limit;
             for (key, id) in entries {
+                let previous = cursor.clone();
                 cursor = key[2..].parse::<u64>().unwrap_or(0).to_string();
                 let id = String::from_utf8_lossy(&id).into_owned();
                 after = Some(key);
@@ -480,6 +513,16 @@ impl<K: Kv> ContractStore<K> {
                 };
                 let owner = self.stored_session(&m.message.chat_session_id)?;
                 if owner.is_some_and(|o| o.worker_id == args.worker_id) {
+                    let size = message_bytes(&m.message);
+                    if !page.is_empty() && bytes + size > MESSAGE_PAGE_BYTES {
+                        // Full in bytes: this message starts the next page.
+                        return Ok(PageValue {
+                            page,
+                            is_done: false,
+                            continue_cursor: previous,
+                        });
+                    }
+                    bytes += size;
                     page.push(m.message);
                     if page.len() == limit {
                         let more = !self.kv.scan("x/", after.as_deref(), 1)?.is_empty();
@@ -547,10 +590,13 @@ impl<K: Kv> ContractStore<K> {
                     "no user message {user_message} in chat session {chat}"
                 ))
             })?;
-        let reply_id = self
-            .kv
-            .get(&format!("r/{user_message}"))?
-            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        // Written by `Tx::put`, so a JSON string (reading its raw bytes as the id, quotes and
+        // all, found no reply and made a second one for every later completeMessage id: the
+        // shared contract suite's delivery-round case showed it).
+        let reply_id = match self.kv.get(&format!("r/{user_message}"))? {
+            Some(b) => Some(serde_json::from_slice::<String>(&b).map_err(corrupt)?),
+            None => None,
+        };
         let reply = match &reply_id {
             Some(id) => self.stored_message(id)?,
             None => None,
@@ -605,6 +651,15 @@ impl<K: Kv> ContractStore<K> {
             .ok_or_else(|| CallError::Function(format!("no chat session {chat}")))
     }
 
+    fn put_stored(&self, tx: &mut Tx, worker: &str, stored: StoredSession) {
+        let id = stored.session.chat_session_id.clone();
+        if stored.session.status != ChatStatus::Active {
+            tx.remove(format!("o/{worker}/{id}"));
+        }
+        tx.put(format!("w/{worker}/{id}"), &());
+        tx.put(format!("s/{id}"), &stored);
+    }
+
     fn stored_session(&self, chat: &str) -> Result<Option<StoredSession>, CallError> {
         match self.kv.get(&format!("s/{chat}"))? {
             Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(corrupt)?)),
@@ -620,16 +675,19 @@ impl<K: Kv> ContractStore<K> {
     }
 
     fn put_session(&self, tx: &mut Tx, worker: &str, session: &ChatSession) {
-        let id = &session.chat_session_id;
-        if session.status != ChatStatus::Active {
-            tx.remove(format!("o/{worker}/{id}"));
-        }
-        tx.put(format!("w/{worker}/{id}"), &());
-        tx.put(
-            format!("s/{id}"),
-            &StoredSession {
+        // A failed session keeps its reason through later changes (a rename, say).
+        let failure_reason = self
+            .stored_session(&session.chat_session_id)
+            .ok()
+            .flatten()
+            .and_then(|s| s.failure_reason);
+        self.put_stored(
+            tx,
+            worker,
+            StoredSession {
                 worker_id: worker.to_owned(),
                 session: session.clone(),
+                failure_reason,
             },
         );
     }

@@ -1,5 +1,9 @@
 //! `agentsync send` and `agentsync chat`: a person's side of the embedded local backend, through
 //! the inbox of the worker running on the data directory (`DIR/INBOX` holds its address).
+//!
+//! Answers come from a model and reasons from servers: they are printed through
+//! [`printable_lines`] and [`printable`], so an answer cannot rewrite the terminal (`ESC ] 0 ;`
+//! sets its title, `ESC [ 2 J` clears it).
 
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
@@ -7,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::{ChatArgs, CliError, Out, SendArgs};
 use crate::backend::contract::Message;
 use crate::backend::InboxClient;
+use crate::text::{printable, printable_lines};
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread()
@@ -83,12 +88,13 @@ pub(super) fn send(args: SendArgs, out: &mut Out) -> Result<(), CliError> {
         };
         match await_reply(&inbox, &chat, &sent.message_id, Duration::from_secs(secs)).await? {
             Some(Outcome::Answered(text)) => {
-                writeln!(out, "{text}")?;
+                writeln!(out, "{}", printable_lines(&text))?;
                 Ok(())
             }
             Some(Outcome::Failed(reason)) => Err(CliError::runtime(format!(
-                "message {} failed: {reason}",
-                sent.message_id
+                "message {} failed: {}",
+                sent.message_id,
+                printable(&reason)
             ))),
             None => Err(CliError::runtime(format!(
                 "no answer to {} within {secs} s (it may still come: agentsync why --data-dir {} {})",
@@ -130,8 +136,10 @@ pub(super) fn chat(args: ChatArgs, out: &mut Out) -> Result<(), CliError> {
                 .map_err(|e| CliError::runtime(e.to_string()))?;
             let wait = Duration::from_secs(args.wait);
             match await_reply(&inbox, &chat, &sent.message_id, wait).await? {
-                Some(Outcome::Answered(text)) => writeln!(out, "assistant: {text}")?,
-                Some(Outcome::Failed(reason)) => writeln!(out, "failed: {reason}")?,
+                Some(Outcome::Answered(text)) => {
+                    writeln!(out, "assistant: {}", printable_lines(&text))?
+                }
+                Some(Outcome::Failed(reason)) => writeln!(out, "failed: {}", printable(&reason))?,
                 None => writeln!(out, "(no answer within {} s; it may still come)", args.wait)?,
             }
             out.flush()?;

@@ -208,6 +208,13 @@ struct RunArgs {
     /// saw it, restart or not (default 30).
     #[arg(long, value_name = "MINUTES")]
     message_deadline_mins: Option<u64>,
+    /// The largest reply body read from the agent server or the backend, in MiB (default 32);
+    /// a larger one is an error naming the call and the size.
+    #[arg(long, value_name = "MIB")]
+    max_reply_mib: Option<u64>,
+    /// The largest event read from the agent server's event stream, in KiB (default 1024).
+    #[arg(long, value_name = "KIB")]
+    max_event_kib: Option<u64>,
     /// Accept this worker id, agent server and backend for a data directory that recorded
     /// others (in its IDENTITY.json), and record the move in the log.
     #[arg(long)]
@@ -384,7 +391,11 @@ where
         Err(e) if e.code == 0 => ExitCode::SUCCESS,
         Err(e) => {
             let _ = out.flush();
-            eprintln!("agentsync: error: {}", e.message);
+            // Errors quote servers (an inbox's reply, a failure reason): escaped.
+            eprintln!(
+                "agentsync: error: {}",
+                crate::text::printable_lines(&e.message)
+            );
             ExitCode::from(e.code)
         }
     }

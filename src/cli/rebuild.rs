@@ -101,7 +101,7 @@ fn verify(log: &EventLog, selected: &[ProjectionName], out: &mut Out) -> Result<
                     diffs.len()
                 )?;
                 for d in diffs {
-                    writeln!(out, "  {d}")?;
+                    writeln!(out, "  {}", crate::text::printable(&d))?;
                 }
             }
         }

@@ -1,4 +1,8 @@
 //! How events look in a terminal: one line each, the same in `replay` and `why`.
+//!
+//! Events carry text from outside (titles, answers, reasons, server errors, ids): every line
+//! printed from them goes through [`crate::text::printable`], so no escape sequence in them
+//! reaches the terminal raw.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -8,6 +12,7 @@ use uuid::Uuid;
 
 use crate::clock::Millis;
 use crate::events::{Command, Effect, Envelope, Event};
+use crate::text::printable;
 
 /// `2026-11-21T14:00:00.000Z`.
 pub(crate) fn time(at: Millis) -> String {
@@ -44,7 +49,7 @@ pub(crate) fn row(
         time(e.at),
         e.kind().name(),
         cause,
-        summary(&e.event)
+        printable(&summary(&e.event))
     )
 }
 

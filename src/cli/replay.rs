@@ -9,6 +9,7 @@ use tokio_stream::StreamExt;
 use super::{open_log, render, CliError, ExportArgs, Out, ReplayArgs};
 use crate::log::{load_views, LogError, ReadFilter};
 use crate::projections::{ProjectionName, Views};
+use crate::text::printable;
 
 pub(super) fn run(a: ReplayArgs, out: &mut Out) -> Result<(), CliError> {
     let log = open_log(&a.dir)?;
@@ -40,7 +41,10 @@ pub(super) fn run(a: ReplayArgs, out: &mut Out) -> Result<(), CliError> {
         Err(LogError::Corrupt { seq, source }) if a.skip_corrupt => {
             skipped += 1;
             tracing::warn!(seq, error = %source, "skipping corrupt event");
-            eprintln!("agentsync: warning: skipped seq {seq}: {source}");
+            eprintln!(
+                "agentsync: warning: skipped seq {seq}: {}",
+                printable(&source.to_string())
+            );
             Ok(())
         }
         Err(e) => Err(e.into()),
@@ -127,12 +131,14 @@ fn print_table(views: &Views, view: ProjectionName, out: &mut Out) -> std::io::R
                 writeln!(
                     out,
                     "{:<24} {:<8} {:<24} {:<5} {:<24} {:?}",
-                    id.as_str(),
+                    printable(id.as_str()),
                     format!("{:?}", c.status).to_lowercase(),
-                    c.agent_session_id
-                        .as_ref()
-                        .map(|a| a.as_str())
-                        .unwrap_or("-"),
+                    printable(
+                        c.agent_session_id
+                            .as_ref()
+                            .map(|a| a.as_str())
+                            .unwrap_or("-")
+                    ),
                     if c.link_confirmed { "yes" } else { "no" },
                     t(c.last_activity),
                     c.title
@@ -153,13 +159,15 @@ fn print_table(views: &Views, view: ProjectionName, out: &mut Out) -> std::io::R
                 writeln!(
                     out,
                     "{:<24} {:<8} {:<24} {:<24} {:?}",
-                    id.as_str(),
+                    printable(id.as_str()),
                     status,
                     a.busy_since.map(t).unwrap_or_else(|| "-".into()),
-                    a.model
-                        .as_ref()
-                        .map(|m| m.to_string())
-                        .unwrap_or_else(|| "-".into()),
+                    printable(
+                        &a.model
+                            .as_ref()
+                            .map(|m| m.to_string())
+                            .unwrap_or_else(|| "-".into())
+                    ),
                     a.title
                 )?;
             }
@@ -174,7 +182,7 @@ fn print_table(views: &Views, view: ProjectionName, out: &mut Out) -> std::io::R
                     l.last_failure_seq
                         .map(|s| s.to_string())
                         .unwrap_or_else(|| "-".into()),
-                    l.last_error.as_deref().unwrap_or("")
+                    printable(l.last_error.as_deref().unwrap_or(""))
                 )?;
             }
         }
@@ -189,12 +197,12 @@ fn print_table(views: &Views, view: ProjectionName, out: &mut Out) -> std::io::R
                 writeln!(
                     out,
                     "{:<24} {:<24} {:<10} {:>8} {:<9} {}",
-                    id.as_str(),
-                    r.chat_session_id.as_str(),
+                    printable(id.as_str()),
+                    printable(r.chat_session_id.as_str()),
                     format!("{:?}", r.state).to_lowercase(),
                     r.attempts,
                     if r.delivered { "yes" } else { "no" },
-                    r.reason.as_deref().unwrap_or("")
+                    printable(r.reason.as_deref().unwrap_or(""))
                 )?;
             }
         }
@@ -209,12 +217,12 @@ fn print_table(views: &Views, view: ProjectionName, out: &mut Out) -> std::io::R
                 writeln!(
                     out,
                     "{:<40} {:<18} {:<10} {:>8} {:<24} {}",
-                    id.as_str(),
+                    printable(id.as_str()),
                     e.op.name(),
                     format!("{:?}", e.state).to_lowercase(),
                     e.attempts,
                     e.next_attempt_at().map(t).unwrap_or_else(|| "-".into()),
-                    e.last_error.as_deref().unwrap_or("")
+                    printable(e.last_error.as_deref().unwrap_or(""))
                 )?;
             }
         }

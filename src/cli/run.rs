@@ -19,7 +19,7 @@ use crate::agent::supervisor::{supervise, RestartPolicy};
 use crate::agent::{OpencodeClient, OpencodeConfig, OpencodeLauncher};
 use crate::backend::local::{open_inbox, InboxLimits};
 use crate::backend::{ConvexClient, ConvexConfig, LocalBackend};
-use crate::clock::{Clock, Millis, SystemClock};
+use crate::clock::{Clock, Millis, SteadyClock, SystemClock};
 use crate::events::{
     AgentIdentity, BackendIdentity, Event, Identity, IdentityAdopted, Lifecycle, ModelRef, NewEvent,
 };
@@ -61,6 +61,8 @@ struct FileConfig {
     drain_grace_secs: Option<u64>,
     listing_limit: Option<u32>,
     message_deadline_mins: Option<u64>,
+    max_reply_mib: Option<u64>,
+    max_event_kib: Option<u64>,
     adopt: Option<bool>,
 }
 
@@ -89,6 +91,8 @@ struct Settings {
     drain_grace_ms: u64,
     listing_limit: u32,
     message_deadline_ms: u64,
+    max_reply_bytes: usize,
+    max_event_bytes: usize,
     adopt: bool,
 }
 
@@ -298,6 +302,18 @@ impl Settings {
             drain_grace_ms,
             listing_limit,
             message_deadline_ms: deadline_mins * 60_000,
+            max_reply_bytes: size_setting(
+                "max-reply-mib",
+                args.max_reply_mib.or(file.max_reply_mib),
+                32,
+                1 << 20,
+            )?,
+            max_event_bytes: size_setting(
+                "max-event-kib",
+                args.max_event_kib.or(file.max_event_kib),
+                1024,
+                1 << 10,
+            )?,
             adopt: args.adopt || file.adopt.unwrap_or(false),
         })
     }
@@ -323,6 +339,18 @@ impl Settings {
             backend,
         })
     }
+}
+
+/// A size limit given in units of `unit` bytes (default `default`), from 1 unit up to 1 GiB.
+fn size_setting(key: &str, given: Option<u64>, default: u64, unit: u64) -> Result<usize, CliError> {
+    let n = given.unwrap_or(default);
+    let bytes = n.saturating_mul(unit);
+    if n == 0 || bytes > 1 << 30 {
+        return Err(CliError::usage(format!(
+            "{key} must be at least 1 and at most 1 GiB"
+        )));
+    }
+    Ok(bytes as usize)
 }
 
 /// `url` parsed, refused when it carries credentials, a query or a fragment: a secret in a URL
@@ -426,7 +454,8 @@ async fn serve(listener: tokio::net::TcpListener, app: axum::Router) {
 }
 
 async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Event times follow the monotonic clock: a wall-clock step while running moves nothing.
+    let clock: Arc<dyn Clock> = Arc::new(SteadyClock::new());
     let log = {
         let dir = s.data_dir.clone();
         let opts = LogOptions {
@@ -465,6 +494,8 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
     };
     agent_config.password = password.clone();
     agent_config.listing_limit = s.listing_limit;
+    agent_config.max_reply_bytes = s.max_reply_bytes;
+    agent_config.max_event_bytes = s.max_event_bytes;
     agent_config.directory = s.agent_dir.as_ref().map(|d| d.display().to_string());
     let client = Arc::new(OpencodeClient::new(agent_config).map_err(runtime)?);
 
@@ -480,7 +511,13 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
             (Arc::new(local) as Arc<dyn Backend>, Some(store))
         }
         BackendSide::Convex(cfg) => (
-            Arc::new(ConvexClient::new(cfg.clone()).map_err(runtime)?) as Arc<dyn Backend>,
+            Arc::new(
+                ConvexClient::new(ConvexConfig {
+                    max_reply_bytes: s.max_reply_bytes,
+                    ..cfg.clone()
+                })
+                .map_err(runtime)?,
+            ) as Arc<dyn Backend>,
             None,
         ),
     };

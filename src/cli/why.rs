@@ -92,7 +92,7 @@ pub(super) fn run(a: WhyArgs, out: &mut Out) -> Result<(), CliError> {
         writeln!(
             out,
             "why {}: {} event(s) about it, {} leading to them, {} following from them\n",
-            a.id,
+            crate::text::printable(&a.id),
             chain.values().filter(|r| **r == Role::Subject).count(),
             chain.values().filter(|r| **r == Role::Cause).count(),
             chain.values().filter(|r| **r == Role::Outcome).count(),

@@ -141,6 +141,13 @@ async fn earlier_prompt(
         match agent.prompt_outcome(session, message_id).await? {
             PromptOutcome::NotSent => return Ok(None),
             PromptOutcome::Answered(text) => return Ok(Some(Ok(text))),
+            // The provider said another try may work: the stored failure is cleared away and
+            // the prompt asked again (the answer so far was an error, not an answer).
+            PromptOutcome::Failed(e) if e.is_retryable() => {
+                tracing::info!(%session, message_id, error = %e, "a prompt whose answer was a retryable error is asked again");
+                agent.forget_prompt(session, message_id).await?;
+                return Ok(None);
+            }
             PromptOutcome::Failed(e) => return Ok(Some(Err(e))),
             PromptOutcome::Running => idle_looks = 0,
             PromptOutcome::Interrupted if idle_looks + 1 >= INTERRUPTED_LOOKS => {
@@ -247,4 +254,232 @@ fn effect_of(command: Command, reply: MutationReply) -> Result<Effect, PortError
             )))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lookups before a retry, against an agent server whose answers are scripted.
+
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::events::{AgentSessionInfo, AgentSessionStatus, ModelRef};
+    use crate::ports::{AgentListing, ModelList, PortFuture};
+    use crate::sim::{Faults, SimBackend};
+
+    /// Says what it is told to, and counts what it is asked.
+    #[derive(Default)]
+    struct Scripted {
+        outcomes: Mutex<VecDeque<PromptOutcome>>,
+        found: Option<AgentSessionInfo>,
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl Scripted {
+        fn with(outcomes: Vec<PromptOutcome>) -> Self {
+            Self {
+                outcomes: Mutex::new(outcomes.into()),
+                ..Self::default()
+            }
+        }
+
+        fn called(&self, what: &'static str) {
+            self.calls.lock().unwrap().push(what);
+        }
+
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    fn session(id: &str) -> AgentSessionInfo {
+        AgentSessionInfo {
+            agent_session_id: id.into(),
+            title: "t".into(),
+            directory: None,
+            project: None,
+            model: None,
+            updated_at: 1,
+            parent_id: None,
+            tag: None,
+        }
+    }
+
+    impl AgentServer for Scripted {
+        fn health(&self) -> PortFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn list_sessions(&self, _: Option<u64>) -> PortFuture<'_, AgentListing> {
+            unreachable!("not listed here")
+        }
+        fn create_session<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a SessionTag>,
+        ) -> PortFuture<'a, AgentSessionInfo> {
+            self.called("create");
+            Box::pin(async { Ok(session("ses_new")) })
+        }
+        fn find_session<'a>(
+            &'a self,
+            _: &'a SessionTag,
+        ) -> PortFuture<'a, Option<AgentSessionInfo>> {
+            self.called("find");
+            Box::pin(async move { Ok(self.found.clone()) })
+        }
+        fn rename_session<'a>(&'a self, _: &'a AgentSessionId, _: &'a str) -> PortFuture<'a, ()> {
+            unreachable!()
+        }
+        fn delete_session<'a>(&'a self, _: &'a AgentSessionId) -> PortFuture<'a, ()> {
+            unreachable!()
+        }
+        fn prompt<'a>(
+            &'a self,
+            _: &'a AgentSessionId,
+            _: PromptRequest<'a>,
+        ) -> PortFuture<'a, String> {
+            self.called("post");
+            Box::pin(async { Ok("fresh answer".to_owned()) })
+        }
+        fn prompt_outcome<'a>(
+            &'a self,
+            _: &'a AgentSessionId,
+            _: &'a str,
+        ) -> PortFuture<'a, PromptOutcome> {
+            self.called("look");
+            let next = self.outcomes.lock().unwrap().pop_front();
+            Box::pin(async move { Ok(next.expect("a scripted outcome")) })
+        }
+        fn forget_prompt<'a>(&'a self, _: &'a AgentSessionId, _: &'a str) -> PortFuture<'a, ()> {
+            self.called("forget");
+            Box::pin(async { Ok(()) })
+        }
+        fn abort<'a>(&'a self, _: &'a AgentSessionId) -> PortFuture<'a, ()> {
+            unreachable!()
+        }
+        fn status(&self) -> PortFuture<'_, Vec<AgentSessionStatus>> {
+            unreachable!()
+        }
+        fn list_models(&self) -> PortFuture<'_, ModelList> {
+            unreachable!()
+        }
+    }
+
+    fn attempt(command: Command, uncertain: bool) -> Attempt {
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        Attempt {
+            id: "cmd".into(),
+            command,
+            attempt: 2,
+            timeout: Duration::from_secs(600),
+            fetch_models_first: false,
+            uncertain,
+            permit,
+        }
+    }
+
+    fn prompt_command() -> Command {
+        Command::Prompt {
+            chat_session_id: "chat_1".into(),
+            agent_session_id: "ses_1".into(),
+            message_id: "m1".into(),
+            text: "q".into(),
+            model: Some(ModelRef::parse("p/m")),
+            agent_message_id: Some("msg_0001".into()),
+        }
+    }
+
+    /// Runs one attempt on a paused clock (the lookups wait a second between looks).
+    fn run_one(agent: &Scripted, a: &Attempt) -> Result<Effect, PortError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let backend = SimBackend::new(Arc::new(ManualClock::new(0)), Faults::default());
+        rt.block_on(execute(agent, &backend, a, "w1"))
+    }
+
+    fn answer(effect: Result<Effect, PortError>) -> String {
+        match effect {
+            Ok(Effect::PromptAnswered { content, .. }) => content,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_uncertain_creation_adopts_the_session_it_finds_and_creates_nothing() {
+        let agent = Scripted {
+            found: Some(session("ses_orphan")),
+            ..Scripted::default()
+        };
+        let create = Command::CreateAgentSession {
+            chat_session_id: "chat_1".into(),
+            title: "t".into(),
+        };
+        match run_one(&agent, &attempt(create.clone(), true)) {
+            Ok(Effect::AgentSessionCreated {
+                agent_session_id, ..
+            }) => assert_eq!(agent_session_id.as_str(), "ses_orphan"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(agent.calls(), ["find"]);
+        let fresh = Scripted::default();
+        run_one(&fresh, &attempt(create, false)).unwrap();
+        assert_eq!(
+            fresh.calls(),
+            ["create"],
+            "a first attempt has nothing to find"
+        );
+    }
+
+    #[test]
+    fn a_prompt_found_running_is_waited_for_and_its_answer_taken_not_sent_again() {
+        let agent = Scripted::with(vec![
+            PromptOutcome::Interrupted, // stored, not yet busy: a moment's gap, measured
+            PromptOutcome::Running,
+            PromptOutcome::Running,
+            PromptOutcome::Answered("the first run's answer".into()),
+        ]);
+        let got = answer(run_one(&agent, &attempt(prompt_command(), true)));
+        assert_eq!(got, "the first run's answer");
+        assert_eq!(agent.calls(), ["look"; 4]);
+    }
+
+    #[test]
+    fn a_prompt_whose_run_died_is_cleared_and_sent_once_more() {
+        let agent = Scripted::with(vec![PromptOutcome::Interrupted; 3]);
+        let got = answer(run_one(&agent, &attempt(prompt_command(), true)));
+        assert_eq!(got, "fresh answer");
+        assert_eq!(agent.calls(), ["look", "look", "look", "forget", "post"]);
+    }
+
+    #[test]
+    fn a_terminal_failure_found_is_the_outcome_and_a_retryable_one_is_asked_again() {
+        let terminal = Scripted::with(vec![PromptOutcome::Failed(PortError::terminal(
+            "ContextOverflowError",
+        ))]);
+        let err = run_one(&terminal, &attempt(prompt_command(), true)).unwrap_err();
+        assert!(!err.is_retryable());
+        assert_eq!(terminal.calls(), ["look"], "not sent again");
+        let retryable = Scripted::with(vec![PromptOutcome::Failed(PortError::retryable(
+            "APIError: overloaded",
+        ))]);
+        answer(run_one(&retryable, &attempt(prompt_command(), true)));
+        assert_eq!(retryable.calls(), ["look", "forget", "post"]);
+    }
+
+    #[test]
+    fn a_prompt_not_found_or_certain_is_posted_once() {
+        let absent = Scripted::with(vec![PromptOutcome::NotSent]);
+        answer(run_one(&absent, &attempt(prompt_command(), true)));
+        assert_eq!(absent.calls(), ["look", "post"]);
+        let first = Scripted::default();
+        answer(run_one(&first, &attempt(prompt_command(), false)));
+        assert_eq!(first.calls(), ["post"]);
+    }
 }

@@ -180,12 +180,6 @@ pub fn priority(op: Op) -> u8 {
     }
 }
 
-/// Whether an operation waits for the worker to be Ready: all but delivering an outcome to
-/// the backend, which rests on no listing (a message failed at start is told at once).
-pub fn needs_ready(op: Op) -> bool {
-    !matches!(op, Op::CompleteMessage | Op::FailMessage)
-}
-
 /// The per-target semaphores that bound calls in flight to each side. The observers take a
 /// permit for each call too.
 #[derive(Debug, Clone)]
@@ -390,9 +384,22 @@ pub struct Dispatcher {
     models: ModelState,
     order: u64,
     stats: DispatchStats,
-    /// Whether commands that rest on this process's listings may start (see
-    /// [`Dispatcher::set_ready`]).
+    /// Whether the worker is Ready: before, only what cannot act on a stale picture of the
+    /// world may start ([`waits_for_ready`]).
     ready: bool,
+}
+
+/// Whether `op` must wait until the worker is Ready: everything that acts on the agent server
+/// (prompts, creations, aborts, and the model fetch a chat creation needs) and every verdict
+/// on a chat session (deleted, failed). A command resumed from the ledger was decided on what
+/// a previous process saw; until this process has listed both sides it may be wrong. Delivering
+/// an outcome already in hand, linking and renaming may go at once.
+pub fn waits_for_ready(op: Op) -> bool {
+    op.target() == Source::Agent
+        || matches!(
+            op,
+            Op::CreateSession | Op::MarkSessionDeleted | Op::MarkSessionFailed
+        )
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -437,11 +444,8 @@ impl Dispatcher {
         }
     }
 
-    /// Holds (`false`) or releases (`true`) every command but the delivery of outcomes. The
-    /// worker holds them until it is Ready: a command resumed from a previous process's ledger
-    /// (a prompt, a creation, a deletion) was decided on that process's listings, and must not
-    /// act before this process has listed both sides (the incident's messages retried on every
-    /// restart before the worker was ready). A new dispatcher is not held.
+    /// Holds back (`false`) or lets go (`true`) the commands that wait for Ready. A worker
+    /// holds them from its start until both sides were listed in its own process.
     pub fn set_ready(&mut self, ready: bool) {
         self.ready = ready;
     }
@@ -530,7 +534,11 @@ impl Dispatcher {
             };
             // Cut short by the process's death, or failed in a way that may have taken effect.
             let uncertain = matches!(entry.state, CommandState::InFlight | CommandState::Failed);
-            let at = entry.next_attempt_at().unwrap_or(now);
+            // A wait logged before the wall clock was stepped back is capped at the longest.
+            let at = entry
+                .next_attempt_at()
+                .unwrap_or(now)
+                .min(now.saturating_add(self.cfg.retry.cap_ms));
             let when = (at, uncertain);
             self.push(id.clone(), command.clone(), (attempts, attempts), when, now);
             n += 1;
@@ -545,7 +553,6 @@ impl Dispatcher {
             .queue
             .iter()
             .filter(|(_, q)| q.not_before <= now)
-            .filter(|(_, q)| self.ready || !needs_ready(q.command.op()))
             .map(|(id, q)| {
                 let rank = u64::from(priority(q.command.op())) * self.cfg.aging_ms;
                 (q.waiting_since + rank, q.order, id.clone())
@@ -560,6 +567,9 @@ impl Dispatcher {
             let Some(queued) = self.queue.get(&id) else {
                 continue;
             };
+            if !self.ready && waits_for_ready(queued.command.op()) {
+                continue;
+            }
             let mut command = queued.command.clone();
             let keys = queued.keys.clone();
             let blocked = keys.iter().any(|k| {

@@ -218,6 +218,41 @@ fn a_terminal_failure_is_not_retried() {
 }
 
 #[test]
+fn a_megabyte_error_from_a_server_enters_the_events_as_one_bounded_line() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    d.enqueue("a".into(), rename("chat_1"), 0);
+    let body = "HTTP 502 from the proxy\n<html>\r\n\x1b[2J".repeat(30_000);
+    assert!(body.len() > 1_000_000);
+    let mut now = 0;
+    let mut errors = Vec::new();
+    for attempt in 1..=3u32 {
+        d.observed(Source::Backend, true, now);
+        let s = started(d.select(&views, now));
+        let events = d.finished(&s[0].id, attempt, Err(PortError::retryable(&*body)), now);
+        for e in &events {
+            match e {
+                Event::CommandFailed(f) => {
+                    errors.push(f.error.clone());
+                    now = f.next_attempt_at.unwrap_or(now);
+                }
+                Event::CommandDeadLettered(dl) => errors.push(dl.last_error.clone()),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(errors.len(), 4, "three failures and the dead letter");
+    for e in errors {
+        assert_eq!(e.chars().count(), crate::text::MAX_LINE_CHARS, "{e}");
+        assert!(!e.contains(['\n', '\r', '\x1b']), "{e}");
+        assert!(
+            e.starts_with("HTTP 502 from the proxy <html> \\u{1b}[2J"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn the_global_limit_and_the_breaker_hold() {
     let views = Views::default();
     let mut cfg = config(3);
@@ -382,24 +417,6 @@ fn a_terminal_failure_does_not_close_an_open_breaker() {
 }
 
 #[test]
-fn a_held_dispatcher_starts_only_deliveries_until_released() {
-    let views = Views::default();
-    let mut d = Dispatcher::new(config(10), 0);
-    d.set_ready(false);
-    d.enqueue("rename".into(), rename("chat_r"), 0);
-    d.enqueue("fail".into(), fail_message("chat_f", "m"), 0);
-    let held: Vec<String> = started(d.select(&views, 0))
-        .into_iter()
-        .map(|a| a.id.0)
-        .collect();
-    assert_eq!(held, ["fail"], "only the delivery starts before Ready");
-    d.set_ready(true);
-    let s = started(d.select(&views, 1));
-    assert_eq!(s.len(), 1);
-    assert_eq!(s[0].id.0, "rename");
-}
-
-#[test]
 fn a_deletion_waits_while_the_agent_sides_latest_observation_failed() {
     let listing = || {
         Event::ListingCompleted(ListingCompleted {
@@ -430,5 +447,152 @@ fn a_deletion_waits_while_the_agent_sides_latest_observation_failed() {
         started(d.select(&views, 1)).len(),
         1,
         "a complete listing releases it"
+    );
+}
+
+/// An agent whose model fails once with an error the provider calls retryable (OpenCode
+/// answers 200 with `info.error = APIError{isRetryable: true}` and keeps the failed reply in
+/// the session), then answers.
+#[derive(Default)]
+struct OverloadedOnce {
+    runs: std::sync::atomic::AtomicU32,
+    /// The reply the server holds for the user message, as `prompt_outcome` reads it back.
+    held: std::sync::Mutex<Option<crate::ports::PromptOutcome>>,
+}
+
+impl crate::ports::AgentServer for OverloadedOnce {
+    fn health(&self) -> crate::ports::PortFuture<'_, ()> {
+        Box::pin(async { unimplemented!() })
+    }
+    fn list_sessions(
+        &self,
+        _: Option<Millis>,
+    ) -> crate::ports::PortFuture<'_, crate::ports::AgentListing> {
+        Box::pin(async { unimplemented!() })
+    }
+    fn create_session<'a>(
+        &'a self,
+        _: &'a str,
+        _: Option<&'a SessionTag>,
+    ) -> crate::ports::PortFuture<'a, AgentSessionInfo> {
+        Box::pin(async { unimplemented!() })
+    }
+    fn find_session<'a>(
+        &'a self,
+        _: &'a SessionTag,
+    ) -> crate::ports::PortFuture<'a, Option<AgentSessionInfo>> {
+        Box::pin(async { unimplemented!() })
+    }
+    fn rename_session<'a>(
+        &'a self,
+        _: &'a AgentSessionId,
+        _: &'a str,
+    ) -> crate::ports::PortFuture<'a, ()> {
+        Box::pin(async { unimplemented!() })
+    }
+    fn delete_session<'a>(&'a self, _: &'a AgentSessionId) -> crate::ports::PortFuture<'a, ()> {
+        Box::pin(async { unimplemented!() })
+    }
+    fn prompt<'a>(
+        &'a self,
+        _: &'a AgentSessionId,
+        _: crate::ports::PromptRequest<'a>,
+    ) -> crate::ports::PortFuture<'a, String> {
+        Box::pin(async move {
+            let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if run == 1 {
+                let e = PortError::retryable("prompt failed: APIError: Overloaded");
+                *self.held.lock().unwrap() = Some(crate::ports::PromptOutcome::Failed(e.clone()));
+                return Err(e);
+            }
+            *self.held.lock().unwrap() =
+                Some(crate::ports::PromptOutcome::Answered("the answer".into()));
+            Ok("the answer".into())
+        })
+    }
+    fn prompt_outcome<'a>(
+        &'a self,
+        _: &'a AgentSessionId,
+        _: &'a str,
+    ) -> crate::ports::PortFuture<'a, crate::ports::PromptOutcome> {
+        Box::pin(async move {
+            Ok(self
+                .held
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or(crate::ports::PromptOutcome::NotSent))
+        })
+    }
+    fn forget_prompt<'a>(
+        &'a self,
+        _: &'a AgentSessionId,
+        _: &'a str,
+    ) -> crate::ports::PortFuture<'a, ()> {
+        Box::pin(async move {
+            *self.held.lock().unwrap() = None;
+            Ok(())
+        })
+    }
+    fn abort<'a>(&'a self, _: &'a AgentSessionId) -> crate::ports::PortFuture<'a, ()> {
+        Box::pin(async { unimplemented!() })
+    }
+    fn status(&self) -> crate::ports::PortFuture<'_, Vec<AgentSessionStatus>> {
+        Box::pin(async { unimplemented!() })
+    }
+    fn list_models(&self) -> crate::ports::PortFuture<'_, ModelList> {
+        Box::pin(async { unimplemented!() })
+    }
+}
+
+/// A retryable failure is retried so that the retry may succeed. For a prompt whose answer was
+/// a retryable provider error, every retry is `uncertain` (`finished` pushes retryable failures
+/// with `uncertain: true`), so `prompt_once` reads the failed reply back and returns the same
+/// error without asking the model again: all attempts are spent reading one failure, and the
+/// message is failed ("gave up after 3 attempts") by an error the provider said would pass.
+#[tokio::test]
+async fn a_prompt_whose_answer_was_a_retryable_error_is_asked_again_on_retry() {
+    let agent = OverloadedOnce::default();
+    let clock: std::sync::Arc<dyn crate::clock::Clock> =
+        std::sync::Arc::new(crate::clock::SystemClock);
+    let backend = crate::sim::SimBackend::new(clock, crate::sim::Faults::default());
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    let prompt = Command::Prompt {
+        chat_session_id: "chat_1".into(),
+        agent_session_id: "ses_1".into(),
+        message_id: "m1".into(),
+        text: "hello".into(),
+        model: None,
+        agent_message_id: Some("msg_0000000000010000000000000A".into()),
+    };
+    d.enqueue("prompt:m1".into(), prompt, 0);
+    let mut now = 0;
+    let mut result = None;
+    for attempt in 1..=3 {
+        let s = started(d.select(&views, now));
+        assert_eq!(s.len(), 1, "attempt {attempt} starts");
+        let r = execute(&agent, &backend, &s[0], "w").await;
+        let events = d.finished(&s[0].id, s[0].attempt, r.clone(), now);
+        result = Some(r);
+        match &events[0] {
+            Event::CommandFailed(f) if f.next_attempt_at.is_some() => {
+                now = f.next_attempt_at.unwrap();
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(
+        agent.runs.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the model was not asked again after its retryable failure: {result:?}"
+    );
+    assert_eq!(
+        result,
+        Some(Ok(Effect::PromptAnswered {
+            chat_session_id: "chat_1".into(),
+            message_id: "m1".into(),
+            content: "the answer".into(),
+        }))
     );
 }

@@ -35,7 +35,44 @@ pub(crate) fn prepare_dir(dir: &Path, create: bool) -> Result<(), LogError> {
         meta.uid(),
         meta.mode(),
         nix::unistd::geteuid().as_raw(),
-    )
+    )?;
+    if create {
+        // A directory of ours from before agentsync made it private (or moved here by hand):
+        // what others could read, they no longer can.
+        let narrowed = narrow(dir)
+            .map_err(|e| LogError::io(format!("cannot make {} private", dir.display()), e))?;
+        if narrowed > 0 {
+            tracing::info!(dir = %dir.display(), entries = narrowed, "data directory made private to its user");
+        }
+    }
+    Ok(())
+}
+
+/// Sets `dir` and everything under it to 0700 (directories) and 0600 (files) where group or
+/// others had any access; symlinks are left alone, never followed. Returns how many entries
+/// changed.
+fn narrow(dir: &Path) -> std::io::Result<usize> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut changed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                stack.push(entry?.path());
+            }
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            let private = if meta.is_dir() { 0o700 } else { 0o600 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & private))?;
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }
 
 /// Why a directory with this owner and mode is not to be trusted by user `me`, if it is not.
@@ -124,6 +161,37 @@ mod tests {
             "{group}"
         );
         assert!(check(d, 1000, 0o40757, 1000).is_err());
+    }
+
+    #[test]
+    fn a_writer_narrows_a_readable_directory_of_its_own_and_leaves_links_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("log")).unwrap();
+        std::fs::write(data.join("log/db"), b"x").unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"y").unwrap();
+        std::os::unix::fs::symlink(&outside, data.join("link")).unwrap();
+        let set = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        set(&data, 0o755);
+        set(&data.join("log"), 0o755);
+        set(&data.join("log/db"), 0o644);
+        set(&outside, 0o644);
+        prepare_dir(&data, false).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o755, "a reader changes nothing");
+        prepare_dir(&data, true).unwrap();
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("log")), 0o700);
+        assert_eq!(mode(&data.join("log/db")), 0o600);
+        assert_eq!(
+            mode(&outside),
+            0o644,
+            "a link's target is not ours to change"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub use commands::{CommandLedger, CommandState, LedgerEntry, OpenCommand};
 pub use messages::{MessageRow, MessageState, MessagesView};
 pub use sessions::{
     AgentSessionRow, ChatSessionRow, DeletionHold, ListingState, ModelCache, SessionsView,
-    MODELS_OPERATION,
+    MODELS_OPERATION, TOMBSTONE_MS,
 };
 
 use crate::events::Envelope;

@@ -36,14 +36,20 @@ pub struct SessionsView {
     /// The last model-list fetch started: (generation, when). Within the TTL it is the
     /// window's one fetch, whatever became of it, across restarts of the worker too.
     pub models_requested: Option<(u64, Millis)>,
-    /// Agent sessions gone, with the seq that said so, until a complete listing that started
-    /// after it confirms: a listing that started before the deletion cannot bring one back.
+    /// Agent sessions gone, with the seq and time that said so: a listing that started before
+    /// the deletion, or a stream report (which may come late or twice), cannot bring one back.
+    /// Kept until a complete listing that started after it, and at least [`TOMBSTONE_MS`]
+    /// later, confirms it: so they are few, the deletions of the last minutes.
     #[serde(default)]
-    pub agent_gone: BTreeMap<AgentSessionId, u64>,
+    pub agent_gone: BTreeMap<AgentSessionId, (u64, Millis)>,
     /// Chat sessions gone from the backend, likewise.
     #[serde(default)]
-    pub chat_gone: BTreeMap<ChatSessionId, u64>,
+    pub chat_gone: BTreeMap<ChatSessionId, (u64, Millis)>,
 }
+
+/// How long a tombstone outlives the deletion it records, at least: longer than any stream
+/// report or listing can be late.
+pub const TOMBSTONE_MS: Millis = 10 * 60 * 1000;
 
 /// A hold on deletions, as recorded by `deletions_held`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -357,7 +363,8 @@ impl Projection for SessionsView {
             }
             Event::AgentSessionGone(b) => {
                 self.agent.remove(&b.agent_session_id);
-                self.agent_gone.insert(b.agent_session_id.clone(), e.seq);
+                self.agent_gone
+                    .insert(b.agent_session_id.clone(), (e.seq, e.at));
             }
             Event::AgentSessionStatus(b) => {
                 // A status for a session not (yet) listed carries no title: wait for the listing.
@@ -385,7 +392,8 @@ impl Projection for SessionsView {
             }
             Event::BackendSessionGone(b) => {
                 self.chat.remove(&b.chat_session_id);
-                self.chat_gone.insert(b.chat_session_id.clone(), e.seq);
+                self.chat_gone
+                    .insert(b.chat_session_id.clone(), (e.seq, e.at));
             }
             // A partial listing proves nothing about absence: only complete ones are recorded.
             Event::ListingCompleted(b) if b.complete => {
@@ -395,9 +403,12 @@ impl Projection for SessionsView {
                 // A complete listing that began after a session was gone and lacked it
                 // confirms the tombstone: no older listing is still in flight to contradict it.
                 if let Some(as_of) = b.as_of {
+                    let keep = |&mut (seq, at): &mut (u64, Millis)| {
+                        seq > as_of || e.at < at + TOMBSTONE_MS
+                    };
                     match b.source {
-                        Source::Agent => self.agent_gone.retain(|_, seq| *seq > as_of),
-                        Source::Backend => self.chat_gone.retain(|_, seq| *seq > as_of),
+                        Source::Agent => self.agent_gone.retain(|_, t| keep(t)),
+                        Source::Backend => self.chat_gone.retain(|_, t| keep(t)),
                     }
                 }
             }

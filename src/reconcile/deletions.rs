@@ -5,6 +5,7 @@
 //! successfully, and must not take every chat session with it.
 
 use super::Policy;
+use crate::clock::Millis;
 use crate::events::{AgentSessionId, ChatStatus, DeletionHoldLifted, DeletionsHeld, Event, Source};
 use crate::projections::{ChatSessionRow, SessionsView, Views};
 
@@ -53,17 +54,21 @@ fn deletion_limit(active: usize, policy: &Policy) -> usize {
 }
 
 /// Whether the held deletions are confirmed: a complete agent listing after the held one
-/// ended at least the policy's wait after the hold.
-pub(super) fn hold_confirmed(s: &SessionsView, policy: &Policy) -> bool {
+/// ended at least the policy's wait after the hold, *and* after this process started
+/// (`process_start`). Event times are steady within one process (the worker's clock follows
+/// the monotonic clock), but a hold recorded by an earlier process is in that process's wall
+/// time, which may have been stepped since: the wait is then counted again in this one.
+pub(super) fn hold_confirmed(s: &SessionsView, policy: &Policy, process_start: Millis) -> bool {
     let (Some(hold), Some(listing)) = (&s.deletion_hold, s.listings.get(&Source::Agent)) else {
         return false;
     };
     let later = listing
         .last_complete_seq
         .is_some_and(|seq| seq > hold.listing_seq);
-    let waited = listing
-        .last_complete_at
-        .is_some_and(|at| at >= hold.at.saturating_add(policy.deletion_confirm_ms));
+    let waited = listing.last_complete_at.is_some_and(|at| {
+        let from = hold.at.max(process_start);
+        at >= from.saturating_add(policy.deletion_confirm_ms)
+    });
     later && waited
 }
 

@@ -83,17 +83,19 @@ fn with_round(base: String, round: u32) -> CommandId {
 }
 
 /// The id a prompt's user message gets in the agent server, chosen when the prompt is planned
-/// (`now`) and recorded in its `command_planned`, so every attempt sends the same one and an
-/// attempt whose reply was lost can be looked up by it. It has the form of OpenCode's own ids
-/// (`packages/opencode/src/id/id.ts`: `msg_`, 12 hex digits of the low 48 bits of
-/// `ms * 4096 + counter`, 14 base62 characters), so it sorts among the server's own by time.
-/// The counter and the tail come from a hash of the message id: pure, and distinct per message.
-pub fn agent_message_id(message: &MessageId, now: Millis) -> String {
+/// (at `now`, the `n`th prompt of that pass) and recorded in its `command_planned`, so every
+/// attempt sends the same one and an attempt whose reply was lost can be looked up by it. It has
+/// the form of OpenCode's own ids (`packages/opencode/src/id/id.ts`: `msg_`, 12 hex digits of
+/// the low 48 bits of `ms * 4096 + counter`, 14 base62 characters), with `n` as the counter, so
+/// ids sort by the time, then the order, in which their prompts were planned (the messages of a
+/// chat are planned in the order they were written). The tail comes from a hash of the message
+/// id: pure, and distinct per message.
+pub fn agent_message_id(message: &MessageId, now: Millis, n: u64) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = rustc_hash::FxHasher::default();
     message.hash(&mut h);
     let mut bits = h.finish();
-    let stamp = (now.wrapping_mul(4096).wrapping_add(bits & 0xfff)) & 0xffff_ffff_ffff;
+    let stamp = (now.wrapping_mul(4096).wrapping_add(n.min(0xfff))) & 0xffff_ffff_ffff;
     const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let mut tail = String::with_capacity(14);
     for i in 0..14 {
@@ -113,18 +115,23 @@ mod tests {
 
     #[test]
     fn agent_message_ids_have_opencodes_form_ascend_with_time_and_differ_per_message() {
-        let a = agent_message_id(&MessageId("m1".into()), 1_796_100_954_171);
+        let a = agent_message_id(&MessageId("m1".into()), 1_796_100_954_171, 0);
         assert_eq!(a.len(), 4 + 12 + 14, "{a}");
         assert!(a.starts_with("msg_") && a[4..].chars().all(|c| c.is_ascii_alphanumeric()));
         assert_eq!(
             a,
-            agent_message_id(&MessageId("m1".into()), 1_796_100_954_171)
+            agent_message_id(&MessageId("m1".into()), 1_796_100_954_171, 0)
         );
-        let later = agent_message_id(&MessageId("m1".into()), 1_796_100_954_172);
+        let later = agent_message_id(&MessageId("m1".into()), 1_796_100_954_172, 0);
+        assert!(later > a, "{later} > {a}");
+        // Two prompts of one pass, in the order planned, whatever their message ids hash to.
+        let first = agent_message_id(&MessageId("zz".into()), 1_796_100_954_171, 0);
+        let second = agent_message_id(&MessageId("aa".into()), 1_796_100_954_171, 1);
+        assert!(second > first, "{second} > {first}");
         assert!(later > a, "{later} > {a}");
         assert_ne!(
             a,
-            agent_message_id(&MessageId("m2".into()), 1_796_100_954_171)
+            agent_message_id(&MessageId("m2".into()), 1_796_100_954_171, 0)
         );
     }
 }

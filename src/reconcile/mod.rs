@@ -63,6 +63,9 @@ pub struct Policy {
     pub delivery_retry_ms: Millis,
     /// The longest wait between delivery rounds.
     pub delivery_retry_cap_ms: Millis,
+    /// Delivery rounds of one outcome at most (24: about a day at the longest wait); past
+    /// them the outcome stays undelivered, counted in `/metrics` and named by `/readyz`.
+    pub max_delivery_rounds: u32,
 }
 
 impl Default for Policy {
@@ -77,6 +80,7 @@ impl Default for Policy {
             message_deadline_ms: 30 * 60 * 1000,
             delivery_retry_ms: 60 * 1000,
             delivery_retry_cap_ms: 60 * 60 * 1000,
+            max_delivery_rounds: 24,
         }
     }
 }
@@ -130,7 +134,7 @@ pub fn reconcile(views: &Views, ctx: &Context, policy: &Policy) -> Vec<Planned> 
     if listed_in_this_process(sessions, ctx.process_seq) {
         let mut index = ChatIndex::new(sessions);
         plan_sessions(&mut plan, sessions, &mut index, ctx, policy);
-        plan_deletions(&mut plan, sessions, &index, policy);
+        plan_deletions(&mut plan, sessions, &index, ctx, policy);
     }
     plan_outcomes(&mut plan, messages, ctx, policy);
     plan_pending(&mut plan, sessions, messages, ctx, policy);
@@ -325,6 +329,7 @@ fn plan_deletions(
     plan: &mut Planner<'_>,
     s: &SessionsView,
     index: &ChatIndex<'_>,
+    ctx: &Context,
     policy: &Policy,
 ) {
     let Some(complete_seq) = deletions::trusted_agent_listing(s) else {
@@ -338,7 +343,7 @@ fn plan_deletions(
         .filter(|(a, _, chat)| deletions::deletable(s, a, chat, complete_seq))
         .collect();
     let over = deletions::over_limit(s, policy, absent.len());
-    if over && !deletions::hold_confirmed(s, policy) {
+    if over && !deletions::hold_confirmed(s, policy, ctx.started_at) {
         return; // held: see `deletion_hold`
     }
     let note = match &s.deletion_hold {
@@ -429,12 +434,17 @@ fn next_round(
         if !entry.is_final() || entry.state == CommandState::Succeeded {
             return None;
         }
-        if ctx.now
-            < entry
-                .updated_at
-                .saturating_add(policy.delivery_backoff(round + 1))
-        {
+        // A round that ended "in the future" was logged before the wall clock was stepped
+        // back (by an earlier process): count its wait from this process's start instead.
+        let ended = match entry.updated_at > ctx.now {
+            true => ctx.started_at.min(ctx.now),
+            false => entry.updated_at,
+        };
+        if ctx.now < ended.saturating_add(policy.delivery_backoff(round + 1)) {
             return None;
+        }
+        if round + 1 >= policy.max_delivery_rounds {
+            return None; // given up: it stays undelivered, in /metrics and /readyz
         }
         previous = Some(entry.last_error.clone().unwrap_or_else(|| "gave up".into()));
     }
@@ -533,6 +543,8 @@ fn plan_pending(
                     .map(ModelRef::parse)
                     .or_else(|| agent.model.clone())
                     .or_else(|| policy.default_model.clone());
+                // Its place in this pass: prompts planned together keep their order in the ids.
+                let prompts_planned = plan.out.len() as u64;
                 plan.because(row.seen_seq).plan(
                     ids::prompt(message_id),
                     || Command::Prompt {
@@ -541,7 +553,11 @@ fn plan_pending(
                         message_id: message_id.clone(),
                         text: row.text.clone().unwrap_or_default(),
                         model,
-                        agent_message_id: Some(ids::agent_message_id(message_id, ctx.now)),
+                        agent_message_id: Some(ids::agent_message_id(
+                            message_id,
+                            ctx.now,
+                            prompts_planned,
+                        )),
                     },
                     "user message has no answer".into(),
                 );

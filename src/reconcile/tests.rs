@@ -611,3 +611,35 @@ fn a_session_we_created_for_a_chat_is_never_mirrored_as_another_chat() {
     w.agent("ses_plain", "B").both_listed();
     assert_eq!(w.step(), ["createSession:ses_plain"]);
 }
+
+#[test]
+fn a_delivery_round_logged_before_the_clock_went_back_waits_from_the_restart_and_rounds_end() {
+    let mut w = World::new();
+    w.answered();
+    w.dead("completeMessage:msg_1", "503 overloaded");
+    // Restarted after the wall clock was stepped back an hour: the round "ended" in the future.
+    w.now -= 60 * MIN;
+    w.started_at = w.now;
+    assert!(w.step().is_empty(), "the backoff counts from the restart");
+    w.now += Policy::default().delivery_backoff(1);
+    assert_eq!(w.step(), ["completeMessage:msg_1#round2"]);
+    // A delivery the backend refuses round after round stops after the last round.
+    let policy = Policy::default();
+    for round in 2..=policy.max_delivery_rounds {
+        w.dead(
+            &format!("completeMessage:msg_1#round{round}"),
+            "503 overloaded",
+        );
+        w.now += policy.delivery_backoff(round);
+        let planned = w.step();
+        if round < policy.max_delivery_rounds {
+            assert_eq!(
+                planned,
+                [format!("completeMessage:msg_1#round{}", round + 1)]
+            );
+        } else {
+            assert!(planned.is_empty(), "no round after the last: {planned:?}");
+        }
+    }
+    assert_eq!(w.views.messages.state.undelivered.len(), 1, "still counted");
+}

@@ -84,6 +84,10 @@ pub struct WorkerConfig {
     /// Backend page size: the most the Convex client asks for (more round trips cost more than
     /// bigger pages; 100,000 sessions list in 200 calls).
     pub page_size: u32,
+    /// The most pages one backend listing reads (at most `page_size` x this many items): a
+    /// backend that never says `isDone` is stopped there, and the listing is a failed
+    /// observation. Default 1,000 (500,000 items at the default page size).
+    pub max_listing_pages: u32,
     /// How long in-flight calls may finish when draining.
     pub drain_grace_ms: Millis,
     /// Stop by itself after this many consecutive quiet observation rounds (both sides listed,
@@ -100,6 +104,7 @@ impl Default for WorkerConfig {
             checkpoints: CheckpointPolicy::default(),
             polling: PollPolicy::default(),
             page_size: 500,
+            max_listing_pages: 1_000,
             drain_grace_ms: 10_000,
             stop_when_quiet: None,
         }
@@ -195,6 +200,7 @@ impl Worker {
             log.last_seq()
         );
         let mut dispatcher = Dispatcher::new(cfg.dispatch.clone(), started_at);
+        // Resumed commands were decided on a previous process's view: they wait for Ready.
         dispatcher.set_ready(false);
         let resumed = dispatcher.resume(&live.views.commands.state, started_at);
         if resumed > 0 {
@@ -320,6 +326,7 @@ impl Worker {
             gates: self.dispatcher.gates(),
             policy: self.cfg.polling,
             page_size: self.cfg.page_size,
+            max_pages: self.cfg.max_listing_pages,
             seed: self.cfg.dispatch.seed,
         };
         let mut observers = JoinSet::new();
@@ -402,9 +409,9 @@ impl Worker {
         }
         let sessions = &self.views().sessions.state;
         if reconcile::listed_in_this_process(sessions, self.process_seq) {
+            self.dispatcher.set_ready(true);
             let ms = now.saturating_sub(self.started_at);
             self.ready_after = Some(ms);
-            self.dispatcher.set_ready(true);
             let views = self.views();
             let summary = format!(
                 "{} agent sessions and {} chat sessions in view, ready in {ms} ms, {} model fetches, {} commands queued, {} messages pending",

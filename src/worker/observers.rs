@@ -133,6 +133,8 @@ pub struct ObserverLink {
     pub policy: PollPolicy,
     /// Backend page size.
     pub page_size: u32,
+    /// The most pages one backend listing reads.
+    pub max_pages: u32,
     /// Seed of the polling jitter.
     pub seed: u64,
 }
@@ -185,19 +187,28 @@ async fn pause(poller: &mut Poller, rng: &mut SmallRng, link: &ObserverLink, nud
     }
 }
 
-/// Reads pages from `cursor` until the last one or a failure, each call under a permit of
-/// `gate`. Returns the items, the cursor after the last page read, and the failure if one
-/// stopped it; `None` when the gate is closed (shutting down).
+/// Reads the pages of listing `what` from `cursor` until the last one or a failure, each call
+/// under a permit of `gate`. Returns the items, the cursor after the last page read, and the
+/// failure if one stopped it; `None` when the gate is closed (shutting down).
+///
+/// The backend's answers are not trusted to end: a page that is not the last but gives back
+/// the cursor it was asked with would be asked for again forever, and a cursor that moves but
+/// never reaches the end would be followed forever. Both stop the listing with a failure (the
+/// listing is then partial, a failed observation): the first at once, the second after
+/// `max_pages` pages. Both are terminal (the backend would answer the same again), and the
+/// pages read before are kept.
 async fn read_pages<'a, T, F>(
     gate: &Semaphore,
+    what: &str,
     mut cursor: Option<String>,
+    max_pages: u32,
     mut page: F,
 ) -> Option<(Vec<T>, Option<String>, Option<PortError>)>
 where
     F: FnMut(Option<String>) -> PortFuture<'a, Page<T>>,
 {
     let mut items = Vec::new();
-    loop {
+    for _ in 0..max_pages.max(1) {
         let result = {
             let _permit = gate.acquire().await.ok()?;
             page(cursor.clone()).await
@@ -205,14 +216,27 @@ where
         match result {
             Ok(p) => {
                 items.extend(p.page);
-                cursor = Some(p.continue_cursor);
                 if p.is_done {
-                    return Some((items, cursor, None));
+                    return Some((items, Some(p.continue_cursor), None));
                 }
+                if cursor.as_deref() == Some(p.continue_cursor.as_str()) {
+                    let e = PortError::terminal(format!(
+                        "{what}: the backend answered isDone: false with the cursor it was asked with ({:?}): listing stopped",
+                        p.continue_cursor
+                    ));
+                    return Some((items, cursor, Some(e)));
+                }
+                cursor = Some(p.continue_cursor);
             }
             Err(e) => return Some((items, cursor, Some(e))),
         }
     }
+    let e = PortError::terminal(format!(
+        "{what}: not done after {} pages ({} items): listing stopped (the most a listing reads: max_listing_pages)",
+        max_pages.max(1),
+        items.len()
+    ));
+    Some((items, cursor, Some(e)))
 }
 
 /// Observes the backend until the channel closes: every page of the sessions, then the
@@ -222,10 +246,11 @@ pub async fn observe_backend(backend: Arc<dyn Backend>, link: ObserverLink) {
     let mut rng = SmallRng::seed_from_u64(link.seed ^ 0xb4c);
     let mut message_cursor: Option<String> = None;
     let limit = link.page_size;
+    let max_pages = link.max_pages;
     loop {
         let as_of = link.seq.load(Ordering::SeqCst);
         let gate = &link.gates.backend;
-        let Some((sessions, _, error)) = read_pages(gate, None, |c| {
+        let Some((sessions, _, error)) = read_pages(gate, "listSessions", None, max_pages, |c| {
             let b = &backend;
             Box::pin(async move { b.list_sessions(c.as_deref(), limit).await })
         })
@@ -241,11 +266,13 @@ pub async fn observe_backend(backend: Arc<dyn Backend>, link: ObserverLink) {
         if link.tx.send(obs).await.is_err() {
             return;
         }
-        let Some((messages, cursor, failure)) = read_pages(gate, message_cursor.take(), |c| {
-            let b = &backend;
-            Box::pin(async move { b.list_messages(c.as_deref(), limit).await })
-        })
-        .await
+        let from = message_cursor.take();
+        let Some((messages, cursor, failure)) =
+            read_pages(gate, "listMessages", from, max_pages, |c| {
+                let b = &backend;
+                Box::pin(async move { b.list_messages(c.as_deref(), limit).await })
+            })
+            .await
         else {
             return;
         };
@@ -265,6 +292,88 @@ pub async fn observe_backend(backend: Arc<dyn Backend>, link: ObserverLink) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    fn page(items: Vec<u32>, is_done: bool, cursor: &str) -> Page<u32> {
+        Page {
+            page: items,
+            is_done,
+            continue_cursor: cursor.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_never_moves_its_cursor_is_stopped_with_an_error_naming_it() {
+        let gate = Semaphore::new(1);
+        let calls = AtomicU32::new(0);
+        let (items, cursor, error) = read_pages(&gate, "listSessions", None, 1_000, |c| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            // The first page moves to "c1"; then "c1" is answered with "c1" forever.
+            let p = match c {
+                None => page(vec![1, 2], false, "c1"),
+                Some(_) => page(vec![3], false, "c1"),
+            };
+            Box::pin(async move { Ok(p) })
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "stopped at the first repeat"
+        );
+        assert_eq!(items, vec![1, 2, 3]);
+        assert_eq!(cursor.as_deref(), Some("c1"));
+        let e = error.expect("an error");
+        assert!(!e.is_retryable());
+        assert!(
+            e.message.starts_with("listSessions: the backend answered isDone: false with the cursor it was asked with (\"c1\")"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_backend_whose_cursor_moves_but_never_ends_is_stopped_at_the_page_cap() {
+        let gate = Semaphore::new(1);
+        let calls = AtomicU32::new(0);
+        let (items, cursor, error) = read_pages(&gate, "listMessages", None, 50, |_| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Ok(page(vec![n], false, &format!("c{n}"))) })
+        })
+        .await
+        .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 50);
+        assert_eq!(items.len(), 50, "the pages read are kept");
+        assert_eq!(
+            cursor.as_deref(),
+            Some("c49"),
+            "the next poll goes on from here"
+        );
+        let e = error.expect("an error");
+        assert_eq!(
+            e.message,
+            "listMessages: not done after 50 pages (50 items): listing stopped (the most a listing reads: max_listing_pages)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listing_that_ends_is_read_whole() {
+        let gate = Semaphore::new(1);
+        let (items, cursor, error) = read_pages(&gate, "listSessions", None, 3, |c| {
+            let p = match c.as_deref() {
+                None => page(vec![1], false, "a"),
+                Some("a") => page(vec![2], false, "b"),
+                _ => page(vec![3], true, "end"),
+            };
+            Box::pin(async move { Ok(p) })
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            (items, cursor.as_deref(), error),
+            (vec![1, 2, 3], Some("end"), None)
+        );
+    }
 
     #[test]
     fn polling_is_fast_while_active_and_backs_off_to_the_cap_while_idle() {

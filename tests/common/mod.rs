@@ -82,5 +82,6 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+pub mod hostile;
 pub mod opencode;
 pub mod proxy;

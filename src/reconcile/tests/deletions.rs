@@ -212,3 +212,25 @@ fn a_failed_agent_listing_neither_holds_nor_lifts() {
     assert_eq!(hold(&mut w), None);
     assert!(deletions(&w.step()).is_empty());
 }
+
+/// "More needs a second complete listing at least a minute later that agrees" (issue 12,
+/// point 5), with "a wall-clock step of minutes both ways" among the faults to survive. Within
+/// one process event times follow the monotonic clock (`clock::SteadyClock`), so a step does
+/// not show; but a hold recorded by an earlier process is in that process's wall time: when the
+/// clock was stepped forward an hour while the worker was down, the new process's first
+/// listing, two seconds after its start, must not count as a minute after the hold.
+#[test]
+fn a_clock_stepped_forward_does_not_cut_the_wait_of_a_hold() {
+    let mut w = held();
+    // A restart after the wall clock was stepped forward by an hour; listed 2 s after.
+    w.now += 60 * MIN;
+    w.started_at = w.now;
+    w.now += 2 * SECOND;
+    listing_without(&mut w, 0..0);
+    assert_eq!(hold(&mut w), None);
+    assert_eq!(
+        deletions(&w.step()),
+        Vec::<&String>::new(),
+        "a listing two seconds after the hold confirmed it"
+    );
+}
