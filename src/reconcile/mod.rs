@@ -32,8 +32,8 @@ use crate::events::{
     MessageId, ModelRef, Source,
 };
 use crate::projections::{
-    ChatSessionRow, CommandLedger, CommandState, MessageRow, MessageState, MessagesView,
-    SessionsView, Views,
+    AgentSessionRow, ChatSessionRow, CommandLedger, CommandState, MessageRow, MessageState,
+    MessagesView, SessionsView, Views,
 };
 
 /// What the reconciler may decide, as numbers.
@@ -247,9 +247,10 @@ fn plan_sessions(
 ) {
     for (agent_id, agent) in &s.agent {
         let Some((chat_id, chat)) = index.by_agent.remove(agent_id) else {
-            if agent.created_for.is_some() {
+            if let Some(chat_id) = &agent.created_for {
                 // Made by our createAgentSession for a chat session: that command adopts it
                 // (or it is a spare from a race); mirroring it would make a second chat.
+                adopt(plan, s, agent_id, agent, chat_id);
                 continue;
             }
             plan.because(agent.first_seq).plan(
@@ -318,6 +319,37 @@ fn plan_sessions(
             }
         }
     }
+}
+
+/// An agent session our `createAgentSession` made for `chat_id`, found after that command gave
+/// up (its last attempt's reply was lost or came past the timeout, after the server had made
+/// it): while the chat session still has none, it is linked now. Left alone, it would be a
+/// spare forever, and every later message of the chat would be failed for want of a session.
+fn adopt(
+    plan: &mut Planner<'_>,
+    s: &SessionsView,
+    agent_id: &AgentSessionId,
+    agent: &AgentSessionRow,
+    chat_id: &ChatSessionId,
+) {
+    let Some(chat) = s.chat.get(chat_id) else {
+        return;
+    };
+    if chat.status != ChatStatus::Active || chat.agent_session_id.is_some() {
+        return;
+    }
+    let create = ids::create_agent_session(chat_id);
+    let Some(error) = plan.gave_up(&create) else {
+        return; // still open: its own lookup adopts the session
+    };
+    plan.because(agent.first_seq).plan(
+        ids::link_agent_session(chat_id, agent_id),
+        || Command::LinkAgentSession {
+            chat_session_id: chat_id.clone(),
+            agent_session_id: agent_id.clone(),
+        },
+        format!("agent session {agent_id} was made for this chat session by {create}, which gave up ({error})"),
+    );
 }
 
 /// Deletions: only from a complete, successful agent listing newer than the link, and none

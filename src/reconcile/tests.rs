@@ -643,3 +643,53 @@ fn a_delivery_round_logged_before_the_clock_went_back_waits_from_the_restart_and
     }
     assert_eq!(w.views.messages.state.undelivered.len(), 1, "still counted");
 }
+
+/// Seed 501 of the adversarial simulation: the last attempt of `createAgentSession` made the
+/// session, its reply came past the timeout, and the command was dead-lettered; the session,
+/// tagged for the chat, was then listed. It is linked to its chat rather than left a spare
+/// while every later message of the chat fails for want of a session.
+#[test]
+fn a_session_made_by_a_creation_that_gave_up_is_adopted_by_its_chat() {
+    let mut w = World::new();
+    w.chat("chat_1", None, "A").both_listed();
+    w.user_message("chat_1", "msg_1", T0);
+    assert_eq!(w.step(), ["createAgentSession:chat_1"]);
+    w.fail(
+        "createAgentSession:chat_1",
+        ErrorClass::Terminal,
+        "createAgentSession timed out after 2000 ms",
+    );
+    assert_eq!(
+        w.step(),
+        ["failMessage:msg_1"],
+        "no session: the message fails"
+    );
+    w.ev(Event::AgentSessionSeen(AgentSessionInfo {
+        agent_session_id: "ses_late".into(),
+        title: "A".into(),
+        directory: None,
+        project: None,
+        model: None,
+        updated_at: w.now,
+        parent_id: None,
+        tag: Some(SessionTag {
+            worker_id: "w".into(),
+            command_id: "createAgentSession:chat_1".into(),
+            chat_session_id: "chat_1".into(),
+        }),
+    }));
+    assert_eq!(w.step(), ["linkAgentSession:chat_1:ses_late"]);
+    w.succeed(
+        "linkAgentSession:chat_1:ses_late",
+        Effect::AgentSessionLinked {
+            chat_session_id: "chat_1".into(),
+            agent_session_id: "ses_late".into(),
+        },
+    );
+    w.user_message("chat_1", "msg_2", T0);
+    assert_eq!(
+        w.step(),
+        ["prompt:msg_2"],
+        "the next message has its session"
+    );
+}
