@@ -13,9 +13,33 @@ pub(crate) struct DirLock {
     _file: File,
 }
 
+/// How long a process waits for a lock that names itself (see [`DirLock::acquire`]).
+const OWN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl DirLock {
     /// Takes `DIR/LOCK` without waiting, or says who holds it.
+    ///
+    /// One exception to "without waiting": a lock that names this very process, which it just
+    /// released. A child this process is starting (say, the agent server) holds a copy of every
+    /// descriptor between `fork` and `exec`, where close-on-exec drops it; the `flock` lives as
+    /// long as any copy. So a process that closes its data directory and opens it again while
+    /// another thread starts a child may find its own released lock still held for a moment:
+    /// it waits for that moment (at most two seconds), never for another process.
     pub(crate) fn acquire(dir: &Path) -> Result<Self, LogError> {
+        let deadline = std::time::Instant::now() + OWN_LOCK_WAIT;
+        loop {
+            match Self::try_acquire(dir) {
+                Err(LogError::Locked { pid: Some(pid), .. })
+                    if pid == std::process::id() && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_acquire(dir: &Path) -> Result<Self, LogError> {
         let path = dir.join("LOCK");
         let mut file = super::private::open_rw(&path)
             .map_err(|e| LogError::io(format!("cannot open {}", path.display()), e))?;

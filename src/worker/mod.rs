@@ -636,16 +636,7 @@ impl Worker {
             }
             other => other,
         };
-        // Only a call that really succeeded closes a breaker: a pushed stream event is no call,
-        // and a listing cut short by a failure failed.
-        let call = match &obs {
-            Observation::AgentStream(_) | Observation::Lifecycle(_) => None,
-            Observation::AgentSessions { result, .. } => Some((Source::Agent, result.is_ok())),
-            Observation::AgentStatus { result, .. } => Some((Source::Agent, result.is_ok())),
-            Observation::BackendSessions { error, .. } => Some((Source::Backend, error.is_none())),
-            Observation::BackendMessages { error, .. } => Some((Source::Backend, error.is_none())),
-        };
-        if let Some((source, ok)) = call {
+        if let Some((source, ok)) = obs.call_outcome() {
             self.dispatcher.observed(source, ok, now);
         }
         let worker_id = self.cfg.worker_id.as_str();

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::clock::Millis;
 use crate::dispatch::Gates;
-use crate::events::{AgentSessionStatus, ChatSessionInfo, Event, MessageInfo};
+use crate::events::{AgentSessionStatus, ChatSessionInfo, Event, MessageInfo, Source};
 use crate::ports::{
     AgentListing, AgentObservation, AgentServer, Backend, Page, PortError, PortFuture,
 };
@@ -112,6 +112,21 @@ pub enum Observation {
     AgentStream(AgentObservation),
     /// An event from outside the loop (the agent server's supervisor), appended as it is.
     Lifecycle(Event),
+}
+
+impl Observation {
+    /// The side this observation called and whether the call succeeded, for the breakers:
+    /// only a call that really succeeded closes one. A pushed stream event is no call (`None`),
+    /// and a listing cut short by a failure failed, whatever pages came before it.
+    pub fn call_outcome(&self) -> Option<(Source, bool)> {
+        match self {
+            Observation::AgentStream(_) | Observation::Lifecycle(_) => None,
+            Observation::AgentSessions { result, .. } => Some((Source::Agent, result.is_ok())),
+            Observation::AgentStatus { result, .. } => Some((Source::Agent, result.is_ok())),
+            Observation::BackendSessions { error, .. } => Some((Source::Backend, error.is_none())),
+            Observation::BackendMessages { error, .. } => Some((Source::Backend, error.is_none())),
+        }
+    }
 }
 
 /// What the observers share with the controller.
@@ -373,6 +388,27 @@ mod tests {
             (items, cursor.as_deref(), error),
             (vec![1, 2, 3], Some("end"), None)
         );
+    }
+
+    #[test]
+    fn only_calls_that_succeeded_witness_for_a_breaker() {
+        let stream = Observation::AgentStream(AgentObservation::Connected { reconnected: true });
+        assert_eq!(stream.call_outcome(), None, "a pushed event is no call");
+        let partial = Observation::BackendMessages {
+            messages: vec![],
+            error: Some(PortError::retryable("page 3: 503")),
+        };
+        assert_eq!(partial.call_outcome(), Some((Source::Backend, false)));
+        let whole = Observation::BackendMessages {
+            messages: vec![],
+            error: None,
+        };
+        assert_eq!(whole.call_outcome(), Some((Source::Backend, true)));
+        let failed = Observation::AgentStatus {
+            as_of: 0,
+            result: Err(PortError::retryable("refused")),
+        };
+        assert_eq!(failed.call_outcome(), Some((Source::Agent, false)));
     }
 
     #[test]
