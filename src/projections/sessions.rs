@@ -138,6 +138,19 @@ pub struct ListingState {
     pub last_failure_seq: Option<u64>,
     /// Its error.
     pub last_error: Option<String>,
+    /// The seq of the last listing known to be partial (a page failed, a limit was hit).
+    #[serde(default)]
+    pub last_partial_seq: Option<u64>,
+}
+
+impl ListingState {
+    /// Whether the source's latest observation failed or was partial (none complete since):
+    /// then no absence may be derived from it, and no deletion may go.
+    pub fn in_trouble(&self) -> bool {
+        let since_complete =
+            |seq: Option<u64>| seq.is_some_and(|f| self.last_complete_seq.is_none_or(|c| f > c));
+        since_complete(self.last_failure_seq) || since_complete(self.last_partial_seq)
+    }
 }
 
 /// The cached model list.
@@ -395,8 +408,12 @@ impl Projection for SessionsView {
                 self.chat_gone
                     .insert(b.chat_session_id.clone(), (e.seq, e.at));
             }
-            // A partial listing proves nothing about absence: only complete ones are recorded.
-            Event::ListingCompleted(b) if b.complete => {
+            // A partial listing proves nothing about absence, and while it is the latest word
+            // on a source nothing may be deleted on the strength of an older complete one.
+            Event::ListingCompleted(b) if !b.complete => {
+                self.listings.entry(b.source).or_default().last_partial_seq = Some(e.seq);
+            }
+            Event::ListingCompleted(b) => {
                 let l = self.listings.entry(b.source).or_default();
                 l.last_complete_seq = Some(e.seq);
                 l.last_complete_at = Some(e.at);

@@ -14,7 +14,7 @@ use crate::projections::{ChatSessionRow, SessionsView, Views};
 pub(super) fn trusted_agent_listing(s: &SessionsView) -> Option<u64> {
     let listing = s.listings.get(&Source::Agent)?;
     let complete_seq = listing.last_complete_seq?;
-    if listing.last_failure_seq.is_some_and(|f| f > complete_seq) {
+    if listing.in_trouble() {
         return None;
     }
     Some(complete_seq)

@@ -32,8 +32,8 @@ use crate::events::{
     MessageId, ModelRef, Source,
 };
 use crate::projections::{
-    AgentSessionRow, ChatSessionRow, CommandLedger, CommandState, MessageRow, MessageState,
-    MessagesView, SessionsView, Views,
+    AgentSessionRow, ChatSessionRow, CommandLedger, CommandState, ListingState, MessageRow,
+    MessageState, MessagesView, SessionsView, Views,
 };
 
 /// What the reconciler may decide, as numbers.
@@ -598,14 +598,13 @@ fn plan_pending(
     }
 }
 
-/// Whether the agent side's latest observation is a failure (none since succeeded in
-/// listing it completely). The dispatcher asks before each deletion's attempt, so a deletion
-/// planned from a good listing waits while the agent server fails to answer.
+/// Whether the agent side's latest observation is a failure or a partial listing (none since
+/// listed it completely). The dispatcher asks before each deletion's attempt, so a deletion
+/// planned from a good listing waits while the agent server fails to answer in full.
 pub fn agent_side_failing(s: &SessionsView) -> bool {
-    s.listings.get(&Source::Agent).is_some_and(|l| {
-        l.last_failure_seq
-            .is_some_and(|f| l.last_complete_seq.is_none_or(|c| f > c))
-    })
+    s.listings
+        .get(&Source::Agent)
+        .is_some_and(ListingState::in_trouble)
 }
 
 /// Why `command` no longer serves its purpose, if it does not: checked by the dispatcher before

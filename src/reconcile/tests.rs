@@ -693,3 +693,16 @@ fn a_session_made_by_a_creation_that_gave_up_is_adopted_by_its_chat() {
         "the next message has its session"
     );
 }
+
+#[test]
+fn no_deletion_while_the_latest_agent_listing_is_partial() {
+    let mut w = World::new();
+    w.chat("chat_1", Some("ses_gone"), "A").both_listed();
+    // The agent listing after that one came back partial: the world may hold more than it
+    // says, and the older complete listing is no longer the latest word.
+    w.listed(Source::Agent, false);
+    assert!(w.step().is_empty(), "deleted on a partial listing's watch");
+    assert!(agent_side_failing(&w.views.sessions.state));
+    w.listed(Source::Agent, true);
+    assert_eq!(w.step(), ["markSessionDeleted:chat_1"]);
+}

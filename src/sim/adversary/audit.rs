@@ -13,7 +13,10 @@ use crate::sim::{SimAgent, SimBackend};
 
 /// 1. No agent session and no chat session created twice for one purpose.
 pub const NO_DUPLICATE_SESSION: &str = "no_duplicate_session";
-/// 2. No prompt sent twice for one message.
+/// 2. No prompt sent twice for one message: the model runs at most once per message, except
+///    that a run lost with its server (interrupted: no answer ever came of it) is run anew,
+///    once per such loss (`dispatch::execute`: posting again over a live or answered run would
+///    make the user pay twice; leaving a dead one would leave the user without an answer).
 pub const NO_DUPLICATE_PROMPT: &str = "no_duplicate_prompt";
 /// 3. Every user message ends answered or failed with a reason, within its deadline, and the
 ///    backend knows it.
@@ -255,10 +258,12 @@ pub(super) fn sides(agent: &SimAgent, backend: &SimBackend, v: &mut Violations) 
         v.add(NO_DUPLICATE_SESSION, format!("{a} has chat sessions {c:?}"));
     }
     let interrupted = agent.interrupted_runs();
-    for (m, n) in agent.model_runs().into_iter().filter(|(_, n)| *n > 1) {
+    for (m, n) in agent.model_runs() {
         let dead = interrupted.get(&m).copied().unwrap_or(0);
-        let what = format!("the model ran {n} times for {m} ({dead} of the runs interrupted)");
-        v.add(NO_DUPLICATE_PROMPT, what);
+        if n > 1 + dead {
+            let what = format!("the model ran {n} times for {m} ({dead} of the runs interrupted)");
+            v.add(NO_DUPLICATE_PROMPT, what);
+        }
     }
     let live = agent.sessions();
     for c in backend.sessions().into_values() {
