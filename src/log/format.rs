@@ -39,16 +39,7 @@ impl Format {
     /// Reads the marker of `dir`, if there is one.
     pub fn load(dir: &Path) -> Result<Option<Self>, LogError> {
         let path = dir.join(FILE);
-        match super::private::read(&path) {
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                LogError::io(
-                    format!("{} is unreadable", path.display()),
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-                )
-            }),
-            Ok(None) => Ok(None),
-            Err(e) => Err(LogError::io(format!("cannot read {}", path.display()), e)),
-        }
+        super::private::read_json(&path)
     }
 
     /// Why this marker is beyond this binary, if it is.

@@ -25,16 +25,7 @@ pub enum IdentityStatus {
 /// Reads the identity recorded in `dir`, if any.
 pub fn load_identity(dir: &Path) -> Result<Option<Identity>, LogError> {
     let path = dir.join(FILE);
-    match super::private::read(&path) {
-        Ok(Some(bytes)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            LogError::io(
-                format!("{} is unreadable", path.display()),
-                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            )
-        }),
-        Ok(None) => Ok(None),
-        Err(e) => Err(LogError::io(format!("cannot read {}", path.display()), e)),
-    }
+    super::private::read_json(&path)
 }
 
 /// Records `identity` in `dir`, atomically (temp file, fsync, rename, fsync of the

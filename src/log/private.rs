@@ -141,6 +141,23 @@ pub(crate) fn read(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     }
 }
 
+/// Reads and parses a JSON file of the data directory (`FORMAT.json`, `IDENTITY.json`), never
+/// through a symlink; `None` when it does not exist.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, LogError> {
+    match read(path) {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            LogError::io(
+                format!("{} is unreadable", path.display()),
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        }),
+        Ok(None) => Ok(None),
+        Err(e) => Err(LogError::io(format!("cannot read {}", path.display()), e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -138,6 +138,21 @@ impl World {
             .listed(Source::Backend, true)
     }
 
+    /// `chat_1` linked to `ses_1`, both sides listed.
+    fn linked(&mut self) -> &mut Self {
+        self.agent("ses_1", "A")
+            .chat("chat_1", Some("ses_1"), "A")
+            .both_listed()
+    }
+
+    /// The reason a planned `failMessage` carries.
+    fn fail_reason(&self, id: &str) -> String {
+        match self.command(id) {
+            Command::FailMessage { reason, .. } => reason,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
     fn user_message(&mut self, chat: &str, id: &str, at: Millis) -> &mut Self {
         self.ev(Event::BackendMessageSeen(MessageInfo {
             chat_session_id: chat.into(),
@@ -188,9 +203,7 @@ fn a_new_agent_session_gets_one_chat_session_even_when_a_stale_listing_lacks_it(
 #[test]
 fn a_title_change_is_mirrored_once_per_change() {
     let mut w = World::new();
-    w.agent("ses_1", "A")
-        .chat("chat_1", Some("ses_1"), "A")
-        .both_listed();
+    w.linked();
     assert!(w.step().is_empty());
     w.agent("ses_1", "B");
     let ids = w.step();
@@ -295,9 +308,7 @@ fn a_message_is_prompted_only_when_ready_after_lazily_ensuring_its_agent_session
 #[test]
 fn stale_messages_found_at_start_are_failed_once_and_never_prompted() {
     let mut w = World::new();
-    w.agent("ses_1", "A")
-        .chat("chat_1", Some("ses_1"), "A")
-        .both_listed();
+    w.linked();
     w.user_message("chat_1", "msg_old", T0 - 10 * MIN);
     w.user_message("chat_1", "msg_new", T0 - MIN);
     let mut ids = w.step();
@@ -319,9 +330,7 @@ fn stale_messages_found_at_start_are_failed_once_and_never_prompted() {
 #[test]
 fn a_chats_messages_are_prompted_in_the_order_written_not_by_id() {
     let mut w = World::new();
-    w.agent("ses_1", "A")
-        .chat("chat_1", Some("ses_1"), "A")
-        .both_listed();
+    w.linked();
     // Random ids: the later message's id sorts first.
     w.user_message("chat_1", "msg_f00d", T0 - 2_000)
         .user_message("chat_1", "msg_0bad", T0 - 1_000)
@@ -336,9 +345,7 @@ fn a_chats_messages_are_prompted_in_the_order_written_not_by_id() {
 #[test]
 fn a_terminal_prompt_failure_fails_the_message_at_once() {
     let mut w = World::new();
-    w.agent("ses_1", "A")
-        .chat("chat_1", Some("ses_1"), "A")
-        .both_listed();
+    w.linked();
     w.user_message("chat_1", "msg_1", T0);
     assert_eq!(w.step(), ["prompt:msg_1"]);
     w.fail(
@@ -347,10 +354,8 @@ fn a_terminal_prompt_failure_fails_the_message_at_once() {
         "ContextOverflowError: prompt is too long",
     );
     assert_eq!(w.step(), ["failMessage:msg_1"]);
-    match w.command("failMessage:msg_1") {
-        Command::FailMessage { reason, .. } => assert!(reason.contains("ContextOverflowError")),
-        other => panic!("unexpected {other:?}"),
-    }
+    let reason = w.fail_reason("failMessage:msg_1");
+    assert!(reason.contains("ContextOverflowError"));
     assert!(w.step().is_empty(), "no retry");
 }
 
@@ -369,10 +374,8 @@ fn messages_of_a_deleted_session_are_failed_with_a_reason() {
         },
     );
     assert_eq!(w.step(), ["failMessage:msg_1"]);
-    match w.command("failMessage:msg_1") {
-        Command::FailMessage { reason, .. } => assert_eq!(reason, "session deleted"),
-        other => panic!("unexpected {other:?}"),
-    }
+    let reason = w.fail_reason("failMessage:msg_1");
+    assert_eq!(reason, "session deleted");
     // A message that arrives after the session ended is failed too.
     w.user_message("chat_1", "msg_2", T0);
     assert_eq!(w.step(), ["failMessage:msg_2"]);
@@ -381,9 +384,7 @@ fn messages_of_a_deleted_session_are_failed_with_a_reason() {
 #[test]
 fn a_session_busy_for_six_hours_is_failed_and_aborted() {
     let mut w = World::new();
-    w.agent("ses_1", "A")
-        .chat("chat_1", Some("ses_1"), "A")
-        .both_listed();
+    w.linked();
     w.ev(Event::AgentSessionStatus(AgentSessionStatus {
         agent_session_id: "ses_1".into(),
         status: AgentStatus::Busy,
@@ -401,9 +402,7 @@ fn a_session_busy_for_six_hours_is_failed_and_aborted() {
 #[test]
 fn commands_about_a_message_name_the_events_they_follow_from() {
     let mut w = World::new();
-    w.agent("ses_1", "A")
-        .chat("chat_1", Some("ses_1"), "A")
-        .both_listed();
+    w.linked();
     w.user_message("chat_1", "msg_old", T0 - 10 * MIN);
     let old_seen = w.seq;
     w.user_message("chat_1", "msg_1", T0);
@@ -450,9 +449,7 @@ impl World {
     }
 
     fn answered(&mut self) -> &mut Self {
-        self.agent("ses_1", "A")
-            .chat("chat_1", Some("ses_1"), "A")
-            .both_listed();
+        self.linked();
         self.user_message("chat_1", "msg_1", T0);
         assert_eq!(self.step(), ["prompt:msg_1"]);
         self.succeed(
@@ -527,18 +524,14 @@ fn an_answer_the_backend_refuses_for_good_becomes_a_failure_the_user_sees() {
 #[test]
 fn a_failure_whose_delivery_failed_keeps_its_reason_in_every_round() {
     let mut w = World::new();
-    w.agent("ses_1", "A")
-        .chat("chat_1", Some("ses_1"), "A")
-        .both_listed();
+    w.linked();
     w.user_message("chat_1", "msg_old", T0 - 10 * MIN);
     assert_eq!(w.step(), ["failMessage:msg_old"]);
     w.fail("failMessage:msg_old", ErrorClass::Terminal, "bad request");
     w.now += Policy::default().delivery_backoff(1);
     assert_eq!(w.step(), ["failMessage:msg_old#round2"]);
-    match w.command("failMessage:msg_old#round2") {
-        Command::FailMessage { reason, .. } => assert!(reason.starts_with("still incomplete")),
-        other => panic!("unexpected {other:?}"),
-    }
+    let reason = w.fail_reason("failMessage:msg_old#round2");
+    assert!(reason.starts_with("still incomplete"));
 }
 
 #[test]
@@ -551,10 +544,8 @@ fn a_pending_message_is_failed_at_its_deadline_even_without_a_restart() {
     assert!(w.step().is_empty());
     w.now += 1;
     assert_eq!(w.step(), ["failMessage:msg_1"]);
-    match w.command("failMessage:msg_1") {
-        Command::FailMessage { reason, .. } => assert_eq!(reason, "no answer within 30 min"),
-        other => panic!("unexpected {other:?}"),
-    }
+    let reason = w.fail_reason("failMessage:msg_1");
+    assert_eq!(reason, "no answer within 30 min");
     let m = &w.views.messages.state.messages[&MessageId::from("msg_1")];
     assert_eq!(m.state, crate::projections::MessageState::Failed);
 }
