@@ -948,3 +948,208 @@ fn replay_and_why_print_escape_sequences_from_the_log_escaped() {
     assert_eq!(why.status.code(), Some(0), "{}", stderr(&why));
     assert!(!raw(&stdout(&why)), "{:?}", stdout(&why));
 }
+
+/// The `.seg` files of a data directory's archive, in seq order.
+fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir.join("archive"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    v.retain(|p: &std::path::PathBuf| p.extension().is_some_and(|x| x == "seg"));
+    v.sort();
+    v
+}
+
+/// A log whose checkpoints (written by `rebuild`) cover all but the last `live` events.
+fn checkpointed(dir: &std::path::Path, live: usize) -> Vec<agentsync::events::Envelope> {
+    let stored = random_log(dir, 21, 600);
+    assert_eq!(agentsync_in(dir, "rebuild", &[]).status.code(), Some(0));
+    write_more(dir, live);
+    stored
+}
+
+#[test]
+fn archive_leaves_export_replay_why_and_rebuild_as_they_were() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let stored = checkpointed(dir.path(), 5);
+    let n = stored.len() as u64;
+    // An id named only by early events: it will be in the archive alone.
+    let early = stored
+        .iter()
+        .find_map(|e| e.event.message_id().map(|m| m.to_string()))
+        .unwrap();
+    let range = format!("{}", n - 10);
+    let to = format!("{}", n + 3);
+    let before = |args: &[&str], sub: &str| stdout(&agentsync_in(dir.path(), sub, args));
+    let export = before(&[], "export");
+    let replay = before(&["--from", &range, "--to", &to, "--json"], "replay");
+    let why = before(&[&early, "--json"], "why");
+    let view = before(&["--at", "50", "--view", "messages", "--json"], "replay");
+    assert!(!why.is_empty());
+
+    let out = agentsync_in(dir.path(), "archive", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("archived {n} event(s) into 1 new segment(s)")),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("not covered by every checkpoint"),
+        "{}",
+        stderr(&out)
+    );
+    let segs = segments(dir.path());
+    assert_eq!(segs.len(), 1);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&segs[0]), 0o600);
+    assert_eq!(mode(&dir.path().join("archive")), 0o700);
+
+    let after = |args: &[&str], sub: &str| {
+        let out = agentsync_in(dir.path(), sub, args);
+        assert_eq!(out.status.code(), Some(0), "{sub}: {}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(after(&[], "export"), export, "export is identical");
+    assert_eq!(
+        after(&["--from", &range, "--to", &to, "--json"], "replay"),
+        replay,
+        "a range across the boundary"
+    );
+    assert_eq!(after(&[&early, "--json"], "why"), why);
+    assert_eq!(
+        after(&["--at", "50", "--view", "messages", "--json"], "replay"),
+        view
+    );
+    assert!(after(&["--verify"], "rebuild").contains("matches a rebuild from scratch"));
+    let stats: Value = serde_json::from_str(&after(&["--json"], "stats")).unwrap();
+    assert_eq!(stats["events"], n + 5);
+    assert_eq!(stats["archive"]["archived_through"], n);
+    // Archiving again moves nothing more (the rest is not covered).
+    let again = agentsync_in(dir.path(), "archive", &["--json"]);
+    let report: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(report["archived"], 0);
+}
+
+#[test]
+fn a_damaged_segment_is_named_and_skip_corrupt_passes_over_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = checkpointed(dir.path(), 5);
+    let early = stored
+        .iter()
+        .find_map(|e| e.event.message_id().map(|m| m.to_string()))
+        .unwrap();
+    assert_eq!(
+        agentsync_in(dir.path(), "archive", &[]).status.code(),
+        Some(0)
+    );
+    let seg = segments(dir.path()).remove(0);
+    let name = seg.file_name().unwrap().to_string_lossy().into_owned();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x55;
+    std::fs::write(&seg, bytes).unwrap();
+
+    for (sub, args) in [
+        ("replay", vec!["--json"]),
+        ("export", vec![]),
+        ("rebuild", vec![]),
+        ("stats", vec![]),
+        ("why", vec![early.as_str()]),
+    ] {
+        let out = agentsync_in(dir.path(), sub, &args);
+        assert_eq!(out.status.code(), Some(1), "{sub}");
+        assert!(stderr(&out).contains(&name), "{sub}: {}", stderr(&out));
+    }
+    let out = agentsync_in(dir.path(), "replay", &["--json", "--skip-corrupt"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(json_lines(&stdout(&out)).len(), 5, "the live events");
+    assert!(
+        stderr(&out).contains("skipped archive segment"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains(&name));
+}
+
+#[test]
+fn archive_refuses_bad_flags_and_a_running_workers_dir_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    story(dir.path());
+    let bad = agentsync_in(
+        dir.path(),
+        "archive",
+        &["--older-than-days", "7", "--drop-older-than-days", "3"],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("--drop-older-than-days"));
+    let held = agentsync::log::EventLog::open(dir.path(), &create()).unwrap();
+    let locked = agentsync_in(dir.path(), "archive", &[]);
+    assert_eq!(locked.status.code(), Some(2));
+    assert!(stderr(&locked).contains("in use by another agentsync process"));
+    drop(held);
+    let missing = agentsync_in(&dir.path().join("nothing"), "archive", &[]);
+    assert_eq!(missing.status.code(), Some(2));
+    // No checkpoint: nothing moves, exit 0, and it says why.
+    let out = agentsync_in(dir.path(), "archive", &[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("archived 0 event(s)"));
+    assert!(
+        stderr(&out).contains("has no checkpoint"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(segments(dir.path()).is_empty());
+}
+
+#[test]
+fn why_across_many_small_segments_tells_the_same_chain_as_the_live_log() {
+    use agentsync::log::{ArchiveOptions, EventLog, LogOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let stored = checkpointed(dir.path(), 3);
+    let mut ids: Vec<String> = stored
+        .iter()
+        .flat_map(|e| {
+            let ev = &e.event;
+            let mut v: Vec<String> = ev.session_ids().iter().map(|s| s.to_string()).collect();
+            v.extend(ev.message_id().map(|m| m.to_string()));
+            v.extend(ev.command_id().map(|c| c.to_string()));
+            v
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    // A sample across the history, and an event id.
+    let step = (ids.len() / 12).max(1);
+    let mut sample: Vec<String> = ids.into_iter().step_by(step).collect();
+    sample.push(stored[stored.len() / 2].id.to_string());
+    let why = |id: &str| {
+        let out = agentsync_in(dir.path(), "why", &[id, "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{id}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let before: Vec<String> = sample.iter().map(|id| why(id)).collect();
+    {
+        let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+        let opts = ArchiveOptions {
+            older_than: std::time::Duration::ZERO,
+            events_per_segment: 40,
+            ..ArchiveOptions::default()
+        };
+        let r = log.archive(&opts, u64::MAX).unwrap();
+        assert!(r.segments.len() > 10, "{}", r.segments.len());
+        // The index is selective: an early message is in few of the segments.
+        let early = stored
+            .iter()
+            .find_map(|e| e.event.message_id().map(|m| m.to_string()))
+            .unwrap();
+        let hits = log.segments_mentioning(&early).unwrap();
+        assert!(
+            !hits.is_empty() && hits.len() < r.segments.len() / 2,
+            "{hits:?}"
+        );
+    }
+    for (id, expected) in sample.iter().zip(&before) {
+        assert_eq!(&why(id), expected, "why {id}");
+    }
+}

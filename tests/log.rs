@@ -50,3 +50,254 @@ fn decode_refuses_what_it_does_not_know_and_says_why() {
         "{err}"
     );
 }
+
+// ----- the archive -----
+
+use agentsync::log::{load_views, ArchiveOptions, LogError};
+use std::time::Duration;
+
+/// Far past every generated event's time: everything is old enough to archive.
+const LATER: u64 = 1_763_700_000_000 + 365 * 24 * 3600 * 1000;
+
+fn archive_all(per_segment: u64) -> ArchiveOptions {
+    ArchiveOptions {
+        older_than: Duration::ZERO,
+        events_per_segment: per_segment,
+        ..ArchiveOptions::default()
+    }
+}
+
+/// Writes every projection's checkpoint as of seq `upto` (what a worker does on its own).
+fn checkpoint_at(log: &EventLog, upto: u64) {
+    let (views, _) = load_views(log, Some(upto), None, true, |_| {}).unwrap();
+    let store = log.checkpoints();
+    store.save(&views.sessions).unwrap();
+    store.save(&views.messages).unwrap();
+    store.save(&views.commands).unwrap();
+}
+
+fn all(log: &EventLog, filter: ReadFilter) -> Vec<Envelope> {
+    log.read(filter).map(Result::unwrap).collect()
+}
+
+fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir.join("archive"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn archived_and_live_events_read_as_one_sequence_before_and_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = random_log(dir.path(), 11, 400);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    let last = log.last_seq();
+    checkpoint_at(&log, last - 50);
+    let report = log.archive(&archive_all(100), LATER).unwrap();
+    assert_eq!(report.archived, last - 50);
+    assert_eq!(report.archived_through, last - 50);
+    assert!(report.segments.len() >= 2, "{report:?}");
+    assert_eq!(all(&log, ReadFilter::default()), stored);
+    assert_eq!(log.get(1).unwrap().as_ref(), Some(&stored[0]));
+    assert_eq!(log.get(last).unwrap().as_ref(), stored.last());
+    drop(log);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    assert_eq!(log.last_seq(), last);
+    assert_eq!(all(&log, ReadFilter::default()), stored);
+    // Across the boundary, with a range and a session filter, as before archiving.
+    let session = stored
+        .iter()
+        .find_map(|e| e.event.session_ids().first().map(|s| s.to_string()))
+        .unwrap();
+    let filter = ReadFilter {
+        range: 30..=last - 20,
+        session: Some(session.clone()),
+        kinds: None,
+    };
+    let expected: Vec<Envelope> = stored
+        .iter()
+        .filter(|e| (30..=last - 20).contains(&e.seq))
+        .filter(|e| e.event.session_ids().contains(&session.as_str()))
+        .cloned()
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(all(&log, filter), expected);
+    // Appending goes on after the last seq, archived or not.
+    let more = log
+        .append(agentsync::testkit::History::of(
+            &agentsync::testkit::History::random_steps(3, 5),
+            LATER,
+        ))
+        .unwrap();
+    assert_eq!(more[0].seq, last + 1);
+}
+
+#[test]
+fn everything_archived_still_continues_the_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = random_log(dir.path(), 12, 100);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    checkpoint_at(&log, log.last_seq());
+    log.archive(&archive_all(1000), LATER).unwrap();
+    drop(log);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    assert_eq!(log.last_seq(), stored.len() as u64);
+    assert_eq!(log.archived_through(), stored.len() as u64);
+    let more = log
+        .append(agentsync::testkit::History::of(
+            &agentsync::testkit::History::random_steps(3, 5),
+            LATER,
+        ))
+        .unwrap();
+    assert_eq!(more[0].seq, stored.len() as u64 + 1);
+    let read = all(&log, ReadFilter::default());
+    assert_eq!(&read[..stored.len()], &stored[..]);
+    assert_eq!(&read[stored.len()..], &more[..]);
+}
+
+#[test]
+fn events_not_covered_by_every_checkpoint_or_too_young_stay_live() {
+    let dir = tempfile::tempdir().unwrap();
+    random_log(dir.path(), 13, 200);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    // No checkpoint at all: nothing moves, and the report says why.
+    let r = log.archive(&archive_all(1000), LATER).unwrap();
+    assert_eq!(r.archived, 0);
+    assert!(r.not_covered.unwrap().contains("no checkpoint"));
+    // One projection behind the others: only what it covers moves.
+    checkpoint_at(&log, 60);
+    let (views, _) = load_views(&log, Some(120), None, true, |_| {}).unwrap();
+    log.checkpoints().save(&views.sessions).unwrap();
+    log.checkpoints().save(&views.commands).unwrap();
+    let r = log.archive(&archive_all(1000), LATER).unwrap();
+    assert_eq!(
+        (r.archived, r.archived_through, r.covered_through),
+        (60, 60, 60)
+    );
+    assert!(r.not_covered.unwrap().contains("after seq 60"));
+    // Covered, but younger than the retention window: stays.
+    checkpoint_at(&log, log.last_seq());
+    let young = ArchiveOptions {
+        older_than: Duration::from_secs(7 * 24 * 3600),
+        ..archive_all(1000)
+    };
+    let r = log.archive(&young, 1_763_700_000_000 + 1000).unwrap();
+    assert_eq!(r.archived, 0);
+    assert_eq!(log.archived_through(), 60);
+}
+
+#[test]
+fn a_rebuild_from_archive_and_live_log_equals_the_views_from_the_live_log() {
+    let dir = tempfile::tempdir().unwrap();
+    random_log(dir.path(), 14, 500);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    let (before, _) = load_views(&log, None, None, true, |_| {}).unwrap();
+    checkpoint_at(&log, log.last_seq() - 100);
+    log.archive(&archive_all(150), LATER).unwrap();
+    assert!(log.archived_through() > 0);
+    let (after, _) = load_views(&log, None, None, true, |_| {}).unwrap();
+    for p in agentsync::projections::ProjectionName::ALL {
+        assert_eq!(before.to_json(p), after.to_json(p), "{p}");
+    }
+}
+
+#[test]
+fn a_damaged_segment_is_reported_by_its_file_name_and_the_rest_still_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = random_log(dir.path(), 15, 300);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    checkpoint_at(&log, log.last_seq());
+    log.archive(&archive_all(100), LATER).unwrap();
+    drop(log);
+    let segs = segment_files(dir.path());
+    // A flipped byte near the end (the events section), and another segment cut short.
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    std::fs::write(&segs[0], bytes).unwrap();
+    let len = std::fs::metadata(&segs[1]).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segs[1])
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+    let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+    let items: Vec<Result<Envelope, LogError>> = log.read(ReadFilter::default()).collect();
+    let damaged: Vec<String> = items
+        .iter()
+        .filter_map(|i| i.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert_eq!(damaged.len(), 2, "{damaged:?}");
+    for (msg, seg) in damaged.iter().zip(&segs) {
+        let name = seg.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(msg.contains(&name), "{msg}");
+    }
+    assert!(damaged[0].contains("checksum"), "{}", damaged[0]);
+    assert!(damaged[1].contains("truncated"), "{}", damaged[1]);
+    let good: Vec<u64> = items
+        .into_iter()
+        .filter_map(|i| i.ok())
+        .map(|e| e.seq)
+        .collect();
+    let expected: Vec<u64> = stored.iter().map(|e| e.seq).filter(|&s| s > 200).collect();
+    assert_eq!(good, expected, "the segments after them read on");
+    assert!(matches!(log.get(5), Err(LogError::Segment { .. })));
+}
+
+#[test]
+fn dropping_old_segments_is_asked_for_and_a_rebuild_from_scratch_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = random_log(dir.path(), 16, 300);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    checkpoint_at(&log, log.last_seq());
+    let kept = log.archive(&archive_all(100), LATER).unwrap();
+    assert_eq!(kept.dropped_segments, 0, "nothing is deleted unless asked");
+    let dropping = ArchiveOptions {
+        drop_older_than: Some(Duration::from_secs(24 * 3600)),
+        ..archive_all(100)
+    };
+    let r = log.archive(&dropping, LATER).unwrap();
+    assert_eq!(r.dropped_segments as usize, kept.segments.len());
+    assert_eq!(r.dropped_through, stored.len() as u64);
+    assert!(segment_files(dir.path()).is_empty());
+    assert!(all(&log, ReadFilter::default()).is_empty());
+    assert!(matches!(
+        load_views(&log, None, None, true, |_| {}),
+        Err(LogError::Dropped { .. })
+    ));
+    // The checkpoints still load: a worker starts.
+    let (views, catch_up) = load_views(&log, None, None, false, |_| {}).unwrap();
+    assert_eq!(catch_up.applied, 0);
+    assert!(!views.sessions.state.agent.is_empty());
+}
+
+#[test]
+fn links_name_every_event_across_the_boundary_and_decode_only_the_needles() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = random_log(dir.path(), 17, 300);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    checkpoint_at(&log, log.last_seq() - 30);
+    log.archive(&archive_all(100), LATER).unwrap();
+    let session = stored
+        .iter()
+        .find_map(|e| e.event.session_ids().first().map(|s| s.to_string()))
+        .unwrap();
+    let links: Vec<_> = log
+        .read_links(1..=u64::MAX, Some(&session))
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(links.len(), stored.len());
+    for (l, e) in links.iter().zip(&stored) {
+        assert_eq!((l.seq, l.id, l.cause), (e.seq, e.id, e.cause));
+        let holds = e
+            .encode()
+            .windows(session.len())
+            .any(|w| w == session.as_bytes());
+        assert_eq!(l.event.as_ref(), holds.then_some(e), "seq {}", e.seq);
+    }
+}

@@ -2,7 +2,9 @@
 //! `--json` one JSON object, so runs can be compared within one machine.
 //!
 //! `log --events N`: the event log and projections against raw sled on the same bytes, in the
-//! same run (runs vary by +/-15 % on a shared machine: compare the ratios).
+//! same run (runs vary by +/-15 % on a shared machine: compare the ratios); then `why` of an
+//! early message id on the whole live log, the archive step (checkpoints at the end, every
+//! covered event into segments) and the same `why` once archived (`why_ms`).
 //! `reconcile --sessions N`: one reconciliation pass over N x N sessions with 1 % drift.
 //! `storm --scale K`: the incident x K through a real worker and log against the simulated
 //! sides, throttled, then (same run) with throttling and the model cache off.
@@ -21,7 +23,9 @@ use agentsync::events::{
     AgentSessionId, AgentSessionInfo, ChatSessionId, ChatSessionInfo, ChatStatus, Envelope, Event,
     ListingCompleted, ModelRef, NewEvent, Source,
 };
-use agentsync::log::{load_views, CheckpointPolicy, EventLog, LiveViews, LogOptions, ReadFilter};
+use agentsync::log::{
+    load_views, ArchiveOptions, CheckpointPolicy, EventLog, LiveViews, LogOptions, ReadFilter,
+};
 use agentsync::projections::Views;
 use agentsync::reconcile::{self, Context};
 use agentsync::sim::adversary;
@@ -47,7 +51,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum What {
-    /// Append, rebuild and startup of the log, against raw sled on the same bytes.
+    /// Append, rebuild and startup of the log, against raw sled on the same bytes; `why`
+    /// before and after archiving.
     Log {
         /// How many events to append and rebuild.
         #[arg(long, default_value_t = 1_000_000)]
@@ -260,6 +265,10 @@ fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_j
     let raw_scan = run("raw_scan_decode")?;
     run("startup_prepare")?;
     let startup = run("startup")?;
+    // `why` of an early id, scanning the whole live log, then once it is archived.
+    let why_before = run("why")?;
+    let archive = run("archive")?;
+    let why_after = run("why")?;
     let secs = |v: &serde_json::Value| v["secs"].as_f64().unwrap_or(f64::NAN);
     let eps = |s: f64| (events as f64 / s).round();
     let (append_eps, raw_append_eps) = (eps(secs(&append)), eps(secs(&raw_append)));
@@ -286,13 +295,36 @@ fn bench_log(base: &Path, events: usize, startup_sessions: usize) -> Res<serde_j
         "peak_rss_mb": round2(peak_rss_mb),
         "peak_rss_mb_by_phase": by_phase,
         "views_after_rebuild": rebuild["views"],
+        "why_ms": {
+            "before_archive": round2(secs(&why_before) * 1000.0),
+            "after_archive": round2(secs(&why_after) * 1000.0),
+            "id": why_after["id"],
+            "events_shown": why_after["lines"],
+        },
+        "archive": {
+            "secs": round2(secs(&archive)),
+            "archived": archive["archived"],
+            "segments": archive["segments"],
+            "segment_bytes": archive["segment_bytes"],
+            "data_dir_bytes_before": archive["bytes_before"],
+            "data_dir_bytes_after": archive["bytes_after"],
+        },
         "targets_met": {
             "append_ratio_ge_0_5": append_eps / raw_append_eps >= 0.5,
             "rebuild_ratio_ge_0_4": rebuild_eps / raw_scan_decode_eps >= 0.4,
             "startup_le_300ms": startup_ms <= 300.0,
             "rss_le_200mb": peak_rss_mb <= 200.0,
+            "why_after_archive_lt_1s": secs(&why_after) < 1.0,
         },
     }))
+}
+
+/// A message id the first events of the generated log name (and later ones rarely do).
+fn early_id() -> String {
+    batches(BATCH)
+        .flatten()
+        .find_map(|e| e.event.message_id().map(|m| m.to_string()))
+        .expect("the first events name a message")
 }
 
 /// One phase of the log benchmark, in this process; prints `{secs, peak_rss_mb, ...}`.
@@ -395,6 +427,54 @@ fn log_phase(
             assert!(views.sessions.state.chat.len() >= startup_sessions);
             assert!(catch_up.applied >= 1000);
             extra = json!({"catch_up": catch_up.applied});
+            secs
+        }
+        // `agentsync why` of an early message id, as its own process (open included).
+        "why" => {
+            let id = early_id();
+            let t = Instant::now();
+            let out = std::process::Command::new(std::env::current_exe()?)
+                .args([AS_AGENTSYNC, "why", "--json", "--data-dir"])
+                .arg(&ours_dir)
+                .arg(&id)
+                .output()?;
+            let secs = t.elapsed().as_secs_f64();
+            if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+                return Err(format!("why {id} failed: {err}").into());
+            }
+            let lines = out.stdout.iter().filter(|b| **b == b'\n').count();
+            extra = json!({"id": id, "lines": lines});
+            secs
+        }
+        // Checkpoints at the end (what a worker keeps), then archive everything they cover.
+        "archive" => {
+            let log = EventLog::open(&ours_dir, &opts())?;
+            let (views, _) = load_views(&log, None, None, true, |_| {})?;
+            let store = log.checkpoints();
+            store.save(&views.sessions)?;
+            store.save(&views.messages)?;
+            store.save(&views.commands)?;
+            let bytes_before = log.size_on_disk()?;
+            let all_old = ArchiveOptions {
+                older_than: std::time::Duration::ZERO,
+                ..ArchiveOptions::default()
+            };
+            let t = Instant::now();
+            let report = log.archive(&all_old, u64::MAX)?;
+            let secs = t.elapsed().as_secs_f64();
+            let segment_bytes: u64 = log
+                .segments()
+                .iter()
+                .map(|s| std::fs::metadata(&s.path).map_or(0, |m| m.len()))
+                .sum();
+            extra = json!({
+                "archived": report.archived,
+                "segments": report.segments.len(),
+                "segment_bytes": segment_bytes,
+                "bytes_before": bytes_before,
+                "bytes_after": log.size_on_disk()?,
+            });
             secs
         }
         other => return Err(format!("unknown phase {other}").into()),

@@ -1,6 +1,7 @@
 //! The `agentsync` command line. Each subcommand lives in its own file; this one parses,
 //! maps errors to exit codes (2: usage or configuration, 1: runtime) and owns stdout.
 
+mod archive;
 mod chat;
 mod demo;
 mod rebuild;
@@ -42,6 +43,8 @@ enum Command {
     Stats(StatsArgs),
     /// The log as JSON lines on stdout.
     Export(ExportArgs),
+    /// Move old events, covered by every checkpoint, into compressed segments in DIR/archive.
+    Archive(ArchiveArgs),
     /// The production incident, simulated: a real worker and log against simulated sides.
     Demo(DemoArgs),
     /// Post a message to a chat session of the local backend (through the running worker).
@@ -82,7 +85,8 @@ struct ReplayArgs {
     /// JSON lines (timeline) or one JSON object (view) instead of a table.
     #[arg(long)]
     json: bool,
-    /// Pass over undecodable events, reporting each on stderr, instead of stopping.
+    /// Pass over undecodable events and damaged archive segments, reporting each on stderr,
+    /// instead of stopping.
     #[arg(long, conflicts_with = "at")]
     skip_corrupt: bool,
 }
@@ -127,6 +131,22 @@ struct ExportArgs {
     /// First sequence number to export.
     #[arg(long, value_name = "SEQ", default_value_t = 1)]
     from: u64,
+}
+
+#[derive(Debug, Args)]
+struct ArchiveArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// Archive events at least this many days old (by the time they were appended).
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    older_than_days: u32,
+    /// Also delete archived segments whose newest event is this many days old: those events
+    /// are gone for good. Off unless given; must be more than --older-than-days.
+    #[arg(long, value_name = "N")]
+    drop_older_than_days: Option<u32>,
+    /// Print what was done as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -381,6 +401,7 @@ where
         Command::Rebuild(a) => rebuild::run(a, &mut out),
         Command::Stats(a) => stats::run(a, &mut out),
         Command::Export(a) => replay::export(a, &mut out),
+        Command::Archive(a) => archive::run(a, &mut out),
         Command::Demo(a) => demo::run(a, &mut out),
         Command::Send(a) => chat::send(a, &mut out),
         Command::Chat(a) => chat::chat(a, &mut out),

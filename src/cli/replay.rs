@@ -27,6 +27,7 @@ pub(super) fn run(a: ReplayArgs, out: &mut Out) -> Result<(), CliError> {
     }
     let mut seqs = HashMap::new();
     let mut skipped = 0u64;
+    let mut skipped_segments = 0u64;
     stream_each(&log, filter, |item| match item {
         Ok(e) => {
             if a.json {
@@ -47,10 +48,21 @@ pub(super) fn run(a: ReplayArgs, out: &mut Out) -> Result<(), CliError> {
             );
             Ok(())
         }
+        Err(e @ (LogError::Segment { .. } | LogError::ArchiveGap { .. })) if a.skip_corrupt => {
+            skipped_segments += 1;
+            tracing::warn!(error = %e, "skipping damaged archive");
+            eprintln!("agentsync: warning: skipped {}", printable(&e.to_string()));
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     })?;
     if skipped > 0 {
         eprintln!("agentsync: warning: {skipped} corrupt event(s) skipped (--skip-corrupt)");
+    }
+    if skipped_segments > 0 {
+        eprintln!(
+            "agentsync: warning: {skipped_segments} damaged archive segment(s) or gap(s) skipped (--skip-corrupt): their events are missing above"
+        );
     }
     Ok(())
 }

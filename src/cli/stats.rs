@@ -19,7 +19,20 @@ struct Stats {
     by_kind: BTreeMap<&'static str, u64>,
     corrupt: Vec<u64>,
     size_on_disk_bytes: u64,
+    archive: ArchiveStats,
     checkpoints: Vec<CheckpointStats>,
+}
+
+#[derive(Debug, Serialize)]
+struct ArchiveStats {
+    /// Segment files.
+    segments: usize,
+    /// The last seq in the archive (0: none); the live log starts after it.
+    archived_through: u64,
+    /// Seqs up to this one were deleted for good (0: none).
+    dropped_through: u64,
+    /// What cannot be read: damaged segments and gaps, one message each.
+    damaged: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,6 +84,12 @@ pub(super) fn run(a: StatsArgs, out: &mut Out) -> Result<(), CliError> {
         by_kind: BTreeMap::new(),
         corrupt: Vec::new(),
         size_on_disk_bytes: log.size_on_disk()?,
+        archive: ArchiveStats {
+            segments: log.segments().len(),
+            archived_through: log.archived_through(),
+            dropped_through: log.dropped_through(),
+            damaged: Vec::new(),
+        },
         checkpoints: Vec::new(),
     };
     for item in log.read(ReadFilter::default()) {
@@ -85,6 +104,9 @@ pub(super) fn run(a: StatsArgs, out: &mut Out) -> Result<(), CliError> {
                 *s.by_kind.entry(e.kind().name()).or_default() += 1;
             }
             Err(LogError::Corrupt { seq, .. }) => s.corrupt.push(seq),
+            Err(e @ (LogError::Segment { .. } | LogError::ArchiveGap { .. })) => {
+                s.archive.damaged.push(e.to_string())
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -120,6 +142,17 @@ pub(super) fn run(a: StatsArgs, out: &mut Out) -> Result<(), CliError> {
             s.size_on_disk_bytes as f64 / 1048576.0,
             s.size_on_disk_bytes
         )?;
+        writeln!(
+            out,
+            "archive       {} segment(s), seqs through {}{}",
+            s.archive.segments,
+            s.archive.archived_through,
+            if s.archive.dropped_through > 0 {
+                format!(" (through {} dropped)", s.archive.dropped_through)
+            } else {
+                String::new()
+            }
+        )?;
         writeln!(out, "\n{:<24} {:>10}", "KIND", "COUNT")?;
         for (k, n) in &s.by_kind {
             writeln!(out, "{k:<24} {n:>10}")?;
@@ -142,6 +175,12 @@ pub(super) fn run(a: StatsArgs, out: &mut Out) -> Result<(), CliError> {
                 c.note.as_deref().unwrap_or("")
             )?;
         }
+    }
+    if let Some(first) = s.archive.damaged.first() {
+        return Err(CliError::runtime(format!(
+            "{} damaged archive segment(s) or gap(s): {first}",
+            s.archive.damaged.len()
+        )));
     }
     if !s.corrupt.is_empty() {
         return Err(CliError::runtime(format!(

@@ -99,6 +99,25 @@ impl CheckpointStore {
         }
     }
 
+    /// The seq projection `name`'s checkpoint holds, whatever its version, without building
+    /// its state. `Ok(None)`: there is none.
+    pub fn seq(&self, name: &str) -> Result<Option<u64>, CheckpointError> {
+        let path = self.path(name);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice::<Checkpoint<serde::de::IgnoredAny>>(&b)
+                .map(|c| Some(c.seq))
+                .map_err(|e| CheckpointError {
+                    path,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CheckpointError {
+                path,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
     /// Writes a projection's checkpoint atomically, serializing its state in place (no copy:
     /// a view of 100,000 sessions is tens of megabytes).
     pub fn save<P: Projection>(&self, tracked: &Tracked<P>) -> Result<(), LogError> {
@@ -236,6 +255,10 @@ pub fn load_views(
     };
     let mut applied = 0;
     let from = views.min_seq() + 1;
+    let dropped = log.dropped_through();
+    if from <= upto && from <= dropped {
+        return Err(LogError::Dropped { through: dropped });
+    }
     if from <= upto {
         for item in log.read(ReadFilter {
             range: from..=upto,

@@ -9,6 +9,9 @@
 //! DIR/log/          the sled database
 //!     tree events       u64 big-endian seq -> envelope JSON
 //! DIR/checkpoints/  one JSON file per projection, replaced atomically
+//! DIR/archive/      compressed segments of old events (`agentsync archive`, see [`archive`])
+//!     FIRST-LAST.seg    seqs FIRST..=LAST with an index of the ids they mention (0600)
+//!     DROPPED.json      present once segments were deleted: seqs up to `through_seq` are gone
 //! ```
 //!
 //! # Invariants
@@ -23,18 +26,30 @@
 //! - A writer that names its identity has it checked against `IDENTITY.json` before sled is
 //!   opened, too: a directory recorded for another worker id, agent server or backend is
 //!   refused with nothing modified, unless adopting was asked for.
-//! - Undecodable entries are reported with their sequence number, never skipped silently.
+//! - Undecodable entries are reported with their sequence number, never skipped silently; a
+//!   damaged archive segment is reported with its file name.
+//! - Archive and live log are one sequence: seqs up to the archive's last one are read from
+//!   segments, the rest from sled ([`EventLog::archived_through`]); `read`, `stream` and `get`
+//!   do this for every caller.
 
+mod archive;
 mod checkpoint;
 mod format;
 mod identity;
 mod lock;
 mod private;
+mod segment;
 
+use std::collections::VecDeque;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+use archive::ArchiveState;
+pub use archive::{ArchiveOptions, ArchiveReport};
+pub use segment::SegmentInfo;
+use segment::{Records, SegmentFile};
 
 pub use checkpoint::{
     load_views, verify_checkpoint, CatchUp, CheckpointError, CheckpointPolicy, CheckpointStore,
@@ -144,6 +159,28 @@ pub enum LogError {
         #[source]
         source: DecodeError,
     },
+    /// An archive segment cannot be read (bad checksum, truncated, undecodable).
+    #[error("archive segment {} is damaged: {reason}", file.display())]
+    Segment {
+        /// The segment's file.
+        file: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Seqs the archive should hold are in none of its segments (a segment file went missing).
+    #[error("seqs {from}..={to} are in no archive segment: a segment file is missing")]
+    ArchiveGap {
+        /// The first missing seq.
+        from: u64,
+        /// The last missing seq.
+        to: u64,
+    },
+    /// Events needed were deleted from the archive (`--drop-older-than-days`).
+    #[error("events up to seq {through} were dropped from the archive: what needs them from seq 1 (a rebuild from scratch) cannot be done")]
+    Dropped {
+        /// The last seq deleted.
+        through: u64,
+    },
     /// A key in the events tree is not an 8-byte sequence number.
     #[error("the events tree holds a malformed key {key:?}: the log is corrupt")]
     BadKey {
@@ -169,6 +206,13 @@ impl LogError {
         LogError::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    pub(crate) fn segment(seg: &SegmentInfo, reason: String) -> Self {
+        LogError::Segment {
+            file: seg.path.clone(),
+            reason,
         }
     }
 
@@ -219,6 +263,32 @@ impl ReadFilter {
     fn wants_kind(&self, kind: EventKind) -> bool {
         self.kinds.as_ref().is_none_or(|k| k.contains(&kind))
     }
+
+    /// The event stored as `bytes` at `seq`, decoded, if it passes the filter. An event about a
+    /// session holds its id as a JSON string: bytes without `needle` are skipped undecoded.
+    /// Candidates are decoded and confirmed (the id may appear in other fields).
+    fn accept(
+        &self,
+        needle: Option<&[u8]>,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Option<Result<Envelope, LogError>> {
+        if let Some(n) = needle {
+            memchr::memmem::find(bytes, n)?;
+        }
+        match decode_at(seq, bytes) {
+            Ok(env) if !self.wants_kind(env.kind()) => None,
+            Ok(env)
+                if self
+                    .session
+                    .as_deref()
+                    .is_some_and(|s| !env.event.session_ids().contains(&s)) =>
+            {
+                None
+            }
+            other => Some(other),
+        }
+    }
 }
 
 /// The append-only event log of one data directory.
@@ -229,6 +299,12 @@ pub struct EventLog {
     durability: Durability,
     writer: Mutex<WriterState>,
     identity: Option<IdentityStatus>,
+    /// The archive's segments, replaced whole when a run adds or drops some.
+    archive: RwLock<Arc<ArchiveState>>,
+    /// Held by an archive run: one at a time.
+    archiving: Mutex<()>,
+    /// The segment read last (by `get` or a reader), decompressed: `why` prints what it read.
+    cached: Mutex<Option<(u64, Arc<Records>)>>,
     _lock: lock::DirLock,
 }
 
@@ -269,10 +345,13 @@ impl EventLog {
         };
         let db = open_sled(&db_path, opts.cache_bytes)?;
         let events = db.open_tree(EVENTS_TREE)?;
+        let archive = ArchiveState::load(&dir)?;
+        // Everything may be archived: the next seq follows the archive's last one then.
         let last_seq = match events.last()? {
             Some((k, _)) => seq_of(&k)?,
             None => 0,
-        };
+        }
+        .max(archive.through());
         // A writer records the versions it writes before it writes anything; inspection
         // commands (opened without `create`) leave the directory as they found it.
         let merged = Format::current().merged_with(format.as_ref());
@@ -290,6 +369,9 @@ impl EventLog {
                 last_flush: Instant::now(),
             }),
             identity,
+            archive: RwLock::new(Arc::new(archive)),
+            archiving: Mutex::new(()),
+            cached: Mutex::new(None),
             _lock: lock,
         };
         Ok(log)
@@ -375,40 +457,28 @@ impl EventLog {
         &self,
         filter: ReadFilter,
     ) -> impl Iterator<Item = Result<Envelope, LogError>> + Send + '_ {
-        let (from, to) = (*filter.range.start(), *filter.range.end());
-        // An event about a session holds its id as a JSON string: bytes without it are skipped
-        // undecoded. Candidates are decoded and confirmed (the id may appear in other fields).
         let needle = filter
             .session
             .as_ref()
             .map(|s| serde_json::to_vec(s).expect("strings serialize"));
-        self.events
-            .range(from.to_be_bytes()..=to.to_be_bytes())
-            .filter_map(move |item| {
-                let (k, v) = match item {
-                    Ok(kv) => kv,
-                    Err(e) => return Some(Err(e.into())),
-                };
-                let seq = match seq_of(&k) {
-                    Ok(s) => s,
-                    Err(e) => return Some(Err(e)),
-                };
-                if let Some(n) = &needle {
-                    memchr::memmem::find(&v, n)?; // not about this session: skip undecoded
-                }
-                match decode_at(seq, &v) {
-                    Ok(env) if !filter.wants_kind(env.kind()) => None,
-                    Ok(env)
-                        if filter
-                            .session
-                            .as_deref()
-                            .is_some_and(|s| !env.event.session_ids().contains(&s)) =>
-                    {
-                        None
-                    }
-                    other => Some(other),
-                }
-            })
+        let range = filter.range.clone();
+        Reader::new(self, range, move |seq, bytes| {
+            filter.accept(needle.as_deref(), seq, bytes)
+        })
+    }
+
+    /// Reads seqs `range` (archive and live log) as [`Link`]s: each event's id and cause, and
+    /// the event decoded whole only when its stored bytes contain `needle` (`None`: always).
+    /// The causal graph of a long log without decoding every body: what `why` reads. Blocking.
+    pub fn read_links(
+        &self,
+        range: RangeInclusive<u64>,
+        needle: Option<&str>,
+    ) -> impl Iterator<Item = Result<Link, LogError>> + Send + '_ {
+        let needle = needle.map(|n| n.as_bytes().to_vec());
+        Reader::new(self, range, move |seq, bytes| {
+            Some(link_at(seq, bytes, needle.as_deref()))
+        })
     }
 
     /// [`EventLog::read`] as an async stream: the scan and decoding run on a blocking thread and
@@ -443,12 +513,79 @@ impl EventLog {
         }
     }
 
-    /// Reads one event by sequence number. Blocking.
+    /// Reads one event by sequence number, from the archive or the live log. Blocking.
     pub fn get(&self, seq: u64) -> Result<Option<Envelope>, LogError> {
-        match self.events.get(seq.to_be_bytes())? {
-            None => Ok(None),
-            Some(bytes) => decode_at(seq, &bytes).map(Some),
+        let state = self.archive_state();
+        if seq <= state.through() {
+            let Ok(seg) = state.find(seq) else {
+                return Ok(None);
+            };
+            let records = self.cached_segment(seg)?;
+            return records.get(seq).map(|b| decode_at(seq, b)).transpose();
         }
+        match self.events.get(seq.to_be_bytes())? {
+            Some(bytes) => decode_at(seq, &bytes).map(Some),
+            // Archived since the state was read: the archive has it now.
+            None if seq <= self.archived_through() => self.get(seq),
+            None => Ok(None),
+        }
+    }
+
+    /// The last seq the archive holds or dropped (0: nothing archived): the live log (sled)
+    /// starts after it.
+    pub fn archived_through(&self) -> u64 {
+        self.archive_state().through()
+    }
+
+    /// The last seq deleted for good from the archive (0: none).
+    pub fn dropped_through(&self) -> u64 {
+        self.archive_state().dropped_through
+    }
+
+    /// The archive's segments, oldest first.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        self.archive_state().segments.clone()
+    }
+
+    /// Every segment's header and index, to find the segments an id needs without reading
+    /// their events. Blocking.
+    pub fn archive_index(&self) -> Result<ArchiveIndex, LogError> {
+        let mut segments = Vec::new();
+        for seg in self.segments() {
+            let mut file = SegmentFile::open(&seg).map_err(|r| LogError::segment(&seg, r))?;
+            let index = file.index().map_err(|r| LogError::segment(&seg, r))?;
+            segments.push((seg, file.header, index));
+        }
+        Ok(ArchiveIndex { segments })
+    }
+
+    /// [`ArchiveIndex::segments_mentioning`] on a fresh [`EventLog::archive_index`]. Blocking.
+    pub fn segments_mentioning(&self, id: &str) -> Result<Vec<SegmentInfo>, LogError> {
+        Ok(self.archive_index()?.segments_mentioning(id))
+    }
+
+    fn archive_state(&self) -> Arc<ArchiveState> {
+        Arc::clone(&self.archive.read().expect("archive state poisoned"))
+    }
+
+    /// `seg`'s events, decompressed and checked.
+    fn load_segment(seg: &SegmentInfo) -> Result<Records, LogError> {
+        SegmentFile::open(seg)
+            .and_then(SegmentFile::records)
+            .map_err(|r| LogError::segment(seg, r))
+    }
+
+    /// [`EventLog::load_segment`], keeping the last one read for the next `get` or reader.
+    fn cached_segment(&self, seg: &SegmentInfo) -> Result<Arc<Records>, LogError> {
+        let mut cached = self.cached.lock().expect("segment cache poisoned");
+        if let Some((first, records)) = cached.as_ref() {
+            if *first == seg.first_seq {
+                return Ok(Arc::clone(records));
+            }
+        }
+        let records = Arc::new(Self::load_segment(seg)?);
+        *cached = Some((seg.first_seq, Arc::clone(&records)));
+        Ok(records)
     }
 
     /// Bytes used on disk by the whole data directory.
@@ -474,6 +611,216 @@ impl EventLog {
     pub fn checkpoints(&self) -> CheckpointStore {
         CheckpointStore::new(self.dir.join("checkpoints"))
     }
+}
+
+/// The archive's segments with their headers and indexes, in memory.
+pub struct ArchiveIndex {
+    segments: Vec<(SegmentInfo, segment::Header, segment::SegmentIndex)>,
+}
+
+impl std::fmt::Debug for ArchiveIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveIndex")
+            .field("segments", &self.segments.len())
+            .finish()
+    }
+}
+
+impl ArchiveIndex {
+    /// The segments whose index lists `id` (a command, message, chat or agent session id, or
+    /// an event id some event in the segment names as its cause), or, when `id` is an event id,
+    /// whose range of event ids includes it.
+    pub fn segments_mentioning(&self, id: &str) -> Vec<SegmentInfo> {
+        let event_id = uuid::Uuid::parse_str(id).ok();
+        self.segments
+            .iter()
+            .filter(|(_, h, index)| match event_id {
+                Some(e) => h.may_hold_event(e) || index.contains(&e.to_string()),
+                None => index.contains(id),
+            })
+            .map(|(seg, _, _)| seg.clone())
+            .collect()
+    }
+}
+
+/// Reads archive and live log as one sequence, a chunk at a time: from the segment holding the
+/// next seq while it is archived, else from sled. A run of keys in sled that stops short of the
+/// next seq means an archive run moved them meanwhile: the reader looks in the archive again.
+/// `accept` turns each event's stored bytes into an item, or skips it.
+struct Reader<'a, T, F> {
+    log: &'a EventLog,
+    to: u64,
+    accept: F,
+    next: u64,
+    segment: Option<Arc<Records>>,
+    buf: VecDeque<Result<T, LogError>>,
+    done: bool,
+}
+
+impl<'a, T, F> Reader<'a, T, F>
+where
+    F: FnMut(u64, &[u8]) -> Option<Result<T, LogError>>,
+{
+    fn new(log: &'a EventLog, range: RangeInclusive<u64>, accept: F) -> Self {
+        Self {
+            log,
+            to: *range.end(),
+            accept,
+            next: *range.start(),
+            segment: None,
+            buf: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    fn fill_archived(&mut self, state: &ArchiveState) {
+        if self.next <= state.dropped_through {
+            self.next = state.dropped_through + 1;
+            return;
+        }
+        let seg = match state.find(self.next) {
+            Ok(seg) => seg,
+            Err(after) => {
+                let to = after.map_or(state.through(), |s| s.first_seq - 1);
+                self.buf.push_back(Err(LogError::ArchiveGap {
+                    from: self.next,
+                    to,
+                }));
+                self.next = to + 1;
+                return;
+            }
+        };
+        if self
+            .segment
+            .as_ref()
+            .is_none_or(|r| r.get(self.next).is_none())
+        {
+            match self.log.cached_segment(seg) {
+                Ok(r) => self.segment = Some(r),
+                Err(e) => {
+                    // The whole segment is unreadable: reported once, then passed over.
+                    self.buf.push_back(Err(e));
+                    self.next = seg.last_seq + 1;
+                    return;
+                }
+            }
+        }
+        let records = Arc::clone(self.segment.as_ref().expect("just loaded"));
+        let end = records.last().min(self.to);
+        let chunk_end = end.min(self.next.saturating_add(READ_CHUNK as u64 - 1));
+        for seq in self.next..=chunk_end {
+            let bytes = records.get(seq).expect("within the segment");
+            let item = (self.accept)(seq, bytes);
+            self.buf.extend(item);
+        }
+        self.next = chunk_end + 1;
+        if self.next > records.last() {
+            self.segment = None;
+        }
+    }
+
+    fn fill_live(&mut self) {
+        let (from, to) = (self.next, self.to);
+        let mut expected = from;
+        let mut taken = 0;
+        for item in self.log.events.range(from.to_be_bytes()..=to.to_be_bytes()) {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => {
+                    self.buf.push_back(Err(e.into()));
+                    self.done = true;
+                    return;
+                }
+            };
+            let seq = match seq_of(&k) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.buf.push_back(Err(e));
+                    continue;
+                }
+            };
+            if seq != expected && expected <= self.log.archived_through() {
+                break; // moved to the archive while we read: look there
+            }
+            let item = (self.accept)(seq, &v);
+            self.buf.extend(item);
+            taken += 1;
+            expected = seq.saturating_add(1);
+            if taken == READ_CHUNK || seq == u64::MAX {
+                break;
+            }
+        }
+        if taken == 0 && expected > self.log.archived_through() {
+            self.done = true; // nothing more in range
+        }
+        self.next = expected;
+    }
+}
+
+impl<T, F> Iterator for Reader<'_, T, F>
+where
+    F: FnMut(u64, &[u8]) -> Option<Result<T, LogError>>,
+{
+    type Item = Result<T, LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(item) = self.buf.pop_front() {
+                return Some(item);
+            }
+            if self.done || self.next > self.to {
+                return None;
+            }
+            let state = self.log.archive_state();
+            if self.next <= state.through() {
+                self.fill_archived(&state);
+            } else {
+                self.fill_live();
+            }
+        }
+    }
+}
+
+/// An event's place in the causal graph ([`EventLog::read_links`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// Its seq.
+    pub seq: u64,
+    /// Its id.
+    pub id: uuid::Uuid,
+    /// The event that caused it.
+    pub cause: Option<uuid::Uuid>,
+    /// The event itself, when its stored bytes contain the needle asked for.
+    pub event: Option<Envelope>,
+}
+
+/// The part of a stored envelope a [`Link`] needs; the rest is skipped undecoded.
+#[derive(serde::Deserialize)]
+struct Head {
+    id: uuid::Uuid,
+    cause: Option<uuid::Uuid>,
+}
+
+fn link_at(seq: u64, bytes: &[u8], needle: Option<&[u8]>) -> Result<Link, LogError> {
+    if needle.is_none_or(|n| memchr::memmem::find(bytes, n).is_some()) {
+        let env = decode_at(seq, bytes)?;
+        return Ok(Link {
+            seq,
+            id: env.id,
+            cause: env.cause,
+            event: Some(env),
+        });
+    }
+    let head: Head = serde_json::from_slice(bytes).map_err(|e| LogError::Corrupt {
+        seq,
+        source: DecodeError::Envelope(e),
+    })?;
+    Ok(Link {
+        seq,
+        id: head.id,
+        cause: head.cause,
+        event: None,
+    })
 }
 
 /// Opens sled. We hold `DIR/LOCK`, so no other process uses the directory; if sled's own file
