@@ -1,10 +1,13 @@
 //! Observations into events: what a listing says, compared with what the views already know.
 //!
 //! Pure functions. An observer hands over a listing and the log position at which it *started*
-//! (`as_of_seq`); only what changed becomes an event, so polling an idle system appends nothing
-//! but the `listing_completed` marker. Absence is inferred only from a complete listing, and
-//! only for rows the view held before the listing started: a session created while a listing
-//! was in flight is not "missing" from it.
+//! (`as_of_seq`); only what changed becomes an event. Full listings (the paced safety net) end
+//! with a `listing_completed` marker; incremental reads (the sessions updated or changed since
+//! a cursor) append a `feed_read` only when their cursor moved or they are the first of the
+//! process to reach the end ([`feed_read`]), so polling an idle system appends nothing.
+//! Absence is inferred only from a complete full listing, and only for rows the view held
+//! before the listing started: a session created while a listing was in flight is not
+//! "missing" from it; an incremental read never proves a session gone.
 //!
 //! Newer facts win: every field a listing can change is compared with the seq of the fact that
 //! set it, and a listing that started before that fact (an event-stream rename, our own
@@ -152,11 +155,86 @@ pub fn agent_listing(
     events
 }
 
+/// The events of an incremental agent listing (`GET /session?start=T`: the sessions updated
+/// since a time): what changed, never an absence (a session deleted is simply not listed) and
+/// no `listing_completed` marker (its cursor is a `feed_read`, see [`feed_read`]).
+pub fn agent_changes(
+    view: &SessionsView,
+    listing: &AgentListing,
+    as_of_seq: u64,
+    worker_id: &str,
+) -> Vec<Event> {
+    let read = ReadAt::Listing(as_of_seq);
+    listing
+        .sessions
+        .iter()
+        .filter(|s| is_ours(s, worker_id))
+        .filter_map(|info| agent_session(view, info, read))
+        .collect()
+}
+
+/// The highest `updated_at` of a listing: the agent feed's cursor after it.
+pub fn agent_high_water(listing: &AgentListing) -> Option<crate::clock::Millis> {
+    listing.sessions.iter().map(|s| s.updated_at).max()
+}
+
+/// The `feed_read` to append after a read of `feed` that ended at `cursor` (`reached_end`:
+/// without a failure, to the end), if any: when the cursor moved, or when this is the first
+/// read of this process (`process_seq`: the log's last seq when it opened) to reach the end,
+/// which readiness needs. Otherwise nothing: an idle poll appends no event.
+pub fn feed_read(
+    view: &SessionsView,
+    feed: Feed,
+    cursor: &str,
+    reached_end: bool,
+    process_seq: u64,
+) -> Option<Event> {
+    let state = view.feeds.get(&feed);
+    let moved = state.is_none_or(|f| f.cursor != cursor);
+    let caught_up = state
+        .and_then(|f| f.caught_up_seq)
+        .is_some_and(|seq| seq > process_seq);
+    (moved || (reached_end && !caught_up)).then(|| {
+        Event::FeedRead(FeedRead {
+            feed,
+            cursor: cursor.to_owned(),
+            reached_end,
+        })
+    })
+}
+
 /// The events of one backend session listing (all its pages; `complete` when every page came).
 pub fn backend_sessions(
     view: &SessionsView,
     sessions: &[ChatSessionInfo],
     complete: bool,
+    as_of: u64,
+) -> Vec<Event> {
+    let mut events = backend_session_changes(view, sessions, as_of);
+    if complete {
+        let listed: HashSet<&ChatSessionId> = sessions.iter().map(|s| &s.chat_session_id).collect();
+        for (id, row) in &view.chat {
+            if row.first_seq <= as_of && !listed.contains(id) {
+                events.push(Event::BackendSessionGone(BackendSessionGone {
+                    chat_session_id: id.clone(),
+                }));
+            }
+        }
+    }
+    events.push(Event::ListingCompleted(ListingCompleted {
+        source: Source::Backend,
+        sessions: sessions.len() as u64,
+        complete,
+        as_of: Some(as_of),
+    }));
+    events
+}
+
+/// The events of backend chat sessions read from a change cursor (`listSessions` from a
+/// cursor): what changed, never an absence, no `listing_completed` marker.
+pub fn backend_session_changes(
+    view: &SessionsView,
+    sessions: &[ChatSessionInfo],
     as_of: u64,
 ) -> Vec<Event> {
     let mut events = Vec::new();
@@ -191,22 +269,6 @@ pub fn backend_sessions(
             }
         }
     }
-    if complete {
-        let listed: HashSet<&ChatSessionId> = sessions.iter().map(|s| &s.chat_session_id).collect();
-        for (id, row) in &view.chat {
-            if row.first_seq <= as_of && !listed.contains(id) {
-                events.push(Event::BackendSessionGone(BackendSessionGone {
-                    chat_session_id: id.clone(),
-                }));
-            }
-        }
-    }
-    events.push(Event::ListingCompleted(ListingCompleted {
-        source: Source::Backend,
-        sessions: sessions.len() as u64,
-        complete,
-        as_of: Some(as_of),
-    }));
     events
 }
 
@@ -353,6 +415,66 @@ mod tests {
             gone(1),
             0,
             "b first appeared at seq 2, after a listing from seq 1"
+        );
+    }
+
+    #[test]
+    fn an_incremental_read_never_proves_absence_and_a_full_listing_still_does() {
+        let mut view = SessionsView::default();
+        let both = AgentListing {
+            sessions: vec![info("a", "A"), info("b", "B")],
+            complete: true,
+        };
+        let events = agent_listing(&view, &both, 0, "w");
+        fold(&mut view, events, 1);
+        let only_a = AgentListing {
+            sessions: vec![info("a", "A2")],
+            complete: true,
+        };
+        let changes = agent_changes(&view, &only_a, 3, "w");
+        assert_eq!(
+            changes.len(),
+            1,
+            "the rename, no absence, no marker: {changes:?}"
+        );
+        assert!(matches!(changes[0], Event::AgentSessionChanged(_)));
+        let full = agent_listing(&view, &only_a, 3, "w");
+        assert!(full.iter().any(|e| matches!(e, Event::AgentSessionGone(_))));
+        // The backend likewise.
+        let chat = |id: &str| ChatSessionInfo {
+            chat_session_id: id.into(),
+            agent_session_id: None,
+            title: "T".into(),
+            model: None,
+            status: ChatStatus::Active,
+            last_activity: 1,
+            project: None,
+        };
+        let listed = backend_sessions(&view, &[chat("c"), chat("d")], true, 4);
+        fold(&mut view, listed, 5);
+        assert!(backend_session_changes(&view, &[chat("c")], 9).is_empty());
+        let full = backend_sessions(&view, &[chat("c")], true, 9);
+        assert!(full
+            .iter()
+            .any(|e| matches!(e, Event::BackendSessionGone(_))));
+    }
+
+    #[test]
+    fn a_feed_read_is_appended_only_when_its_cursor_moves_or_first_reaches_the_end_in_a_process() {
+        let mut view = SessionsView::default();
+        let feed = Feed::BackendMessages;
+        let first = feed_read(&view, feed, "7", true, 0).expect("a new cursor");
+        fold(&mut view, vec![first], 1);
+        assert_eq!(feed_read(&view, feed, "7", true, 0), None, "idle: nothing");
+        assert!(feed_read(&view, feed, "8", false, 0).is_some(), "moved");
+        // A new process (the log was at seq 5 when it opened) has not caught up yet.
+        let again = feed_read(&view, feed, "7", true, 5).expect("caught up in this process");
+        fold(&mut view, vec![again], 6);
+        assert_eq!(feed_read(&view, feed, "7", true, 5), None);
+        assert_eq!(
+            feed_read(&view, feed, "7", false, 9),
+            None,
+            "a failed read proves nothing"
         );
     }
 

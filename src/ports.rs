@@ -84,8 +84,10 @@ impl PortError {
 pub struct AgentListing {
     /// The sessions listed.
     pub sessions: Vec<AgentSessionInfo>,
-    /// False when the adapter knows the listing is not the whole set (a page limit was hit):
-    /// such a listing never proves a session gone.
+    /// False when the adapter knows the listing is not the whole set asked for (every session,
+    /// or every one updated since a time) because a page limit was hit: such a listing never
+    /// proves a session gone, and an incremental one is followed by a full listing. Only a
+    /// complete full listing may prove a session gone.
     pub complete: bool,
 }
 
@@ -220,7 +222,7 @@ pub struct Page<T> {
     pub page: Vec<T>,
     /// Whether this was the last page.
     pub is_done: bool,
-    /// The cursor of the next page (for messages: also where the next poll starts).
+    /// The cursor of the next page; on the last page, where the next read of changes starts.
     pub continue_cursor: String,
 }
 
@@ -235,7 +237,8 @@ pub enum MutationReply {
 
 /// The backend: the web app's chat sessions and messages.
 pub trait Backend: Send + Sync {
-    /// One page of this worker's chat sessions (`listSessions`).
+    /// One page of this worker's chat sessions changed after `cursor` (all of them from
+    /// `None`), in change order (`listSessions`).
     fn list_sessions<'a>(
         &'a self,
         cursor: Option<&'a str>,

@@ -20,17 +20,7 @@ function setup() {
 }
 
 async function openChat(t: ReturnType<typeof setup>, workerId = W) {
-  return await t.run((ctx) =>
-    ctx.db.insert("chatSessions", {
-      workerId,
-      agentSessionId: null,
-      title: "a person's chat",
-      model: null,
-      status: "active",
-      lastActivity: 1,
-      project: null,
-    }),
-  );
+  return (await t.mutation(api.openChat, { workerId, title: "a person's chat" })).chatSessionId;
 }
 
 async function post(t: ReturnType<typeof setup>, chatSessionId: string, content: string) {
@@ -188,15 +178,22 @@ describe("agentsync contract", () => {
     );
     const counters = await t.run((ctx) => ctx.db.query("counters").collect());
     expect(Object.fromEntries(counters.map((c: any) => [c.name, c.value]))).toEqual({
-      "messageChanges:worker-a": 10,
-      "messageChanges:worker-b": 10,
+      // Per worker: its chat opened (1), 5 messages posted and 5 answered, each a message
+      // change and a change of the chat session's lastActivity (20).
+      "messageChanges:worker-a": 21,
+      "messageChanges:worker-b": 21,
     });
     for (const [worker, chat] of [["worker-a", a], ["worker-b", b]]) {
       const page = await t.query(api.listMessages, { workerId: worker, cursor: null, limit: 100 });
       expect(page.page).toHaveLength(10);
       expect(page.page.every((m: any) => m.chatSessionId === chat)).toBe(true);
       expect(page.page.filter((m: any) => m.role === "assistant" && m.completed)).toHaveLength(5);
-      expect(page.continueCursor).toBe("10");
+      expect(page.continueCursor).toBe("20");
+      const chats = await t.query(api.listSessions, { workerId: worker, cursor: null, limit: 100 });
+      expect(chats.page.map((c: any) => c.chatSessionId)).toEqual([chat]);
+      expect(chats.continueCursor).toBe("21");
+      const since = await t.query(api.listSessions, { workerId: worker, cursor: "21", limit: 100 });
+      expect(since).toEqual({ page: [], isDone: true, continueCursor: "21" });
     }
   });
 

@@ -101,10 +101,12 @@ async function once(ctx: MutationCtx, commandId: string, apply: () => Promise<un
 }
 
 /**
- * The next change number of one worker's messages. Every message change reads and writes its
- * worker's counter, so Convex's serializable transactions commit them in counter order and a
- * listMessages cursor never skips a late commit. One counter per worker, not one for the whole
- * deployment: workers (and the app posting to different workers) never conflict on it.
+ * The next change number of one worker's messages and chat sessions. Every change reads and
+ * writes its worker's counter, so Convex's serializable transactions commit them in counter
+ * order and a listMessages or listSessions cursor never skips a late commit. One counter per
+ * worker, not one for the whole deployment: workers (and the app posting to different workers)
+ * never conflict on it. (Its name predates sessions sharing it; renaming it would restart the
+ * numbers under cursors the workers hold.)
  */
 async function nextChange(ctx: MutationCtx, workerId: string): Promise<number> {
   const name = `messageChanges:${workerId}`;
@@ -134,52 +136,71 @@ async function userMessage(ctx: QueryCtx, chatSessionId: string, messageId: stri
   return doc;
 }
 
+/** Every write of a chat session goes through here: it gets a new change number. */
+async function patchSession(ctx: MutationCtx, doc: any, patch: Record<string, unknown>) {
+  const changedAt = await nextChange(ctx, doc.workerId);
+  await ctx.db.patch(doc._id, { ...patch, changedAt });
+}
+
 async function touch(ctx: MutationCtx, chatSessionId: string, patch: Record<string, unknown>) {
   const doc = await session(ctx, chatSessionId);
-  await ctx.db.patch(doc._id, { ...patch, lastActivity: Date.now() });
+  await patchSession(ctx, doc, { ...patch, lastActivity: Date.now() });
   return null;
 }
 
+/**
+ * One page of the changes after `cursor` (a change number; null: all) in a table's
+ * `by_worker_change` index, bounded in documents and in bytes: `.take(n)` is not, and a page of
+ * large documents would fail the read limit every time from the same cursor. The range starts
+ * after the worker's own change number, so Convex's cursor is not needed (and the end cursor of
+ * a finished pagination, which never returns anything again, is never kept).
+ */
+async function changesAfter(
+  ctx: QueryCtx,
+  table: "messages" | "chatSessions",
+  name: string,
+  { workerId, cursor, limit }: { workerId: string; cursor: string | null; limit: number },
+) {
+  const after = cursor === null || cursor === "" ? 0 : Number(cursor);
+  if (!Number.isFinite(after)) throw new Error(`${name}: bad cursor ${cursor}`);
+  const range = () =>
+    ctx.db
+      .query(table)
+      .withIndex("by_worker_change", (q) => q.eq("workerId", workerId).gt("changedAt", after));
+  const options = { numItems: pageSize(limit), maximumBytesRead: PAGE_BYTES };
+  let result = await range().paginate({ cursor: null, ...options });
+  // A page cut by the byte bound before its first document (convex-test counts the documents
+  // before the range too) would leave the cursor where it is: read on from Convex's cursor
+  // until a document comes or the range ends, so the cursor always moves.
+  for (let i = 0; result.page.length === 0 && !result.isDone; i++) {
+    if (i === 100) throw new Error(`${name}: no document within 100 byte-bounded reads`);
+    result = await range().paginate({ cursor: result.continueCursor, ...options });
+  }
+  const page = result.page;
+  const last = page.length > 0 ? page[page.length - 1].changedAt : after;
+  return { page, isDone: result.isDone, continueCursor: String(last) };
+}
+
+/**
+ * The worker's chat sessions changed after the cursor (null: all of them), in change order:
+ * a full listing from null, and from the last page's continueCursor what changed since (every
+ * write of a session gives it a new change number: create, link, rename, delete, fail, and its
+ * lastActivity).
+ */
 export const listSessions = internalQuery({
   args: listArgs,
-  handler: async (ctx, { workerId, cursor, limit }) => {
-    const result = await ctx.db
-      .query("chatSessions")
-      .withIndex("by_worker", (q) => q.eq("workerId", workerId))
-      .paginate({ cursor, numItems: pageSize(limit) });
-    return {
-      page: result.page.map(chatSession),
-      isDone: result.isDone,
-      continueCursor: result.continueCursor,
-    };
+  handler: async (ctx, args) => {
+    const result = await changesAfter(ctx, "chatSessions", "listSessions", args);
+    return { ...result, page: result.page.map(chatSession) };
   },
 });
 
+/** The worker's messages changed after the cursor (null: all of them), in change order. */
 export const listMessages = internalQuery({
   args: listArgs,
-  handler: async (ctx, { workerId, cursor, limit }) => {
-    const after = cursor === null || cursor === "" ? 0 : Number(cursor);
-    if (!Number.isFinite(after)) throw new Error(`listMessages: bad cursor ${cursor}`);
-    // Bounded in documents and in bytes: `.take(n)` is not, and a page of large messages would
-    // fail the read limit every time from the same cursor. The range starts after the worker's
-    // own change number, so Convex's cursor is not needed (and the end cursor of a finished
-    // pagination, which never returns anything again, is never kept).
-    const range = () =>
-      ctx.db
-        .query("messages")
-        .withIndex("by_worker_change", (q) => q.eq("workerId", workerId).gt("changedAt", after));
-    const options = { numItems: pageSize(limit), maximumBytesRead: PAGE_BYTES };
-    let result = await range().paginate({ cursor: null, ...options });
-    // A page cut by the byte bound before its first message (convex-test counts the documents
-    // before the range too) would leave the cursor where it is: read on from Convex's cursor
-    // until a message comes or the range ends, so the cursor always moves.
-    for (let i = 0; result.page.length === 0 && !result.isDone; i++) {
-      if (i === 100) throw new Error("listMessages: no message within 100 byte-bounded reads");
-      result = await range().paginate({ cursor: result.continueCursor, ...options });
-    }
-    const page = result.page;
-    const last = page.length > 0 ? page[page.length - 1].changedAt : after;
-    return { page: page.map(message), isDone: result.isDone, continueCursor: String(last) };
+  handler: async (ctx, args) => {
+    const result = await changesAfter(ctx, "messages", "listMessages", args);
+    return { ...result, page: result.page.map(message) };
   },
 });
 
@@ -201,6 +222,7 @@ export const createSession = internalMutation({
         status: "active",
         lastActivity: Date.now(),
         project: null,
+        changedAt: await nextChange(ctx, workerId),
       });
       return { chatSessionId };
     }),
@@ -268,7 +290,7 @@ export const completeMessage = internalMutation({
           changedAt,
         });
       }
-      await ctx.db.patch(chat._id, { lastActivity: Date.now() });
+      await patchSession(ctx, chat, { lastActivity: Date.now() });
       return null;
     }),
 });
@@ -300,6 +322,36 @@ export const failMessage = internalMutation({
 });
 
 /**
+ * Not called by the worker: how your app opens a chat session a person starts (no agent session
+ * yet; the worker creates one when its first message comes), so that it gets a change number
+ * (listSessions pages by change number; a session inserted without one is never seen).
+ * `openChat` wraps it for tests and scripts.
+ */
+export async function recordChatSession(
+  ctx: MutationCtx,
+  workerId: string,
+  title: string,
+): Promise<string> {
+  return await ctx.db.insert("chatSessions", {
+    workerId,
+    agentSessionId: null,
+    title,
+    model: null,
+    status: "active",
+    lastActivity: Date.now(),
+    project: null,
+    changedAt: await nextChange(ctx, workerId),
+  });
+}
+
+export const openChat = internalMutation({
+  args: { workerId: v.string(), title: v.string() },
+  handler: async (ctx, { workerId, title }) => ({
+    chatSessionId: await recordChatSession(ctx, workerId, title),
+  }),
+});
+
+/**
  * Not called by the worker: how your app records a person's message, so that it gets a change
  * number (listMessages pages by change number; a message inserted without one is never seen).
  * Call it from your own (authenticated) mutation; `postUserMessage` wraps it for tests and
@@ -324,7 +376,7 @@ export async function recordUserMessage(
     error: null,
     changedAt: await nextChange(ctx, chat.workerId),
   });
-  await ctx.db.patch(chat._id, { lastActivity: now });
+  await patchSession(ctx, chat, { lastActivity: now });
   return messageId;
 }
 

@@ -66,18 +66,11 @@ async function run(steps: any[]) {
   for (const [i, step] of steps.entries()) {
     const at = `step ${i}`;
     if (step.seed === "openChat") {
-      const id = await t.run((ctx) =>
-        ctx.db.insert("chatSessions", {
-          workerId: step.workerId,
-          agentSessionId: null,
-          title: step.title,
-          model: null,
-          status: "active",
-          lastActivity: Date.now(),
-          project: null,
-        }),
-      );
-      b.set(step.as, id);
+      const { chatSessionId } = await t.mutation(api.openChat, {
+        workerId: step.workerId,
+        title: step.title,
+      });
+      b.set(step.as, chatSessionId);
     } else if (step.seed === "post") {
       for (let n = 0; n < (step.times ?? 1); n++) {
         const { messageId } = await t.mutation(api.postUserMessage, {

@@ -15,7 +15,12 @@ export default defineSchema({
     project: nullable(v.string()),
     // markSessionFailed's reason (the worker's listing does not read it; your app shows it).
     failureReason: v.optional(v.string()),
-  }).index("by_worker", ["workerId"]),
+    // Bumped on every write (the worker's counter): listSessions pages through changes after
+    // a cursor, so a worker reads at each poll only what changed.
+    changedAt: v.number(),
+  })
+    .index("by_worker", ["workerId"])
+    .index("by_worker_change", ["workerId", "changedAt"]),
 
   messages: defineTable({
     workerId: v.string(),
@@ -42,7 +47,7 @@ export default defineSchema({
     .index("by_command", ["commandId"])
     .index("by_applied_at", ["appliedAt"]),
 
-  // One change counter per worker: `messageChanges:<workerId>`.
+  // One change counter per worker, for its messages and chat sessions: `messageChanges:<workerId>`.
   counters: defineTable({
     name: v.string(),
     value: v.number(),

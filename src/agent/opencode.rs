@@ -370,7 +370,9 @@ impl OpencodeClient {
                 .filter(|s| in_directory(s, dir))
                 .map(wire::Session::into_info)
                 .collect(),
-            complete: since.is_none() && !full,
+            // The whole set asked for (all sessions, or all updated since): an incremental
+            // listing is never taken as proof of absence by the worker (`observe`).
+            complete: !full,
         })
     }
 

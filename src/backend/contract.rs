@@ -18,8 +18,12 @@ use crate::ports::{Page, PortError, PortResult};
 pub struct ListArgs {
     /// The worker whose sessions (or whose sessions' messages) to list.
     pub worker_id: String,
-    /// Where the previous page ended; `null` for the first page. For `listMessages`: only
-    /// messages changed after this cursor.
+    /// A change cursor: only the sessions (`listSessions`) or messages (`listMessages`)
+    /// changed after it, in change order, each at its latest change; `null` for all of them (a
+    /// full listing). Pass the `continueCursor` of the page before to read on, and the last
+    /// page's to read later what changed since: every write of a session or message (for a
+    /// session: create, link, rename, delete, fail, and its `lastActivity`) moves it past
+    /// every cursor handed out before.
     pub cursor: Option<String>,
     /// The page size.
     pub limit: u32,
@@ -33,7 +37,8 @@ pub struct PageValue<T> {
     pub page: Vec<T>,
     /// True on the last page.
     pub is_done: bool,
-    /// The cursor of the next page (for `listMessages`, also where the next poll starts).
+    /// The cursor of the next page; on the last page, where the next read of what changed
+    /// since starts.
     pub continue_cursor: String,
 }
 

@@ -8,7 +8,11 @@
 //! `commandId`, under one lock: a crash leaves it applied entirely or not at all.
 //!
 //! Keys (all UTF-8):
-//! - `s/{chat}`: a chat session (with its worker); `w/{worker}/{chat}`: the per-worker index;
+//! - `s/{chat}`: a chat session (with its worker and change number); `w/{worker}/{chat}`: the
+//!   per-worker index by id; `c/{worker}/{change:020}`: the per-worker change log of sessions
+//!   that `listSessions` pages through (one entry per session: the old one goes when it changes,
+//!   and every write of a session, create, link, rename, delete, fail, activity, changes it);
+//!   `cn/{worker}`: set once the sessions written before the change log existed were numbered;
 //! - `m/{message}`: a message with its change number; `x/{change:020}`: the change log that
 //!   `listMessages` pages through (one entry per message: the old one goes when it changes);
 //! - `sm/{chat}/{message}`: a session's messages; `r/{message}`: the reply to a user message;
@@ -19,7 +23,7 @@
 //!
 //! Chat session and message ids are random (`chat_` or `msg_` and 128 bits from the operating
 //! system's CSPRNG, in hex): an id is no capability, yet nothing can be reached by counting.
-//! Nothing orders by id: listings page by change number (messages) or by key (sessions), and a
+//! Nothing orders by id: listings page by change number (sessions and messages), and a
 //! conversation is in creation order (each message records the change number that created it).
 
 use std::sync::{Arc, Mutex};
@@ -78,6 +82,10 @@ struct StoredSession {
     /// shows it). Absent in records written before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     failure_reason: Option<String>,
+    /// Its entry in the worker's change log (`c/{worker}/{change:020}`); 0 in records written
+    /// before sessions had one (numbered at the first full listing, `number_old_sessions`).
+    #[serde(default)]
+    change: u64,
 }
 
 /// The most message bytes one `listMessages` page carries (the content and the other fields,
@@ -240,7 +248,7 @@ impl<K: Kv> ContractStore<K> {
                 stored.session.status = ChatStatus::Failed;
                 stored.session.last_activity = self.clock.now_ms();
                 stored.failure_reason = Some(a.reason);
-                self.put_stored(&mut tx, &worker, stored);
+                self.put_stored(&mut tx, &worker, stored)?;
                 serde_json::Value::Null
             }
             "completeMessage" => {
@@ -295,7 +303,7 @@ impl<K: Kv> ContractStore<K> {
             project: None,
         };
         tx.put(format!("o/{worker_id}/{}", session.chat_session_id), &());
-        self.put_session(&mut tx, worker_id, &session);
+        self.put_session(&mut tx, worker_id, &session)?;
         self.kv.commit(tx.writes)?;
         Ok(session)
     }
@@ -350,7 +358,7 @@ impl<K: Kv> ContractStore<K> {
         self.put_message(&mut tx, None, &message)?;
         tx.put(format!("p/{worker}/{}", message.message_id), &());
         session.last_activity = now;
-        self.put_session(&mut tx, &worker, &session);
+        self.put_session(&mut tx, &worker, &session)?;
         self.kv.commit(tx.writes)?;
         Ok(message)
     }
@@ -375,7 +383,7 @@ impl<K: Kv> ContractStore<K> {
         let mut out = Vec::new();
         let mut cursor = None;
         loop {
-            let page = self.list_sessions(&ListArgs {
+            let page = self.sessions_by_id(&ListArgs {
                 worker_id: worker_id.to_owned(),
                 cursor,
                 limit: 1_000,
@@ -448,14 +456,71 @@ impl<K: Kv> ContractStore<K> {
         cursor: Option<&str>,
         limit: u32,
     ) -> Result<PageValue<ChatSession>, CallError> {
-        self.list_sessions(&ListArgs {
+        self.sessions_by_id(&ListArgs {
             worker_id: worker_id.to_owned(),
             cursor: cursor.filter(|c| !c.is_empty()).map(str::to_owned),
             limit,
         })
     }
 
+    /// `listSessions`: the worker's sessions changed after the cursor (a change number; none:
+    /// every session), in change order, each once at its latest change. The last page's
+    /// `continueCursor` is where the next incremental read starts. A session changed while a
+    /// listing pages on moves to the end of the log, so it is read again, never skipped.
     fn list_sessions(&self, args: &ListArgs) -> Result<PageValue<ChatSession>, CallError> {
+        let limit = args.limit.clamp(1, 10_000) as usize;
+        let worker = &args.worker_id;
+        let after = match args.cursor.as_deref() {
+            None | Some("") => {
+                self.number_old_sessions(worker)?;
+                0
+            }
+            Some(c) => c
+                .parse::<u64>()
+                .map_err(|_| CallError::Function(format!("listSessions: bad cursor {c:?}")))?,
+        };
+        let prefix = format!("c/{worker}/");
+        let from = (after > 0).then(|| session_change_key(worker, after));
+        let keys = self.kv.scan(&prefix, from.as_deref(), limit + 1)?;
+        let is_done = keys.len() <= limit;
+        let mut page = Vec::new();
+        let mut last = after;
+        for (key, id) in keys.into_iter().take(limit) {
+            last = key[prefix.len()..].parse().unwrap_or(last);
+            let id: String = serde_json::from_slice(&id).map_err(corrupt)?;
+            if let Some(s) = self.stored_session(&id)? {
+                page.push(s.session);
+            }
+        }
+        Ok(PageValue {
+            page,
+            is_done,
+            continue_cursor: last.to_string(),
+        })
+    }
+
+    /// Gives every session of `worker` written before sessions had change numbers one, once
+    /// (`cn/{worker}` records that it was done): a full listing reads the change log only.
+    fn number_old_sessions(&self, worker: &str) -> Result<(), CallError> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let done_key = format!("cn/{worker}");
+        if self.kv.get(&done_key)?.is_some() {
+            return Ok(());
+        }
+        let mut tx = Tx::default();
+        let prefix = format!("w/{worker}/");
+        for (key, _) in self.kv.scan(&prefix, None, usize::MAX)? {
+            match self.stored_session(&key[prefix.len()..])? {
+                Some(stored) if stored.change == 0 => self.put_stored(&mut tx, worker, stored)?,
+                _ => {}
+            }
+        }
+        tx.put(done_key, &());
+        self.kv.commit(tx.writes)?;
+        Ok(())
+    }
+
+    fn sessions_by_id(&self, args: &ListArgs) -> Result<PageValue<ChatSession>, CallError> {
         let limit = args.limit.clamp(1, 10_000) as usize;
         let prefix = format!("w/{}/", args.worker_id);
         let after = args.cursor.as_ref().map(|c| format!("{prefix}{c}"));
@@ -554,7 +619,7 @@ impl<K: Kv> ContractStore<K> {
             last_activity: self.clock.now_ms(),
             project: None,
         };
-        self.put_session(tx, &a.worker_id, &session);
+        self.put_session(tx, &a.worker_id, &session)?;
         Ok(CreatedValue {
             chat_session_id: session.chat_session_id,
         })
@@ -569,7 +634,7 @@ impl<K: Kv> ContractStore<K> {
         let (worker, mut session) = self.session(chat)?;
         change(&mut session);
         session.last_activity = self.clock.now_ms();
-        self.put_session(tx, &worker, &session);
+        self.put_session(tx, &worker, &session)?;
         Ok(serde_json::Value::Null)
     }
 
@@ -651,13 +716,26 @@ impl<K: Kv> ContractStore<K> {
             .ok_or_else(|| CallError::Function(format!("no chat session {chat}")))
     }
 
-    fn put_stored(&self, tx: &mut Tx, worker: &str, stored: StoredSession) {
+    /// Writes a session under a new change number of its worker, dropping its old change-log
+    /// entry: every write of a session is a change `listSessions` reports.
+    fn put_stored(
+        &self,
+        tx: &mut Tx,
+        worker: &str,
+        mut stored: StoredSession,
+    ) -> Result<(), CallError> {
         let id = stored.session.chat_session_id.clone();
         if stored.session.status != ChatStatus::Active {
             tx.remove(format!("o/{worker}/{id}"));
         }
+        if stored.change != 0 {
+            tx.remove(session_change_key(worker, stored.change));
+        }
+        stored.change = self.next(tx)?;
+        tx.put(session_change_key(worker, stored.change), &id);
         tx.put(format!("w/{worker}/{id}"), &());
         tx.put(format!("s/{id}"), &stored);
+        Ok(())
     }
 
     fn stored_session(&self, chat: &str) -> Result<Option<StoredSession>, CallError> {
@@ -674,13 +752,15 @@ impl<K: Kv> ContractStore<K> {
         }
     }
 
-    fn put_session(&self, tx: &mut Tx, worker: &str, session: &ChatSession) {
+    fn put_session(
+        &self,
+        tx: &mut Tx,
+        worker: &str,
+        session: &ChatSession,
+    ) -> Result<(), CallError> {
         // A failed session keeps its reason through later changes (a rename, say).
-        let failure_reason = self
-            .stored_session(&session.chat_session_id)
-            .ok()
-            .flatten()
-            .and_then(|s| s.failure_reason);
+        let old = self.stored_session(&session.chat_session_id)?;
+        let (failure_reason, change) = old.map_or((None, 0), |s| (s.failure_reason, s.change));
         self.put_stored(
             tx,
             worker,
@@ -688,8 +768,9 @@ impl<K: Kv> ContractStore<K> {
                 worker_id: worker.to_owned(),
                 session: session.clone(),
                 failure_reason,
+                change,
             },
-        );
+        )
     }
 
     /// Writes a message under a new change number, dropping its old change-log entry. `old`:
@@ -739,6 +820,11 @@ impl<K: Kv> ContractStore<K> {
         tx.put("n".into(), &n);
         Ok(n)
     }
+}
+
+/// The key of a session's entry in its worker's change log.
+fn session_change_key(worker: &str, change: u64) -> String {
+    format!("c/{worker}/{change:020}")
 }
 
 fn to_json(v: &impl Serialize) -> serde_json::Value {
@@ -872,6 +958,55 @@ mod tests {
     fn is_random_id(id: &str, prefix: &str) -> bool {
         id.strip_prefix(prefix)
             .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
+
+    fn list(s: &ContractStore<MemoryKv>, cursor: Option<&str>) -> PageValue<ChatSession> {
+        let args = ListArgs {
+            worker_id: "w".into(),
+            cursor: cursor.map(str::to_owned),
+            limit: 100,
+        };
+        s.list_sessions(&args).unwrap()
+    }
+
+    #[test]
+    fn sessions_written_before_change_numbers_are_numbered_at_the_first_full_listing() {
+        let s = store();
+        let old = ChatSession {
+            chat_session_id: "chat_old".into(),
+            agent_session_id: None,
+            title: "old".into(),
+            model: None,
+            status: ChatStatus::Active,
+            last_activity: 1,
+            project: None,
+        };
+        // As an older agentsync wrote it: no change number, no change-log entry.
+        let record = serde_json::json!({"worker_id": "w", "session": old});
+        s.kv.commit(vec![
+            (
+                "s/chat_old".into(),
+                Some(serde_json::to_vec(&record).unwrap()),
+            ),
+            ("w/w/chat_old".into(), Some(b"null".to_vec())),
+        ])
+        .unwrap();
+        let first = list(&s, None);
+        assert_eq!(first.page, vec![old]);
+        assert!(list(&s, Some(&first.continue_cursor)).page.is_empty());
+        s.mutation(
+            "renameSession",
+            serde_json::json!({"commandId": "r", "chatSessionId": "chat_old", "title": "new"}),
+        )
+        .unwrap();
+        let since = list(&s, Some(&first.continue_cursor));
+        assert_eq!(since.page.len(), 1);
+        assert_eq!(since.page[0].title, "new");
+        assert_eq!(
+            list(&s, None).page.len(),
+            1,
+            "listed once, at its latest change"
+        );
     }
 
     #[test]

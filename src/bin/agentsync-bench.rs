@@ -97,6 +97,10 @@ enum What {
         /// Where to put the data dir (a fresh folder inside it; removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// A data dir without the feeds' cursors (as one from before incremental observation):
+        /// the start lists both sides in full, as every start did before.
+        #[arg(long)]
+        no_cursors: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -166,12 +170,13 @@ fn main() -> std::process::ExitCode {
         What::Startup {
             sessions,
             dir,
+            no_cursors,
             json,
         } => {
             let base = dir
                 .unwrap_or_else(std::env::temp_dir)
                 .join(format!("agentsync-startup-{}", std::process::id()));
-            let result = bench_startup(&base, sessions);
+            let result = bench_startup(&base, sessions, !no_cursors);
             let _ = std::fs::remove_dir_all(&base);
             (result, json)
         }
@@ -779,7 +784,7 @@ const STARTUP_WORKER: &str = "bench";
 /// The worker's time from process start to Ready, and its peak RSS, on a checkpointed view of
 /// `n` sessions against fakes holding the same `n` sessions (so Ready needs two complete
 /// listings of `n` and finds nothing to do).
-fn bench_startup(base: &Path, n: usize) -> Res<serde_json::Value> {
+fn bench_startup(base: &Path, n: usize, cursors: bool) -> Res<serde_json::Value> {
     use agentsync::sim::convex::FakeConvex;
     use agentsync::sim::opencode::{FakeOpencode, FakeSession};
 
@@ -810,7 +815,7 @@ fn bench_startup(base: &Path, n: usize) -> Res<serde_json::Value> {
         })
         .collect();
     let data_dir = base.join("data");
-    prepare_worker_dir(&data_dir, &agents, chats)?;
+    prepare_worker_dir(&data_dir, &agents, chats, cursors)?;
     let opencode = runtime.block_on(FakeOpencode::start(agents))?;
     let setup_ms = t.elapsed().as_millis();
     let checkpoint_seq = EventLog::open(&data_dir, &opts())?.last_seq();
@@ -926,6 +931,7 @@ fn prepare_worker_dir(
     dir: &Path,
     agents: &[agentsync::sim::opencode::FakeSession],
     chats: Vec<agentsync::backend::contract::ChatSession>,
+    cursors: bool,
 ) -> Res<()> {
     let agent_events = agents.iter().map(|s| {
         Event::AgentSessionSeen(AgentSessionInfo {
@@ -939,9 +945,37 @@ fn prepare_worker_dir(
             tag: None,
         })
     });
+    let n_chats = chats.len();
     let chat_events = chats
         .into_iter()
         .map(|c| Event::BackendSessionSeen(ChatSessionInfo::from(c)));
-    checkpointed(dir, agent_events.chain(chat_events))?;
+    // What the previous run left: its complete listings and where each feed stood (the fake
+    // store numbered the N sessions 1..N; no messages).
+    let high = agents.iter().map(|s| s.updated).max().unwrap_or(0);
+    let listed = |source| {
+        Event::ListingCompleted(ListingCompleted {
+            source,
+            sessions: 0,
+            complete: true,
+            as_of: Some(0),
+        })
+    };
+    let feed = |feed, cursor: String| {
+        Event::FeedRead(agentsync::events::FeedRead {
+            feed,
+            cursor,
+            reached_end: true,
+        })
+    };
+    use agentsync::events::Feed;
+    let marks = [
+        listed(Source::Agent),
+        listed(Source::Backend),
+        feed(Feed::AgentSessions, high.to_string()),
+        feed(Feed::BackendSessions, n_chats.to_string()),
+        feed(Feed::BackendMessages, "0".into()),
+    ];
+    let marks = marks.into_iter().filter(|_| cursors);
+    checkpointed(dir, agent_events.chain(chat_events).chain(marks))?;
     Ok(())
 }

@@ -250,6 +250,12 @@ pub(crate) fn summary(e: &Event) -> String {
             if b.complete { "complete" } else { "PARTIAL" }
         ),
         Event::ObservationFailed(b) => format!("{} {}: {}", b.source, b.operation, b.error),
+        Event::FeedRead(b) => format!(
+            "{:?} read to {}{}",
+            b.feed,
+            b.cursor,
+            if b.reached_end { ", to the end" } else { "" }
+        ),
         Event::CommandPlanned(b) => format!(
             "{} {} {} (because: {})",
             b.command_id,

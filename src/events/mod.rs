@@ -109,6 +109,8 @@ event_catalogue! {
     ListingCompleted(ListingCompleted) = "listing_completed", version 1;
     /// An observation failed: a failure, never an empty result.
     ObservationFailed(ObservationFailed) = "observation_failed", version 1;
+    /// An incremental read moved a feed's cursor (or first reached its end in a process).
+    FeedRead(FeedRead) = "feed_read", version 1;
     // Decisions and outcomes.
     /// The reconciler planned a command.
     CommandPlanned(CommandPlanned) = "command_planned", version 1;
@@ -191,6 +193,7 @@ impl Event {
             Event::ModelsListed(_)
             | Event::ModelsRequested(_)
             | Event::ListingCompleted(_)
+            | Event::FeedRead(_)
             | Event::ObservationFailed(_)
             | Event::WorkerStarted(_)
             | Event::WorkerReady(_)

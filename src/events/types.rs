@@ -317,6 +317,36 @@ pub struct ListingCompleted {
     pub as_of: Option<u64>,
 }
 
+/// A feed of changes the worker reads incrementally, from a cursor kept in the log.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Feed {
+    /// The agent server's sessions updated since a time (`GET /session?start=T`).
+    AgentSessions,
+    /// The backend's chat sessions changed after a cursor (`listSessions`).
+    BackendSessions,
+    /// The backend's messages changed after a cursor (`listMessages`).
+    BackendMessages,
+}
+
+/// An incremental read of a feed moved its cursor, or (the first in a process) reached the
+/// end: where the next read starts, kept in the log so a restart reads on from there. Appended
+/// only when the cursor moved or the read is the first of the process to reach the end: an
+/// idle poll appends nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FeedRead {
+    /// Which feed.
+    pub feed: Feed,
+    /// Where the next read starts: the backend's `continueCursor`, or for the agent server the
+    /// highest `updated_at` (ms) a complete listing has shown.
+    pub cursor: String,
+    /// Whether the read went to the end without a failure: from a cursor that a complete
+    /// listing covers, the view then knows every session (but proves none gone).
+    pub reached_end: bool,
+}
+
 /// An observation that failed. It is a failure, never an empty result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ObservationFailed {

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 pub use commands::{CommandLedger, CommandState, LedgerEntry, OpenCommand};
 pub use messages::{MessageRow, MessageState, MessagesView};
 pub use sessions::{
-    AgentSessionRow, ChatSessionRow, DeletionHold, ListingState, ModelCache, SessionsView,
-    MODELS_OPERATION, TOMBSTONE_MS,
+    AgentSessionRow, ChatSessionRow, DeletionHold, FeedState, ListingState, ModelCache,
+    SessionsView, MODELS_OPERATION, TOMBSTONE_MS,
 };
 
 use crate::events::Envelope;

@@ -8,7 +8,7 @@ use super::Projection;
 use crate::clock::Millis;
 use crate::events::{
     AgentSessionId, AgentSessionInfo, AgentStatus, ChatSessionId, ChatSessionInfo, ChatStatus,
-    Effect, Envelope, Event, ModelRef, Source,
+    Effect, Envelope, Event, Feed, ModelRef, Source,
 };
 
 /// The agent server's sessions, the backend's chat sessions, how they link, and how fresh each
@@ -45,6 +45,19 @@ pub struct SessionsView {
     /// Chat sessions gone from the backend, likewise.
     #[serde(default)]
     pub chat_gone: BTreeMap<ChatSessionId, (u64, Millis)>,
+    /// Per feed of changes, where the next incremental read starts (`feed_read`). Absent from
+    /// checkpoints written before feeds existed: the first start after them lists in full.
+    #[serde(default)]
+    pub feeds: BTreeMap<Feed, FeedState>,
+}
+
+/// Where one feed's incremental reads stand.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedState {
+    /// Where the next read starts.
+    pub cursor: String,
+    /// The seq of the last `feed_read` that reached the end.
+    pub caught_up_seq: Option<u64>,
 }
 
 /// How long a tombstone outlives the deletion it records, at least: longer than any stream
@@ -427,6 +440,13 @@ impl Projection for SessionsView {
                         Source::Agent => self.agent_gone.retain(|_, t| keep(t)),
                         Source::Backend => self.chat_gone.retain(|_, t| keep(t)),
                     }
+                }
+            }
+            Event::FeedRead(b) => {
+                let feed = self.feeds.entry(b.feed).or_default();
+                feed.cursor.clone_from(&b.cursor);
+                if b.reached_end {
+                    feed.caught_up_seq = Some(e.seq);
                 }
             }
             Event::ModelsRequested(b) => self.models_requested = Some((b.generation, e.at)),

@@ -19,6 +19,7 @@
 mod deletions;
 pub mod ids;
 
+use crate::events::Feed;
 pub use deletions::{deletion_hold, HoldChange};
 
 use std::collections::hash_map::Entry;
@@ -187,17 +188,24 @@ impl Planner<'_> {
     }
 }
 
-/// Both sides have been listed completely since this process started (after `process_seq`):
-/// before that, a missing counterpart may only be unlisted, and acting on it would duplicate
-/// or delete sessions on the strength of what a previous process saw. The worker is Ready
-/// exactly when this holds.
+/// Both sides have been observed completely since this process started (after
+/// `process_seq`): before that, a missing counterpart may only be unlisted, and acting on it
+/// would duplicate or delete sessions on the strength of what a previous process saw. The
+/// worker is Ready exactly when this holds.
+///
+/// A side is observed completely by a complete listing, or by an incremental read of its
+/// sessions' feed that reached the end (`feed_read` with `reached_end`) from the cursor the
+/// log keeps: that cursor is covered by a complete listing (the agent's is first set by one;
+/// the backend's chain of reads starts from `null`, which is one), so the view then holds
+/// every session the source holds. It proves none gone: absence still needs a complete
+/// listing (`ListingState::last_complete_seq`, which only a full listing sets).
 pub fn listed_in_this_process(s: &SessionsView, process_seq: u64) -> bool {
-    [Source::Agent, Source::Backend].iter().all(|src| {
-        s.listings
-            .get(src)
-            .and_then(|l| l.last_complete_seq)
-            .is_some_and(|seq| seq > process_seq)
-    })
+    let observed = |src: Source, feed: Feed| {
+        let listed = s.listings.get(&src).and_then(|l| l.last_complete_seq);
+        let read = s.feeds.get(&feed).and_then(|f| f.caught_up_seq);
+        listed.max(read).is_some_and(|seq| seq > process_seq)
+    };
+    observed(Source::Agent, Feed::AgentSessions) && observed(Source::Backend, Feed::BackendSessions)
 }
 
 /// Chat sessions by the agent session they link to: one per agent session (an active one when

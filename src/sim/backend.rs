@@ -20,6 +20,10 @@ struct BackendState {
     messages: BTreeMap<MessageId, MessageInfo>,
     /// Message ids in the order they changed: `listMessages`' cursor is a position here.
     changes: Vec<MessageId>,
+    /// Chat session ids in the order they changed: `listSessions`' cursor is a position here;
+    /// an entry counts only at the session's latest position (`session_at`).
+    session_changes: Vec<ChatSessionId>,
+    session_at: HashMap<ChatSessionId, usize>,
     /// Replies of the commands applied, by id: a repeat gets the first reply.
     applied: HashMap<CommandId, MutationReply>,
     /// How many times each command changed the state (at most once, by the table above).
@@ -33,11 +37,26 @@ impl BackendState {
         self.changes.push(id.clone());
     }
 
-    /// A chat session to change; the contract's answer for an unknown one is an error.
+    /// A chat session to change (each change moves it to the end of the change log); the
+    /// contract's answer for an unknown one is an error.
     fn chat_mut(&mut self, id: &ChatSessionId) -> Result<&mut ChatSessionInfo, PortError> {
-        self.sessions
-            .get_mut(id)
-            .ok_or_else(|| PortError::terminal(format!("no chat session {id}")))
+        if !self.sessions.contains_key(id) {
+            return Err(PortError::terminal(format!("no chat session {id}")));
+        }
+        self.touch_session(id);
+        Ok(self.sessions.get_mut(id).expect("checked"))
+    }
+
+    fn touch_session(&mut self, id: &ChatSessionId) {
+        self.session_at
+            .insert(id.clone(), self.session_changes.len());
+        self.session_changes.push(id.clone());
+    }
+
+    fn put_session(&mut self, info: ChatSessionInfo) {
+        let id = info.chat_session_id.clone();
+        self.sessions.insert(id.clone(), info);
+        self.touch_session(&id);
     }
 
     fn put_message(&mut self, m: MessageInfo) {
@@ -58,9 +77,7 @@ impl SimBackend {
 
     /// Adds a chat session directly (the scenario's starting point).
     pub fn insert_session(&self, info: ChatSessionInfo) {
-        self.lock()
-            .sessions
-            .insert(info.chat_session_id.clone(), info);
+        self.lock().put_session(info);
     }
 
     /// Adds or replaces a message directly (a user writing in the web app).
@@ -81,6 +98,11 @@ impl SimBackend {
     /// How many times each command id changed the state.
     pub fn effects(&self) -> BTreeMap<CommandId, u32> {
         self.lock().effects.clone()
+    }
+
+    /// How many full session listings (`listSessions` from no cursor) it was asked for.
+    pub fn full_listings(&self) -> u32 {
+        self.lock().listings
     }
 
     /// Its call counters.
@@ -111,18 +133,15 @@ impl SimBackend {
             } => {
                 s.next_chat += 1;
                 let chat = ChatSessionId(format!("chat_sim{:06}", s.next_chat));
-                s.sessions.insert(
-                    chat.clone(),
-                    ChatSessionInfo {
-                        chat_session_id: chat.clone(),
-                        agent_session_id: Some(agent_session_id.clone()),
-                        title: title.clone(),
-                        model: model.clone(),
-                        status: ChatStatus::Active,
-                        last_activity: now,
-                        project: None,
-                    },
-                );
+                s.put_session(ChatSessionInfo {
+                    chat_session_id: chat.clone(),
+                    agent_session_id: Some(agent_session_id.clone()),
+                    title: title.clone(),
+                    model: model.clone(),
+                    status: ChatStatus::Active,
+                    last_activity: now,
+                    project: None,
+                });
                 MutationReply::Created(chat)
             }
             Command::LinkAgentSession {
@@ -249,16 +268,17 @@ impl Backend for SimBackend {
             }
             let page = {
                 let s = self.lock();
-                let page: Vec<ChatSessionInfo> = s
-                    .sessions
-                    .values()
-                    .skip(from)
-                    .take(limit as usize)
-                    .cloned()
-                    .collect();
-                let next = from + page.len();
+                let mut page = Vec::new();
+                let mut next = from;
+                while next < s.session_changes.len() && page.len() < limit as usize {
+                    let id = &s.session_changes[next];
+                    if s.session_at.get(id) == Some(&next) {
+                        page.extend(s.sessions.get(id).cloned());
+                    }
+                    next += 1;
+                }
                 Page {
-                    is_done: next >= s.sessions.len(),
+                    is_done: next >= s.session_changes.len(),
                     continue_cursor: next.to_string(),
                     page,
                 }

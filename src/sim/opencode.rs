@@ -209,7 +209,10 @@ mod tests {
         assert_eq!(all.sessions[0].directory.as_deref(), Some("/work/p"));
         let recent = client.list_sessions(Some(1_240)).await.unwrap();
         assert_eq!(recent.sessions.len(), 10);
-        assert!(!recent.complete);
+        assert!(
+            recent.complete,
+            "every session updated since: not cut at the limit"
+        );
         assert!(client.status().await.unwrap().is_empty());
         let models = client.list_models().await.unwrap();
         assert_eq!(models.models.len(), 1);

@@ -170,6 +170,9 @@ pub struct Worker {
     inlet: mpsc::Sender<Observation>,
     observations: Option<mpsc::Receiver<Observation>>,
     nudge_agent: Arc<Notify>,
+    /// Ask the observers for a full listing at their next poll.
+    full_agent: Arc<AtomicBool>,
+    full_backend: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -223,6 +226,8 @@ impl Worker {
             inlet: tx,
             observations: Some(rx),
             nudge_agent: Arc::new(Notify::new()),
+            full_agent: Arc::new(AtomicBool::new(false)),
+            full_backend: Arc::new(AtomicBool::new(false)),
         };
         let started = WorkerStarted {
             worker_id: worker.cfg.worker_id.clone(),
@@ -323,6 +328,9 @@ impl Worker {
             active: active.clone(),
             nudge_backend: nudge.clone(),
             nudge_agent: self.nudge_agent.clone(),
+            full_agent: self.full_agent.clone(),
+            full_backend: self.full_backend.clone(),
+            feeds: self.feed_cursors(),
             gates: self.dispatcher.gates(),
             policy: self.cfg.polling,
             page_size: self.cfg.page_size,
@@ -337,11 +345,13 @@ impl Worker {
         let mut quiet_rounds = 0u32;
         let mut planned_since_round = false;
         let mut agent_listed_since_round = false;
+        let mut backend_listed_in_round = false;
         let mut hold_checked_at = None;
         let stopped = loop {
             let now = self.clock.now_ms();
             self.check_ready(now).await?;
             self.hold_deletions(now, &mut hold_checked_at).await?;
+            self.confirm_hold(now);
             planned_since_round |= self.plan_and_start(now, &mut calls, &nudge).await?;
             self.maybe_checkpoint(now).await?;
             self.status.dispatch(
@@ -364,18 +374,27 @@ impl Worker {
                 () = &mut shutdown => break "shutdown requested".to_owned(),
                 Some(obs) = rx.recv() => {
                     let round_end = matches!(obs, Observation::BackendMessages { .. });
-                    agent_listed_since_round |= matches!(obs, Observation::AgentSessions { result: Ok(_), .. });
+                    agent_listed_since_round |= matches!(obs, Observation::AgentSessions { full: true, result: Ok(ref l), .. } if l.complete);
+                    backend_listed_in_round |= matches!(obs, Observation::BackendSessions { full: true, error: None, .. });
                     self.observed(obs).await?;
                     if round_end {
                         let idle = self.dispatcher.queued() == 0 && self.dispatcher.in_flight() == 0;
                         let ready = self.ready_after.is_some();
-                        if idle && ready && !planned_since_round && agent_listed_since_round {
+                        let quiet = idle && ready && !planned_since_round;
+                        // A round counts as quiet only when both sides were listed in full in
+                        // it: a simulation stops on what a full listing shows, deletions included.
+                        if quiet && agent_listed_since_round && backend_listed_in_round {
                             quiet_rounds += 1;
                         } else {
                             quiet_rounds = 0;
                         }
+                        if quiet && self.cfg.stop_when_quiet.is_some() {
+                            self.full_agent.store(true, Ordering::SeqCst);
+                            self.full_backend.store(true, Ordering::SeqCst);
+                        }
                         planned_since_round = false;
                         agent_listed_since_round = false;
+                        backend_listed_in_round = false;
                     }
                     active.store(self.is_active(), Ordering::SeqCst);
                 }
@@ -479,6 +498,26 @@ impl Worker {
         let event = NewEvent::new(change.into(), now).caused_by(cause.get(&listing_seq).copied());
         self.append(vec![event]).await?;
         Ok(())
+    }
+
+    /// While deletions are held, asks for the full agent listing that may confirm them once
+    /// the wait has passed since the hold and since the last one: full listings are otherwise
+    /// paced minutes apart.
+    fn confirm_hold(&self, now: Millis) {
+        let s = &self.views().sessions.state;
+        let Some(hold) = &s.deletion_hold else {
+            return;
+        };
+        let last = s
+            .listings
+            .get(&Source::Agent)
+            .and_then(|l| l.last_complete_at);
+        let from = hold.at.max(last.unwrap_or(0)).max(self.started_at);
+        if now >= from.saturating_add(self.cfg.policy.deletion_confirm_ms)
+            && !self.full_agent.swap(true, Ordering::SeqCst)
+        {
+            self.nudge_agent.notify_one();
+        }
     }
 
     /// Reconciles, appends what was planned, and starts what the dispatcher allows. Returns
@@ -621,7 +660,8 @@ impl Worker {
         let obs = match obs {
             Observation::Lifecycle(event) => {
                 if matches!(event, Event::AgentServerStarted(_)) {
-                    // A new server: list it now rather than at the next poll.
+                    // A new server: list it in full now rather than at the next poll.
+                    self.full_agent.store(true, Ordering::SeqCst);
                     self.nudge_agent.notify_one();
                 }
                 self.append(vec![NewEvent::new(event, now)]).await?;
@@ -629,7 +669,9 @@ impl Worker {
             }
             Observation::AgentStream(AgentObservation::Connected { reconnected }) => {
                 if reconnected {
-                    // Events may have been missed: a full listing closes the gap.
+                    // Events may have been missed, renames among them, which only a full
+                    // listing shows (a rename does not move `time.updated`): list in full.
+                    self.full_agent.store(true, Ordering::SeqCst);
                     self.nudge_agent.notify_one();
                 }
                 return Ok(());
@@ -638,35 +680,70 @@ impl Worker {
         };
         if let Some((source, ok)) = obs.call_outcome() {
             self.dispatcher.observed(source, ok, now);
+            if ok {
+                self.status.observed_ok(source, now);
+            }
         }
         let worker_id = self.cfg.worker_id.as_str();
         let views = self.views();
+        let sessions = &views.sessions.state;
+        let process_seq = self.process_seq;
         let events = match obs {
-            Observation::AgentSessions { as_of, result } => match result {
+            Observation::AgentSessions {
+                as_of,
+                full,
+                cursor,
+                result,
+            } => match result {
                 Ok(listing) => {
-                    observe::agent_listing(&views.sessions.state, &listing, as_of, worker_id)
+                    let mut events = if full {
+                        observe::agent_listing(sessions, &listing, as_of, worker_id)
+                    } else {
+                        observe::agent_changes(sessions, &listing, as_of, worker_id)
+                    };
+                    let read = cursor.map(|c| c.to_string());
+                    events.extend(read.and_then(|c| {
+                        observe::feed_read(sessions, Feed::AgentSessions, &c, true, process_seq)
+                    }));
+                    events
                 }
                 Err(e) => vec![failed(Source::Agent, "list_sessions", e)],
             },
             Observation::AgentStatus { as_of, result } => match result {
-                Ok(statuses) => observe::agent_statuses(&views.sessions.state, statuses, as_of),
+                Ok(statuses) => observe::agent_statuses(sessions, statuses, as_of),
                 Err(e) => vec![failed(Source::Agent, "status", e)],
             },
             Observation::BackendSessions {
                 as_of,
-                sessions,
+                full,
+                sessions: listed,
+                cursor,
                 error,
             } => {
                 let complete = error.is_none();
-                let mut events =
-                    observe::backend_sessions(&views.sessions.state, &sessions, complete, as_of);
+                let mut events = if full {
+                    observe::backend_sessions(sessions, &listed, complete, as_of)
+                } else {
+                    observe::backend_session_changes(sessions, &listed, as_of)
+                };
+                events.extend(cursor.and_then(|c| {
+                    observe::feed_read(sessions, Feed::BackendSessions, &c, complete, process_seq)
+                }));
                 if let Some(e) = error {
                     events.push(failed(Source::Backend, "list_sessions", e));
                 }
                 events
             }
-            Observation::BackendMessages { messages, error } => {
+            Observation::BackendMessages {
+                messages,
+                cursor,
+                error,
+            } => {
                 let mut events = observe::backend_messages(&views.messages.state, &messages);
+                let complete = error.is_none();
+                events.extend(cursor.and_then(|c| {
+                    observe::feed_read(sessions, Feed::BackendMessages, &c, complete, process_seq)
+                }));
                 if let Some(e) = error {
                     events.push(failed(Source::Backend, "list_messages", e));
                 }
@@ -714,6 +791,28 @@ impl Worker {
         };
         self.append(events).await?;
         Ok(())
+    }
+
+    /// Where the feeds' next reads start, as the log has it. The agent feed counts only when
+    /// a complete agent listing covers it (`feed_read` for it follows only such listings).
+    fn feed_cursors(&self) -> observers::FeedCursors {
+        let s = &self.views().sessions.state;
+        let cursor = |feed| {
+            s.feeds
+                .get(&feed)
+                .map(|f: &crate::projections::FeedState| f.cursor.clone())
+        };
+        let listed = s
+            .listings
+            .get(&Source::Agent)
+            .and_then(|l| l.last_complete_seq);
+        observers::FeedCursors {
+            agent: cursor(Feed::AgentSessions)
+                .filter(|_| listed.is_some())
+                .and_then(|c| c.parse().ok()),
+            backend_sessions: cursor(Feed::BackendSessions),
+            backend_messages: cursor(Feed::BackendMessages),
+        }
     }
 
     /// Whether the observers should poll fast.

@@ -27,6 +27,10 @@ pub struct PollPolicy {
     pub backoff: f64,
     /// +/- this fraction of jitter on every interval.
     pub jitter: f64,
+    /// How often each side is listed in full, in the background, as a safety net under the
+    /// incremental reads (and the only observation that may prove a session gone). Default
+    /// 10 minutes.
+    pub full_listing_ms: Millis,
 }
 
 impl Default for PollPolicy {
@@ -36,6 +40,7 @@ impl Default for PollPolicy {
             idle_max_ms: 30_000,
             backoff: 1.5,
             jitter: 0.1,
+            full_listing_ms: 600_000,
         }
     }
 }
@@ -81,6 +86,11 @@ pub enum Observation {
     AgentSessions {
         /// The log's last seq when the listing started.
         as_of: u64,
+        /// A full listing (`GET /session`), or the sessions updated since the feed's cursor.
+        full: bool,
+        /// The agent feed's cursor after it (the highest `updated_at` a complete listing has
+        /// shown), when the listing was complete and the feed is covered by a complete listing.
+        cursor: Option<Millis>,
         /// The listing, or why it failed.
         result: Result<AgentListing, PortError>,
     },
@@ -91,12 +101,17 @@ pub enum Observation {
         /// The statuses, or why the call failed.
         result: Result<Vec<AgentSessionStatus>, PortError>,
     },
-    /// Every page of the backend's sessions, started when the log was at `as_of`.
+    /// The backend's sessions, every page (`full`, from no cursor) or those changed since the
+    /// feed's cursor, started when the log was at `as_of`.
     BackendSessions {
         /// The log's last seq when the listing started.
         as_of: u64,
+        /// Whether it read from no cursor: a full listing, which may prove absence.
+        full: bool,
         /// The sessions of the pages that came.
         sessions: Vec<ChatSessionInfo>,
+        /// The cursor after the last page that came, if one did.
+        cursor: Option<String>,
         /// Why the listing stopped early, if it did: the listing is then partial.
         error: Option<PortError>,
     },
@@ -105,6 +120,8 @@ pub enum Observation {
     BackendMessages {
         /// The messages read.
         messages: Vec<MessageInfo>,
+        /// The cursor after the last page that came, if one did.
+        cursor: Option<String>,
         /// The failure that cut the listing short.
         error: Option<PortError>,
     },
@@ -142,6 +159,13 @@ pub struct ObserverLink {
     pub nudge_backend: Arc<Notify>,
     /// List the agent server now (its event stream reconnected: events may have been missed).
     pub nudge_agent: Arc<Notify>,
+    /// List the agent server in full at its next poll (a reconnect of its event stream, a new
+    /// server, a deletion hold waiting for its confirmation, a simulation about to stop).
+    pub full_agent: Arc<AtomicBool>,
+    /// List the backend in full at its next poll.
+    pub full_backend: Arc<AtomicBool>,
+    /// Where the feeds stood in the log when the worker started.
+    pub feeds: FeedCursors,
     /// The per-target gates.
     pub gates: Gates,
     /// The polling policy.
@@ -154,24 +178,79 @@ pub struct ObserverLink {
     pub seed: u64,
 }
 
-/// Observes the agent server until the channel closes.
+/// Where each feed's next incremental read starts, as the log has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeedCursors {
+    /// The agent feed's cursor (a complete listing's highest `updated_at`), if one was kept.
+    pub agent: Option<Millis>,
+    /// The backend sessions' change cursor.
+    pub backend_sessions: Option<String>,
+    /// The backend messages' change cursor.
+    pub backend_messages: Option<String>,
+}
+
+/// An incremental agent listing asks for the sessions updated this long before its cursor:
+/// updates within one millisecond, or committed out of order, are read again, not missed.
+pub const AGENT_SINCE_MARGIN_MS: Millis = 1_000;
+
+/// When a full listing is due: never listed in full by this observer (`last` is `None`; the
+/// caller sets it at start when a cursor lets the first read be incremental), or the interval
+/// passed since the last one.
+fn full_due(last: Option<tokio::time::Instant>, every_ms: Millis) -> bool {
+    last.is_none_or(|t| t.elapsed() >= Duration::from_millis(every_ms))
+}
+
+/// Observes the agent server until the channel closes: from its feed's cursor the sessions
+/// updated since (`GET /session?start=T`), and in full when there is no cursor, when asked
+/// (`full_agent`), every `full_listing_ms`, and once right after a start from a cursor: a
+/// rename does not move OpenCode's `time.updated` (1.18.33), so renames made while no stream
+/// was connected come only from a full listing.
 pub async fn observe_agent(agent: Arc<dyn AgentServer>, link: ObserverLink) {
     let mut poller = Poller::new(link.policy);
     let mut rng = SmallRng::seed_from_u64(link.seed);
+    let mut cursor = link.feeds.agent;
+    let mut last_full = None;
+    let mut first = true;
     loop {
         let as_of = link.seq.load(Ordering::SeqCst);
+        let wanted = link.full_agent.swap(false, Ordering::SeqCst);
+        let full = cursor.is_none()
+            || wanted
+            || (!first && full_due(last_full, link.policy.full_listing_ms));
+        first = false;
+        let since = cursor.filter(|_| !full);
         let result = {
             let Ok(_permit) = link.gates.agent.acquire().await else {
                 return;
             };
-            agent.list_sessions(None).await
+            agent
+                .list_sessions(since.map(|t| t.saturating_sub(AGENT_SINCE_MARGIN_MS)))
+                .await
         };
-        if link
-            .tx
-            .send(Observation::AgentSessions { as_of, result })
-            .await
-            .is_err()
-        {
+        let mut read_to = None;
+        match &result {
+            Ok(l) if l.complete => {
+                last_full = if full {
+                    Some(tokio::time::Instant::now())
+                } else {
+                    last_full
+                };
+                let high = crate::observe::agent_high_water(l);
+                cursor = cursor.max(high).or(Some(0));
+                read_to = cursor;
+            }
+            // Cut short (a page limit): only a full listing can close the gap.
+            Ok(_) => link.full_agent.store(true, Ordering::SeqCst),
+            Err(_) if wanted => link.full_agent.store(true, Ordering::SeqCst),
+            Err(_) => {}
+        }
+        let obs = Observation::AgentSessions {
+            as_of,
+            full,
+            cursor: read_to,
+            result,
+        };
+        if link.tx.send(obs).await.is_err() {
             return;
         }
         let as_of = link.seq.load(Ordering::SeqCst);
@@ -254,34 +333,56 @@ where
     Some((items, cursor, Some(e)))
 }
 
-/// Observes the backend until the channel closes: every page of the sessions, then the
-/// messages changed since the last cursor.
+/// Observes the backend until the channel closes: the sessions changed since the feed's
+/// cursor (every page from no cursor when there is none, when asked with `full_backend`, and
+/// every `full_listing_ms`), then the messages changed since theirs.
 pub async fn observe_backend(backend: Arc<dyn Backend>, link: ObserverLink) {
     let mut poller = Poller::new(link.policy);
     let mut rng = SmallRng::seed_from_u64(link.seed ^ 0xb4c);
-    let mut message_cursor: Option<String> = None;
+    let mut sessions_cursor = link.feeds.backend_sessions.clone();
+    let mut message_cursor = link.feeds.backend_messages.clone();
+    // From a kept cursor the first read is incremental, and the safety net comes later.
+    let mut last_full = sessions_cursor
+        .as_ref()
+        .map(|_| tokio::time::Instant::now());
     let limit = link.page_size;
     let max_pages = link.max_pages;
     loop {
         let as_of = link.seq.load(Ordering::SeqCst);
         let gate = &link.gates.backend;
-        let Some((sessions, _, error)) = read_pages(gate, "listSessions", None, max_pages, |c| {
-            let b = &backend;
-            Box::pin(async move { b.list_sessions(c.as_deref(), limit).await })
-        })
-        .await
+        let wanted = link.full_backend.swap(false, Ordering::SeqCst);
+        let full =
+            sessions_cursor.is_none() || wanted || full_due(last_full, link.policy.full_listing_ms);
+        let from = sessions_cursor.clone().filter(|_| !full);
+        let Some((sessions, cursor, error)) =
+            read_pages(gate, "listSessions", from, max_pages, |c| {
+                let b = &backend;
+                Box::pin(async move { b.list_sessions(c.as_deref(), limit).await })
+            })
+            .await
         else {
             return;
         };
+        if full && error.is_none() {
+            last_full = Some(tokio::time::Instant::now());
+        } else if full && wanted {
+            link.full_backend.store(true, Ordering::SeqCst);
+        }
+        // In change order, the pages before a failure are a valid place to read on from.
+        if cursor.is_some() {
+            sessions_cursor.clone_from(&cursor);
+        }
         let obs = Observation::BackendSessions {
             as_of,
+            full,
             sessions,
+            cursor,
             error,
         };
         if link.tx.send(obs).await.is_err() {
             return;
         }
-        let from = message_cursor.take();
+        let from = message_cursor.clone();
         let Some((messages, cursor, failure)) =
             read_pages(gate, "listMessages", from, max_pages, |c| {
                 let b = &backend;
@@ -292,9 +393,12 @@ pub async fn observe_backend(backend: Arc<dyn Backend>, link: ObserverLink) {
             return;
         };
         // The pages before a failure are real; the rest is read from this cursor next time.
-        message_cursor = cursor;
+        if cursor.is_some() {
+            message_cursor.clone_from(&cursor);
+        }
         let obs = Observation::BackendMessages {
             messages,
+            cursor,
             error: failure,
         };
         if link.tx.send(obs).await.is_err() {
@@ -396,11 +500,13 @@ mod tests {
         assert_eq!(stream.call_outcome(), None, "a pushed event is no call");
         let partial = Observation::BackendMessages {
             messages: vec![],
+            cursor: None,
             error: Some(PortError::retryable("page 3: 503")),
         };
         assert_eq!(partial.call_outcome(), Some((Source::Backend, false)));
         let whole = Observation::BackendMessages {
             messages: vec![],
+            cursor: None,
             error: None,
         };
         assert_eq!(whole.call_outcome(), Some((Source::Backend, true)));

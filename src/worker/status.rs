@@ -293,6 +293,13 @@ impl WorkerStatus {
         self.in_flight.set(in_flight as i64);
     }
 
+    /// A call to `source` succeeded at `now` (a listing, a read of changes, a status reply):
+    /// the observation is fresh even when it found nothing to append.
+    pub fn observed_ok(&self, source: Source, now: Millis) {
+        let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        m.last_ok[source_index(source)] = Some(now);
+    }
+
     /// Records how many outcomes the backend does not hold yet, and since when the oldest.
     pub fn undelivered(&self, count: usize, oldest: Option<Millis>) {
         let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());

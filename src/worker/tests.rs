@@ -54,15 +54,17 @@ fn a_wiped_agent_server_deletes_nothing_until_a_listing_a_minute_later_agrees() 
     let (agent, backend) = rt.block_on(async {
         let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
         let (agent, backend) = linked_sides(clock.clone(), 30);
-        let worker = Worker::open(
-            log.clone(),
-            agent.clone(),
-            backend.clone(),
-            clock,
-            WorkerConfig::default(),
-        )
-        .await
-        .unwrap();
+        // Full listings every few seconds: only they show a silent wipe.
+        let cfg = WorkerConfig {
+            polling: PollPolicy {
+                full_listing_ms: 5_000,
+                ..PollPolicy::default()
+            },
+            ..WorkerConfig::default()
+        };
+        let worker = Worker::open(log.clone(), agent.clone(), backend.clone(), clock, cfg)
+            .await
+            .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let driver = async {
             tokio::time::sleep(Duration::from_secs(10)).await;
@@ -423,4 +425,227 @@ fn a_resumed_prompt_waits_for_ready_like_a_planned_one() {
             .map(|e| (e.seq, e.kind()))
             .collect::<Vec<_>>()
     );
+}
+
+/// Runs one worker process on `log` until `driver` finishes, in the current runtime.
+async fn process<F: Future<Output = ()>>(
+    log: &Arc<EventLog>,
+    sides: (&Arc<SimAgent>, &Arc<SimBackend>),
+    clock: &Arc<dyn Clock>,
+    driver: impl FnOnce(mpsc::Sender<Observation>) -> F,
+) -> RunReport {
+    let worker = Worker::open(
+        log.clone(),
+        sides.0.clone(),
+        sides.1.clone(),
+        clock.clone(),
+        WorkerConfig::default(),
+    )
+    .await
+    .unwrap();
+    let inlet = worker.inlet();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let drive = async {
+        driver(inlet).await;
+        let _ = stop.send(());
+    };
+    let (report, ()) = tokio::join!(
+        worker.run(async {
+            let _ = stopped.await;
+        }),
+        drive
+    );
+    report.unwrap()
+}
+
+fn paused() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+fn open_log(dir: &std::path::Path) -> Arc<EventLog> {
+    let opts = LogOptions {
+        create: true,
+        ..LogOptions::default()
+    };
+    Arc::new(EventLog::open(dir, &opts).unwrap())
+}
+
+fn kinds_after(log: &EventLog, seq: u64) -> Vec<EventKind> {
+    log.read(ReadFilter::default())
+        .map(Result::unwrap)
+        .filter(|e| e.seq > seq)
+        .map(|e| e.kind())
+        .collect()
+}
+
+#[test]
+fn a_restart_reads_on_from_the_cursors_in_the_log_and_sees_what_came_while_it_was_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, backend) = linked_sides(clock.clone(), 20);
+        let sides = (&agent, &backend);
+        let first = process(&log, sides, &clock, |_| async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        })
+        .await;
+        assert!(first.time_to_ready_ms.is_some());
+        assert_eq!(
+            backend.full_listings(),
+            1,
+            "the first start lists in full, once"
+        );
+        let pages_before = backend.stats().calls["listSessions"];
+        // While it is down: a person writes in chat_3.
+        let chat = ChatSessionId::from("chat_3");
+        backend.insert_message(MessageInfo {
+            chat_session_id: chat,
+            message_id: MessageId::from("m_down"),
+            role: Role::User,
+            content: "hi".into(),
+            completed: true,
+            timestamp: T0,
+            reply_to: None,
+            error: None,
+        });
+        let down_seq = log.last_seq();
+        let second = process(&log, sides, &clock, |_| async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        })
+        .await;
+        assert!(
+            second.time_to_ready_ms.is_some(),
+            "Ready without a full listing"
+        );
+        assert_eq!(
+            backend.full_listings(),
+            1,
+            "the restart read from its cursor"
+        );
+        let pages = backend.stats().calls["listSessions"] - pages_before;
+        assert!(pages <= 12, "one page per poll, not a listing: {pages}");
+        let seen = second
+            .views
+            .messages
+            .state
+            .messages
+            .contains_key(&MessageId::from("m_down"));
+        assert!(seen, "the message posted while down was seen");
+        let kinds = kinds_after(&log, down_seq);
+        let ready = kinds
+            .iter()
+            .position(|k| *k == EventKind::WorkerReady)
+            .unwrap();
+        assert!(
+            !kinds[..ready].contains(&EventKind::ListingCompleted),
+            "no full listing on the way to Ready: {kinds:?}"
+        );
+    });
+}
+
+#[test]
+fn an_idle_worker_appends_no_events_poll_after_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, backend) = linked_sides(clock.clone(), 10);
+        let sides = (&agent, &backend);
+        let log2 = log.clone();
+        let backend2 = backend.clone();
+        process(&log, sides, &clock, |_| async move {
+            // Ready, the first checkpoint written, then five idle minutes: the pollers back
+            // off to 30 s, so at least ten polls of each side.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            let seq = log2.last_seq();
+            let polls = backend2.stats().calls["listMessages"];
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            assert!(backend2.stats().calls["listMessages"] - polls >= 10);
+            assert_eq!(
+                kinds_after(&log2, seq),
+                Vec::<EventKind>::new(),
+                "nothing changed, nothing appended"
+            );
+        })
+        .await;
+    });
+}
+
+#[test]
+fn a_rename_that_does_not_move_updated_at_is_seen_from_the_stream_and_not_from_a_read_of_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, backend) = linked_sides(clock.clone(), 3);
+        // The agent feed's cursor is the newest updated_at: ses_0's, a minute after the rest.
+        agent.retitle(&AgentSessionId::from("ses_0"), "S0", T0);
+        let sides = (&agent, &backend);
+        let (a, b) = (agent.clone(), backend.clone());
+        let title = move |i: u32| {
+            b.sessions()[&ChatSessionId(format!("chat_{i}"))]
+                .title
+                .clone()
+        };
+        process(&log, sides, &clock, |inlet| async move {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            // OpenCode 1.18.33: a rename leaves time.updated where it was.
+            a.retitle(&AgentSessionId::from("ses_1"), "quiet rename", T0 - 60_000);
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            assert_eq!(title(1), "S1", "a read of changes cannot see it");
+            a.retitle(
+                &AgentSessionId::from("ses_2"),
+                "streamed rename",
+                T0 - 60_000,
+            );
+            let info = a.sessions()[&AgentSessionId::from("ses_2")].clone();
+            let report = AgentObservation::SessionUpdated(Box::new(info));
+            inlet.send(Observation::AgentStream(report)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert_eq!(title(2), "streamed rename", "the stream carries it");
+            // The safety net: the next full listing finds the quiet one.
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            assert_eq!(title(1), "quiet rename", "the full listing carries it");
+        })
+        .await;
+    });
+}
+
+#[test]
+fn a_session_created_and_deleted_between_two_reads_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, backend) = linked_sides(clock.clone(), 3);
+        let sides = (&agent, &backend);
+        let (a, b) = (agent.clone(), backend.clone());
+        let report = process(&log, sides, &clock, |_| async move {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            let info = serde_json::json!({"agent_session_id": "ses_brief", "title": "brief", "updated_at": T0 + 20_000});
+            a.insert(serde_json::from_value(info).unwrap());
+            a.remove(&AgentSessionId::from("ses_brief"));
+            b.insert_session(ChatSessionInfo {
+                chat_session_id: ChatSessionId::from("chat_brief"),
+                agent_session_id: None,
+                title: "brief".into(),
+                model: None,
+                status: ChatStatus::Deleted,
+                last_activity: T0 + 20_000,
+                project: None,
+            });
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        })
+        .await;
+        let s = &report.views.sessions.state;
+        assert!(!s.agent.contains_key(&AgentSessionId::from("ses_brief")));
+        assert_eq!(s.chat[&ChatSessionId::from("chat_brief")].status, ChatStatus::Deleted);
+        assert_eq!(backend.sessions().len(), 4, "no chat session made for it");
+        assert_eq!(agent.sessions().len(), 3, "no agent session made for it");
+    });
 }

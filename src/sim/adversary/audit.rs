@@ -24,7 +24,9 @@ pub const EVERY_MESSAGE_RESOLVED: &str = "every_message_resolved";
 /// 4. No deletion while the agent side's latest observation in this process is failed or
 ///    partial.
 pub const NO_DELETION_ON_FAILED_OBSERVATION: &str = "no_deletion_on_failed_observation";
-/// 5. Ready (and any prompt) never before both sides were listed completely in this process.
+/// 5. Ready (and any prompt) never before both sides were observed completely in this process:
+///    a complete listing, or a read of the side's sessions feed that reached the end from a
+///    cursor a complete listing covers (`reconcile::listed_in_this_process`).
 pub const READY_AFTER_COMPLETE_LISTINGS: &str = "ready_after_complete_listings";
 /// 6. Convergence once faults stop: nothing left to plan or run, and the log replayed from
 ///    scratch equals the live views.
@@ -145,8 +147,15 @@ impl<'a> Auditor<'a> {
     }
 
     fn order_rules(&mut self, env: &Envelope) {
+        let agent_listing = self.views.sessions.state.listings.get(&Source::Agent);
+        let covered = agent_listing.is_some_and(|l| l.last_complete_seq.is_some());
         let p = &mut self.process;
         match &env.event {
+            Event::FeedRead(f) if f.reached_end => match f.feed {
+                Feed::AgentSessions => p.listed_agent |= covered,
+                Feed::BackendSessions => p.listed_backend = true,
+                Feed::BackendMessages => {}
+            },
             Event::WorkerState(s) if s.state == Lifecycle::Starting => *p = Process::default(),
             Event::ListingCompleted(l) => {
                 let seen = if l.complete {
