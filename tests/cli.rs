@@ -513,6 +513,16 @@ fn run_refuses_bad_settings_with_exit_2_naming_the_key_and_writes_nothing() {
             "message-deadline-mins must be between 1 and 10080",
         ),
         (
+            format!("{base}archive-after-days = 7\ndrop-archive-after-days = 7\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "drop-archive-after-days (7) must be more than archive-after-days (7)",
+        ),
+        (
+            format!("{base}drop-archive-after-days = 30\n"),
+            vec!["--agent-url", "http://127.0.0.1:9", "--archive-after-days", "0"],
+            "drop-archive-after-days needs archiving on",
+        ),
+        (
             format!("{base}concurrency = \"ten\"\n"),
             vec!["--agent-url", "http://127.0.0.1:9"],
             "(line 3): invalid type: string \"ten\"",

@@ -228,6 +228,14 @@ struct RunArgs {
     /// saw it, restart or not (default 30).
     #[arg(long, value_name = "MINUTES")]
     message_deadline_mins: Option<u64>,
+    /// Move events older than this many days, once every checkpoint covers them, from the live
+    /// log into compressed segments in DATA_DIR/archive, hourly (default 7; 0: never).
+    #[arg(long, value_name = "DAYS")]
+    archive_after_days: Option<u64>,
+    /// Delete archived segments whose newest event is older than this many days (default:
+    /// keep them). Must be more than --archive-after-days.
+    #[arg(long, value_name = "DAYS")]
+    drop_archive_after_days: Option<u64>,
     /// The largest reply body read from the agent server or the backend, in MiB (default 32);
     /// a larger one is an error naming the call and the size.
     #[arg(long, value_name = "MIB")]

@@ -23,9 +23,10 @@ use crate::clock::{Clock, Millis, SteadyClock, SystemClock};
 use crate::events::{
     AgentIdentity, BackendIdentity, Event, Identity, IdentityAdopted, Lifecycle, ModelRef, NewEvent,
 };
-use crate::log::{store_identity, EventLog, IdentityStatus, LogOptions};
+use crate::log::{store_identity, ArchiveOptions, EventLog, IdentityStatus, LogOptions};
 use crate::ports::{AgentServer, Backend};
 use crate::secret::Secret;
+use crate::worker::archiver::ArchiveSchedule;
 use crate::worker::{http, Observation, StuckPolicy, Worker, WorkerConfig};
 
 /// Which backend.
@@ -61,6 +62,8 @@ struct FileConfig {
     drain_grace_secs: Option<u64>,
     listing_limit: Option<u32>,
     message_deadline_mins: Option<u64>,
+    archive_after_days: Option<u64>,
+    drop_archive_after_days: Option<u64>,
     max_reply_mib: Option<u64>,
     max_event_kib: Option<u64>,
     adopt: Option<bool>,
@@ -91,9 +94,47 @@ struct Settings {
     drain_grace_ms: u64,
     listing_limit: u32,
     message_deadline_ms: u64,
+    archive: Option<ArchiveSchedule>,
     max_reply_bytes: usize,
     max_event_bytes: usize,
     adopt: bool,
+}
+
+/// `--archive-after-days` and `--drop-archive-after-days`, checked.
+fn archive_schedule(
+    after: Option<u64>,
+    drop: Option<u64>,
+) -> Result<Option<ArchiveSchedule>, CliError> {
+    const MAX_DAYS: u64 = 100 * 365;
+    let after = after.unwrap_or(7);
+    if after > MAX_DAYS || drop.is_some_and(|d| d > MAX_DAYS) {
+        return Err(CliError::usage(format!(
+            "archive-after-days and drop-archive-after-days must be at most {MAX_DAYS}"
+        )));
+    }
+    if after == 0 {
+        if drop.is_some() {
+            return Err(CliError::usage(
+                "drop-archive-after-days needs archiving on (archive-after-days > 0)",
+            ));
+        }
+        return Ok(None);
+    }
+    if let Some(d) = drop.filter(|&d| d <= after) {
+        return Err(CliError::usage(format!(
+            "drop-archive-after-days ({d}) must be more than archive-after-days ({after})"
+        )));
+    }
+    let days = |d: u64| Duration::from_secs(d * 24 * 3600);
+    let options = ArchiveOptions {
+        older_than: days(after),
+        drop_older_than: drop.map(days),
+        ..ArchiveOptions::default()
+    };
+    Ok(Some(ArchiveSchedule {
+        options,
+        ..ArchiveSchedule::default()
+    }))
 }
 
 fn read_config(path: &Path) -> Result<FileConfig, CliError> {
@@ -302,6 +343,11 @@ impl Settings {
             drain_grace_ms,
             listing_limit,
             message_deadline_ms: deadline_mins * 60_000,
+            archive: archive_schedule(
+                args.archive_after_days.or(file.archive_after_days),
+                args.drop_archive_after_days
+                    .or(file.drop_archive_after_days),
+            )?,
             max_reply_bytes: size_setting(
                 "max-reply-mib",
                 args.max_reply_mib.or(file.max_reply_mib),
@@ -530,6 +576,7 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
     wcfg.dispatch.concurrency = s.concurrency;
     wcfg.policy.default_model = s.model.clone();
     wcfg.policy.message_deadline_ms = s.message_deadline_ms;
+    wcfg.archive = s.archive.clone();
     let agent: Arc<dyn AgentServer> = client.clone();
     let mut worker = Worker::open(log.clone(), agent, backend, clock.clone(), wcfg)
         .await

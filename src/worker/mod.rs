@@ -12,6 +12,7 @@
 //! of both sides) -> Ready (prompts allowed) -> Draining (no new work; in-flight calls get a
 //! grace period; checkpoints written) -> Stopped.
 
+pub mod archiver;
 pub mod http;
 pub mod observers;
 pub mod status;
@@ -93,6 +94,9 @@ pub struct WorkerConfig {
     /// Stop by itself after this many consecutive quiet observation rounds (both sides listed,
     /// nothing planned, queued or running): for the demo and the simulations.
     pub stop_when_quiet: Option<u32>,
+    /// When old events move into the archive (`None`: never, as in tests that read the live
+    /// log whole).
+    pub archive: Option<archiver::ArchiveSchedule>,
 }
 
 impl Default for WorkerConfig {
@@ -107,6 +111,7 @@ impl Default for WorkerConfig {
             max_listing_pages: 1_000,
             drain_grace_ms: 10_000,
             stop_when_quiet: None,
+            archive: None,
         }
     }
 }
@@ -340,6 +345,10 @@ impl Worker {
         let mut observers = JoinSet::new();
         observers.spawn(observers::observe_agent(self.agent.clone(), link.clone()));
         observers.spawn(observers::observe_backend(self.backend.clone(), link));
+        if let Some(schedule) = self.cfg.archive.clone() {
+            let (log, clock) = (self.log.clone(), self.clock.clone());
+            observers.spawn(archiver::archive_on_schedule(log, clock, schedule));
+        }
         let mut calls: JoinSet<Done> = JoinSet::new();
         tokio::pin!(shutdown);
         let mut quiet_rounds = 0u32;
