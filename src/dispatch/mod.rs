@@ -43,7 +43,7 @@ pub use execute::execute;
 use crate::clock::Millis;
 use crate::events::*;
 use crate::ports::{ModelList, PortError};
-use crate::projections::{CommandLedger, CommandState, Views};
+use crate::projections::{CommandLedger, CommandState, SessionsView, Views};
 use crate::reconcile::{agent_side_failing, obsolete};
 
 /// Retries of retryable failures.
@@ -387,6 +387,10 @@ pub struct Dispatcher {
     /// Whether the worker is Ready: before, only what cannot act on a stale picture of the
     /// world may start ([`waits_for_ready`]).
     ready: bool,
+    /// A deletion runs only once a complete agent listing after this seq is in the views (the
+    /// start of the worker's process): Ready may come from reads of changes, which prove
+    /// nothing gone, and a deletion resumed from the ledger was decided on an older listing.
+    deletions_after: u64,
 }
 
 /// Whether `op` must wait until the worker is Ready: everything that acts on the agent server
@@ -409,6 +413,16 @@ impl std::fmt::Debug for Dispatcher {
             .field("running", &self.running.len())
             .finish()
     }
+}
+
+/// Whether the agent side's latest complete listing came after `after` and nothing failed
+/// since: only then may an absence it shows be acted on.
+fn deletions_proven(s: &SessionsView, after: u64) -> bool {
+    let listed = s
+        .listings
+        .get(&Source::Agent)
+        .and_then(|l| l.last_complete_seq);
+    listed.is_some_and(|seq| seq > after) && !agent_side_failing(s)
 }
 
 /// The exclusion keys of a command: every session it touches.
@@ -441,7 +455,13 @@ impl Dispatcher {
             order: 0,
             stats: DispatchStats::default(),
             ready: true,
+            deletions_after: 0,
         }
+    }
+
+    /// Holds every deletion until a complete agent listing after `seq` is in the views.
+    pub fn hold_deletions_until_listed_after(&mut self, seq: u64) {
+        self.deletions_after = seq;
     }
 
     /// Holds back (`false`) or lets go (`true`) the commands that wait for Ready. A worker
@@ -589,8 +609,10 @@ impl Dispatcher {
                 })));
                 continue;
             }
-            if command.op() == Op::MarkSessionDeleted && agent_side_failing(&views.sessions.state) {
-                continue; // waits for a complete listing after the failure
+            if command.op() == Op::MarkSessionDeleted
+                && !deletions_proven(&views.sessions.state, self.deletions_after)
+            {
+                continue; // waits for a complete listing (after the failure, in this process)
             }
             let target = command.op().target();
             if !self.target(target).breaker.allows(now) {

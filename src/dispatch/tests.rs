@@ -596,3 +596,32 @@ async fn a_prompt_whose_answer_was_a_retryable_error_is_asked_again_on_retry() {
         }))
     );
 }
+
+#[test]
+fn a_resumed_deletion_waits_for_a_complete_agent_listing_of_this_process() {
+    let listing = Event::ListingCompleted(ListingCompleted {
+        source: Source::Agent,
+        sessions: 0,
+        complete: true,
+        as_of: Some(0),
+    });
+    let mut views = Views::default();
+    // The listing the deletion was planned on, seen by the previous process (seq 1).
+    apply(&mut views, vec![listing.clone()], 0);
+    let mut d = Dispatcher::new(config(10), 0);
+    d.hold_deletions_until_listed_after(views.min_seq());
+    let delete = Command::MarkSessionDeleted {
+        chat_session_id: "c".into(),
+    };
+    d.enqueue("delete".into(), delete, 0);
+    assert!(
+        started(d.select(&views, 0)).is_empty(),
+        "a listing of a previous process proves nothing now"
+    );
+    apply(&mut views, vec![listing], 1);
+    assert_eq!(
+        started(d.select(&views, 1)).len(),
+        1,
+        "a complete listing of this process releases it"
+    );
+}

@@ -360,8 +360,9 @@ fn adopt(
     );
 }
 
-/// Deletions: only from a complete, successful agent listing newer than the link, and none
-/// while the agent side's last observation is a failure (the server may simply be down).
+/// Deletions: only from a complete, successful agent listing of this process newer than the
+/// link, and none while the agent side's last observation is a failure (the server may simply
+/// be down).
 /// `index` holds, after `plan_sessions`, the chat sessions whose agent session is absent.
 /// More than the policy's limit are held, not obeyed, until a later listing confirms them
 /// (see [`deletion_hold`]).
@@ -372,7 +373,12 @@ fn plan_deletions(
     ctx: &Context,
     policy: &Policy,
 ) {
-    let Some(complete_seq) = deletions::trusted_agent_listing(s) else {
+    // Only a complete listing of this process proves absence: Ready may come from reads of
+    // the agent's changes from a cursor, which show nothing gone, and a listing a previous
+    // process saw may be of a server since wiped and refilled.
+    let Some(complete_seq) =
+        deletions::trusted_agent_listing(s).filter(|&seq| seq > ctx.process_seq)
+    else {
         return;
     };
     let absent: Vec<_> = index
@@ -651,8 +657,19 @@ pub fn obsolete(views: &Views, command: &Command) -> Option<String> {
                 (&chat.title == title).then(|| "chat session already has that title".to_owned())
             }
         }
-        Command::MarkSessionDeleted { chat_session_id }
-        | Command::MarkSessionFailed {
+        Command::MarkSessionDeleted { chat_session_id } => {
+            let chat = s.chat.get(chat_session_id)?;
+            if chat.status != ChatStatus::Active {
+                return Some(format!("chat session is already {:?}", chat.status).to_lowercase());
+            }
+            // Planned on a listing that missed it, then listed again (a wiped server restored,
+            // a listing that raced a restart): the session is not gone.
+            let agent = chat.agent_session_id.as_ref()?;
+            s.agent
+                .contains_key(agent)
+                .then(|| format!("agent session {agent} is listed again"))
+        }
+        Command::MarkSessionFailed {
             chat_session_id, ..
         } => s
             .chat

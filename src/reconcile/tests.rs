@@ -697,3 +697,65 @@ fn no_deletion_while_the_latest_agent_listing_is_partial() {
     w.listed(Source::Agent, true);
     assert_eq!(w.step(), ["markSessionDeleted:chat_1"]);
 }
+
+#[test]
+fn ready_from_reads_of_changes_deletes_nothing_until_a_complete_listing_of_this_process() {
+    let mut w = World::new();
+    w.chat("chat_1", Some("ses_gone"), "A").both_listed();
+    let read = |feed| {
+        Event::FeedRead(FeedRead {
+            feed,
+            cursor: "7".into(),
+            reached_end: true,
+        })
+    };
+    // The previous process listed both sides and kept the cursors; this one starts here.
+    w.ev(read(Feed::AgentSessions))
+        .ev(read(Feed::BackendSessions));
+    let process_seq = w.seq;
+    w.ev(read(Feed::AgentSessions))
+        .ev(read(Feed::BackendSessions));
+    w.agent("ses_new", "B");
+    assert!(listed_in_this_process(&w.views.sessions.state, process_seq));
+    let ctx = |w: &World| Context {
+        process_seq,
+        now: w.now,
+        started_at: w.started_at,
+        ready: true,
+    };
+    let ids = |w: &World| -> Vec<String> {
+        reconcile(&w.views, &ctx(w), &Policy::default())
+            .into_iter()
+            .map(|p| p.planned.command_id.0)
+            .collect()
+    };
+    assert_eq!(
+        ids(&w),
+        ["createSession:ses_new"],
+        "Ready: a new agent session is mirrored, but the old listing proves nothing gone"
+    );
+    w.listed(Source::Agent, true);
+    assert_eq!(
+        ids(&w),
+        ["createSession:ses_new", "markSessionDeleted:chat_1"]
+    );
+}
+
+#[test]
+fn a_deletion_is_obsolete_once_its_agent_session_is_listed_again() {
+    let mut w = World::new();
+    w.chat("chat_1", Some("ses_1"), "A").both_listed();
+    let delete = Command::MarkSessionDeleted {
+        chat_session_id: "chat_1".into(),
+    };
+    assert_eq!(
+        obsolete(&w.views, &delete),
+        None,
+        "absent: the deletion stands"
+    );
+    w.agent("ses_1", "A");
+    assert_eq!(
+        obsolete(&w.views, &delete).as_deref(),
+        Some("agent session ses_1 is listed again")
+    );
+}

@@ -210,6 +210,7 @@ impl Worker {
         let mut dispatcher = Dispatcher::new(cfg.dispatch.clone(), started_at);
         // Resumed commands were decided on a previous process's view: they wait for Ready.
         dispatcher.set_ready(false);
+        dispatcher.hold_deletions_until_listed_after(log.last_seq());
         let resumed = dispatcher.resume(&live.views.commands.state, started_at);
         if resumed > 0 {
             tracing::info!(resumed, "resuming unfinished commands");
