@@ -333,12 +333,18 @@ async fn a_message_posted_in_convex_is_answered_there_and_sigterm_drains_and_exi
         reply.content,
         format!("{REPLY_PREFIX}what is six times seven?")
     );
-    let (_, metrics) = worker.get("/metrics").await.unwrap();
-    assert!(
-        metrics
-            .contains("agentsync_commands_total{kind=\"completeMessage\",outcome=\"succeeded\"} 1"),
-        "{metrics}"
-    );
+    // The backend holds the answer a moment before the worker has the reply of the call that
+    // put it there (and counts it): wait for the count, then check it is one.
+    let line = "agentsync_commands_total{kind=\"completeMessage\",outcome=\"succeeded\"} ";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let (_, metrics) = worker.get("/metrics").await.unwrap();
+        if metrics.contains(line) || Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(metrics.contains(&format!("{line}1\n")), "{metrics}");
     assert!(fake.peak_in_flight() <= 10);
     the_spawned_server_holds_no_secret_and_wants_its_password(&worker).await;
 
