@@ -3,7 +3,9 @@
 import { convexTest } from "convex-test";
 import { anyApi } from "convex/server";
 import { describe, expect, test, vi } from "vitest";
-import schema from "./schema";
+import schema, { chatSessionFields } from "./schema";
+import { defineSchema, defineTable } from "convex/server";
+import { v } from "convex/values";
 import * as agentsync from "./agentsync";
 import crons from "./crons";
 
@@ -238,5 +240,37 @@ describe("agentsync contract", () => {
     } finally {
       vi.useRealTimers();
     }
+  });
+  test("the upgrade numbers sessions written before change numbers, once, and listSessions then shows them", async () => {
+    // Step 1 of README.md's upgrade: the schema with changedAt optional, sessions without it.
+    const intermediate = defineSchema({
+      ...schema.tables,
+      chatSessions: defineTable({ ...chatSessionFields, changedAt: v.optional(v.number()) })
+        .index("by_worker", ["workerId"])
+        .index("by_worker_change", ["workerId", "changedAt"]),
+    });
+    const t = convexTest(intermediate, modules);
+    const fresh = await openChat(t);
+    const old = await t.run(async (ctx) => {
+      const row = { agentSessionId: null, model: null, status: "active" as const, project: null };
+      const a = await ctx.db.insert("chatSessions", { ...row, workerId: W, title: "old a", lastActivity: 1 });
+      const b = await ctx.db.insert("chatSessions", { ...row, workerId: "worker-2", title: "old b", lastActivity: 1 });
+      return [a, b];
+    });
+    const listed = async (workerId: string) =>
+      (await t.query(api.listSessions, { workerId, cursor: null, limit: 10 })).page.map((s: any) => s.chatSessionId);
+    expect(await listed(W)).toEqual([fresh]); // not listed before: why the upgrade must finish first
+    let cursor: string | null = null;
+    let numbered = 0;
+    for (;;) {
+      const r: any = await t.mutation(api.numberChatSessions, { cursor });
+      numbered += r.numbered;
+      cursor = r.continueCursor;
+      if (r.isDone) break;
+    }
+    expect(numbered).toBe(2);
+    expect((await listed(W)).sort()).toEqual([fresh, old[0]].sort());
+    expect(await listed("worker-2")).toEqual([old[1]]);
+    expect((await t.mutation(api.numberChatSessions, { cursor: null })).numbered).toBe(0);
   });
 });

@@ -405,3 +405,24 @@ export const pruneAppliedCommands = internalMutation({
     return { deleted: old.length };
   },
 });
+
+/**
+ * The upgrade to change-numbered chat sessions (see README.md, "Upgrading"): gives each chat
+ * session written before `changedAt` existed its worker's next change number, one page of the
+ * table per call, oldest first. Run it with `cursor: null`, then with each `continueCursor`
+ * until `isDone`; running it again patches nothing. Only while schema.ts has
+ * `changedAt: v.optional(v.number())`: the final schema refuses documents without it.
+ */
+export const numberChatSessions = internalMutation({
+  args: { cursor: v.union(v.string(), v.null()) },
+  handler: async (ctx, { cursor }) => {
+    const result = await ctx.db.query("chatSessions").paginate({ cursor, numItems: PRUNE_BATCH });
+    let numbered = 0;
+    for (const doc of result.page) {
+      if ((doc as { changedAt?: number }).changedAt !== undefined) continue;
+      await ctx.db.patch(doc._id, { changedAt: await nextChange(ctx, doc.workerId) });
+      numbered++;
+    }
+    return { numbered, isDone: result.isDone, continueCursor: result.continueCursor };
+  },
+});

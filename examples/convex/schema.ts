@@ -4,21 +4,24 @@ import { v } from "convex/values";
 
 const nullable = <T extends ReturnType<typeof v.string>>(t: T) => v.union(t, v.null());
 
+/** A chat session's fields (exported for the upgrade's intermediate schema: README.md). */
+export const chatSessionFields = {
+  workerId: v.string(),
+  agentSessionId: nullable(v.string()),
+  title: v.string(),
+  model: nullable(v.string()),
+  status: v.union(v.literal("active"), v.literal("deleted"), v.literal("failed")),
+  lastActivity: v.number(),
+  project: nullable(v.string()),
+  // markSessionFailed's reason (the worker's listing does not read it; your app shows it).
+  failureReason: v.optional(v.string()),
+  // Bumped on every write (the worker's counter): listSessions pages through changes after
+  // a cursor, so a worker reads at each poll only what changed.
+  changedAt: v.number(),
+};
+
 export default defineSchema({
-  chatSessions: defineTable({
-    workerId: v.string(),
-    agentSessionId: nullable(v.string()),
-    title: v.string(),
-    model: nullable(v.string()),
-    status: v.union(v.literal("active"), v.literal("deleted"), v.literal("failed")),
-    lastActivity: v.number(),
-    project: nullable(v.string()),
-    // markSessionFailed's reason (the worker's listing does not read it; your app shows it).
-    failureReason: v.optional(v.string()),
-    // Bumped on every write (the worker's counter): listSessions pages through changes after
-    // a cursor, so a worker reads at each poll only what changed.
-    changedAt: v.number(),
-  })
+  chatSessions: defineTable(chatSessionFields)
     .index("by_worker", ["workerId"])
     .index("by_worker_change", ["workerId", "changedAt"]),
 
