@@ -513,6 +513,16 @@ fn run_refuses_bad_settings_with_exit_2_naming_the_key_and_writes_nothing() {
             "message-deadline-mins must be between 1 and 10080",
         ),
         (
+            format!("{base}retention-days = 0\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "retention-days must be between 1 and 3650",
+        ),
+        (
+            base.clone(),
+            vec!["--agent-url", "http://127.0.0.1:9", "--retention-days", "3651"],
+            "retention-days must be between 1 and 3650",
+        ),
+        (
             format!("{base}concurrency = \"ten\"\n"),
             vec!["--agent-url", "http://127.0.0.1:9"],
             "(line 3): invalid type: string \"ten\"",

@@ -25,8 +25,14 @@ use crate::events::{
 };
 use crate::log::{store_identity, EventLog, IdentityStatus, LogOptions};
 use crate::ports::{AgentServer, Backend};
+use crate::reconcile::retention;
 use crate::secret::Secret;
 use crate::worker::{http, Observation, StuckPolicy, Worker, WorkerConfig};
+
+/// The default retention horizon of the live views, in days.
+const RETENTION_DAYS: u64 = 7;
+/// The longest retention horizon `--retention-days` takes (ten years).
+const MAX_RETENTION_DAYS: u64 = 3650;
 
 /// Which backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -61,6 +67,7 @@ struct FileConfig {
     drain_grace_secs: Option<u64>,
     listing_limit: Option<u32>,
     message_deadline_mins: Option<u64>,
+    retention_days: Option<u64>,
     max_reply_mib: Option<u64>,
     max_event_kib: Option<u64>,
     adopt: Option<bool>,
@@ -91,6 +98,7 @@ struct Settings {
     drain_grace_ms: u64,
     listing_limit: u32,
     message_deadline_ms: u64,
+    retention_ms: u64,
     max_reply_bytes: usize,
     max_event_bytes: usize,
     adopt: bool,
@@ -288,6 +296,15 @@ impl Settings {
                 "message-deadline-mins must be between 1 and 10080 (a week)",
             ));
         }
+        let retention_days = args
+            .retention_days
+            .or(file.retention_days)
+            .unwrap_or(RETENTION_DAYS);
+        if !(1..=MAX_RETENTION_DAYS).contains(&retention_days) {
+            return Err(CliError::usage(format!(
+                "retention-days must be between 1 and {MAX_RETENTION_DAYS}"
+            )));
+        }
         Ok(Settings {
             data_dir,
             worker_id,
@@ -302,6 +319,7 @@ impl Settings {
             drain_grace_ms,
             listing_limit,
             message_deadline_ms: deadline_mins * 60_000,
+            retention_ms: retention_days * retention::DAY_MS,
             max_reply_bytes: size_setting(
                 "max-reply-mib",
                 args.max_reply_mib.or(file.max_reply_mib),
@@ -530,6 +548,7 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
     wcfg.dispatch.concurrency = s.concurrency;
     wcfg.policy.default_model = s.model.clone();
     wcfg.policy.message_deadline_ms = s.message_deadline_ms;
+    wcfg.retention.horizon_ms = s.retention_ms;
     let agent: Arc<dyn AgentServer> = client.clone();
     let mut worker = Worker::open(log.clone(), agent, backend, clock.clone(), wcfg)
         .await
