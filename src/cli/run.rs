@@ -526,6 +526,8 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
                     .await
                     .map_err(|e| CliError::runtime(e.to_string()))??;
             let store = local.store();
+            // Applied command ids outlive the retention horizon by a day (see APPLIED_WINDOW_MS).
+            store.set_applied_window(s.retention_ms.saturating_add(retention::DAY_MS));
             (Arc::new(local) as Arc<dyn Backend>, Some(store))
         }
         BackendSide::Convex(cfg) => (

@@ -209,7 +209,11 @@ impl Worker {
             catch_up.applied,
             log.last_seq()
         );
-        let mut dispatcher = Dispatcher::new(cfg.dispatch.clone(), started_at);
+        let dispatch = DispatchConfig {
+            retry_horizon_ms: cfg.retention.horizon_ms,
+            ..cfg.dispatch.clone()
+        };
+        let mut dispatcher = Dispatcher::new(dispatch, started_at);
         // Resumed commands were decided on a previous process's view: they wait for Ready.
         dispatcher.set_ready(false);
         let resumed = dispatcher.resume(&live.views.commands.state, started_at);
