@@ -12,7 +12,7 @@ use std::sync::Arc;
 use agentsync::backend::contract::FunctionKind;
 use agentsync::backend::store::{CallError, ContractStore, Kv};
 use agentsync::backend::{ConvexClient, ConvexConfig, LocalBackend};
-use agentsync::clock::{Clock, ManualClock};
+use agentsync::clock::ManualClock;
 use agentsync::log::EventLog;
 use agentsync::secret::Secret;
 use agentsync::sim::convex::FakeConvex;
