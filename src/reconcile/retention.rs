@@ -47,6 +47,13 @@ impl Default for RetentionPolicy {
     }
 }
 
+/// The most rows one sweep names: the first sweep of a long-lived data directory finds its
+/// whole history final, and one event naming a million ids would be tens of megabytes. A sweep
+/// that names this many is followed by another at the worker's next turn. Any subset of the
+/// rows that may go is safe to drop: each row's rule reads the views, never the other rows of
+/// the same sweep.
+pub const MAX_ROWS_PER_SWEEP: usize = 10_000;
+
 /// What open commands still act on: their rows must stay.
 #[derive(Default)]
 struct InUse<'a> {
@@ -88,11 +95,13 @@ pub fn sweep(
         .iter()
         .filter(|(id, _)| chat_leaves(s, m, &used, id, before))
         .map(|(id, _)| id.clone())
+        .take(MAX_ROWS_PER_SWEEP)
         .collect();
     let messages: Vec<MessageId> = m
         .messages
         .keys()
         .filter(|id| message_leaves(m, ledger, &used, id, before))
+        .take(MAX_ROWS_PER_SWEEP - chats.len())
         .cloned()
         .collect();
     let linked: HashSet<&AgentSessionId> = s
@@ -105,6 +114,7 @@ pub fn sweep(
         .iter()
         .filter(|(id, e)| entry_leaves(s, m, &linked, id, e, before))
         .map(|(id, _)| id.clone())
+        .take(MAX_ROWS_PER_SWEEP - chats.len() - messages.len())
         .collect();
     let tombstones = s.agent_gone.values().chain(s.chat_gone.values());
     let old_tombstones = tombstones.into_iter().any(|&(_, at)| at < before);

@@ -483,6 +483,10 @@ impl Worker {
         let Some(swept) = reconcile::retention::sweep(self.views(), now, read_at, &policy) else {
             return Ok(());
         };
+        let rows = swept.commands.len() + swept.messages.len() + swept.chats.len();
+        if rows >= reconcile::retention::MAX_ROWS_PER_SWEEP {
+            self.swept_at = None; // more are due: sweep again at the next turn
+        }
         tracing::info!(
             before = swept.before,
             commands = swept.commands.len(),

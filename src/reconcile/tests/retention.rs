@@ -254,3 +254,30 @@ fn replaying_a_log_with_sweeps_gives_the_same_views() {
     }
     assert_eq!(replayed, w.views);
 }
+
+#[test]
+fn a_long_history_leaves_in_sweeps_of_bounded_size() {
+    use crate::reconcile::retention::MAX_ROWS_PER_SWEEP;
+    let mut w = World::new();
+    w.linked();
+    let n = MAX_ROWS_PER_SWEEP + 5;
+    for i in 0..n {
+        // Each message failed by the backend itself: final and delivered, one row each.
+        w.ev(Event::BackendMessageSeen(MessageInfo {
+            chat_session_id: "chat_1".into(),
+            message_id: format!("msg_{i}").into(),
+            role: Role::User,
+            content: "q".into(),
+            completed: true,
+            timestamp: T0,
+            reply_to: None,
+            error: Some("refused".into()),
+        }));
+    }
+    w.now += 8 * DAY;
+    let first = w.sweep().expect("past the horizon");
+    assert_eq!(first.messages.len(), MAX_ROWS_PER_SWEEP);
+    let second = w.sweep().expect("the rest");
+    assert_eq!(second.messages.len(), 5);
+    assert!(w.views.messages.state.messages.is_empty());
+}
