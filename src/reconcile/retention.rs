@@ -104,15 +104,10 @@ pub fn sweep(
         .take(MAX_ROWS_PER_SWEEP - chats.len())
         .cloned()
         .collect();
-    let linked: HashSet<&AgentSessionId> = s
-        .chat
-        .values()
-        .filter_map(|c| c.agent_session_id.as_ref())
-        .collect();
     let commands: Vec<CommandId> = ledger
         .commands
         .iter()
-        .filter(|(id, e)| entry_leaves(s, m, &linked, id, e, before))
+        .filter(|(id, e)| entry_leaves(s, m, id, e, before))
         .map(|(id, _)| id.clone())
         .take(MAX_ROWS_PER_SWEEP - chats.len() - messages.len())
         .collect();
@@ -180,7 +175,6 @@ fn message_leaves(
 fn entry_leaves(
     s: &SessionsView,
     m: &MessagesView,
-    linked: &HashSet<&AgentSessionId>,
     id: &CommandId,
     e: &LedgerEntry,
     before: Millis,
@@ -191,16 +185,19 @@ fn entry_leaves(
     let active = |c: &ChatSessionId| s.chat.get(c).filter(|c| c.status == ChatStatus::Active);
     match ids::purpose(id) {
         None => false,
-        // Planned for an agent session no chat session links to: over once one links to it
-        // (kept while the agent session exists: see `chat_leaves`) or it is gone.
-        Some(Purpose::CreateSession(a)) => !s.agent.contains_key(&a) || linked.contains(&a),
-        // Planned while the agent title at `seq` differs from an active chat's title.
+        // Planned for an agent session no chat session links to. Kept while the agent session
+        // exists, even once a chat session links to it: that chat session may vanish from the
+        // backend (deleted there for good), and the entry is what stops a second one.
+        Some(Purpose::CreateSession(a)) => !s.agent.contains_key(&a),
+        // Planned while the agent title at `seq` differs from an active chat's title. Kept
+        // while that title stands, even once mirrored: a person may rename the chat session
+        // afterwards, and the entry is what keeps their title.
         Some(Purpose::RenameSession(c, seq)) => {
-            let pending = active(&c).is_some_and(|chat| {
+            let stands = active(&c).is_some_and(|chat| {
                 let agent = chat.agent_session_id.as_ref().and_then(|a| s.agent.get(a));
-                agent.is_some_and(|a| a.title_seq == seq && a.title != chat.title)
+                agent.is_some_and(|a| a.title_seq == seq)
             });
-            !pending
+            !stands
         }
         // Planned only for an active chat session; final is final.
         Some(Purpose::MarkSessionDeleted(c)) | Some(Purpose::MarkSessionFailed(c)) => {

@@ -281,3 +281,52 @@ fn a_long_history_leaves_in_sweeps_of_bounded_size() {
     assert_eq!(second.messages.len(), 5);
     assert!(w.views.messages.state.messages.is_empty());
 }
+
+#[test]
+fn a_mirrored_title_stays_planned_so_a_later_rename_by_a_person_stands() {
+    let mut w = World::new();
+    w.linked();
+    w.agent("ses_1", "B");
+    let ids = w.step();
+    assert_eq!(ids.len(), 1);
+    w.succeed(
+        &ids[0],
+        Effect::SessionRenamed {
+            chat_session_id: "chat_1".into(),
+            title: "B".into(),
+        },
+    );
+    w.now += 8 * DAY;
+    w.sweep();
+    // A person renames the chat session in the app; the agent's title has not changed.
+    w.chat("chat_1", Some("ses_1"), "mine");
+    assert!(w.step().is_empty(), "the person's title stands");
+}
+
+#[test]
+fn a_chat_session_the_backend_lost_is_not_created_again_after_the_horizon() {
+    let mut w = World::new();
+    w.agent("ses_1", "A").both_listed();
+    assert_eq!(w.step(), ["createSession:ses_1"]);
+    w.succeed(
+        "createSession:ses_1",
+        Effect::ChatSessionCreated {
+            chat_session_id: "chat_1".into(),
+            agent_session_id: "ses_1".into(),
+            title: "A".into(),
+            model: None,
+        },
+    );
+    w.now += 8 * DAY;
+    w.sweep();
+    // Deleted from the backend for good: a complete listing lacks it.
+    w.ev(Event::BackendSessionGone(BackendSessionGone {
+        chat_session_id: "chat_1".into(),
+    }));
+    w.now += 8 * DAY;
+    w.sweep();
+    assert!(
+        w.step().is_empty(),
+        "the ledger still remembers the creation"
+    );
+}
