@@ -5,9 +5,9 @@
 //!   holds, a deleted or failed chat session whose agent session is gone; each final before
 //!   the sweep's `before` (its time minus the horizon, earlier while the message feed lags);
 //! - a ledger entry leaves only when the reconciler, on any later views, can never plan its
-//!   id again: its purpose is over (the message answered and delivered, the chat session
-//!   final or gone, the agent session gone, the title mirrored), so the ledger's "already
-//!   planned" set loses nothing it still needs;
+//!   id again: its purpose is over (the message final and delivered, the chat session final
+//!   or gone, the agent session gone, the agent title it mirrored replaced), so the ledger's
+//!   "already planned" set loses nothing it still needs;
 //! - a row that an open command still acts on stays, so no command runs against a row the
 //!   views forgot;
 //! - a row that left is not brought back by observing it again (`observe` ignores an unknown
