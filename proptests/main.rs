@@ -4,4 +4,5 @@
 
 mod adversary;
 mod foundation;
+mod retention;
 mod worker;

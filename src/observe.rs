@@ -246,6 +246,7 @@ pub fn backend_session_changes(
             }
         }
         match view.chat.get(&info.chat_session_id) {
+            None if left_the_view(view, info) => {}
             None => events.push(Event::BackendSessionSeen(info.clone())),
             Some(row) => {
                 let mut info = info.clone();
@@ -272,13 +273,31 @@ pub fn backend_session_changes(
     events
 }
 
+/// Whether an unknown chat session the backend lists is one that retention dropped: final,
+/// last active before the last sweep's horizon, and linked to no agent session in view. Such a
+/// row is final on the backend and nothing links to it, so mirroring it again would plan
+/// nothing and only bring history back into the view at every full listing.
+fn left_the_view(view: &SessionsView, info: &ChatSessionInfo) -> bool {
+    info.status != ChatStatus::Active
+        && info.last_activity < view.swept_before
+        && info
+            .agent_session_id
+            .as_ref()
+            .is_none_or(|a| !view.agent.contains_key(a))
+}
+
 /// The events of backend messages that changed: new user messages, failures, and assistant
 /// replies the view does not reflect yet.
 pub fn backend_messages(view: &MessagesView, messages: &[MessageInfo]) -> Vec<Event> {
+    // Retention dropped only messages written before `swept_before`, and every message
+    // written since the horizon was read before its sweep: an unknown one written before it
+    // is one that left the view, final and delivered, never news (a full relisting of the
+    // messages would otherwise prompt it again).
+    let left = |m: &MessageInfo| m.timestamp < view.swept_before;
     let news = |m: &MessageInfo| -> bool {
         match m.role {
             Role::User => match view.messages.get(&m.message_id) {
-                None => true,
+                None => !left(m),
                 Some(row) => m.error.is_some() && !(row.delivered && row.reason.is_some()),
             },
             Role::Assistant => {
@@ -286,7 +305,7 @@ pub fn backend_messages(view: &MessagesView, messages: &[MessageInfo]) -> Vec<Ev
                     return false;
                 };
                 match view.messages.get(user) {
-                    None => m.completed,
+                    None => m.completed && !left(m),
                     Some(row) if m.completed && m.error.is_none() => {
                         !(row.state == MessageState::Answered && row.delivered)
                     }

@@ -203,7 +203,9 @@ fn rebuild_writes_checkpoints_and_verify_lists_every_difference() {
     random_log(dir.path(), 3, 300);
     let out = agentsync_in(dir.path(), "rebuild", &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stdout(&out).contains("rebuilt sessions v3"));
+    let sessions = agentsync::projections::ProjectionName::Sessions;
+    let rebuilt = format!("rebuilt sessions v{}", sessions.version());
+    assert!(stdout(&out).contains(&rebuilt), "{}", stdout(&out));
     let ok = agentsync_in(dir.path(), "rebuild", &["--verify"]);
     assert_eq!(ok.status.code(), Some(0), "{}{}", stdout(&ok), stderr(&ok));
     assert_eq!(stdout(&ok).matches("matches a rebuild").count(), 3);
@@ -521,6 +523,16 @@ fn run_refuses_bad_settings_with_exit_2_naming_the_key_and_writes_nothing() {
             format!("{base}drop-archive-after-days = 30\n"),
             vec!["--agent-url", "http://127.0.0.1:9", "--archive-after-days", "0"],
             "drop-archive-after-days needs archiving on",
+        ),
+        (
+            format!("{base}retention-days = 0\n"),
+            vec!["--agent-url", "http://127.0.0.1:9"],
+            "retention-days must be between 1 and 3650",
+        ),
+        (
+            base.clone(),
+            vec!["--agent-url", "http://127.0.0.1:9", "--retention-days", "3651"],
+            "retention-days must be between 1 and 3650",
         ),
         (
             format!("{base}concurrency = \"ten\"\n"),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use agentsync::backend::contract::FunctionKind;
 use agentsync::backend::store::{CallError, ContractStore, Kv};
 use agentsync::backend::{ConvexClient, ConvexConfig, LocalBackend};
-use agentsync::clock::{Clock, ManualClock};
+use agentsync::clock::ManualClock;
 use agentsync::log::EventLog;
 use agentsync::secret::Secret;
 use agentsync::sim::convex::FakeConvex;
@@ -27,6 +27,8 @@ trait Subject {
     fn open_chat(&self, worker: &str, title: &str) -> String;
     fn post(&self, chat: &str, content: &str) -> String;
     fn failure_reason(&self, chat: &str) -> Option<String>;
+    /// Moves the backend's clock `ms` on and runs its pruning of applied command ids.
+    fn elapse(&self, ms: u64);
 }
 
 fn is_query(name: &str) -> bool {
@@ -52,6 +54,7 @@ struct Fake {
     fake: FakeConvex,
     client: ConvexClient,
     seeds: Seeds<agentsync::backend::store::MemoryKv>,
+    clock: Arc<ManualClock>,
 }
 
 impl Subject for Fake {
@@ -78,6 +81,10 @@ impl Subject for Fake {
     fn failure_reason(&self, chat: &str) -> Option<String> {
         self.seeds.failure_reason(chat)
     }
+    fn elapse(&self, ms: u64) {
+        self.clock.advance(ms);
+        self.seeds.0.prune_applied().unwrap();
+    }
 }
 
 fn assert_no_integers(v: &Value) {
@@ -93,6 +100,7 @@ fn assert_no_integers(v: &Value) {
 struct Local {
     store: Arc<ContractStore<agentsync::backend::store::SledKv>>,
     seeds: Seeds<agentsync::backend::store::SledKv>,
+    clock: Arc<ManualClock>,
     _keep: (EventLog, tempfile::TempDir),
 }
 
@@ -123,14 +131,19 @@ impl Subject for Local {
     fn failure_reason(&self, chat: &str) -> Option<String> {
         self.seeds.failure_reason(chat)
     }
+    fn elapse(&self, ms: u64) {
+        self.clock.advance(ms);
+        self.store.prune_applied().unwrap();
+    }
 }
 
-fn clock() -> Arc<dyn Clock> {
+fn clock() -> Arc<ManualClock> {
     Arc::new(ManualClock::new(1_763_700_000_000))
 }
 
 async fn fake() -> Fake {
-    let fake = FakeConvex::start("agentsync", Some("dev:suite"), clock())
+    let clock = clock();
+    let fake = FakeConvex::start("agentsync", Some("dev:suite"), clock.clone())
         .await
         .unwrap();
     let client = ConvexClient::new(ConvexConfig {
@@ -143,17 +156,20 @@ async fn fake() -> Fake {
         fake,
         client,
         seeds,
+        clock,
     }
 }
 
 fn local() -> Local {
     let dir = tempfile::tempdir().unwrap();
     let log = EventLog::open(dir.path(), &common::create()).unwrap();
-    let backend = LocalBackend::open(&log, "worker-1", clock()).unwrap();
+    let clock = clock();
+    let backend = LocalBackend::open(&log, "worker-1", clock.clone()).unwrap();
     let store = backend.store();
     Local {
         seeds: Seeds(store.clone()),
         store,
+        clock,
         _keep: (log, dir),
     }
 }
@@ -305,6 +321,8 @@ async fn run(subject: &impl Subject, steps: &[Value]) {
                 };
                 matches(&want, &Value::Array(got), &mut b, &format!("{at} {name}"));
             }
+        } else if let Some(ms) = step["elapse"].as_u64() {
+            subject.elapse(ms);
         } else if step["inspect"] == "failureReason" {
             let chat = subst(&step["chat"], &b);
             assert_eq!(

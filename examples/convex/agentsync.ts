@@ -33,17 +33,20 @@ import { v } from "convex/values";
 export const PAGE_BYTES = 4 * 1024 * 1024;
 
 /**
- * How long an applied commandId is remembered. The worker repeats an id only within one delivery
- * round: at most 3 attempts of at most 30 s each with backoffs of at most 30 s (minutes), or,
- * when the deployment is unreachable or the worker is stopped mid-attempt, until it is back and
- * resumes the same id. A failed round is followed by a new round under a new id
- * (`completeMessage:<msg>#round2`, ... after 1 min doubling to 1 h), so a round's id is never
- * repeated after its round ended. Seven days covers a week-long outage of the worker or the
- * deployment. A repeat after pruning is applied again: harmless for every mutation but
- * createSession (a second chat session for the same agent session), and the worker only
- * repeats a createSession whose reply it never got.
+ * How long an applied commandId is remembered: 8 days, one more than the worker's default
+ * retention horizon (`agentsync run --retention-days`, 7). The worker repeats an id only while
+ * its command is open, and never once the horizon has passed since the command was planned (the
+ * dispatcher cancels it instead: src/dispatch/mod.rs, `retry_horizon_ms`), so every repeat comes
+ * within this window of the first application, which is no earlier than the planning, and gets
+ * the recorded reply. The extra day is the margin between the two clocks. Within that: one
+ * delivery round's attempts (minutes), or, when the deployment or the worker is down
+ * mid-attempt, until it is back and resumes the same id; a round that gave up is followed by a
+ * new round under a new id (`completeMessage:<msg>#round2`, ...). A worker run with a longer
+ * `--retention-days` needs this raised to at least that (docs/architecture.md, "Retention").
+ * A repeat after pruning would be applied again: harmless for every mutation but createSession
+ * (a second chat session for the same agent session), which is why the worker never sends one.
  */
-export const APPLIED_RETENTION_MS = 7 * 24 * 60 * 60 * 1000;
+export const APPLIED_RETENTION_MS = 8 * 24 * 60 * 60 * 1000;
 
 /** How many applied records one pruning run deletes (it schedules itself again for more). */
 export const PRUNE_BATCH = 1000;

@@ -3,7 +3,7 @@
 // deployment (through the worker's Convex client) and the embedded local backend.
 import { convexTest } from "convex-test";
 import { anyApi } from "convex/server";
-import { describe, expect, test } from "vitest";
+import { describe, expect, test, vi } from "vitest";
 import schema from "./schema";
 import suite from "../../tests/contract/cases.json";
 
@@ -118,6 +118,12 @@ async function run(steps: any[]) {
         const want = step.anyOrder ? sorted(subst(step.expect, b)) : step.expect;
         matches(want, sorted(items), b, `${at} ${step.drain}`);
       }
+    } else if (step.elapse !== undefined) {
+      // The clock moves on and the hourly cron's pruning runs (crons.ts).
+      if (!vi.isFakeTimers()) vi.useFakeTimers({ now: Date.now() });
+      vi.setSystemTime(Date.now() + step.elapse);
+      await t.mutation(anyApi.agentsync.pruneAppliedCommands, {});
+      await t.finishAllScheduledFunctions(vi.runAllTimers);
     } else if (step.inspect === "failureReason") {
       const doc: any = await t.run((ctx) => ctx.db.get(subst(step.chat, b)));
       expect(doc.failureReason, at).toBe(step.equals);
@@ -129,6 +135,16 @@ async function run(steps: any[]) {
 
 describe("the shared contract suite (tests/contract/cases.json)", () => {
   for (const c of suite.cases) {
-    test(c.name, async () => run(c.steps), 120_000);
+    test(
+      c.name,
+      async () => {
+        try {
+          await run(c.steps);
+        } finally {
+          vi.useRealTimers();
+        }
+      },
+      120_000,
+    );
   }
 });

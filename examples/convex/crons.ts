@@ -1,4 +1,4 @@
-// Forgets applied commandIds after agentsync.ts's APPLIED_RETENTION_MS (7 days), hourly.
+// Forgets applied commandIds after agentsync.ts's APPLIED_RETENTION_MS (8 days), hourly.
 import { cronJobs, makeFunctionReference } from "convex/server";
 
 const crons = cronJobs();

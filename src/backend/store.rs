@@ -16,7 +16,9 @@
 //! - `m/{message}`: a message with its change number; `x/{change:020}`: the change log that
 //!   `listMessages` pages through (one entry per message: the old one goes when it changes);
 //! - `sm/{chat}/{message}`: a session's messages; `r/{message}`: the reply to a user message;
-//! - `a/{commandId}`: the recorded reply of an applied mutation; `n`: the change counter;
+//! - `a/{commandId}`: the recorded reply of an applied mutation; `ap/{appliedAt:020}/{commandId}`:
+//!   when it was applied, the order in which [`ContractStore::prune_applied`] forgets them
+//!   (ids applied before that index existed have none and are kept); `n`: the change counter;
 //! - `o/{worker}/{chat}`: the chat sessions a person opened (the inbox) that are still active;
 //!   `p/{worker}/{message}`: the user messages posted since that index existed that have neither
 //!   an answer nor a failure. They let the inbox cap both without reading every record.
@@ -26,6 +28,7 @@
 //! Nothing orders by id: listings page by change number (sessions and messages), and a
 //! conversation is in creation order (each message records the change number that created it).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -72,7 +75,23 @@ pub struct ContractStore<K: Kv> {
     kv: K,
     clock: Arc<dyn Clock>,
     lock: Mutex<()>,
+    /// How long an applied command id is remembered ([`APPLIED_WINDOW_MS`] unless set).
+    applied_window_ms: AtomicU64,
+    /// When applied ids were last pruned (0: not yet in this process).
+    pruned_at: AtomicU64,
 }
+
+/// How long the backend remembers an applied command id by default: 8 days, a day more than
+/// the worker's default retention horizon (7 days). The worker never sends an id again once
+/// the horizon has passed since it was planned (`DispatchConfig::retry_horizon_ms`), so every
+/// repeat of an id falls within the window of its first application, and is answered with its
+/// recorded reply. The day is the margin for the two clocks. A worker run with a longer
+/// `--retention-days` needs a window at least that long (the local backend follows it).
+pub const APPLIED_WINDOW_MS: u64 = 8 * 24 * 60 * 60 * 1000;
+
+/// Applied ids are pruned at most this often (on a mutation), in batches of [`PRUNE_BATCH`].
+const PRUNE_EVERY_MS: u64 = 60 * 60 * 1000;
+const PRUNE_BATCH: usize = 1_000;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredSession {
@@ -184,6 +203,48 @@ impl<K: Kv> ContractStore<K> {
             kv,
             clock,
             lock: Mutex::new(()),
+            applied_window_ms: AtomicU64::new(APPLIED_WINDOW_MS),
+            pruned_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Remembers applied command ids for `ms` (at least the worker's retention horizon).
+    pub fn set_applied_window(&self, ms: u64) {
+        self.applied_window_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Forgets the command ids applied more than the window before now, oldest first; returns
+    /// how many. Runs by itself at most hourly on a mutation.
+    pub fn prune_applied(&self) -> Result<usize, CallError> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.prune_locked(self.clock.now_ms())
+    }
+
+    fn prune_locked(&self, now: u64) -> Result<usize, CallError> {
+        self.pruned_at.store(now.max(1), Ordering::SeqCst);
+        let cutoff = now.saturating_sub(self.applied_window_ms.load(Ordering::SeqCst));
+        let mut pruned = 0;
+        loop {
+            let entries = self.kv.scan("ap/", None, PRUNE_BATCH)?;
+            let mut tx = Tx::default();
+            for (key, _) in &entries {
+                let Some((at, id)) = key[3..].split_once('/') else {
+                    continue;
+                };
+                if at.parse::<u64>().map_or(true, |at| at >= cutoff) {
+                    break;
+                }
+                tx.remove(format!("a/{id}"));
+                tx.remove(key.clone());
+            }
+            let n = tx.writes.len() / 2;
+            if n > 0 {
+                self.kv.commit(tx.writes)?;
+            }
+            pruned += n;
+            if n < PRUNE_BATCH {
+                return Ok(pruned);
+            }
         }
     }
 
@@ -261,8 +322,18 @@ impl<K: Kv> ContractStore<K> {
             }
             other => return Err(CallError::Function(format!("no mutation named {other}"))),
         };
+        let now = self.clock.now_ms();
         tx.put(applied_key, &reply);
+        tx.put(format!("ap/{now:020}/{command_id}"), &());
         self.kv.commit(tx.writes)?;
+        if now
+            >= self
+                .pruned_at
+                .load(Ordering::SeqCst)
+                .saturating_add(PRUNE_EVERY_MS)
+        {
+            self.prune_locked(now)?;
+        }
         Ok(reply)
     }
 
@@ -967,6 +1038,55 @@ mod tests {
             limit: 100,
         };
         s.list_sessions(&args).unwrap()
+    }
+
+    #[test]
+    fn an_applied_command_id_is_remembered_for_the_window_then_forgotten() {
+        let clock = Arc::new(ManualClock::new(1_763_700_000_000));
+        let s = ContractStore::new(MemoryKv::default(), clock.clone());
+        let create = |id: &str| {
+            let args = serde_json::json!({"commandId": id, "workerId": "w",
+                "agentSessionId": "ses_1", "title": "t", "model": null});
+            s.mutation("createSession", args).unwrap()["chatSessionId"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let first = create("createSession:ses_1");
+        clock.advance(APPLIED_WINDOW_MS - 1);
+        assert_eq!(
+            create("createSession:ses_1"),
+            first,
+            "a repeat within the window"
+        );
+        assert_eq!(s.prune_applied().unwrap(), 0);
+        clock.advance(2);
+        assert_eq!(s.prune_applied().unwrap(), 1, "forgotten past the window");
+        assert!(s.kv.scan("ap/", None, 10).unwrap().is_empty());
+        assert!(s.kv.get("a/createSession:ses_1").unwrap().is_none());
+        // Past the window the id is new again: which is why the worker never sends an id once
+        // the retention horizon (shorter than the window) has passed since it was planned.
+        assert_ne!(create("createSession:ses_1"), first);
+        assert_eq!(s.chats("w").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn applied_ids_are_pruned_by_the_mutations_themselves_at_most_hourly() {
+        let clock = Arc::new(ManualClock::new(1_763_700_000_000));
+        let s = ContractStore::new(MemoryKv::default(), clock.clone());
+        let chat = s.open_chat("w", "t").unwrap().chat_session_id;
+        let rename = |id: &str| {
+            let args = serde_json::json!({"commandId": id, "chatSessionId": chat, "title": id});
+            s.mutation("renameSession", args).unwrap();
+        };
+        rename("r1");
+        clock.advance(APPLIED_WINDOW_MS + 1);
+        rename("r2");
+        assert!(
+            s.kv.get("a/r1").unwrap().is_none(),
+            "pruned by the next mutation"
+        );
+        assert!(s.kv.get("a/r2").unwrap().is_some());
     }
 
     #[test]

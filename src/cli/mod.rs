@@ -236,6 +236,12 @@ struct RunArgs {
     /// keep them). Must be more than --archive-after-days.
     #[arg(long, value_name = "DAYS")]
     drop_archive_after_days: Option<u64>,
+    /// Keep final rows (finished commands, delivered messages, deleted or failed chat
+    /// sessions) in the live views this many days after they ended (default 7, 1 to 3650);
+    /// the log keeps their history. The backend must keep applied command ids at least as
+    /// long (the local backend and the reference Convex module keep them 8 days).
+    #[arg(long, value_name = "DAYS")]
+    retention_days: Option<u64>,
     /// The largest reply body read from the agent server or the backend, in MiB (default 32);
     /// a larger one is an error naming the call and the size.
     #[arg(long, value_name = "MIB")]

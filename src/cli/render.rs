@@ -250,6 +250,13 @@ pub(crate) fn summary(e: &Event) -> String {
             if b.complete { "complete" } else { "PARTIAL" }
         ),
         Event::ObservationFailed(b) => format!("{} {}: {}", b.source, b.operation, b.error),
+        Event::RetentionSwept(b) => format!(
+            "retention: {} commands, {} messages, {} chat sessions final before {} left the views",
+            b.commands.len(),
+            b.messages.len(),
+            b.chats.len(),
+            b.before
+        ),
         Event::FeedRead(b) => format!(
             "{:?} read to {}{}",
             b.feed,

@@ -25,9 +25,15 @@ use crate::events::{
 };
 use crate::log::{store_identity, ArchiveOptions, EventLog, IdentityStatus, LogOptions};
 use crate::ports::{AgentServer, Backend};
+use crate::reconcile::retention;
 use crate::secret::Secret;
 use crate::worker::archiver::ArchiveSchedule;
 use crate::worker::{http, Observation, StuckPolicy, Worker, WorkerConfig};
+
+/// The default retention horizon of the live views, in days.
+const RETENTION_DAYS: u64 = 7;
+/// The longest retention horizon `--retention-days` takes (ten years).
+const MAX_RETENTION_DAYS: u64 = 3650;
 
 /// Which backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -64,6 +70,7 @@ struct FileConfig {
     message_deadline_mins: Option<u64>,
     archive_after_days: Option<u64>,
     drop_archive_after_days: Option<u64>,
+    retention_days: Option<u64>,
     max_reply_mib: Option<u64>,
     max_event_kib: Option<u64>,
     adopt: Option<bool>,
@@ -95,6 +102,7 @@ struct Settings {
     listing_limit: u32,
     message_deadline_ms: u64,
     archive: Option<ArchiveSchedule>,
+    retention_ms: u64,
     max_reply_bytes: usize,
     max_event_bytes: usize,
     adopt: bool,
@@ -329,6 +337,15 @@ impl Settings {
                 "message-deadline-mins must be between 1 and 10080 (a week)",
             ));
         }
+        let retention_days = args
+            .retention_days
+            .or(file.retention_days)
+            .unwrap_or(RETENTION_DAYS);
+        if !(1..=MAX_RETENTION_DAYS).contains(&retention_days) {
+            return Err(CliError::usage(format!(
+                "retention-days must be between 1 and {MAX_RETENTION_DAYS}"
+            )));
+        }
         Ok(Settings {
             data_dir,
             worker_id,
@@ -348,6 +365,7 @@ impl Settings {
                 args.drop_archive_after_days
                     .or(file.drop_archive_after_days),
             )?,
+            retention_ms: retention_days * retention::DAY_MS,
             max_reply_bytes: size_setting(
                 "max-reply-mib",
                 args.max_reply_mib.or(file.max_reply_mib),
@@ -554,6 +572,8 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
                     .await
                     .map_err(|e| CliError::runtime(e.to_string()))??;
             let store = local.store();
+            // Applied command ids outlive the retention horizon by a day (see APPLIED_WINDOW_MS).
+            store.set_applied_window(s.retention_ms.saturating_add(retention::DAY_MS));
             (Arc::new(local) as Arc<dyn Backend>, Some(store))
         }
         BackendSide::Convex(cfg) => (
@@ -577,6 +597,7 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
     wcfg.policy.default_model = s.model.clone();
     wcfg.policy.message_deadline_ms = s.message_deadline_ms;
     wcfg.archive = s.archive.clone();
+    wcfg.retention.horizon_ms = s.retention_ms;
     let agent: Arc<dyn AgentServer> = client.clone();
     let mut worker = Worker::open(log.clone(), agent, backend, clock.clone(), wcfg)
         .await

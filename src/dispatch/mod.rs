@@ -119,6 +119,11 @@ pub struct DispatchConfig {
     pub breaker: BreakerPolicy,
     /// Waiting this long raises a command by one priority class.
     pub aging_ms: Millis,
+    /// No attempt starts this long after its command was planned: it is cancelled instead.
+    /// The worker sets it to the retention horizon, which the backend's window for applied
+    /// command ids is at least as long as, so every attempt of a command falls within the
+    /// window of its first: an id the backend may have forgotten is never sent again.
+    pub retry_horizon_ms: Millis,
     /// How long a fetched model list stays fresh.
     pub model_ttl_ms: Millis,
     /// Whether the model list is cached (off only to measure the incident's baseline: every
@@ -142,6 +147,7 @@ impl Default for DispatchConfig {
             retry: RetryPolicy::default(),
             breaker: BreakerPolicy::default(),
             aging_ms: 10_000,
+            retry_horizon_ms: crate::reconcile::retention::RetentionPolicy::default().horizon_ms,
             model_ttl_ms: 5 * 60_000,
             model_cache: true,
             default_model: None,
@@ -539,6 +545,19 @@ impl Dispatcher {
         );
     }
 
+    /// Why a command planned at least `retry_horizon_ms` ago must not be attempted: an
+    /// earlier attempt may have been applied and the backend's record of it pruned since, so
+    /// sending the id again could apply a non-idempotent effect (a second chat session) twice.
+    fn too_old(&self, views: &Views, id: &CommandId, now: Millis) -> Option<String> {
+        let planned_at = views.commands.state.commands.get(id)?.planned_at;
+        (now >= planned_at.saturating_add(self.cfg.retry_horizon_ms)).then(|| {
+            format!(
+                "planned {} h ago, past the retention horizon: the backend may no longer remember an earlier attempt",
+                now.saturating_sub(planned_at) / 3_600_000
+            )
+        })
+    }
+
     /// Queues every command the ledger holds open: what a previous process planned but did not
     /// finish resumes with the same ids. An attempt cut short by the process's death is not
     /// counted as a failure: it is made again under the same number.
@@ -598,7 +617,9 @@ impl Dispatcher {
             if blocked {
                 continue;
             }
-            if let Some(reason) = obsolete(views, &command) {
+            if let Some(reason) =
+                obsolete(views, &command).or_else(|| self.too_old(views, &id, now))
+            {
                 self.queue.remove(&id);
                 self.stats.cancelled += 1;
                 actions.push(Action::Cancel(Event::CommandCancelled(CommandCancelled {

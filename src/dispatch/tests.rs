@@ -625,3 +625,30 @@ fn a_resumed_deletion_waits_for_a_complete_agent_listing_of_this_process() {
         "a complete listing of this process releases it"
     );
 }
+
+#[test]
+fn a_command_planned_past_the_retention_horizon_is_cancelled_not_sent_again() {
+    let mut views = Views::default();
+    let planned = Event::CommandPlanned(CommandPlanned {
+        command_id: "renameSession:chat_1@1".into(),
+        command: rename("chat_1"),
+        reason: "r".into(),
+    });
+    apply(&mut views, vec![planned], 0);
+    let horizon = DispatchConfig::default().retry_horizon_ms;
+    // Resumed within the horizon: it is attempted.
+    let mut d = Dispatcher::new(config(1), 0);
+    d.set_ready(true);
+    d.resume(&views.commands.state, horizon - 1);
+    assert_eq!(started(d.select(&views, horizon - 1)).len(), 1);
+    // Resumed at the horizon (a worker down for that long): the backend may have pruned the
+    // record of an earlier attempt, so the id is not sent again.
+    let mut d = Dispatcher::new(config(1), 0);
+    d.set_ready(true);
+    d.resume(&views.commands.state, horizon);
+    let actions = d.select(&views, horizon);
+    assert!(
+        matches!(&actions[..], [Action::Cancel(Event::CommandCancelled(c))] if c.reason.contains("retention horizon")),
+        "{actions:?}"
+    );
+}

@@ -148,6 +148,9 @@ event_catalogue! {
     DeletionsHeld(DeletionsHeld) = "deletions_held", version 1;
     /// A hold on deletions ended.
     DeletionHoldLifted(DeletionHoldLifted) = "deletion_hold_lifted", version 1;
+    // Retention.
+    /// Final rows older than the retention horizon left the live views.
+    RetentionSwept(RetentionSwept) = "retention_swept", version 1;
 }
 
 impl std::fmt::Display for EventKind {
@@ -205,7 +208,8 @@ impl Event {
             | Event::CheckpointWritten(_)
             | Event::IdentityAdopted(_)
             | Event::DeletionsHeld(_)
-            | Event::DeletionHoldLifted(_) => Vec::new(),
+            | Event::DeletionHoldLifted(_)
+            | Event::RetentionSwept(_) => Vec::new(),
         }
     }
 

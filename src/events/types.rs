@@ -347,6 +347,29 @@ pub struct FeedRead {
     pub reached_end: bool,
 }
 
+/// Final rows left the live views (retention): the worker decided, purely from the views
+/// (`reconcile::retention::sweep`), which final rows whose final moment is before `before`
+/// cannot matter again, and names them here; each projection drops the ones it holds. The
+/// log (and its archive) keeps their history. Replaying the log replays the same decision, so
+/// the views stay a pure fold of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RetentionSwept {
+    /// The retention horizon in force (`--retention-days`), in milliseconds.
+    pub horizon_ms: Millis,
+    /// Rows that became final before this moment (the worker's clock) were considered: the
+    /// sweep's time minus the horizon, or earlier while the message feed lags.
+    pub before: Millis,
+    /// Final ledger entries dropped from the `commands` view.
+    #[serde(default)]
+    pub commands: Vec<CommandId>,
+    /// Delivered user messages dropped from the `messages` view.
+    #[serde(default)]
+    pub messages: Vec<MessageId>,
+    /// Deleted or failed chat sessions dropped from the `sessions` view.
+    #[serde(default)]
+    pub chats: Vec<ChatSessionId>,
+}
+
 /// An observation that failed. It is a failure, never an empty result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ObservationFailed {

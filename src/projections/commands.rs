@@ -1,4 +1,8 @@
-//! `commands`: the ledger of every command ever planned and where it stands.
+//! `commands`: the ledger of every command planned and where it stands.
+//!
+//! Every command stays until it is final and a `retention_swept` names it (see
+//! `reconcile::retention`): the ledger is the reconciler's "already planned" set, so an entry
+//! leaves only once its purpose provably cannot come back.
 
 use std::collections::BTreeMap;
 
@@ -116,8 +120,8 @@ impl Projection for CommandLedger {
     const NAME: &'static str = "commands";
     // v2: the `cancelled` state. v3: final entries drop their reason. v4: no `subject` (the
     // events carry it), and the open-only fields boxed in `open`: a ledger of 213,000 commands
-    // went from 92 MB to about 40.
-    const VERSION: u32 = 4;
+    // went from 92 MB to about 40. v5: `retention_swept` drops the final entries it names.
+    const VERSION: u32 = 5;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
@@ -180,6 +184,15 @@ impl Projection for CommandLedger {
                     if !c.is_final() {
                         c.last_error = Some(b.reason.clone());
                         c.set_state(CommandState::Cancelled, e.at);
+                    }
+                }
+            }
+            // Retention: the named entries leave the view, final ones only (an entry named
+            // while final stays final, so the check is a guard, never a change of decision).
+            Event::RetentionSwept(b) => {
+                for id in &b.commands {
+                    if self.commands.get(id).is_some_and(LedgerEntry::is_final) {
+                        self.commands.remove(id);
                     }
                 }
             }

@@ -8,7 +8,8 @@
 //! - `undelivered` holds exactly the messages with an outcome the backend does not hold yet:
 //!   what the reconciler must deliver (in rounds, until it lands) and what `/readyz` reports;
 //! - an answer the backend refuses for good (a terminal `completeMessage` failure) turns into a
-//!   failure with that reason, so the user learns something rather than nothing.
+//!   failure with that reason, so the user learns something rather than nothing;
+//! - only a message that is final *and* delivered ever leaves the view (`retention_swept`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,6 +33,11 @@ pub struct MessagesView {
     /// Messages whose outcome the backend does not hold yet, with when they got it.
     #[serde(default)]
     pub undelivered: BTreeMap<MessageId, Millis>,
+    /// The latest `before` of a `retention_swept` (0: none yet). Every message it dropped was
+    /// written (by the backend's clock) before it, so an unknown message written before it is
+    /// one that left the view, never news (`observe::backend_messages`).
+    #[serde(default)]
+    pub swept_before: Millis,
 }
 
 /// Where a user message stands.
@@ -261,8 +267,9 @@ impl Projection for MessagesView {
     // v2: a pending message whose failMessage gave up is failed.
     // v3: `seen_seq` and `state_seq`, the causes of the commands about a message.
     // v4: failed when its failMessage is planned; `undelivered`; `seen_at` (the deadline); an
-    // answer refused for good becomes a failure.
-    const VERSION: u32 = 4;
+    // answer refused for good becomes a failure. v5: `retention_swept` drops the delivered
+    // messages it names; `swept_before`.
+    const VERSION: u32 = 5;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
@@ -383,7 +390,26 @@ impl Projection for MessagesView {
                 ),
                 _ => {}
             },
+            Event::RetentionSwept(b) => self.sweep(&b.messages, b.before),
             _ => {}
         }
+    }
+}
+
+impl MessagesView {
+    /// Drops the named messages that are final and delivered (nothing more will happen to
+    /// them), and remembers the horizon.
+    fn sweep(&mut self, ids: &[MessageId], before: Millis) {
+        for id in ids {
+            if self
+                .messages
+                .get(id)
+                .is_some_and(|r| !r.state.is_pending() && r.delivered)
+            {
+                self.messages.remove(id);
+                self.undelivered.remove(id);
+            }
+        }
+        self.swept_before = self.swept_before.max(before);
     }
 }

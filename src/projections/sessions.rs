@@ -1,4 +1,7 @@
 //! `sessions`: the active-session view — both sides of every session and the links between them.
+//!
+//! A deleted or failed chat session stays until a `retention_swept` names it (only once its
+//! agent session is gone: see `reconcile::retention`); tombstones go at the same sweeps.
 
 use std::collections::BTreeMap;
 
@@ -49,6 +52,11 @@ pub struct SessionsView {
     /// checkpoints written before feeds existed: the first start after them lists in full.
     #[serde(default)]
     pub feeds: BTreeMap<Feed, FeedState>,
+    /// The latest `before` of a `retention_swept` (0: none yet): a final chat session the
+    /// backend lists, unknown here, last active before it and linked to no agent session in
+    /// view, is one that left the view (`observe::backend_session_changes`).
+    #[serde(default)]
+    pub swept_before: Millis,
 }
 
 /// Where one feed's incremental reads stand.
@@ -138,6 +146,9 @@ pub struct ChatSessionRow {
     /// The seq of the event that set its status (our own `markSessionDeleted` among them).
     #[serde(default)]
     pub status_seq: u64,
+    /// When (the worker's clock) that event was appended: a final status's final moment.
+    #[serde(default)]
+    pub status_at: Millis,
 }
 
 /// What is known about one source's listings.
@@ -231,7 +242,7 @@ impl SessionsView {
         self.agent_gone.remove(&info.agent_session_id);
     }
 
-    fn observe_chat(&mut self, info: &ChatSessionInfo, seq: u64) {
+    fn observe_chat(&mut self, info: &ChatSessionInfo, seq: u64, at: Millis) {
         let row = self
             .chat
             .entry(info.chat_session_id.clone())
@@ -247,6 +258,7 @@ impl SessionsView {
                 project: None,
                 title_seq: seq,
                 status_seq: seq,
+                status_at: at,
             });
         if let Some(agent) = &info.agent_session_id {
             if row.agent_session_id.as_ref() != Some(agent) {
@@ -262,6 +274,7 @@ impl SessionsView {
         if row.status != info.status {
             row.status = info.status;
             row.status_seq = seq;
+            row.status_at = at;
         }
         row.last_activity = row.last_activity.max(info.last_activity);
         backfill(&mut row.model, &info.model);
@@ -292,6 +305,7 @@ impl SessionsView {
                             project: None,
                             title_seq: e.seq,
                             status_seq: e.seq,
+                            status_at: e.at,
                         });
                 if row.agent_session_id.as_ref() != Some(agent_session_id) {
                     row.agent_session_id = Some(agent_session_id.clone());
@@ -351,6 +365,7 @@ impl SessionsView {
                 if let Some(row) = self.chat.get_mut(chat_session_id) {
                     row.status = ChatStatus::Deleted;
                     row.status_seq = e.seq;
+                    row.status_at = e.at;
                 }
             }
             Effect::SessionFailed {
@@ -359,6 +374,7 @@ impl SessionsView {
                 if let Some(row) = self.chat.get_mut(chat_session_id) {
                     row.status = ChatStatus::Failed;
                     row.status_seq = e.seq;
+                    row.status_at = e.at;
                 }
             }
             Effect::PromptAnswered {
@@ -375,12 +391,33 @@ impl SessionsView {
     }
 }
 
+impl SessionsView {
+    /// Drops the named chat sessions that are final, and the tombstones older than `before`
+    /// (no listing or stream report is that late), and remembers the horizon.
+    fn sweep(&mut self, chats: &[ChatSessionId], before: Millis) {
+        for id in chats {
+            if self
+                .chat
+                .get(id)
+                .is_some_and(|c| c.status != ChatStatus::Active)
+            {
+                self.chat.remove(id);
+            }
+        }
+        self.agent_gone.retain(|_, &mut (_, at)| at >= before);
+        self.chat_gone.retain(|_, &mut (_, at)| at >= before);
+        self.swept_before = self.swept_before.max(before);
+    }
+}
+
 impl Projection for SessionsView {
     const NAME: &'static str = "sessions";
     // v2: `title_seq`, `first_seq`, `agent_generation`, `models_requested`; status reports no longer count as activity.
     // v3: the seq of each field a listing can change (titles, statuses), tombstones of gone
     // sessions, and the chat session a tagged agent session was made for.
-    const VERSION: u32 = 3;
+    // v4: `status_at`, `swept_before`; `retention_swept` drops final chat sessions and old
+    // tombstones.
+    const VERSION: u32 = 4;
 
     fn apply(&mut self, e: &Envelope) {
         match &e.event {
@@ -414,7 +451,7 @@ impl Projection for SessionsView {
                 })
             }
             Event::BackendSessionSeen(info) | Event::BackendSessionChanged(info) => {
-                self.observe_chat(info, e.seq)
+                self.observe_chat(info, e.seq, e.at)
             }
             Event::BackendSessionGone(b) => {
                 self.chat.remove(&b.chat_session_id);
@@ -469,6 +506,7 @@ impl Projection for SessionsView {
                 })
             }
             Event::DeletionHoldLifted(_) => self.deletion_hold = None,
+            Event::RetentionSwept(b) => self.sweep(&b.chats, b.before),
             _ => {}
         }
     }

@@ -82,6 +82,59 @@ fn with_round(base: String, round: u32) -> CommandId {
     }
 }
 
+/// What a command id is for: the inverse of the functions above, for retention, which must
+/// know an entry's subject after the ledger has dropped its command body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purpose {
+    /// `createSession:{agent}`.
+    CreateSession(AgentSessionId),
+    /// `renameSession:{chat}@{title_seq}`.
+    RenameSession(ChatSessionId, u64),
+    /// `markSessionDeleted:{chat}`.
+    MarkSessionDeleted(ChatSessionId),
+    /// `markSessionFailed:{chat}`.
+    MarkSessionFailed(ChatSessionId),
+    /// `abortAgentSession:{agent}@{busy_since}`.
+    AbortAgentSession(AgentSessionId, Millis),
+    /// `createAgentSession:{chat}`.
+    CreateAgentSession(ChatSessionId),
+    /// `linkAgentSession:{chat}:{agent}`.
+    LinkAgentSession(ChatSessionId, AgentSessionId),
+    /// `prompt:{message}`.
+    Prompt(MessageId),
+    /// `completeMessage:{message}` or `failMessage:{message}`, any delivery round.
+    Deliver(MessageId),
+}
+
+/// What `id` is for, if it has the form of one of the ids above. Chat session ids never hold
+/// a `:` (they are `chat_` and hex, or Convex ids), so `linkAgentSession` splits at the first.
+pub fn purpose(id: &CommandId) -> Option<Purpose> {
+    let (op, rest) = id.0.split_once(':')?;
+    let at = |rest: &str| {
+        rest.rsplit_once('@')
+            .and_then(|(s, n)| Some((s.to_owned(), n.parse::<u64>().ok()?)))
+    };
+    let round = |rest: &str| match rest.rsplit_once("#round") {
+        Some((m, n)) if n.parse::<u32>().is_ok() => m.to_owned(),
+        _ => rest.to_owned(),
+    };
+    Some(match op {
+        "createSession" => Purpose::CreateSession(rest.into()),
+        "renameSession" => at(rest).map(|(c, n)| Purpose::RenameSession(c.into(), n))?,
+        "markSessionDeleted" => Purpose::MarkSessionDeleted(rest.into()),
+        "markSessionFailed" => Purpose::MarkSessionFailed(rest.into()),
+        "abortAgentSession" => at(rest).map(|(a, n)| Purpose::AbortAgentSession(a.into(), n))?,
+        "createAgentSession" => Purpose::CreateAgentSession(rest.into()),
+        "linkAgentSession" => {
+            let (c, a) = rest.split_once(':')?;
+            Purpose::LinkAgentSession(c.into(), a.into())
+        }
+        "prompt" => Purpose::Prompt(rest.into()),
+        "completeMessage" | "failMessage" => Purpose::Deliver(round(rest).into()),
+        _ => return None,
+    })
+}
+
 /// The id a prompt's user message gets in the agent server, chosen when the prompt is planned
 /// (at `now`, the `n`th prompt of that pass) and recorded in its `command_planned`, so every
 /// attempt sends the same one and an attempt whose reply was lost can be looked up by it. It has
@@ -112,6 +165,51 @@ pub fn agent_message_id(message: &MessageId, now: Millis, n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_id_reads_back_as_the_purpose_it_was_made_for() {
+        let (c, a, m) = (
+            ChatSessionId::from("chat_9f"),
+            AgentSessionId::from("ses_1"),
+            MessageId::from("msg_2"),
+        );
+        let cases = [
+            (create_session(&a), Purpose::CreateSession(a.clone())),
+            (
+                rename_session(&c, 42),
+                Purpose::RenameSession(c.clone(), 42),
+            ),
+            (
+                mark_session_deleted(&c),
+                Purpose::MarkSessionDeleted(c.clone()),
+            ),
+            (
+                mark_session_failed(&c),
+                Purpose::MarkSessionFailed(c.clone()),
+            ),
+            (
+                abort_agent_session(&a, 7_000),
+                Purpose::AbortAgentSession(a.clone(), 7_000),
+            ),
+            (
+                create_agent_session(&c),
+                Purpose::CreateAgentSession(c.clone()),
+            ),
+            (
+                link_agent_session(&c, &a),
+                Purpose::LinkAgentSession(c.clone(), a.clone()),
+            ),
+            (prompt(&m), Purpose::Prompt(m.clone())),
+            (complete_message(&m), Purpose::Deliver(m.clone())),
+            (fail_message_round(&m, 3), Purpose::Deliver(m.clone())),
+            (complete_message_round(&m, 12), Purpose::Deliver(m.clone())),
+        ];
+        for (id, want) in cases {
+            assert_eq!(purpose(&id), Some(want), "{id}");
+        }
+        assert_eq!(purpose(&CommandId::from("nonsense")), None);
+        assert_eq!(purpose(&CommandId::from("renameSession:c@x")), None);
+    }
 
     #[test]
     fn agent_message_ids_have_opencodes_form_ascend_with_time_and_differ_per_message() {

@@ -18,6 +18,7 @@
 
 mod deletions;
 pub mod ids;
+pub mod retention;
 
 use crate::events::Feed;
 pub use deletions::{deletion_hold, HoldChange};

@@ -5,6 +5,7 @@ use crate::events::*;
 use crate::projections::Views;
 
 mod deletions;
+mod retention;
 
 const T0: Millis = 1_700_000_000_000;
 const MIN: Millis = 60_000;

@@ -97,6 +97,8 @@ pub struct WorkerConfig {
     /// When old events move into the archive (`None`: never, as in tests that read the live
     /// log whole).
     pub archive: Option<archiver::ArchiveSchedule>,
+    /// How long final rows stay in the live views, and how often they are swept.
+    pub retention: reconcile::retention::RetentionPolicy,
 }
 
 impl Default for WorkerConfig {
@@ -112,6 +114,7 @@ impl Default for WorkerConfig {
             drain_grace_ms: 10_000,
             stop_when_quiet: None,
             archive: None,
+            retention: reconcile::retention::RetentionPolicy::default(),
         }
     }
 }
@@ -178,6 +181,10 @@ pub struct Worker {
     /// Ask the observers for a full listing at their next poll.
     full_agent: Arc<AtomicBool>,
     full_backend: Arc<AtomicBool>,
+    /// When the message feed last read to its end in this process (retention's clamp).
+    messages_read_at: Option<Millis>,
+    /// When retention was last swept in this process.
+    swept_at: Option<Millis>,
 }
 
 impl Worker {
@@ -207,7 +214,11 @@ impl Worker {
             catch_up.applied,
             log.last_seq()
         );
-        let mut dispatcher = Dispatcher::new(cfg.dispatch.clone(), started_at);
+        let dispatch = DispatchConfig {
+            retry_horizon_ms: cfg.retention.horizon_ms,
+            ..cfg.dispatch.clone()
+        };
+        let mut dispatcher = Dispatcher::new(dispatch, started_at);
         // Resumed commands were decided on a previous process's view: they wait for Ready.
         dispatcher.set_ready(false);
         dispatcher.hold_deletions_until_listed_after(log.last_seq());
@@ -234,6 +245,8 @@ impl Worker {
             nudge_agent: Arc::new(Notify::new()),
             full_agent: Arc::new(AtomicBool::new(false)),
             full_backend: Arc::new(AtomicBool::new(false)),
+            messages_read_at: None,
+            swept_at: None,
         };
         let started = WorkerStarted {
             worker_id: worker.cfg.worker_id.clone(),
@@ -360,6 +373,7 @@ impl Worker {
         let stopped = loop {
             let now = self.clock.now_ms();
             self.check_ready(now).await?;
+            self.sweep_retention(now).await?;
             self.hold_deletions(now, &mut hold_checked_at).await?;
             self.confirm_hold(now);
             planned_since_round |= self.plan_and_start(now, &mut calls, &nudge).await?;
@@ -457,6 +471,41 @@ impl Worker {
                 .await?;
             self.enter(Lifecycle::Ready, Some(summary)).await?;
         }
+        Ok(())
+    }
+
+    /// Retention: once Ready and once the message feed has read to its end in this process,
+    /// and then every `retention.every_ms`, drops the final rows older than the horizon
+    /// (`reconcile::retention::sweep` decides, purely; the event records it). A sweep that
+    /// would drop nothing appends nothing.
+    async fn sweep_retention(&mut self, now: Millis) -> Result<(), WorkerError> {
+        let policy = self.cfg.retention;
+        let (Some(_), Some(read_at)) = (self.ready_after, self.messages_read_at) else {
+            return Ok(());
+        };
+        if self
+            .swept_at
+            .is_some_and(|at| now < at.saturating_add(policy.every_ms))
+        {
+            return Ok(());
+        }
+        self.swept_at = Some(now);
+        let Some(swept) = reconcile::retention::sweep(self.views(), now, read_at, &policy) else {
+            return Ok(());
+        };
+        let rows = swept.commands.len() + swept.messages.len() + swept.chats.len();
+        if rows >= reconcile::retention::MAX_ROWS_PER_SWEEP {
+            self.swept_at = None; // more are due: sweep again at the next turn
+        }
+        tracing::info!(
+            before = swept.before,
+            commands = swept.commands.len(),
+            messages = swept.messages.len(),
+            chats = swept.chats.len(),
+            "retention: final rows older than the horizon left the views"
+        );
+        self.append(vec![NewEvent::new(Event::RetentionSwept(swept), now)])
+            .await?;
         Ok(())
     }
 
@@ -693,6 +742,10 @@ impl Worker {
             if ok {
                 self.status.observed_ok(source, now);
             }
+        }
+        if matches!(obs, Observation::BackendMessages { error: None, .. }) {
+            // Every message written before this read began has been read (in change order).
+            self.messages_read_at = Some(now);
         }
         let worker_id = self.cfg.worker_id.as_str();
         let views = self.views();

@@ -649,3 +649,70 @@ fn a_session_created_and_deleted_between_two_reads_leaves_nothing_behind() {
         assert_eq!(agent.sessions().len(), 3, "no agent session made for it");
     });
 }
+
+#[test]
+fn a_running_worker_sweeps_a_finished_message_once_it_is_past_the_horizon() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    let horizon = 10 * 60_000;
+    let report = paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, backend) = linked_sides(clock.clone(), 3);
+        backend.insert_message(MessageInfo {
+            chat_session_id: ChatSessionId::from("chat_1"),
+            message_id: MessageId::from("m1"),
+            role: Role::User,
+            content: "hi".into(),
+            completed: true,
+            timestamp: T0 - 1_000,
+            reply_to: None,
+            error: None,
+        });
+        let cfg = WorkerConfig {
+            retention: reconcile::retention::RetentionPolicy {
+                horizon_ms: horizon,
+                every_ms: 60_000,
+            },
+            ..WorkerConfig::default()
+        };
+        let worker = Worker::open(log.clone(), agent, backend, clock, cfg)
+            .await
+            .unwrap();
+        let half_an_hour = tokio::time::sleep(Duration::from_secs(30 * 60));
+        worker.run(half_an_hour).await.unwrap()
+    });
+    let events: Vec<Envelope> = log
+        .read(ReadFilter::default())
+        .map(Result::unwrap)
+        .collect();
+    let delivered_at = events
+        .iter()
+        .find(|e| matches!(&e.event, Event::CommandSucceeded(s) if s.op == Op::CompleteMessage))
+        .expect("the answer was delivered")
+        .at;
+    let sweeps: Vec<(&RetentionSwept, Millis)> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::RetentionSwept(s) => Some((s, e.at)),
+            _ => None,
+        })
+        .collect();
+    let (first, at) = sweeps.first().expect("a sweep past the horizon");
+    assert_eq!(first.messages, [MessageId::from("m1")]);
+    assert!(first.commands.contains(&CommandId::from("prompt:m1")));
+    assert!(first
+        .commands
+        .contains(&CommandId::from("completeMessage:m1")));
+    assert!(*at >= delivered_at + horizon, "not before the horizon");
+    assert!(
+        *at <= delivered_at + horizon + 2 * 60_000,
+        "within a sweep interval of it"
+    );
+    assert!(!report
+        .views
+        .messages
+        .state
+        .messages
+        .contains_key(&MessageId::from("m1")));
+    assert!(report.views.commands.state.commands.is_empty());
+}
