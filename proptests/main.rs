@@ -4,4 +4,5 @@
 
 mod adversary;
 mod foundation;
+mod keyed;
 mod worker;
