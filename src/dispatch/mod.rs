@@ -26,8 +26,9 @@
 pub mod breaker;
 mod execute;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::num::NonZeroU32;
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -273,6 +274,9 @@ struct Queued {
     waiting_since: Millis,
     /// Enqueue order, to keep equal ranks first-in first-out.
     order: u64,
+    /// Its place in line once its backoff is over: `waiting_since` plus its priority's ageing
+    /// offset (lower first).
+    rank: u64,
     /// Whether an earlier attempt may have reached the target (its reply was lost, it timed
     /// out, or the process died during it): the next attempt looks before it acts.
     uncertain: bool,
@@ -375,6 +379,9 @@ pub struct Dispatcher {
     cfg: DispatchConfig,
     gates: Gates,
     queue: BTreeMap<CommandId, Queued>,
+    /// The queue in line, without sorting it: what may start by (rank, order), and what waits
+    /// for its backoff by (not_before, order) until `select` moves it in line.
+    line: Line,
     running: HashMap<CommandId, Running>,
     busy_keys: HashSet<String>,
     key_not_before: HashMap<String, Millis>,
@@ -434,6 +441,7 @@ impl Dispatcher {
             cfg,
             gates,
             queue: BTreeMap::new(),
+            line: Line::default(),
             running: HashMap::new(),
             busy_keys: HashSet::new(),
             key_not_before: HashMap::new(),
@@ -477,7 +485,14 @@ impl Dispatcher {
 
     /// When the oldest queued command started waiting.
     pub fn oldest_waiting_since(&self) -> Option<Millis> {
-        self.queue.values().map(|q| q.waiting_since).min()
+        self.line.since.first().map(|(t, _)| *t)
+    }
+
+    /// Takes a command out of the queue and out of line.
+    fn unqueue(&mut self, id: &CommandId) -> Option<Queued> {
+        let q = self.queue.remove(id)?;
+        self.line.remove(id, &q);
+        Some(q)
     }
 
     fn target(&mut self, target: Source) -> &mut Target {
@@ -504,19 +519,20 @@ impl Dispatcher {
             return;
         }
         self.order += 1;
-        self.queue.insert(
-            id,
-            Queued {
-                keys: keys_of(&command),
-                command,
-                attempts,
-                charged,
-                not_before: at,
-                waiting_since: at.max(now),
-                order: self.order,
-                uncertain,
-            },
-        );
+        let waiting_since = at.max(now);
+        let q = Queued {
+            keys: keys_of(&command),
+            rank: waiting_since + u64::from(priority(command.op())) * self.cfg.aging_ms,
+            command,
+            attempts,
+            charged,
+            not_before: at,
+            waiting_since,
+            order: self.order,
+            uncertain,
+        };
+        self.line.insert(&id, &q, now);
+        self.queue.insert(id, q);
     }
 
     /// Queues every command the ledger holds open: what a previous process planned but did not
@@ -549,18 +565,12 @@ impl Dispatcher {
     /// What may start now, in rank order, within every limit. The caller appends the events of
     /// the actions (`command_cancelled`, `attempt_started`) and then runs the calls.
     pub fn select(&mut self, views: &Views, now: Millis) -> Vec<Action> {
-        let mut order: Vec<(u64, u64, CommandId)> = self
-            .queue
-            .iter()
-            .filter(|(_, q)| q.not_before <= now)
-            .map(|(id, q)| {
-                let rank = u64::from(priority(q.command.op())) * self.cfg.aging_ms;
-                (q.waiting_since + rank, q.order, id.clone())
-            })
-            .collect();
-        order.sort_unstable();
+        self.line.backoffs_over(&self.queue, now);
         let mut actions = Vec::new();
-        for (_, _, id) in order {
+        let mut after = None;
+        while let Some(place) = self.line.next_after(after.take()) {
+            let id = place.2.clone();
+            after = Some(place);
             if self.in_flight() >= self.cfg.concurrency {
                 break;
             }
@@ -579,7 +589,7 @@ impl Dispatcher {
                 continue;
             }
             if let Some(reason) = obsolete(views, &command) {
-                self.queue.remove(&id);
+                self.unqueue(&id);
                 self.stats.cancelled += 1;
                 actions.push(Action::Cancel(Event::CommandCancelled(CommandCancelled {
                     command_id: id,
@@ -619,7 +629,7 @@ impl Dispatcher {
                 continue;
             }
             self.target(target).breaker.on_start(now);
-            let q = self.queue.remove(&id).expect("queued");
+            let q = self.unqueue(&id).expect("queued");
             for k in &keys {
                 self.busy_keys.insert(k.clone());
             }
@@ -874,11 +884,16 @@ impl Dispatcher {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
-        for q in self.queue.values() {
-            consider(q.not_before);
-            for k in &q.keys {
-                if let Some(t) = self.key_not_before.get(k) {
-                    consider(*t);
+        if let Some(&(t, _, _)) = self.line.backoff.first() {
+            consider(t);
+        }
+        // Cooldowns are few (keys whose last attempt failed): only then is the queue walked.
+        if !self.key_not_before.is_empty() {
+            for q in self.queue.values() {
+                for k in &q.keys {
+                    if let Some(t) = self.key_not_before.get(k) {
+                        consider(*t);
+                    }
                 }
             }
         }
@@ -891,6 +906,55 @@ impl Dispatcher {
             }
         }
         next
+    }
+}
+
+/// The queue's order, kept as commands come and go: selecting walks it from the front and
+/// stops at the concurrency limit, instead of sorting the whole queue each turn.
+#[derive(Debug, Default)]
+struct Line {
+    /// Past their backoff, by (rank, order).
+    due: BTreeSet<(u64, u64, CommandId)>,
+    /// In their backoff, by (not_before, order).
+    backoff: BTreeSet<(Millis, u64, CommandId)>,
+    /// Every queued command by (waiting_since, order): the oldest wait.
+    since: BTreeSet<(Millis, u64)>,
+}
+
+impl Line {
+    fn insert(&mut self, id: &CommandId, q: &Queued, now: Millis) {
+        if q.not_before <= now {
+            self.due.insert((q.rank, q.order, id.clone()));
+        } else {
+            self.backoff.insert((q.not_before, q.order, id.clone()));
+        }
+        self.since.insert((q.waiting_since, q.order));
+    }
+
+    fn remove(&mut self, id: &CommandId, q: &Queued) {
+        if !self.due.remove(&(q.rank, q.order, id.clone())) {
+            self.backoff.remove(&(q.not_before, q.order, id.clone()));
+        }
+        self.since.remove(&(q.waiting_since, q.order));
+    }
+
+    /// Moves in line the commands whose backoff is over by `now`.
+    fn backoffs_over(&mut self, queue: &BTreeMap<CommandId, Queued>, now: Millis) {
+        while self.backoff.first().is_some_and(|(t, _, _)| *t <= now) {
+            let (_, _, id) = self.backoff.pop_first().expect("first");
+            if let Some(q) = queue.get(&id) {
+                self.due.insert((q.rank, q.order, id));
+            }
+        }
+    }
+
+    /// The place in line after `after` (the front when `None`).
+    fn next_after(&self, after: Option<(u64, u64, CommandId)>) -> Option<(u64, u64, CommandId)> {
+        let next = match after {
+            None => self.due.first(),
+            Some(a) => self.due.range((Excluded(a), Unbounded)).next(),
+        };
+        next.cloned()
     }
 }
 
