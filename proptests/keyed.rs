@@ -315,62 +315,67 @@ fn every_key(views: &Views, ctx: &Context) -> BTreeMap<CommandId, (Command, Stri
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(192))]
 
-    /// (a), (b) and (c) at every event of a generated history.
+    /// (a), (b) and (c) after every batch of events of a generated history: a batch is what
+    /// one append holds (a listing's events, a turn's plans), made against the views before it.
     #[test]
     fn a_turn_of_the_dirty_keys_plans_what_the_full_pass_plans_anew(
-        steps in prop::collection::vec(step(), 1..90),
-        ready_at in 0usize..30,
+        batches in prop::collection::vec(prop::collection::vec(step(), 1..4), 1..60),
+        ready_at in 0usize..20,
     ) {
         let mut views = Views::default();
         let mut seq = 0u64;
-        for (i, step) in steps.iter().enumerate() {
+        for (i, batch) in batches.iter().enumerate() {
             let ctx = Context {
                 now: START + i as u64 * 1_000,
                 started_at: START,
                 ready: i >= ready_at,
                 process_seq: 0,
             };
-            for event in events(step, &views, &ctx, i as u64) {
-                let before = reconcile::reconcile(&views, &ctx, &policy());
-                let before: BTreeSet<CommandId> =
-                    before.into_iter().map(|p| p.planned.command_id).collect();
-                let keys = event.keys();
-                let listed = reconcile::listed_in_this_process(&views.sessions.state, 0);
-                let mut dirty = BTreeSet::new();
-                for k in &keys {
-                    dirty.extend(reconcile::dependents(k, &views));
-                }
+            let events: Vec<Event> = batch
+                .iter()
+                .enumerate()
+                .flat_map(|(j, step)| events(step, &views, &ctx, (i * 4 + j) as u64))
+                .collect();
+            let before = reconcile::reconcile(&views, &ctx, &policy());
+            let before: BTreeSet<CommandId> =
+                before.into_iter().map(|p| p.planned.command_id).collect();
+            let keys: Vec<Key> = events.iter().flat_map(Event::keys).collect();
+            let listed = reconcile::listed_in_this_process(&views.sessions.state, 0);
+            let mut dirty = BTreeSet::new();
+            for k in &keys {
+                dirty.extend(reconcile::dependents(k, &views));
+            }
+            for event in &events {
                 seq += 1;
-                let env = Envelope {
+                views.apply(&Envelope {
                     seq,
                     id: uuid::Uuid::nil(),
                     at: ctx.now,
                     v: event.kind().version(),
-                    event,
+                    event: event.clone(),
                     cause: None,
-                };
-                views.apply(&env);
-                for k in keys {
-                    dirty.extend(reconcile::dependents(&k, &views));
-                    dirty.insert(k);
-                }
-                let s = &views.sessions.state;
-                if !listed && reconcile::listed_in_this_process(s, 0) {
-                    // Ready: the worker plans every key once (`Worker::check_ready`).
-                    dirty = reconcile::all_keys(&views);
-                }
-                prop_assert_eq!(&s.index, &SessionIndex::build(s), "after {:?}", env.event);
-                let full = by_id(reconcile::reconcile(&views, &ctx, &policy()));
-                prop_assert_eq!(&every_key(&views, &ctx), &full, "after {:?}", env.event);
-                let turn = by_id(reconcile::reconcile_keys(&dirty, &views, &ctx, &policy()).planned);
-                for (id, planned) in &full {
-                    if !before.contains(id) {
-                        prop_assert_eq!(
-                            turn.get(id), Some(planned),
-                            "{} is planned anew after {:?} but not by its dirty keys {:?}",
-                            id, env.event, dirty
-                        );
-                    }
+                });
+            }
+            for k in keys {
+                dirty.extend(reconcile::dependents(&k, &views));
+                dirty.insert(k);
+            }
+            let s = &views.sessions.state;
+            if !listed && reconcile::listed_in_this_process(s, 0) {
+                // Ready: the worker plans every key once (`Worker::check_ready`).
+                dirty = reconcile::all_keys(&views);
+            }
+            prop_assert_eq!(&s.index, &SessionIndex::build(s), "after {:?}", events);
+            let full = by_id(reconcile::reconcile(&views, &ctx, &policy()));
+            prop_assert_eq!(&every_key(&views, &ctx), &full, "after {:?}", events);
+            let turn = by_id(reconcile::reconcile_keys(&dirty, &views, &ctx, &policy()).planned);
+            for (id, planned) in &full {
+                if !before.contains(id) {
+                    prop_assert_eq!(
+                        turn.get(id), Some(planned),
+                        "{} is planned anew after {:?} but not by its dirty keys {:?}",
+                        id, events, dirty
+                    );
                 }
             }
         }

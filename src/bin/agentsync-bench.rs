@@ -716,32 +716,41 @@ fn keyed_turns(views: &mut Views, ctx: &Context, policy: &reconcile::Policy, n: 
     let mut keys = reconcile::Scheduler::default();
     let mut seq = views.min_seq();
     let mut planned = 0;
+    // Appends events as `Worker::append` does: mark, fold, mark again.
+    let mut fold = |views: &mut Views, keys: &mut reconcile::Scheduler, events: Vec<Event>| {
+        let named: Vec<_> = events.iter().flat_map(Event::keys).collect();
+        for k in &named {
+            keys.mark_with_dependents(k, views);
+        }
+        for event in events {
+            seq += 1;
+            let (id, at, v) = (uuid::Uuid::nil(), START, event.kind().version());
+            views.apply(&Envelope {
+                seq,
+                id,
+                at,
+                v,
+                event,
+                cause: None,
+            });
+        }
+        for k in &named {
+            keys.mark_with_dependents(k, views);
+        }
+    };
+    // One turn: the event in, its dirty keys planned, what they planned in (as the worker
+    // appends it, which marks its keys for the next turn).
     let mut turn = |views: &mut Views, event: Event| {
         let t = Instant::now();
-        let named = event.keys();
-        for k in &named {
-            keys.mark_with_dependents(k, views);
-        }
-        seq += 1;
-        let at = START;
-        let v = event.kind().version();
-        let cause = None;
-        let id = uuid::Uuid::nil();
-        views.apply(&Envelope {
-            seq,
-            id,
-            at,
-            v,
-            event,
-            cause,
-        });
-        for k in &named {
-            keys.mark_with_dependents(k, views);
-        }
+        fold(views, &mut keys, vec![event]);
         let dirty = keys.take(views, ctx.now);
         let plan = reconcile::reconcile_keys(&dirty, views, ctx, policy);
         planned += plan.planned.len();
-        std::hint::black_box(plan);
+        let events = plan
+            .planned
+            .into_iter()
+            .map(|p| Event::CommandPlanned(p.planned));
+        fold(views, &mut keys, events.collect());
         t.elapsed().as_secs_f64() * 1e6
     };
     let count = 1_000.min(n / 2);

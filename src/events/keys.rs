@@ -2,8 +2,8 @@
 //!
 //! Every event names the keys whose rows it may change ([`Event::keys`]): the agent sessions,
 //! chat sessions and messages it touches, and the global deletion pass when it changes what a
-//! deletion is derived from (an agent listing, a failed agent observation, a hold, or an agent
-//! session's presence). The worker marks those keys dirty and the reconciler plans only them
+//! deletion is derived from (an agent listing, a failed agent observation, a hold; a change to
+//! the sessions themselves reaches it through `reconcile::dependents`). The worker marks those keys dirty and the reconciler plans only them
 //! (`reconcile::reconcile_keys`); a property test checks that no event changes what an
 //! unnamed key would plan.
 
@@ -89,20 +89,17 @@ impl Event {
         match self {
             Event::AgentSessionSeen(b) | Event::AgentSessionChanged(b) => {
                 out.push(Key::Agent(b.agent_session_id.clone()));
-                out.push(Key::Deletions);
             }
-            Event::AgentSessionGone(b) => {
-                out.push(Key::Agent(b.agent_session_id.clone()));
-                out.push(Key::Deletions);
-            }
+            Event::AgentSessionGone(b) => out.push(Key::Agent(b.agent_session_id.clone())),
             Event::AgentSessionStatus(b) => out.push(Key::Agent(b.agent_session_id.clone())),
             Event::BackendSessionSeen(b) | Event::BackendSessionChanged(b) => {
                 out.push(Key::Chat(b.chat_session_id.clone()));
                 out.extend(b.agent_session_id.clone().map(Key::Agent));
             }
             Event::BackendSessionGone(b) => out.push(Key::Chat(b.chat_session_id.clone())),
+            // Its chat session's row is unchanged; its pending messages are the message's
+            // dependent (`reconcile::dependents`).
             Event::BackendMessageSeen(b) => {
-                out.push(Key::Chat(b.chat_session_id.clone()));
                 out.push(Key::Message(b.message_id.clone()));
                 out.extend(b.reply_to.clone().map(Key::Message));
             }

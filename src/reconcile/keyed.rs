@@ -119,9 +119,9 @@ pub fn all_keys(views: &Views) -> BTreeSet<Key> {
 }
 
 /// The keys whose planning reads the rows `key` names, besides `key` itself: an agent
-/// session's linked chat sessions and the deletion pass; a chat session's agent sessions (linked
-/// or made for it), its pending messages (ending it ends them) and the deletion pass; a
-/// message's chat session. The worker asks both before and after folding an event in, so a
+/// session's linked chat sessions, and the deletion pass when one of them is an orphan; a chat
+/// session's agent sessions (linked or made for it), its pending messages (ending it ends them),
+/// and the deletion pass while there are orphans; a message's chat session. The worker asks both before and after folding an event in, so a
 /// link that moved dirties both ends.
 pub fn dependents(key: &Key, views: &Views) -> Vec<Key> {
     let s = &views.sessions.state;
@@ -130,8 +130,16 @@ pub fn dependents(key: &Key, views: &Views) -> Vec<Key> {
     match key {
         Key::Agent(a) => {
             let chats = s.index.chats_by_agent.get(a).into_iter().flatten();
-            out.extend(chats.cloned().map(Key::Chat));
-            out.push(Key::Deletions);
+            let mut orphaned = false;
+            for c in chats {
+                orphaned |= s.index.orphans.contains(c);
+                out.push(Key::Chat(c.clone()));
+            }
+            // Its presence decides deletions only for the chat sessions it orphans (after it
+            // went) or orphaned (before it came back).
+            if orphaned {
+                out.push(Key::Deletions);
+            }
         }
         Key::Chat(c) => {
             let linked = s.chat.get(c).and_then(|r| r.agent_session_id.clone());
@@ -140,7 +148,11 @@ pub fn dependents(key: &Key, views: &Views) -> Vec<Key> {
             out.extend(tagged.cloned().map(Key::Agent));
             let pending = m.pending_by_chat.get(c).into_iter().flatten();
             out.extend(pending.cloned().map(Key::Message));
-            out.push(Key::Deletions);
+            // A chat session can become or stop being an orphan, and changes the active count
+            // the limit is a share of; with no orphan before or after, no deletion changes.
+            if !s.index.orphans.is_empty() {
+                out.push(Key::Deletions);
+            }
         }
         Key::Message(id) => {
             let chat = m.messages.get(id).map(|r| r.chat_session_id.clone());

@@ -426,8 +426,12 @@ fn plan_deletions<'v>(
         _ => String::new(),
     };
     for (agent_id, chat_id, _) in absent {
+        let id = ids::mark_session_deleted(chat_id);
+        if plan.known(&id) {
+            continue; // planned already: no reason to write
+        }
         plan.because(complete_seq).plan(
-            ids::mark_session_deleted(chat_id),
+            id,
             || Command::MarkSessionDeleted {
                 chat_session_id: chat_id.clone(),
             },
