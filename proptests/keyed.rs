@@ -277,11 +277,11 @@ fn message(m: u8, c: u8, role: Role, reply_to: Option<String>, at: u64) -> Event
     })
 }
 
-/// A small deletion limit, so that generated histories reach it.
+/// A small deletion limit, so that generated histories reach it and the active count moves it.
 fn policy() -> Policy {
     Policy {
         deletion_limit_min: 1,
-        deletion_limit_percent: 25,
+        deletion_limit_percent: 50,
         ..Policy::default()
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Every event names the keys whose rows it may change ([`Event::keys`]): the agent sessions,
 //! chat sessions and messages it touches, and the global deletion pass when it changes what a
-//! deletion is derived from (an agent listing, a failed agent observation, a hold; a change to
-//! the sessions themselves reaches it through `reconcile::dependents`). The worker marks those keys dirty and the reconciler plans only them
+//! deletion is derived from (an agent listing, a failed agent observation, a hold, a chat
+//! session that comes, goes or changes status; an orphaned chat session reaches it through
+//! `reconcile::dependents`). The worker marks those keys dirty and the reconciler plans only them
 //! (`reconcile::reconcile_keys`); a property test checks that no event changes what an
 //! unnamed key would plan.
 
@@ -41,14 +42,20 @@ impl Effect {
             | Effect::AgentSessionLinked {
                 chat_session_id,
                 agent_session_id,
-            } => (chat_session_id, Some(agent_session_id), None),
+            } => {
+                out.push(Key::Deletions); // a chat session may be new: the active count
+                (chat_session_id, Some(agent_session_id), None)
+            }
             Effect::SessionRenamed {
                 chat_session_id, ..
-            }
-            | Effect::SessionDeleted { chat_session_id }
+            } => (chat_session_id, None, None),
+            Effect::SessionDeleted { chat_session_id }
             | Effect::SessionFailed {
                 chat_session_id, ..
-            } => (chat_session_id, None, None),
+            } => {
+                out.push(Key::Deletions); // the active count
+                (chat_session_id, None, None)
+            }
             Effect::PromptAnswered {
                 chat_session_id,
                 message_id,
@@ -92,11 +99,17 @@ impl Event {
             }
             Event::AgentSessionGone(b) => out.push(Key::Agent(b.agent_session_id.clone())),
             Event::AgentSessionStatus(b) => out.push(Key::Agent(b.agent_session_id.clone())),
+            // A chat session that comes, goes or changes status changes the active count the
+            // deletion limit is a share of.
             Event::BackendSessionSeen(b) | Event::BackendSessionChanged(b) => {
                 out.push(Key::Chat(b.chat_session_id.clone()));
                 out.extend(b.agent_session_id.clone().map(Key::Agent));
+                out.push(Key::Deletions);
             }
-            Event::BackendSessionGone(b) => out.push(Key::Chat(b.chat_session_id.clone())),
+            Event::BackendSessionGone(b) => {
+                out.push(Key::Chat(b.chat_session_id.clone()));
+                out.push(Key::Deletions);
+            }
             // Its chat session's row is unchanged; its pending messages are the message's
             // dependent (`reconcile::dependents`).
             Event::BackendMessageSeen(b) => {

@@ -121,7 +121,7 @@ pub fn all_keys(views: &Views) -> BTreeSet<Key> {
 /// The keys whose planning reads the rows `key` names, besides `key` itself: an agent
 /// session's linked chat sessions, and the deletion pass when one of them is an orphan; a chat
 /// session's agent sessions (linked or made for it), its pending messages (ending it ends them),
-/// and the deletion pass while there are orphans; a message's chat session. The worker asks both before and after folding an event in, so a
+/// and the deletion pass when it is an orphan; a message's chat session. The worker asks both before and after folding an event in, so a
 /// link that moved dirties both ends.
 pub fn dependents(key: &Key, views: &Views) -> Vec<Key> {
     let s = &views.sessions.state;
@@ -148,9 +148,9 @@ pub fn dependents(key: &Key, views: &Views) -> Vec<Key> {
             out.extend(tagged.cloned().map(Key::Agent));
             let pending = m.pending_by_chat.get(c).into_iter().flatten();
             out.extend(pending.cloned().map(Key::Message));
-            // A chat session can become or stop being an orphan, and changes the active count
-            // the limit is a share of; with no orphan before or after, no deletion changes.
-            if !s.index.orphans.is_empty() {
+            // An orphan before or after: a candidate came or went, or changed (the active
+            // count's changes name the pass themselves, `Event::keys`).
+            if s.index.orphans.contains(c) {
                 out.push(Key::Deletions);
             }
         }
