@@ -249,3 +249,41 @@ impl Scheduler {
         self.due.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(id: &str) -> Key {
+        Key::Chat(id.into())
+    }
+
+    #[test]
+    fn a_key_asked_for_twice_keeps_the_earlier_time() {
+        let views = Views::default();
+        let mut s = Scheduler::default();
+        s.requeue(chat("c1"), 500);
+        s.requeue(chat("c1"), 900);
+        s.requeue(chat("c1"), 300);
+        assert_eq!((s.next_due(), s.timers()), (Some(300), 1));
+        assert!(s.take(&views, 299).is_empty(), "not due yet");
+        assert_eq!(s.take(&views, 300), BTreeSet::from([chat("c1")]));
+        assert!(
+            s.take(&views, 10_000).is_empty(),
+            "once, not at every time asked"
+        );
+    }
+
+    #[test]
+    fn a_dirty_key_runs_once_and_its_timer_goes_with_it() {
+        let views = Views::default();
+        let mut s = Scheduler::default();
+        s.requeue(chat("c1"), 1_000);
+        s.requeue(chat("c2"), 2_000);
+        s.mark(chat("c1"));
+        s.mark(chat("c1"));
+        assert_eq!(s.take(&views, 0), BTreeSet::from([chat("c1")]));
+        // Planning c1 asked again for what it still needs; its old timer is gone.
+        assert_eq!((s.next_due(), s.timers()), (Some(2_000), 1));
+    }
+}
