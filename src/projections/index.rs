@@ -21,6 +21,8 @@ pub struct SessionIndex {
     pub orphans: BTreeSet<ChatSessionId>,
     /// How many chat sessions are active (the deletion limit is a share of them).
     pub active_chats: usize,
+    /// Agent sessions busy now: whether the observers poll fast, without a scan.
+    pub busy: BTreeSet<AgentSessionId>,
 }
 
 /// What an event may change in the index, read before it is folded in.
@@ -43,6 +45,9 @@ impl SessionIndex {
         for (id, row) in &s.agent {
             if let Some(chat) = &row.created_for {
                 index.tag(chat, id);
+            }
+            if row.busy_since.is_some() {
+                index.busy.insert(id.clone());
             }
         }
         index
@@ -140,6 +145,11 @@ impl SessionIndex {
         }
         for (agent, old_tag) in before.agents {
             let row = s.agent.get(&agent);
+            if row.is_some_and(|r| r.busy_since.is_some()) {
+                self.busy.insert(agent.clone());
+            } else {
+                self.busy.remove(&agent);
+            }
             let linked: Vec<ChatSessionId> = self
                 .chats_by_agent
                 .get(&agent)

@@ -853,11 +853,7 @@ impl Worker {
         self.dispatcher.queued() > 0
             || self.dispatcher.in_flight() > 0
             || !v.messages.state.pending_by_chat.is_empty()
-            || v.sessions
-                .state
-                .agent
-                .values()
-                .any(|a| a.busy_since.is_some())
+            || !v.sessions.state.index.busy.is_empty()
     }
 
     async fn maybe_checkpoint(&mut self, now: Millis) -> Result<(), WorkerError> {
