@@ -103,6 +103,22 @@ impl SessionIndex {
             chats: Vec::new(),
             agents: Vec::new(),
         };
+        // Only these change a session row: the rest (messages, plans, attempts, listings) cost
+        // the fold nothing here.
+        let sessions = matches!(
+            event,
+            Event::AgentSessionSeen(_)
+                | Event::AgentSessionChanged(_)
+                | Event::AgentSessionGone(_)
+                | Event::AgentSessionStatus(_)
+                | Event::BackendSessionSeen(_)
+                | Event::BackendSessionChanged(_)
+                | Event::BackendSessionGone(_)
+                | Event::CommandSucceeded(_)
+        );
+        if !sessions {
+            return before;
+        }
         for key in event.keys() {
             match key {
                 Key::Chat(c) => {
@@ -125,8 +141,9 @@ impl SessionIndex {
     pub(super) fn after(&mut self, s: &SessionsView, before: Before) {
         // An event may name a row twice: count each chat session's change once.
         let mut seen = BTreeSet::new();
+        let several = before.chats.len() > 1;
         for (chat, old, was_active) in before.chats {
-            if !seen.insert(chat.clone()) {
+            if several && !seen.insert(chat.clone()) {
                 continue;
             }
             let row = s.chat.get(&chat);
