@@ -1,13 +1,13 @@
 //! The sessions view's indexes: what a per-key reconciliation looks up instead of scanning.
 //!
-//! Kept by the fold, event by event, from the rows each event names (its [`Key`]s), so that
-//! they always equal what [`SessionIndex::build`] derives from the rows; not stored in
+//! Kept by the fold, event by event, from the rows each event may change, so that they always
+//! equal what [`SessionIndex::build`] derives from the rows (a property test checks it); not stored in
 //! checkpoints (rebuilt when one is loaded, [`Projection::loaded`](super::Projection::loaded)).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::SessionsView;
-use crate::events::{AgentSessionId, ChatSessionId, ChatStatus, Event, Key};
+use crate::events::{AgentSessionId, ChatSessionId, ChatStatus, Effect, Event};
 
 /// Lookups over the sessions view's rows.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -97,55 +97,28 @@ impl SessionIndex {
         }
     }
 
-    /// The links and tags of the rows `event` names, before it is folded in.
+    /// The links and tags of the rows `event` may change, before it is folded in.
     pub(super) fn before(s: &SessionsView, event: &Event) -> Before {
-        let mut before = Before {
-            chats: Vec::new(),
-            agents: Vec::new(),
-        };
-        // Only these change a session row: the rest (messages, plans, attempts, listings) cost
-        // the fold nothing here.
-        let sessions = matches!(
-            event,
-            Event::AgentSessionSeen(_)
-                | Event::AgentSessionChanged(_)
-                | Event::AgentSessionGone(_)
-                | Event::AgentSessionStatus(_)
-                | Event::BackendSessionSeen(_)
-                | Event::BackendSessionChanged(_)
-                | Event::BackendSessionGone(_)
-                | Event::CommandSucceeded(_)
-        );
-        if !sessions {
-            return before;
+        let (chat, agent) = touched(event);
+        let chats = chat.into_iter().map(|c| {
+            let row = s.chat.get(c);
+            let link = row.and_then(|r| r.agent_session_id.clone());
+            let active = row.is_some_and(|r| r.status == ChatStatus::Active);
+            (c.clone(), link, active)
+        });
+        let agents = agent.into_iter().map(|a| {
+            let tag = s.agent.get(a).and_then(|r| r.created_for.clone());
+            (a.clone(), tag)
+        });
+        Before {
+            chats: chats.collect(),
+            agents: agents.collect(),
         }
-        for key in event.keys() {
-            match key {
-                Key::Chat(c) => {
-                    let row = s.chat.get(&c);
-                    let link = row.and_then(|r| r.agent_session_id.clone());
-                    let active = row.is_some_and(|r| r.status == ChatStatus::Active);
-                    before.chats.push((c, link, active));
-                }
-                Key::Agent(a) => {
-                    let tag = s.agent.get(&a).and_then(|r| r.created_for.clone());
-                    before.agents.push((a, tag));
-                }
-                Key::Message(_) | Key::Deletions => {}
-            }
-        }
-        before
     }
 
     /// Brings the index in step with the rows named in `before`, now that the event is in.
     pub(super) fn after(&mut self, s: &SessionsView, before: Before) {
-        // An event may name a row twice: count each chat session's change once.
-        let mut seen = BTreeSet::new();
-        let several = before.chats.len() > 1;
         for (chat, old, was_active) in before.chats {
-            if several && !seen.insert(chat.clone()) {
-                continue;
-            }
             let row = s.chat.get(&chat);
             let new = row.and_then(|r| r.agent_session_id.as_ref());
             if old.as_ref() != new {
@@ -185,5 +158,43 @@ impl SessionIndex {
                 self.tag(new, &agent);
             }
         }
+    }
+}
+
+/// The chat session and the agent session whose rows `event` may change (at most one each).
+fn touched(event: &Event) -> (Option<&ChatSessionId>, Option<&AgentSessionId>) {
+    match event {
+        Event::AgentSessionSeen(b) | Event::AgentSessionChanged(b) => {
+            (None, Some(&b.agent_session_id))
+        }
+        Event::AgentSessionGone(b) => (None, Some(&b.agent_session_id)),
+        Event::AgentSessionStatus(b) => (None, Some(&b.agent_session_id)),
+        Event::BackendSessionSeen(b) | Event::BackendSessionChanged(b) => {
+            (Some(&b.chat_session_id), None)
+        }
+        Event::BackendSessionGone(b) => (Some(&b.chat_session_id), None),
+        Event::CommandSucceeded(b) => match &b.effect {
+            Effect::ChatSessionCreated {
+                chat_session_id, ..
+            }
+            | Effect::AgentSessionLinked {
+                chat_session_id, ..
+            }
+            | Effect::SessionDeleted { chat_session_id }
+            | Effect::SessionFailed {
+                chat_session_id, ..
+            } => (Some(chat_session_id), None),
+            Effect::AgentSessionCreated {
+                chat_session_id,
+                agent_session_id,
+                ..
+            } => (Some(chat_session_id), Some(agent_session_id)),
+            Effect::SessionRenamed { .. }
+            | Effect::PromptAnswered { .. }
+            | Effect::MessageCompleted { .. }
+            | Effect::MessageFailed { .. }
+            | Effect::AgentSessionAborted { .. } => (None, None),
+        },
+        _ => (None, None),
     }
 }
