@@ -286,80 +286,78 @@ fn plan_agent(
     ctx: &Context,
     policy: &Policy,
 ) {
-    {
-        let Some((chat_id, chat)) = linked else {
-            if let Some(chat_id) = &agent.created_for {
-                // Made by our createAgentSession for a chat session: that command adopts it
-                // (or it is a spare from a race); mirroring it would make a second chat.
-                adopt(plan, s, agent_id, agent, chat_id);
-                return;
-            }
-            plan.because(agent.first_seq).plan(
-                ids::create_session(agent_id),
-                || Command::CreateSession {
-                    agent_session_id: agent_id.clone(),
-                    title: agent.title.clone(),
-                    model: agent.model.as_ref().map(ToString::to_string),
-                },
-                "agent session has no chat session".into(),
-            );
-            return;
-        };
-        // Deleted and failed chat sessions are final: never renamed, never recreated.
-        if chat.status != ChatStatus::Active {
+    let Some((chat_id, chat)) = linked else {
+        if let Some(chat_id) = &agent.created_for {
+            // Made by our createAgentSession for a chat session: that command adopts it
+            // (or it is a spare from a race); mirroring it would make a second chat.
+            adopt(plan, s, agent_id, agent, chat_id);
             return;
         }
-        // An agent session created for this chat session: the backend must learn the link,
-        // whether or not the message that needed it is still waiting.
-        if !chat.link_confirmed {
-            if let Some(seq) = chat.linked_seq {
-                plan.because(seq);
-            }
+        plan.because(agent.first_seq).plan(
+            ids::create_session(agent_id),
+            || Command::CreateSession {
+                agent_session_id: agent_id.clone(),
+                title: agent.title.clone(),
+                model: agent.model.as_ref().map(ToString::to_string),
+            },
+            "agent session has no chat session".into(),
+        );
+        return;
+    };
+    // Deleted and failed chat sessions are final: never renamed, never recreated.
+    if chat.status != ChatStatus::Active {
+        return;
+    }
+    // An agent session created for this chat session: the backend must learn the link,
+    // whether or not the message that needed it is still waiting.
+    if !chat.link_confirmed {
+        if let Some(seq) = chat.linked_seq {
+            plan.because(seq);
+        }
+        plan.plan(
+            ids::link_agent_session(chat_id, agent_id),
+            || Command::LinkAgentSession {
+                chat_session_id: chat_id.clone(),
+                agent_session_id: agent_id.clone(),
+            },
+            format!("agent session {agent_id} was created for this chat session"),
+        );
+    }
+    if agent.title != chat.title && !agent.title.is_empty() {
+        plan.because(agent.title_seq).plan(
+            ids::rename_session(chat_id, agent.title_seq),
+            || Command::RenameSession {
+                chat_session_id: chat_id.clone(),
+                title: agent.title.clone(),
+            },
+            format!(
+                "agent title is {:?}, chat title is {:?}",
+                agent.title, chat.title
+            ),
+        );
+    }
+    if let Some(since) = agent.busy_since {
+        let progress = since.max(agent.last_activity);
+        if ctx.now.saturating_sub(progress) < policy.stale_busy_ms {
+            plan.wake_at(progress.saturating_add(policy.stale_busy_ms));
+        } else {
+            let hours = policy.stale_busy_ms as f64 / 3_600_000.0;
+            let reason = format!("busy with no progress for {hours} h");
             plan.plan(
-                ids::link_agent_session(chat_id, agent_id),
-                || Command::LinkAgentSession {
+                ids::mark_session_failed(chat_id),
+                || Command::MarkSessionFailed {
                     chat_session_id: chat_id.clone(),
+                    reason: reason.clone(),
+                },
+                reason.clone(),
+            );
+            plan.plan(
+                ids::abort_agent_session(agent_id, since),
+                || Command::AbortAgentSession {
                     agent_session_id: agent_id.clone(),
                 },
-                format!("agent session {agent_id} was created for this chat session"),
+                reason,
             );
-        }
-        if agent.title != chat.title && !agent.title.is_empty() {
-            plan.because(agent.title_seq).plan(
-                ids::rename_session(chat_id, agent.title_seq),
-                || Command::RenameSession {
-                    chat_session_id: chat_id.clone(),
-                    title: agent.title.clone(),
-                },
-                format!(
-                    "agent title is {:?}, chat title is {:?}",
-                    agent.title, chat.title
-                ),
-            );
-        }
-        if let Some(since) = agent.busy_since {
-            let progress = since.max(agent.last_activity);
-            if ctx.now.saturating_sub(progress) < policy.stale_busy_ms {
-                plan.wake_at(progress.saturating_add(policy.stale_busy_ms));
-            } else {
-                let hours = policy.stale_busy_ms as f64 / 3_600_000.0;
-                let reason = format!("busy with no progress for {hours} h");
-                plan.plan(
-                    ids::mark_session_failed(chat_id),
-                    || Command::MarkSessionFailed {
-                        chat_session_id: chat_id.clone(),
-                        reason: reason.clone(),
-                    },
-                    reason.clone(),
-                );
-                plan.plan(
-                    ids::abort_agent_session(agent_id, since),
-                    || Command::AbortAgentSession {
-                        agent_session_id: agent_id.clone(),
-                    },
-                    reason,
-                );
-            }
         }
     }
 }
@@ -452,51 +450,49 @@ fn plan_outcome(
     ctx: &Context,
     policy: &Policy,
 ) {
-    {
-        let Some(row) = m.messages.get(id) else {
-            return;
-        };
-        let (answer, round_id): (Option<&String>, RoundId) = match row.state {
-            MessageState::Answered => match &row.answer {
-                Some(answer) => (Some(answer), ids::complete_message_round),
-                None => return,
+    let Some(row) = m.messages.get(id) else {
+        return;
+    };
+    let (answer, round_id): (Option<&String>, RoundId) = match row.state {
+        MessageState::Answered => match &row.answer {
+            Some(answer) => (Some(answer), ids::complete_message_round),
+            None => return,
+        },
+        MessageState::Failed | MessageState::Abandoned => (None, ids::fail_message_round),
+        MessageState::Seen | MessageState::Prompting => return,
+    };
+    let next = next_round(plan.ledger, |r| round_id(id, r), ctx, policy);
+    let (round, after) = match next {
+        Round::Plan(round, after) => (round, after),
+        Round::Wait(until) => return plan.wake_at(until),
+        Round::None => return,
+    };
+    let chat_session_id = row.chat_session_id.clone();
+    let (command, reason) = match answer {
+        Some(answer) => (
+            Command::CompleteMessage {
+                chat_session_id,
+                message_id: id.clone(),
+                content: answer.clone(),
             },
-            MessageState::Failed | MessageState::Abandoned => (None, ids::fail_message_round),
-            MessageState::Seen | MessageState::Prompting => return,
-        };
-        let next = next_round(plan.ledger, |r| round_id(id, r), ctx, policy);
-        let (round, after) = match next {
-            Round::Plan(round, after) => (round, after),
-            Round::Wait(until) => return plan.wake_at(until),
-            Round::None => return,
-        };
-        let chat_session_id = row.chat_session_id.clone();
-        let (command, reason) = match answer {
-            Some(answer) => (
-                Command::CompleteMessage {
-                    chat_session_id,
-                    message_id: id.clone(),
-                    content: answer.clone(),
-                },
-                "answered by the agent".to_owned(),
-            ),
-            None => {
-                let reason = row.reason.clone().unwrap_or_else(|| "failed".into());
-                let command = Command::FailMessage {
-                    chat_session_id,
-                    message_id: id.clone(),
-                    reason: reason.clone(),
-                };
-                (command, reason)
-            }
-        };
-        let reason = match after {
-            Some(previous) => format!("{reason} (delivery round {}: {previous})", round + 1),
-            None => reason,
-        };
-        plan.because(row.state_seq)
-            .plan(round_id(id, round), || command, reason);
-    }
+            "answered by the agent".to_owned(),
+        ),
+        None => {
+            let reason = row.reason.clone().unwrap_or_else(|| "failed".into());
+            let command = Command::FailMessage {
+                chat_session_id,
+                message_id: id.clone(),
+                reason: reason.clone(),
+            };
+            (command, reason)
+        }
+    };
+    let reason = match after {
+        Some(previous) => format!("{reason} (delivery round {}: {previous})", round + 1),
+        None => reason,
+    };
+    plan.because(row.state_seq)
+        .plan(round_id(id, round), || command, reason);
 }
 
 /// The id of a delivery round of a message's outcome.
@@ -556,113 +552,142 @@ fn plan_chat(
     ctx: &Context,
     policy: &Policy,
 ) {
-    {
-        let chat = s.chat.get(chat_id);
-        // In the order they were written, never by id: backend ids are random (Convex's, the
-        // local inbox's), and the dispatcher prompts a chat's messages in the order planned.
-        let mut pending: Vec<(&MessageId, &MessageRow)> = pending
-            .iter()
-            .filter_map(|id| m.messages.get(id).map(|row| (id, row)))
-            .collect();
-        pending.sort_by_key(|(id, row)| (row.timestamp, row.seen_seq, *id));
-        for (message_id, row) in pending {
-            let fail_id = ids::fail_message(message_id);
-            if plan.known(&fail_id) {
+    let chat = s.chat.get(chat_id);
+    for (message_id, row) in in_written_order(m, pending) {
+        let fail_id = ids::fail_message(message_id);
+        if plan.known(&fail_id) {
+            continue;
+        }
+        let fail = |plan: &mut Planner<'_>, reason: String| {
+            plan.because(row.seen_seq).plan(
+                fail_id.clone(),
+                || Command::FailMessage {
+                    chat_session_id: chat_id.clone(),
+                    message_id: message_id.clone(),
+                    reason: reason.clone(),
+                },
+                reason.clone(),
+            )
+        };
+        if row.timestamp.saturating_add(policy.retry_window_ms) < ctx.started_at {
+            let minutes = policy.retry_window_ms / 60_000;
+            fail(
+                plan,
+                format!(
+                    "still incomplete {minutes} min after it was written when the worker started"
+                ),
+            );
+            continue;
+        }
+        let deadline = row.seen_at.saturating_add(policy.message_deadline_ms);
+        if ctx.now >= deadline {
+            let minutes = policy.message_deadline_ms / 60_000;
+            fail(plan, format!("no answer within {minutes} min"));
+            continue;
+        }
+        plan.wake_at(deadline);
+        let Some(chat) = chat else {
+            continue; // its chat session is not listed yet
+        };
+        match chat.status {
+            ChatStatus::Active => {}
+            ChatStatus::Deleted => {
+                fail(plan, "session deleted".into());
                 continue;
             }
-            let fail = |plan: &mut Planner<'_>, reason: String| {
-                plan.because(row.seen_seq).plan(
-                    fail_id.clone(),
-                    || Command::FailMessage {
-                        chat_session_id: chat_id.clone(),
-                        message_id: message_id.clone(),
-                        reason: reason.clone(),
-                    },
-                    reason.clone(),
-                )
-            };
-            if row.timestamp.saturating_add(policy.retry_window_ms) < ctx.started_at {
-                let minutes = policy.retry_window_ms / 60_000;
-                fail(
-                    plan,
-                    format!("still incomplete {minutes} min after it was written when the worker started"),
-                );
+            ChatStatus::Failed => {
+                fail(plan, "session failed".into());
                 continue;
-            }
-            let deadline = row.seen_at.saturating_add(policy.message_deadline_ms);
-            if ctx.now >= deadline {
-                let minutes = policy.message_deadline_ms / 60_000;
-                fail(plan, format!("no answer within {minutes} min"));
-                continue;
-            }
-            plan.wake_at(deadline);
-            let Some(chat) = chat else {
-                continue; // its chat session is not listed yet
-            };
-            match chat.status {
-                ChatStatus::Active => {}
-                ChatStatus::Deleted => {
-                    fail(plan, "session deleted".into());
-                    continue;
-                }
-                ChatStatus::Failed => {
-                    fail(plan, "session failed".into());
-                    continue;
-                }
-            }
-            if !ctx.ready {
-                continue;
-            }
-            let create_id = ids::create_agent_session(chat_id);
-            let Some(agent_id) = &chat.agent_session_id else {
-                match plan.gave_up(&create_id) {
-                    Some(error) => fail(plan, format!("no agent session: {error}")),
-                    None => plan.because(row.seen_seq).plan(
-                        create_id,
-                        || Command::CreateAgentSession {
-                            chat_session_id: chat_id.clone(),
-                            title: chat.title.clone(),
-                        },
-                        format!("message {message_id} needs an agent session"),
-                    ),
-                }
-                continue;
-            };
-            let Some(agent) = s.agent.get(agent_id) else {
-                continue; // gone or not listed yet: the deletion rule decides
-            };
-            let link_id = ids::link_agent_session(chat_id, agent_id);
-            // Prompt once the backend holds the link, or once linking has given up (the answer
-            // still matters more than the bookkeeping).
-            let linked = chat.link_confirmed || plan.gave_up(&link_id).is_some();
-            if linked && row.state == MessageState::Seen {
-                let model = chat
-                    .model
-                    .as_deref()
-                    .map(ModelRef::parse)
-                    .or_else(|| agent.model.clone())
-                    .or_else(|| policy.default_model.clone());
-                // Its place in this pass: prompts planned together keep their order in the ids.
-                let prompts_planned = plan.out.len() as u64;
-                plan.because(row.seen_seq).plan(
-                    ids::prompt(message_id),
-                    || Command::Prompt {
-                        chat_session_id: chat_id.clone(),
-                        agent_session_id: agent_id.clone(),
-                        message_id: message_id.clone(),
-                        text: row.text.clone().unwrap_or_default(),
-                        model,
-                        agent_message_id: Some(ids::agent_message_id(
-                            message_id,
-                            ctx.now,
-                            prompts_planned,
-                        )),
-                    },
-                    "user message has no answer".into(),
-                );
             }
         }
+        if !ctx.ready {
+            continue;
+        }
+        let create_id = ids::create_agent_session(chat_id);
+        let Some(agent_id) = &chat.agent_session_id else {
+            match plan.gave_up(&create_id) {
+                Some(error) => fail(plan, format!("no agent session: {error}")),
+                None => plan.because(row.seen_seq).plan(
+                    create_id,
+                    || Command::CreateAgentSession {
+                        chat_session_id: chat_id.clone(),
+                        title: chat.title.clone(),
+                    },
+                    format!("message {message_id} needs an agent session"),
+                ),
+            }
+            continue;
+        };
+        let Some(agent) = s.agent.get(agent_id) else {
+            continue; // gone or not listed yet: the deletion rule decides
+        };
+        let prompting = Prompting {
+            chat_id,
+            chat,
+            agent_id,
+            agent,
+        };
+        plan_prompt(plan, &prompting, message_id, row, ctx, policy);
     }
+}
+
+/// Pending messages in the order they were written, never by id: backend ids are random
+/// (Convex's, the local inbox's), and the dispatcher prompts a chat's messages in the order
+/// planned.
+fn in_written_order<'v>(
+    m: &'v MessagesView,
+    pending: &'v BTreeSet<MessageId>,
+) -> Vec<(&'v MessageId, &'v MessageRow)> {
+    let mut pending: Vec<(&MessageId, &MessageRow)> = pending
+        .iter()
+        .filter_map(|id| m.messages.get(id).map(|row| (id, row)))
+        .collect();
+    pending.sort_by_key(|(id, row)| (row.timestamp, row.seen_seq, *id));
+    pending
+}
+
+/// The chat session and agent session a message would be prompted in.
+struct Prompting<'v> {
+    chat_id: &'v ChatSessionId,
+    chat: &'v ChatSessionRow,
+    agent_id: &'v AgentSessionId,
+    agent: &'v AgentSessionRow,
+}
+
+/// Prompts a message still waiting for its first (or next) attempt, once the backend holds
+/// its chat session's link, or once linking has given up (the answer still matters more than
+/// the bookkeeping).
+fn plan_prompt(
+    plan: &mut Planner<'_>,
+    at: &Prompting<'_>,
+    message_id: &MessageId,
+    row: &MessageRow,
+    ctx: &Context,
+    policy: &Policy,
+) {
+    let link_id = ids::link_agent_session(at.chat_id, at.agent_id);
+    let linked = at.chat.link_confirmed || plan.gave_up(&link_id).is_some();
+    if !linked || row.state != MessageState::Seen {
+        return;
+    }
+    let model = (at.chat.model.as_deref())
+        .map(ModelRef::parse)
+        .or_else(|| at.agent.model.clone())
+        .or_else(|| policy.default_model.clone());
+    // Its place in this pass: prompts planned together keep their order in the ids.
+    let prompts_planned = plan.out.len() as u64;
+    plan.because(row.seen_seq).plan(
+        ids::prompt(message_id),
+        || Command::Prompt {
+            chat_session_id: at.chat_id.clone(),
+            agent_session_id: at.agent_id.clone(),
+            message_id: message_id.clone(),
+            text: row.text.clone().unwrap_or_default(),
+            model,
+            agent_message_id: Some(ids::agent_message_id(message_id, ctx.now, prompts_planned)),
+        },
+        "user message has no answer".into(),
+    );
 }
 
 /// Whether the agent side's latest observation is a failure or a partial listing (none since
