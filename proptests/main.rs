@@ -4,5 +4,6 @@
 
 mod adversary;
 mod foundation;
+mod keyed;
 mod retention;
 mod worker;

@@ -5,7 +5,9 @@
 //! same run (runs vary by +/-15 % on a shared machine: compare the ratios); then `why` of an
 //! early message id on the whole live log, the archive step (checkpoints at the end, every
 //! covered event into segments) and the same `why` once archived (`why_ms`).
-//! `reconcile --sessions N`: one reconciliation pass over N x N sessions with 1 % drift.
+//! `reconcile --sessions N`: one reconciliation pass over N x N sessions with 1 % drift, the
+//! same planned key by key, and the median worker turn after one changed key (a rename, a new
+//! message).
 //! `storm --scale K`: the incident x K through a real worker and log against the simulated
 //! sides, throttled, then (same run) with throttling and the model cache off.
 //! `startup --sessions N`: `agentsync run` as a process of its own, from its start to Ready, on
@@ -21,12 +23,12 @@ use agentsync::clock::SystemClock;
 use agentsync::dispatch::DispatchConfig;
 use agentsync::events::{
     AgentSessionId, AgentSessionInfo, ChatSessionId, ChatSessionInfo, ChatStatus, Envelope, Event,
-    ListingCompleted, ModelRef, NewEvent, Source,
+    ListingCompleted, MessageId, MessageInfo, ModelRef, NewEvent, Role, Source,
 };
 use agentsync::log::{
     load_views, ArchiveOptions, CheckpointPolicy, EventLog, LiveViews, LogOptions, ReadFilter,
 };
-use agentsync::projections::Views;
+use agentsync::projections::{SessionIndex, Views};
 use agentsync::reconcile::{self, Context};
 use agentsync::sim::adversary;
 use agentsync::sim::incident::{self, Incident};
@@ -660,6 +662,30 @@ fn bench_reconcile(n: usize) -> Res<serde_json::Value> {
     }
     times.sort_by(f64::total_cmp);
     let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    // What loading a checkpoint adds: the sessions view's index, which is not stored.
+    let t = Instant::now();
+    std::hint::black_box(SessionIndex::build(&views.sessions.state));
+    let index_build_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let keys = reconcile::all_keys(&views);
+    let every_key = reconcile::reconcile_keys(&keys, &views, &ctx, &policy).planned;
+    let every_key_ms = t.elapsed().as_secs_f64() * 1000.0;
+    // The ledger as the worker would have it after that pass: every command planned.
+    let mut views = views;
+    let first = views.min_seq() + 1;
+    for (seq, p) in (first..).zip(&every_key) {
+        let event = Event::CommandPlanned(p.planned.clone());
+        let (id, at, v) = (uuid::Uuid::nil(), START, event.kind().version());
+        views.apply(&Envelope {
+            seq,
+            id,
+            at,
+            v,
+            event,
+            cause: None,
+        });
+    }
+    let turns = keyed_turns(&mut views, &ctx, &policy, n);
     Ok(json!({
         "sessions": n,
         "agent_sessions": views.sessions.state.agent.len(),
@@ -669,9 +695,111 @@ fn bench_reconcile(n: usize) -> Res<serde_json::Value> {
         "reconcile_ms_min": round2(times[0]),
         "reconcile_ms_max": round2(times[times.len() - 1]),
         "passes": times.len(),
+        "every_key_ms": round2(every_key_ms),
+        "index_build_ms": round2(index_build_ms),
+        "every_key_commands_planned": every_key.len(),
+        "turn_one_key_us": round2(turns.rename_us),
+        "turn_one_message_us": round2(turns.message_us),
+        "turn_commands_planned": turns.planned,
+        "turns": turns.count,
         "views_build_ms": round2(build_ms),
         "target_met": { "reconcile_le_50ms": times[times.len() / 2] <= 50.0 },
     }))
+}
+
+/// The medians of one worker turn after one event, as `Worker::append` and `plan_and_start`
+/// run it: mark the event's keys and their dependents, fold it in, mark again, plan the dirty
+/// keys.
+struct Turns {
+    rename_us: f64,
+    message_us: f64,
+    planned: usize,
+    count: usize,
+}
+
+fn keyed_turns(views: &mut Views, ctx: &Context, policy: &reconcile::Policy, n: usize) -> Turns {
+    let mut keys = reconcile::Scheduler::default();
+    let mut seq = views.min_seq();
+    let mut planned = 0;
+    // Appends events as `Worker::append` does: mark, fold, mark again.
+    let mut fold = |views: &mut Views, keys: &mut reconcile::Scheduler, events: Vec<Event>| {
+        let named: Vec<_> = events.iter().flat_map(Event::keys).collect();
+        for k in &named {
+            keys.mark_with_dependents(k, views);
+        }
+        for event in events {
+            seq += 1;
+            let (id, at, v) = (uuid::Uuid::nil(), START, event.kind().version());
+            views.apply(&Envelope {
+                seq,
+                id,
+                at,
+                v,
+                event,
+                cause: None,
+            });
+        }
+        for k in &named {
+            keys.mark_with_dependents(k, views);
+        }
+    };
+    // One turn: the event in, its dirty keys planned, what they planned in (as the worker
+    // appends it, which marks its keys for the next turn).
+    let mut turn = |views: &mut Views, event: Event| {
+        let t = Instant::now();
+        fold(views, &mut keys, vec![event]);
+        let dirty = keys.take(views, ctx.now);
+        let plan = reconcile::reconcile_keys(&dirty, views, ctx, policy);
+        planned += plan.planned.len();
+        let events = plan
+            .planned
+            .into_iter()
+            .map(|p| Event::CommandPlanned(p.planned));
+        fold(views, &mut keys, events.collect());
+        t.elapsed().as_secs_f64() * 1e6
+    };
+    let count = 1_000.min(n / 2);
+    let mut renames = Vec::new();
+    let mut messages = Vec::new();
+    for i in 0..count {
+        let j = n / 2 + i; // linked sessions, past the drifted ones
+        renames.push(turn(
+            views,
+            Event::AgentSessionChanged(AgentSessionInfo {
+                agent_session_id: AgentSessionId(format!("ses_{j:08}")),
+                title: format!("Session {j} (renamed in a turn)"),
+                directory: None,
+                project: None,
+                model: None,
+                updated_at: START,
+                parent_id: None,
+                tag: None,
+            }),
+        ));
+        messages.push(turn(
+            views,
+            Event::BackendMessageSeen(MessageInfo {
+                chat_session_id: ChatSessionId(format!("chat_{j:08}")),
+                message_id: MessageId(format!("msg_{j:08}")),
+                role: Role::User,
+                content: "hello".into(),
+                completed: true,
+                timestamp: START,
+                reply_to: None,
+                error: None,
+            }),
+        ));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    Turns {
+        rename_us: median(renames),
+        message_us: median(messages),
+        planned,
+        count,
+    }
 }
 
 fn bench_storm(scale: usize) -> Res<serde_json::Value> {

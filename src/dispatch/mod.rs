@@ -26,8 +26,9 @@
 pub mod breaker;
 mod execute;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::num::NonZeroU32;
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -279,6 +280,9 @@ struct Queued {
     waiting_since: Millis,
     /// Enqueue order, to keep equal ranks first-in first-out.
     order: u64,
+    /// Its place in line once its backoff is over: `waiting_since` plus its priority's ageing
+    /// offset (lower first).
+    rank: u64,
     /// Whether an earlier attempt may have reached the target (its reply was lost, it timed
     /// out, or the process died during it): the next attempt looks before it acts.
     uncertain: bool,
@@ -381,6 +385,9 @@ pub struct Dispatcher {
     cfg: DispatchConfig,
     gates: Gates,
     queue: BTreeMap<CommandId, Queued>,
+    /// The queue in line, without sorting it: what may start by (rank, order), and what waits
+    /// for its backoff by (not_before, order) until `select` moves it in line.
+    line: Line,
     running: HashMap<CommandId, Running>,
     busy_keys: HashSet<String>,
     key_not_before: HashMap<String, Millis>,
@@ -396,7 +403,8 @@ pub struct Dispatcher {
     /// A deletion runs only once a complete agent listing after this seq is in the views (the
     /// start of the worker's process): Ready may come from reads of changes, which prove
     /// nothing gone, and a deletion resumed from the ledger was decided on an older listing.
-    deletions_after: u64,
+    /// `None`: no such hold (a dispatcher not started by a worker process).
+    deletions_after: Option<u64>,
 }
 
 /// Whether `op` must wait until the worker is Ready: everything that acts on the agent server
@@ -423,12 +431,13 @@ impl std::fmt::Debug for Dispatcher {
 
 /// Whether the agent side's latest complete listing came after `after` and nothing failed
 /// since: only then may an absence it shows be acted on.
-fn deletions_proven(s: &SessionsView, after: u64) -> bool {
+fn deletions_proven(s: &SessionsView, after: Option<u64>) -> bool {
     let listed = s
         .listings
         .get(&Source::Agent)
         .and_then(|l| l.last_complete_seq);
-    listed.is_some_and(|seq| seq > after) && !agent_side_failing(s)
+    let recent = after.is_none_or(|after| listed.is_some_and(|seq| seq > after));
+    recent && !agent_side_failing(s)
 }
 
 /// The exclusion keys of a command: every session it touches.
@@ -454,6 +463,7 @@ impl Dispatcher {
             cfg,
             gates,
             queue: BTreeMap::new(),
+            line: Line::default(),
             running: HashMap::new(),
             busy_keys: HashSet::new(),
             key_not_before: HashMap::new(),
@@ -461,13 +471,13 @@ impl Dispatcher {
             order: 0,
             stats: DispatchStats::default(),
             ready: true,
-            deletions_after: 0,
+            deletions_after: None,
         }
     }
 
     /// Holds every deletion until a complete agent listing after `seq` is in the views.
     pub fn hold_deletions_until_listed_after(&mut self, seq: u64) {
-        self.deletions_after = seq;
+        self.deletions_after = Some(seq);
     }
 
     /// Holds back (`false`) or lets go (`true`) the commands that wait for Ready. A worker
@@ -503,7 +513,14 @@ impl Dispatcher {
 
     /// When the oldest queued command started waiting.
     pub fn oldest_waiting_since(&self) -> Option<Millis> {
-        self.queue.values().map(|q| q.waiting_since).min()
+        self.line.since.first().map(|(t, _)| *t)
+    }
+
+    /// Takes a command out of the queue and out of line.
+    fn unqueue(&mut self, id: &CommandId) -> Option<Queued> {
+        let q = self.queue.remove(id)?;
+        self.line.remove(id, &q);
+        Some(q)
     }
 
     fn target(&mut self, target: Source) -> &mut Target {
@@ -530,19 +547,20 @@ impl Dispatcher {
             return;
         }
         self.order += 1;
-        self.queue.insert(
-            id,
-            Queued {
-                keys: keys_of(&command),
-                command,
-                attempts,
-                charged,
-                not_before: at,
-                waiting_since: at.max(now),
-                order: self.order,
-                uncertain,
-            },
-        );
+        let waiting_since = at.max(now);
+        let q = Queued {
+            keys: keys_of(&command),
+            rank: waiting_since + u64::from(priority(command.op())) * self.cfg.aging_ms,
+            command,
+            attempts,
+            charged,
+            not_before: at,
+            waiting_since,
+            order: self.order,
+            uncertain,
+        };
+        self.line.insert(&id, &q, now);
+        self.queue.insert(id, q);
     }
 
     /// Why a command planned at least `retry_horizon_ms` ago must not be attempted: an
@@ -588,18 +606,12 @@ impl Dispatcher {
     /// What may start now, in rank order, within every limit. The caller appends the events of
     /// the actions (`command_cancelled`, `attempt_started`) and then runs the calls.
     pub fn select(&mut self, views: &Views, now: Millis) -> Vec<Action> {
-        let mut order: Vec<(u64, u64, CommandId)> = self
-            .queue
-            .iter()
-            .filter(|(_, q)| q.not_before <= now)
-            .map(|(id, q)| {
-                let rank = u64::from(priority(q.command.op())) * self.cfg.aging_ms;
-                (q.waiting_since + rank, q.order, id.clone())
-            })
-            .collect();
-        order.sort_unstable();
+        self.line.backoffs_over(&self.queue, now);
         let mut actions = Vec::new();
-        for (_, _, id) in order {
+        let mut after = None;
+        while let Some(place) = self.line.next_after(after.take()) {
+            let id = place.2.clone();
+            after = Some(place);
             if self.in_flight() >= self.cfg.concurrency {
                 break;
             }
@@ -620,7 +632,7 @@ impl Dispatcher {
             if let Some(reason) =
                 obsolete(views, &command).or_else(|| self.too_old(views, &id, now))
             {
-                self.queue.remove(&id);
+                self.unqueue(&id);
                 self.stats.cancelled += 1;
                 actions.push(Action::Cancel(Event::CommandCancelled(CommandCancelled {
                     command_id: id,
@@ -662,7 +674,7 @@ impl Dispatcher {
                 continue;
             }
             self.target(target).breaker.on_start(now);
-            let q = self.queue.remove(&id).expect("queued");
+            let q = self.unqueue(&id).expect("queued");
             for k in &keys {
                 self.busy_keys.insert(k.clone());
             }
@@ -917,11 +929,16 @@ impl Dispatcher {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
-        for q in self.queue.values() {
-            consider(q.not_before);
-            for k in &q.keys {
-                if let Some(t) = self.key_not_before.get(k) {
-                    consider(*t);
+        if let Some(&(t, _, _)) = self.line.backoff.first() {
+            consider(t);
+        }
+        // Cooldowns are few (keys whose last attempt failed): only then is the queue walked.
+        if !self.key_not_before.is_empty() {
+            for q in self.queue.values() {
+                for k in &q.keys {
+                    if let Some(t) = self.key_not_before.get(k) {
+                        consider(*t);
+                    }
                 }
             }
         }
@@ -934,6 +951,55 @@ impl Dispatcher {
             }
         }
         next
+    }
+}
+
+/// The queue's order, kept as commands come and go: selecting walks it from the front and
+/// stops at the concurrency limit, instead of sorting the whole queue each turn.
+#[derive(Debug, Default)]
+struct Line {
+    /// Past their backoff, by (rank, order).
+    due: BTreeSet<(u64, u64, CommandId)>,
+    /// In their backoff, by (not_before, order).
+    backoff: BTreeSet<(Millis, u64, CommandId)>,
+    /// Every queued command by (waiting_since, order): the oldest wait.
+    since: BTreeSet<(Millis, u64)>,
+}
+
+impl Line {
+    fn insert(&mut self, id: &CommandId, q: &Queued, now: Millis) {
+        if q.not_before <= now {
+            self.due.insert((q.rank, q.order, id.clone()));
+        } else {
+            self.backoff.insert((q.not_before, q.order, id.clone()));
+        }
+        self.since.insert((q.waiting_since, q.order));
+    }
+
+    fn remove(&mut self, id: &CommandId, q: &Queued) {
+        if !self.due.remove(&(q.rank, q.order, id.clone())) {
+            self.backoff.remove(&(q.not_before, q.order, id.clone()));
+        }
+        self.since.remove(&(q.waiting_since, q.order));
+    }
+
+    /// Moves in line the commands whose backoff is over by `now`.
+    fn backoffs_over(&mut self, queue: &BTreeMap<CommandId, Queued>, now: Millis) {
+        while self.backoff.first().is_some_and(|(t, _, _)| *t <= now) {
+            let (_, _, id) = self.backoff.pop_first().expect("first");
+            if let Some(q) = queue.get(&id) {
+                self.due.insert((q.rank, q.order, id));
+            }
+        }
+    }
+
+    /// The place in line after `after` (the front when `None`).
+    fn next_after(&self, after: Option<(u64, u64, CommandId)>) -> Option<(u64, u64, CommandId)> {
+        let next = match after {
+            None => self.due.first(),
+            Some(a) => self.due.range((Excluded(a), Unbounded)).next(),
+        };
+        next.cloned()
     }
 }
 

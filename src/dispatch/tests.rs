@@ -652,3 +652,92 @@ fn a_command_planned_past_the_retention_horizon_is_cancelled_not_sent_again() {
         "{actions:?}"
     );
 }
+
+#[test]
+fn the_line_starts_what_a_sort_of_the_whole_queue_puts_first() {
+    // The oracle is the selection this dispatcher made before it kept a line: every queued
+    // command past its backoff, sorted by (waiting_since + priority x ageing, enqueue order).
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(1), 0);
+    // Each command on sessions of its own, so that no key holds one back.
+    let link = |chat: &str| Command::LinkAgentSession {
+        chat_session_id: chat.into(),
+        agent_session_id: format!("ses_{chat}").into(),
+    };
+    for i in 0..90u64 {
+        let chat = format!("chat_{i}");
+        let command = match i % 3 {
+            0 => fail_message(&chat, &format!("m{i}")),
+            1 => link(&chat),
+            _ => rename(&chat),
+        };
+        d.enqueue(format!("k{i}").into(), command, (i * 7_919) % 20_000);
+    }
+    // And commands a previous process left failed, each resumed to wait out its backoff.
+    let mut views = views;
+    for i in 0..30u64 {
+        let (id, command) = (
+            CommandId::from(format!("r{i}")),
+            rename(&format!("old_{i}")),
+        );
+        let (op, subject) = (command.op(), command.subject());
+        let planned = CommandPlanned {
+            command_id: id.clone(),
+            command,
+            reason: "r".into(),
+        };
+        let failed = CommandFailed {
+            command_id: id,
+            op,
+            subject,
+            attempt: 1,
+            class: ErrorClass::Retryable,
+            error: "HTTP 503".into(),
+            next_attempt_at: Some(20_000 + (i * 3_571) % 30_000),
+        };
+        let events = vec![Event::CommandPlanned(planned), Event::CommandFailed(failed)];
+        apply(&mut views, events, 0);
+    }
+    assert_eq!(d.resume(&views.commands.state, 20_000), 30);
+    let views = views;
+    let (mut now, mut started_n, mut failed_n) = (20_000, 0, 0);
+    for turn in 0..5_000u64 {
+        let expected = d
+            .queue
+            .iter()
+            .filter(|(_, q)| q.not_before <= now)
+            .filter(|(_, q)| {
+                let cooling = |k: &String| d.key_not_before.get(k).is_some_and(|t| *t > now);
+                !q.keys.iter().any(cooling)
+            })
+            .min_by_key(|(_, q)| {
+                let rank = u64::from(priority(q.command.op())) * d.cfg.aging_ms;
+                (q.waiting_since + rank, q.order)
+            })
+            .map(|(id, _)| id.clone());
+        let s = started(d.select(&views, now));
+        if let Some(a) = s.first() {
+            assert_eq!(Some(&a.id), expected.as_ref(), "turn {turn} at {now}");
+            started_n += 1;
+            // One attempt in five fails and waits out a backoff in the line's other half.
+            let result = match turn % 5 {
+                0 => {
+                    failed_n += 1;
+                    Err(PortError::retryable("HTTP 503"))
+                }
+                _ => Ok(Effect::SessionRenamed {
+                    chat_session_id: "x".into(),
+                    title: "t".into(),
+                }),
+            };
+            d.finished(&a.id, a.attempt, result, now + 5);
+        }
+        now += 50;
+        if d.queued() == 0 && d.in_flight() == 0 {
+            break;
+        }
+    }
+    assert_eq!(d.queued(), 0, "everything started in the end");
+    assert!(failed_n > 0 && started_n == 120 + failed_n - d.stats().dead_letters as usize);
+    assert_eq!(d.oldest_waiting_since(), None);
+}

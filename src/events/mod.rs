@@ -12,8 +12,11 @@
 //! so the rest of the program only ever sees current shapes. A version newer than this binary
 //! knows is an error, never a guess.
 
+mod keys;
 pub mod types;
 pub mod upcast;
+
+pub use keys::Key;
 
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Serialize};

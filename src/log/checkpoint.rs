@@ -57,7 +57,10 @@ impl CheckpointStore {
         // One typed parse in the usual case; only when it fails is the header read, to tell a
         // checkpoint of another version (rebuild) from a damaged one.
         match serde_json::from_slice::<Checkpoint<P>>(&bytes) {
-            Ok(c) if c.version == P::VERSION => Ok(Some(c)),
+            Ok(mut c) if c.version == P::VERSION => {
+                c.state.loaded();
+                Ok(Some(c))
+            }
             Ok(c) => Ok(Some(Checkpoint {
                 state: P::default(),
                 ..c

@@ -7,6 +7,7 @@
 //! projection alone is rebuilt from the log.
 
 mod commands;
+mod index;
 mod messages;
 mod sessions;
 
@@ -17,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use commands::{CommandLedger, CommandState, LedgerEntry, OpenCommand};
+pub use index::SessionIndex;
 pub use messages::{MessageRow, MessageState, MessagesView};
 pub use sessions::{
     AgentSessionRow, ChatSessionRow, DeletionHold, FeedState, ListingState, ModelCache,
@@ -36,6 +38,9 @@ pub trait Projection:
     /// Folds one event in. Must be deterministic and must not fail: an event that makes no
     /// sense for this view is ignored.
     fn apply(&mut self, event: &Envelope);
+    /// Rebuilds what the state derives and does not store (its indexes), after it was read
+    /// from a checkpoint.
+    fn loaded(&mut self) {}
 }
 
 /// A projection's state at a point of the log: what a checkpoint stores.
@@ -62,7 +67,8 @@ pub struct Tracked<P> {
 
 impl<P: Projection> Tracked<P> {
     /// Starts from a checkpoint.
-    pub fn from_checkpoint(c: Checkpoint<P>) -> Self {
+    pub fn from_checkpoint(mut c: Checkpoint<P>) -> Self {
+        c.state.loaded();
         Tracked {
             state: c.state,
             seq: c.seq,

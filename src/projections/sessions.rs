@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::index::SessionIndex;
 use super::Projection;
 use crate::clock::Millis;
 use crate::events::{
@@ -57,6 +58,11 @@ pub struct SessionsView {
     /// view, is one that left the view (`observe::backend_session_changes`).
     #[serde(default)]
     pub swept_before: Millis,
+    /// Lookups the fold keeps in step with the rows (chat sessions by agent session, agent
+    /// sessions by tag, links to absent agent sessions): derived, so not stored, and rebuilt
+    /// when a checkpoint is loaded.
+    #[serde(skip)]
+    pub index: SessionIndex,
 }
 
 /// Where one feed's incremental reads stand.
@@ -202,12 +208,10 @@ fn backfill<T: Clone>(slot: &mut Option<T>, observed: &Option<T>) {
 }
 
 impl SessionsView {
-    /// The chat session linked to an agent session, if any (a scan: the reconciler builds its
-    /// own index once per pass).
+    /// The chat session linked to an agent session, if any (the first by id, from the index).
     pub fn chat_for_agent(&self, id: &AgentSessionId) -> Option<(&ChatSessionId, &ChatSessionRow)> {
-        self.chat
-            .iter()
-            .find(|(_, c)| c.agent_session_id.as_ref() == Some(id))
+        let chats = self.index.chats_by_agent.get(id)?;
+        chats.iter().find_map(|c| self.chat.get_key_value(c))
     }
 
     fn observe_agent(&mut self, info: &AgentSessionInfo, seq: u64) {
@@ -420,6 +424,20 @@ impl Projection for SessionsView {
     const VERSION: u32 = 4;
 
     fn apply(&mut self, e: &Envelope) {
+        let before = SessionIndex::before(self, &e.event);
+        self.fold(e);
+        let mut index = std::mem::take(&mut self.index);
+        index.after(self, before);
+        self.index = index;
+    }
+
+    fn loaded(&mut self) {
+        self.index = SessionIndex::build(self);
+    }
+}
+
+impl SessionsView {
+    fn fold(&mut self, e: &Envelope) {
         match &e.event {
             Event::AgentSessionSeen(info) | Event::AgentSessionChanged(info) => {
                 self.observe_agent(info, e.seq)

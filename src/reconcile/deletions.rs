@@ -34,17 +34,10 @@ pub(super) fn deletable(
         && !s.agent.contains_key(agent)
 }
 
-/// Whether `n` deletions are more than one listing may cause (the active sessions are only
-/// counted past the floor).
+/// Whether `n` deletions are more than one listing may cause (the active sessions counted by
+/// the view's index).
 pub(super) fn over_limit(s: &SessionsView, policy: &Policy, n: usize) -> bool {
-    n > policy.deletion_limit_min && n > deletion_limit(active_chats(s), policy)
-}
-
-fn active_chats(s: &SessionsView) -> usize {
-    s.chat
-        .values()
-        .filter(|c| c.status == ChatStatus::Active)
-        .count()
+    n > policy.deletion_limit_min && n > deletion_limit(s.index.active_chats, policy)
 }
 
 /// How many chat sessions one listing may mark deleted, of `active` active ones.
@@ -105,13 +98,19 @@ pub fn deletion_hold(views: &Views, policy: &Policy) -> Option<HoldChange> {
     let backend = s.listings.get(&Source::Backend);
     backend.and_then(|l| l.last_complete_seq)?;
     let listing_seq = trusted_agent_listing(s)?;
-    let (mut active, mut candidates) = (0, 0);
-    for chat in s.chat.values() {
-        active += usize::from(chat.status == ChatStatus::Active);
-        let agent = chat.agent_session_id.as_ref();
-        candidates += usize::from(agent.is_some_and(|a| deletable(s, a, chat, listing_seq)));
-    }
-    let limit = deletion_limit(active, policy);
+    // Only orphans (active, linked to an absent agent session) can be deletable: the index
+    // keeps them, so this reads them and not every chat session.
+    let candidates = s
+        .index
+        .orphans
+        .iter()
+        .filter_map(|c| s.chat.get(c))
+        .filter(|chat| {
+            let agent = chat.agent_session_id.as_ref();
+            agent.is_some_and(|a| deletable(s, a, chat, listing_seq))
+        })
+        .count();
+    let limit = deletion_limit(s.index.active_chats, policy);
     let (candidates_n, limit_n) = (candidates as u64, limit as u64);
     match &s.deletion_hold {
         None if candidates > limit => Some(HoldChange::Held(DeletionsHeld {

@@ -18,13 +18,16 @@
 
 mod deletions;
 pub mod ids;
+mod keyed;
 pub mod retention;
+
+pub use keyed::{all_keys, dependents, reconcile_key, reconcile_keys, KeyedPlan, Scheduler};
 
 use crate::events::Feed;
 pub use deletions::{deletion_hold, HoldChange};
 
 use std::collections::hash_map::Entry;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use rustc_hash::FxHashMap;
 
@@ -123,23 +126,32 @@ pub struct Planned {
     pub cause_seq: Option<u64>,
 }
 
-/// One reconciliation pass: the commands to plan, each not yet in the ledger.
+/// One reconciliation pass over everything: the commands to plan, each not yet in the ledger.
+/// The worker plans by key ([`reconcile_keys`]); this full pass is what those must add up to,
+/// the oracle of the property tests, and builds its index from scratch.
 pub fn reconcile(views: &Views, ctx: &Context, policy: &Policy) -> Vec<Planned> {
-    let mut plan = Planner {
-        ledger: &views.commands.state,
-        planned: HashSet::new(),
-        out: Vec::new(),
-        cause: None,
-    };
+    let mut plan = Planner::new(&views.commands.state);
     let sessions = &views.sessions.state;
     let messages = &views.messages.state;
     if listed_in_this_process(sessions, ctx.process_seq) {
         let mut index = ChatIndex::new(sessions);
-        plan_sessions(&mut plan, sessions, &mut index, ctx, policy);
-        plan_deletions(&mut plan, sessions, &index, ctx, policy);
+        for (agent_id, agent) in &sessions.agent {
+            let chat = index.by_agent.remove(agent_id);
+            plan_agent(&mut plan, sessions, agent_id, agent, chat, ctx, policy);
+        }
+        let absent = index
+            .by_agent
+            .iter()
+            .map(|(a, (c, row))| (*a, *c, *row))
+            .chain(index.others.iter().copied());
+        plan_deletions(&mut plan, sessions, absent, ctx, policy);
     }
-    plan_outcomes(&mut plan, messages, ctx, policy);
-    plan_pending(&mut plan, sessions, messages, ctx, policy);
+    for id in messages.undelivered.keys() {
+        plan_outcome(&mut plan, messages, id, ctx, policy);
+    }
+    for (chat_id, pending) in &messages.pending_by_chat {
+        plan_chat(&mut plan, sessions, messages, chat_id, pending, ctx, policy);
+    }
     plan.out
 }
 
@@ -150,9 +162,27 @@ struct Planner<'a> {
     out: Vec<Planned>,
     /// The cause of the next command planned (set by `because`).
     cause: Option<u64>,
+    /// The earliest time at which what was planned for the current key may change with no
+    /// event: a deadline, a staleness, a delivery round's backoff.
+    wake: Option<Millis>,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
+    fn new(ledger: &'a CommandLedger) -> Self {
+        Planner {
+            ledger,
+            planned: HashSet::new(),
+            out: Vec::new(),
+            cause: None,
+            wake: None,
+        }
+    }
+
+    /// Asks for the current key to be planned again at `at` (the earliest asked wins).
+    fn wake_at(&mut self, at: Millis) {
+        self.wake = Some(self.wake.map_or(at, |w| w.min(at)));
+    }
+
     fn known(&self, id: &CommandId) -> bool {
         self.ledger.commands.contains_key(id) || self.planned.contains(id)
     }
@@ -245,87 +275,90 @@ impl<'a> ChatIndex<'a> {
     }
 }
 
-/// Creations, renames and stale sessions: one walk over the agent sessions. Takes each agent
-/// session's chat session out of the index, so what is left links to absent agent sessions.
-fn plan_sessions(
+/// Creations, renames and staleness of one agent session, given the chat session linked to it
+/// (an active one when several are), if any.
+#[allow(clippy::too_many_arguments)]
+fn plan_agent(
     plan: &mut Planner<'_>,
     s: &SessionsView,
-    index: &mut ChatIndex<'_>,
+    agent_id: &AgentSessionId,
+    agent: &AgentSessionRow,
+    linked: Option<(&ChatSessionId, &ChatSessionRow)>,
     ctx: &Context,
     policy: &Policy,
 ) {
-    for (agent_id, agent) in &s.agent {
-        let Some((chat_id, chat)) = index.by_agent.remove(agent_id) else {
-            if let Some(chat_id) = &agent.created_for {
-                // Made by our createAgentSession for a chat session: that command adopts it
-                // (or it is a spare from a race); mirroring it would make a second chat.
-                adopt(plan, s, agent_id, agent, chat_id);
-                continue;
-            }
-            plan.because(agent.first_seq).plan(
-                ids::create_session(agent_id),
-                || Command::CreateSession {
-                    agent_session_id: agent_id.clone(),
-                    title: agent.title.clone(),
-                    model: agent.model.as_ref().map(ToString::to_string),
-                },
-                "agent session has no chat session".into(),
-            );
-            continue;
-        };
-        // Deleted and failed chat sessions are final: never renamed, never recreated.
-        if chat.status != ChatStatus::Active {
-            continue;
+    let Some((chat_id, chat)) = linked else {
+        if let Some(chat_id) = &agent.created_for {
+            // Made by our createAgentSession for a chat session: that command adopts it
+            // (or it is a spare from a race); mirroring it would make a second chat.
+            adopt(plan, s, agent_id, agent, chat_id);
+            return;
         }
-        // An agent session created for this chat session: the backend must learn the link,
-        // whether or not the message that needed it is still waiting.
-        if !chat.link_confirmed {
-            if let Some(seq) = chat.linked_seq {
-                plan.because(seq);
-            }
+        plan.because(agent.first_seq).plan(
+            ids::create_session(agent_id),
+            || Command::CreateSession {
+                agent_session_id: agent_id.clone(),
+                title: agent.title.clone(),
+                model: agent.model.as_ref().map(ToString::to_string),
+            },
+            "agent session has no chat session".into(),
+        );
+        return;
+    };
+    // Deleted and failed chat sessions are final: never renamed, never recreated.
+    if chat.status != ChatStatus::Active {
+        return;
+    }
+    // An agent session created for this chat session: the backend must learn the link,
+    // whether or not the message that needed it is still waiting.
+    if !chat.link_confirmed {
+        if let Some(seq) = chat.linked_seq {
+            plan.because(seq);
+        }
+        plan.plan(
+            ids::link_agent_session(chat_id, agent_id),
+            || Command::LinkAgentSession {
+                chat_session_id: chat_id.clone(),
+                agent_session_id: agent_id.clone(),
+            },
+            format!("agent session {agent_id} was created for this chat session"),
+        );
+    }
+    if agent.title != chat.title && !agent.title.is_empty() {
+        plan.because(agent.title_seq).plan(
+            ids::rename_session(chat_id, agent.title_seq),
+            || Command::RenameSession {
+                chat_session_id: chat_id.clone(),
+                title: agent.title.clone(),
+            },
+            format!(
+                "agent title is {:?}, chat title is {:?}",
+                agent.title, chat.title
+            ),
+        );
+    }
+    if let Some(since) = agent.busy_since {
+        let progress = since.max(agent.last_activity);
+        if ctx.now.saturating_sub(progress) < policy.stale_busy_ms {
+            plan.wake_at(progress.saturating_add(policy.stale_busy_ms));
+        } else {
+            let hours = policy.stale_busy_ms as f64 / 3_600_000.0;
+            let reason = format!("busy with no progress for {hours} h");
             plan.plan(
-                ids::link_agent_session(chat_id, agent_id),
-                || Command::LinkAgentSession {
+                ids::mark_session_failed(chat_id),
+                || Command::MarkSessionFailed {
                     chat_session_id: chat_id.clone(),
+                    reason: reason.clone(),
+                },
+                reason.clone(),
+            );
+            plan.plan(
+                ids::abort_agent_session(agent_id, since),
+                || Command::AbortAgentSession {
                     agent_session_id: agent_id.clone(),
                 },
-                format!("agent session {agent_id} was created for this chat session"),
+                reason,
             );
-        }
-        if agent.title != chat.title && !agent.title.is_empty() {
-            plan.because(agent.title_seq).plan(
-                ids::rename_session(chat_id, agent.title_seq),
-                || Command::RenameSession {
-                    chat_session_id: chat_id.clone(),
-                    title: agent.title.clone(),
-                },
-                format!(
-                    "agent title is {:?}, chat title is {:?}",
-                    agent.title, chat.title
-                ),
-            );
-        }
-        if let Some(since) = agent.busy_since {
-            let progress = since.max(agent.last_activity);
-            if ctx.now.saturating_sub(progress) >= policy.stale_busy_ms {
-                let hours = policy.stale_busy_ms as f64 / 3_600_000.0;
-                let reason = format!("busy with no progress for {hours} h");
-                plan.plan(
-                    ids::mark_session_failed(chat_id),
-                    || Command::MarkSessionFailed {
-                        chat_session_id: chat_id.clone(),
-                        reason: reason.clone(),
-                    },
-                    reason.clone(),
-                );
-                plan.plan(
-                    ids::abort_agent_session(agent_id, since),
-                    || Command::AbortAgentSession {
-                        agent_session_id: agent_id.clone(),
-                    },
-                    reason,
-                );
-            }
         }
     }
 }
@@ -363,14 +396,13 @@ fn adopt(
 
 /// Deletions: only from a complete, successful agent listing of this process newer than the
 /// link, and none while the agent side's last observation is a failure (the server may simply
-/// be down).
-/// `index` holds, after `plan_sessions`, the chat sessions whose agent session is absent.
-/// More than the policy's limit are held, not obeyed, until a later listing confirms them
-/// (see [`deletion_hold`]).
-fn plan_deletions(
+/// be down). `linked` holds (at least) every linked chat session whose agent session is
+/// absent. More than the policy's limit are held, not obeyed, until a later listing confirms
+/// them (see [`deletion_hold`]).
+fn plan_deletions<'v>(
     plan: &mut Planner<'_>,
-    s: &SessionsView,
-    index: &ChatIndex<'_>,
+    s: &'v SessionsView,
+    linked: impl Iterator<Item = (&'v AgentSessionId, &'v ChatSessionId, &'v ChatSessionRow)>,
     ctx: &Context,
     policy: &Policy,
 ) {
@@ -382,11 +414,7 @@ fn plan_deletions(
     else {
         return;
     };
-    let absent: Vec<_> = index
-        .by_agent
-        .iter()
-        .map(|(a, (c, row))| (*a, *c, *row))
-        .chain(index.others.iter().copied())
+    let absent: Vec<_> = linked
         .filter(|(a, _, chat)| deletions::deletable(s, a, chat, complete_seq))
         .collect();
     let over = deletions::over_limit(s, policy, absent.len());
@@ -402,8 +430,12 @@ fn plan_deletions(
         _ => String::new(),
     };
     for (agent_id, chat_id, _) in absent {
+        let id = ids::mark_session_deleted(chat_id);
+        if plan.known(&id) {
+            continue; // planned already: no reason to write
+        }
         plan.because(complete_seq).plan(
-            ids::mark_session_deleted(chat_id),
+            id,
             || Command::MarkSessionDeleted {
                 chat_session_id: chat_id.clone(),
             },
@@ -414,72 +446,88 @@ fn plan_deletions(
     }
 }
 
-/// Outcomes the backend does not hold yet: answers to deliver, failures to record. A delivery
+/// An outcome the backend does not hold yet: an answer to deliver, a failure to record. A delivery
 /// that gave up is tried again, in rounds with new ids and a growing wait: no outcome is left
 /// stranded because one command died.
-fn plan_outcomes(plan: &mut Planner<'_>, m: &MessagesView, ctx: &Context, policy: &Policy) {
-    for id in m.undelivered.keys() {
-        let Some(row) = m.messages.get(id) else {
-            continue;
-        };
-        let (answer, round_id): (Option<&String>, RoundId) = match row.state {
-            MessageState::Answered => match &row.answer {
-                Some(answer) => (Some(answer), ids::complete_message_round),
-                None => continue,
+fn plan_outcome(
+    plan: &mut Planner<'_>,
+    m: &MessagesView,
+    id: &MessageId,
+    ctx: &Context,
+    policy: &Policy,
+) {
+    let Some(row) = m.messages.get(id) else {
+        return;
+    };
+    let (answer, round_id): (Option<&String>, RoundId) = match row.state {
+        MessageState::Answered => match &row.answer {
+            Some(answer) => (Some(answer), ids::complete_message_round),
+            None => return,
+        },
+        MessageState::Failed | MessageState::Abandoned => (None, ids::fail_message_round),
+        MessageState::Seen | MessageState::Prompting => return,
+    };
+    let next = next_round(plan.ledger, |r| round_id(id, r), ctx, policy);
+    let (round, after) = match next {
+        Round::Plan(round, after) => (round, after),
+        Round::Wait(until) => return plan.wake_at(until),
+        Round::None => return,
+    };
+    let chat_session_id = row.chat_session_id.clone();
+    let (command, reason) = match answer {
+        Some(answer) => (
+            Command::CompleteMessage {
+                chat_session_id,
+                message_id: id.clone(),
+                content: answer.clone(),
             },
-            MessageState::Failed | MessageState::Abandoned => (None, ids::fail_message_round),
-            MessageState::Seen | MessageState::Prompting => continue,
-        };
-        let Some((round, after)) = next_round(plan.ledger, |r| round_id(id, r), ctx, policy) else {
-            continue;
-        };
-        let chat_session_id = row.chat_session_id.clone();
-        let (command, reason) = match answer {
-            Some(answer) => (
-                Command::CompleteMessage {
-                    chat_session_id,
-                    message_id: id.clone(),
-                    content: answer.clone(),
-                },
-                "answered by the agent".to_owned(),
-            ),
-            None => {
-                let reason = row.reason.clone().unwrap_or_else(|| "failed".into());
-                let command = Command::FailMessage {
-                    chat_session_id,
-                    message_id: id.clone(),
-                    reason: reason.clone(),
-                };
-                (command, reason)
-            }
-        };
-        let reason = match after {
-            Some(previous) => format!("{reason} (delivery round {}: {previous})", round + 1),
-            None => reason,
-        };
-        plan.because(row.state_seq)
-            .plan(round_id(id, round), || command, reason);
-    }
+            "answered by the agent".to_owned(),
+        ),
+        None => {
+            let reason = row.reason.clone().unwrap_or_else(|| "failed".into());
+            let command = Command::FailMessage {
+                chat_session_id,
+                message_id: id.clone(),
+                reason: reason.clone(),
+            };
+            (command, reason)
+        }
+    };
+    let reason = match after {
+        Some(previous) => format!("{reason} (delivery round {}: {previous})", round + 1),
+        None => reason,
+    };
+    plan.because(row.state_seq)
+        .plan(round_id(id, round), || command, reason);
 }
 
 /// The id of a delivery round of a message's outcome.
 type RoundId = fn(&MessageId, u32) -> CommandId;
 
-/// The delivery round to plan now, if any, and why the previous round ended: `None` while a
-/// round is open or succeeded, or while the previous one's backoff runs.
+/// What to do about a message's delivery rounds.
+enum Round {
+    /// Plan this round; why the previous one ended, if there was one.
+    Plan(u32, Option<String>),
+    /// Nothing until the previous round's backoff ends, at this time.
+    Wait(Millis),
+    /// Nothing: a round is open or succeeded, or the rounds are used up.
+    None,
+}
+
+/// The delivery round to plan now, if any, and why the previous round ended.
 fn next_round(
     ledger: &CommandLedger,
     round_id: impl Fn(u32) -> CommandId,
     ctx: &Context,
     policy: &Policy,
-) -> Option<(u32, Option<String>)> {
+) -> Round {
     let mut previous = None;
     for round in 0.. {
         let Some(entry) = ledger.commands.get(&round_id(round)) else {
-            return Some((round, previous));
+            return Round::Plan(round, previous);
         };
         if !entry.is_final() || entry.state == CommandState::Succeeded {
-            return None;
+            return Round::None;
         }
         // A round that ended "in the future" was logged before the wall clock was stepped
         // back (by an earlier process): count its wait from this process's start instead.
@@ -487,130 +535,165 @@ fn next_round(
             true => ctx.started_at.min(ctx.now),
             false => entry.updated_at,
         };
-        if ctx.now < ended.saturating_add(policy.delivery_backoff(round + 1)) {
-            return None;
-        }
         if round + 1 >= policy.max_delivery_rounds {
-            return None; // given up: it stays undelivered, in /metrics and /readyz
+            return Round::None; // given up: it stays undelivered, in /metrics and /readyz
+        }
+        let due = ended.saturating_add(policy.delivery_backoff(round + 1));
+        if ctx.now < due {
+            return Round::Wait(due);
         }
         previous = Some(entry.last_error.clone().unwrap_or_else(|| "gave up".into()));
     }
-    None
+    Round::None
 }
 
-/// Pending messages: fail the stale and the orphaned, ensure an agent session, then prompt.
-fn plan_pending(
+/// A chat session's pending messages: fail the stale and the orphaned, ensure an agent
+/// session, then prompt.
+fn plan_chat(
     plan: &mut Planner<'_>,
     s: &SessionsView,
     m: &MessagesView,
+    chat_id: &ChatSessionId,
+    pending: &BTreeSet<MessageId>,
     ctx: &Context,
     policy: &Policy,
 ) {
-    for (chat_id, pending) in &m.pending_by_chat {
-        let chat = s.chat.get(chat_id);
-        // In the order they were written, never by id: backend ids are random (Convex's, the
-        // local inbox's), and the dispatcher prompts a chat's messages in the order planned.
-        let mut pending: Vec<(&MessageId, &MessageRow)> = pending
-            .iter()
-            .filter_map(|id| m.messages.get(id).map(|row| (id, row)))
-            .collect();
-        pending.sort_by_key(|(id, row)| (row.timestamp, row.seen_seq, *id));
-        for (message_id, row) in pending {
-            let fail_id = ids::fail_message(message_id);
-            if plan.known(&fail_id) {
+    let chat = s.chat.get(chat_id);
+    for (message_id, row) in in_written_order(m, pending) {
+        let fail_id = ids::fail_message(message_id);
+        if plan.known(&fail_id) {
+            continue;
+        }
+        let fail = |plan: &mut Planner<'_>, reason: String| {
+            plan.because(row.seen_seq).plan(
+                fail_id.clone(),
+                || Command::FailMessage {
+                    chat_session_id: chat_id.clone(),
+                    message_id: message_id.clone(),
+                    reason: reason.clone(),
+                },
+                reason.clone(),
+            )
+        };
+        if row.timestamp.saturating_add(policy.retry_window_ms) < ctx.started_at {
+            let minutes = policy.retry_window_ms / 60_000;
+            fail(
+                plan,
+                format!(
+                    "still incomplete {minutes} min after it was written when the worker started"
+                ),
+            );
+            continue;
+        }
+        let deadline = row.seen_at.saturating_add(policy.message_deadline_ms);
+        if ctx.now >= deadline {
+            let minutes = policy.message_deadline_ms / 60_000;
+            fail(plan, format!("no answer within {minutes} min"));
+            continue;
+        }
+        plan.wake_at(deadline);
+        let Some(chat) = chat else {
+            continue; // its chat session is not listed yet
+        };
+        match chat.status {
+            ChatStatus::Active => {}
+            ChatStatus::Deleted => {
+                fail(plan, "session deleted".into());
                 continue;
             }
-            let fail = |plan: &mut Planner<'_>, reason: String| {
-                plan.because(row.seen_seq).plan(
-                    fail_id.clone(),
-                    || Command::FailMessage {
-                        chat_session_id: chat_id.clone(),
-                        message_id: message_id.clone(),
-                        reason: reason.clone(),
-                    },
-                    reason.clone(),
-                )
-            };
-            if row.timestamp.saturating_add(policy.retry_window_ms) < ctx.started_at {
-                let minutes = policy.retry_window_ms / 60_000;
-                fail(
-                    plan,
-                    format!("still incomplete {minutes} min after it was written when the worker started"),
-                );
+            ChatStatus::Failed => {
+                fail(plan, "session failed".into());
                 continue;
-            }
-            if ctx.now >= row.seen_at.saturating_add(policy.message_deadline_ms) {
-                let minutes = policy.message_deadline_ms / 60_000;
-                fail(plan, format!("no answer within {minutes} min"));
-                continue;
-            }
-            let Some(chat) = chat else {
-                continue; // its chat session is not listed yet
-            };
-            match chat.status {
-                ChatStatus::Active => {}
-                ChatStatus::Deleted => {
-                    fail(plan, "session deleted".into());
-                    continue;
-                }
-                ChatStatus::Failed => {
-                    fail(plan, "session failed".into());
-                    continue;
-                }
-            }
-            if !ctx.ready {
-                continue;
-            }
-            let create_id = ids::create_agent_session(chat_id);
-            let Some(agent_id) = &chat.agent_session_id else {
-                match plan.gave_up(&create_id) {
-                    Some(error) => fail(plan, format!("no agent session: {error}")),
-                    None => plan.because(row.seen_seq).plan(
-                        create_id,
-                        || Command::CreateAgentSession {
-                            chat_session_id: chat_id.clone(),
-                            title: chat.title.clone(),
-                        },
-                        format!("message {message_id} needs an agent session"),
-                    ),
-                }
-                continue;
-            };
-            let Some(agent) = s.agent.get(agent_id) else {
-                continue; // gone or not listed yet: the deletion rule decides
-            };
-            let link_id = ids::link_agent_session(chat_id, agent_id);
-            // Prompt once the backend holds the link, or once linking has given up (the answer
-            // still matters more than the bookkeeping).
-            let linked = chat.link_confirmed || plan.gave_up(&link_id).is_some();
-            if linked && row.state == MessageState::Seen {
-                let model = chat
-                    .model
-                    .as_deref()
-                    .map(ModelRef::parse)
-                    .or_else(|| agent.model.clone())
-                    .or_else(|| policy.default_model.clone());
-                // Its place in this pass: prompts planned together keep their order in the ids.
-                let prompts_planned = plan.out.len() as u64;
-                plan.because(row.seen_seq).plan(
-                    ids::prompt(message_id),
-                    || Command::Prompt {
-                        chat_session_id: chat_id.clone(),
-                        agent_session_id: agent_id.clone(),
-                        message_id: message_id.clone(),
-                        text: row.text.clone().unwrap_or_default(),
-                        model,
-                        agent_message_id: Some(ids::agent_message_id(
-                            message_id,
-                            ctx.now,
-                            prompts_planned,
-                        )),
-                    },
-                    "user message has no answer".into(),
-                );
             }
         }
+        if !ctx.ready {
+            continue;
+        }
+        let create_id = ids::create_agent_session(chat_id);
+        let Some(agent_id) = &chat.agent_session_id else {
+            match plan.gave_up(&create_id) {
+                Some(error) => fail(plan, format!("no agent session: {error}")),
+                None => plan.because(row.seen_seq).plan(
+                    create_id,
+                    || Command::CreateAgentSession {
+                        chat_session_id: chat_id.clone(),
+                        title: chat.title.clone(),
+                    },
+                    format!("message {message_id} needs an agent session"),
+                ),
+            }
+            continue;
+        };
+        let Some(agent) = s.agent.get(agent_id) else {
+            continue; // gone or not listed yet: the deletion rule decides
+        };
+        let prompting = Prompting {
+            chat_id,
+            chat,
+            agent_id,
+            agent,
+        };
+        plan_prompt(plan, &prompting, message_id, row, ctx, policy);
     }
+}
+
+/// Pending messages in the order they were written, never by id: backend ids are random
+/// (Convex's, the local inbox's), and the dispatcher prompts a chat's messages in the order
+/// planned.
+fn in_written_order<'v>(
+    m: &'v MessagesView,
+    pending: &'v BTreeSet<MessageId>,
+) -> Vec<(&'v MessageId, &'v MessageRow)> {
+    let mut pending: Vec<(&MessageId, &MessageRow)> = pending
+        .iter()
+        .filter_map(|id| m.messages.get(id).map(|row| (id, row)))
+        .collect();
+    pending.sort_by_key(|(id, row)| (row.timestamp, row.seen_seq, *id));
+    pending
+}
+
+/// The chat session and agent session a message would be prompted in.
+struct Prompting<'v> {
+    chat_id: &'v ChatSessionId,
+    chat: &'v ChatSessionRow,
+    agent_id: &'v AgentSessionId,
+    agent: &'v AgentSessionRow,
+}
+
+/// Prompts a message still waiting for its first (or next) attempt, once the backend holds
+/// its chat session's link, or once linking has given up (the answer still matters more than
+/// the bookkeeping).
+fn plan_prompt(
+    plan: &mut Planner<'_>,
+    at: &Prompting<'_>,
+    message_id: &MessageId,
+    row: &MessageRow,
+    ctx: &Context,
+    policy: &Policy,
+) {
+    let link_id = ids::link_agent_session(at.chat_id, at.agent_id);
+    let linked = at.chat.link_confirmed || plan.gave_up(&link_id).is_some();
+    if !linked || row.state != MessageState::Seen {
+        return;
+    }
+    let model = (at.chat.model.as_deref())
+        .map(ModelRef::parse)
+        .or_else(|| at.agent.model.clone())
+        .or_else(|| policy.default_model.clone());
+    // Its place in this pass: prompts planned together keep their order in the ids.
+    let prompts_planned = plan.out.len() as u64;
+    plan.because(row.seen_seq).plan(
+        ids::prompt(message_id),
+        || Command::Prompt {
+            chat_session_id: at.chat_id.clone(),
+            agent_session_id: at.agent_id.clone(),
+            message_id: message_id.clone(),
+            text: row.text.clone().unwrap_or_default(),
+            model,
+            agent_message_id: Some(ids::agent_message_id(message_id, ctx.now, prompts_planned)),
+        },
+        "user message has no answer".into(),
+    );
 }
 
 /// Whether the agent side's latest observation is a failure or a partial listing (none since

@@ -174,6 +174,8 @@ pub struct Worker {
     seq: Arc<AtomicU64>,
     /// The event id of each command's `command_planned`, for the causes of its outcomes.
     planned_ids: HashMap<CommandId, Uuid>,
+    /// The keys the next turn plans, and those due again at a time.
+    keys: reconcile::Scheduler,
     status: Arc<WorkerStatus>,
     inlet: mpsc::Sender<Observation>,
     observations: Option<mpsc::Receiver<Observation>>,
@@ -219,6 +221,8 @@ impl Worker {
             ..cfg.dispatch.clone()
         };
         let mut dispatcher = Dispatcher::new(dispatch, started_at);
+        // The first turn plans everything once: what the checkpoints hold was planned by an
+        // earlier process, with another start time.
         // Resumed commands were decided on a previous process's view: they wait for Ready.
         dispatcher.set_ready(false);
         dispatcher.hold_deletions_until_listed_after(log.last_seq());
@@ -239,6 +243,7 @@ impl Worker {
             started_at,
             ready_after: None,
             planned_ids: HashMap::new(),
+            keys: reconcile::Scheduler::default(),
             status: Arc::new(WorkerStatus::new()),
             inlet: tx,
             observations: Some(rx),
@@ -255,6 +260,7 @@ impl Worker {
         };
         tracing::info!(state = "starting", detail = %format!("pid {}", std::process::id()), "lifecycle");
         tracing::info!(state = "catching_up", detail = %caught_up, "lifecycle");
+        worker.keys.mark_everything();
         worker.status.set_state(Lifecycle::CatchingUp, started_at);
         let state = |state, detail: Option<String>| {
             NewEvent::new(
@@ -313,16 +319,27 @@ impl Worker {
             .views
     }
 
-    /// Appends events (on a blocking thread) and folds them into the views.
+    /// Appends events (on a blocking thread), folds them into the views, and marks the keys
+    /// they name dirty, with the keys that read those rows before and after the fold (a link
+    /// that moved dirties both ends).
     async fn append(&mut self, events: Vec<NewEvent>) -> Result<Vec<Envelope>, WorkerError> {
         if events.is_empty() {
             return Ok(Vec::new());
+        }
+        let keys: Vec<Key> = events.iter().flat_map(|e| e.event.keys()).collect();
+        if let Some(live) = self.live.as_ref() {
+            for key in &keys {
+                self.keys.mark_with_dependents(key, &live.views);
+            }
         }
         let log = self.log.clone();
         let stored = blocking(move || log.append(events)).await??;
         self.status.appended(&stored);
         if let Some(live) = self.live.as_mut() {
             live.apply(&stored);
+            for key in &keys {
+                self.keys.mark_with_dependents(key, &live.views);
+            }
         }
         if let Some(last) = stored.last() {
             self.seq.store(last.seq, Ordering::SeqCst);
@@ -392,7 +409,12 @@ impl Worker {
                     break "quiet".to_owned();
                 }
             }
-            let wake = self.dispatcher.next_wakeup(now).map(|t| t - now);
+            let due = [self.dispatcher.next_wakeup(now), self.keys.next_due()];
+            let wake = due
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|t| t.saturating_sub(now));
             let sleep = tokio::time::sleep(Duration::from_millis(wake.unwrap_or(60_000)));
             tokio::select! {
                 () = &mut shutdown => break "shutdown requested".to_owned(),
@@ -453,6 +475,8 @@ impl Worker {
         let sessions = &self.views().sessions.state;
         if reconcile::listed_in_this_process(sessions, self.process_seq) {
             self.dispatcher.set_ready(true);
+            // Everything that waited for Ready (prompts, creations, deletions) is planned once.
+            self.keys.mark_everything();
             let ms = now.saturating_sub(self.started_at);
             self.ready_after = Some(ms);
             let views = self.views();
@@ -593,7 +617,15 @@ impl Worker {
             ready: self.ready_after.is_some(),
             process_seq: self.process_seq,
         };
-        let planned = reconcile::reconcile(self.views(), &ctx, &self.cfg.policy);
+        let keys = {
+            let live = self.live.as_ref().expect("views");
+            self.keys.take(&live.views, now)
+        };
+        let turn = reconcile::reconcile_keys(&keys, self.views(), &ctx, &self.cfg.policy);
+        for (key, at) in turn.requeue {
+            self.keys.requeue(key, at);
+        }
+        let planned = turn.planned;
         let any = !planned.is_empty();
         if any {
             let causes = self
@@ -884,11 +916,7 @@ impl Worker {
         self.dispatcher.queued() > 0
             || self.dispatcher.in_flight() > 0
             || !v.messages.state.pending_by_chat.is_empty()
-            || v.sessions
-                .state
-                .agent
-                .values()
-                .any(|a| a.busy_since.is_some())
+            || !v.sessions.state.index.busy.is_empty()
     }
 
     async fn maybe_checkpoint(&mut self, now: Millis) -> Result<(), WorkerError> {

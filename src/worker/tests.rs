@@ -434,12 +434,22 @@ async fn process<F: Future<Output = ()>>(
     clock: &Arc<dyn Clock>,
     driver: impl FnOnce(mpsc::Sender<Observation>) -> F,
 ) -> RunReport {
+    process_with(WorkerConfig::default(), log, sides, clock, driver).await
+}
+
+async fn process_with<F: Future<Output = ()>>(
+    cfg: WorkerConfig,
+    log: &Arc<EventLog>,
+    sides: (&Arc<SimAgent>, &Arc<SimBackend>),
+    clock: &Arc<dyn Clock>,
+    driver: impl FnOnce(mpsc::Sender<Observation>) -> F,
+) -> RunReport {
     let worker = Worker::open(
         log.clone(),
         sides.0.clone(),
         sides.1.clone(),
         clock.clone(),
-        WorkerConfig::default(),
+        cfg,
     )
     .await
     .unwrap();
@@ -715,4 +725,56 @@ fn a_running_worker_sweeps_a_finished_message_once_it_is_past_the_horizon() {
         .messages
         .contains_key(&MessageId::from("m1")));
     assert!(report.views.commands.state.commands.is_empty());
+}
+
+#[test]
+fn a_message_deadline_falls_due_on_its_timer_while_nothing_else_happens() {
+    // A turn plans only its dirty keys: while the model works (five minutes) no event names the
+    // message, so only the timer its chat session asked for fails it at its one-minute deadline.
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, backend) = linked_sides(clock.clone(), 3);
+        agent.set_faults(Faults {
+            model_run_ms: (300_000, 300_000),
+            ..Faults::default()
+        });
+        backend.insert_message(MessageInfo {
+            chat_session_id: ChatSessionId::from("chat_1"),
+            message_id: MessageId::from("m_slow"),
+            role: Role::User,
+            content: "hi".into(),
+            completed: true,
+            timestamp: T0,
+            reply_to: None,
+            error: None,
+        });
+        let mut cfg = WorkerConfig::default();
+        cfg.policy.message_deadline_ms = 60_000;
+        cfg.dispatch.prompt_timeout_ms = 600_000;
+        process_with(cfg, &log, (&agent, &backend), &clock, |_| async {
+            tokio::time::sleep(Duration::from_secs(180)).await;
+        })
+        .await;
+        let events: Vec<Envelope> = log.read(ReadFilter::default()).map(Result::unwrap).collect();
+        let seen_at = events
+            .iter()
+            .find(|e| matches!(&e.event, Event::BackendMessageSeen(m) if m.message_id.as_str() == "m_slow"))
+            .map(|e| e.at)
+            .expect("the message was seen");
+        let failed_at = events
+            .iter()
+            .find(|e| {
+                matches!(&e.event, Event::CommandPlanned(p)
+                    if matches!(&p.command, Command::FailMessage { reason, .. } if reason.contains("no answer")))
+            })
+            .map(|e| e.at)
+            .expect("the message was failed at its deadline");
+        let late = failed_at - (seen_at + 60_000);
+        assert!(
+            (0..=1_000).contains(&late),
+            "failed {late} ms after its deadline"
+        );
+    });
 }
