@@ -21,6 +21,14 @@ const RUNNING_POLL: Duration = Duration::from_secs(1);
 /// marks the session busy.
 const INTERRUPTED_LOOKS: u32 = 3;
 
+/// Looks at a prompt the server does not have this many times (a second apart) before sending
+/// it: the earlier attempt's request may still be on its way. A worker killed right after
+/// sending, restarted and Ready within a second (reads of changes make that quick), looked
+/// before the server had stored the first request, posted again under the same message id,
+/// and OpenCode appended the text to that message a second time (`tests/e2e.rs`, the storm,
+/// one run in three).
+const NOT_SENT_LOOKS: u32 = 3;
+
 /// Runs `attempt` against the ports, within its timeout (a timeout is retryable). `worker_id`
 /// tags what it creates in the agent server.
 pub async fn execute(
@@ -102,10 +110,16 @@ async fn create_once(
     title: &str,
     tag: &SessionTag,
 ) -> Result<AgentSessionId, PortError> {
-    if uncertain {
+    // As for prompts (`NOT_SENT_LOOKS`): the earlier attempt's request may still be on its
+    // way, so an absence is believed only after a few looks a second apart.
+    let looks = if uncertain { NOT_SENT_LOOKS } else { 0 };
+    for look in 1..=looks {
         if let Some(found) = agent.find_session(tag).await? {
             tracing::info!(command = %tag.command_id, agent_session = %found.agent_session_id, "adopted the session an earlier attempt created");
             return Ok(found.agent_session_id);
+        }
+        if look < looks {
+            tokio::time::sleep(RUNNING_POLL).await;
         }
     }
     Ok(agent
@@ -136,10 +150,11 @@ async fn earlier_prompt(
     session: &AgentSessionId,
     message_id: &str,
 ) -> Result<Option<Result<String, PortError>>, PortError> {
-    let mut idle_looks = 0;
+    let (mut idle_looks, mut absent_looks) = (0, 0);
     loop {
         match agent.prompt_outcome(session, message_id).await? {
-            PromptOutcome::NotSent => return Ok(None),
+            PromptOutcome::NotSent if absent_looks + 1 >= NOT_SENT_LOOKS => return Ok(None),
+            PromptOutcome::NotSent => absent_looks += 1,
             PromptOutcome::Answered(text) => return Ok(Some(Ok(text))),
             // The provider said another try may work: the stored failure is cleared away and
             // the prompt asked again (the answer so far was an error, not an answer).
@@ -428,6 +443,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(agent.calls(), ["find"]);
+        let absent = Scripted::default();
+        run_one(&absent, &attempt(create.clone(), true)).unwrap();
+        assert_eq!(
+            absent.calls(),
+            ["find", "find", "find", "create"],
+            "absent at three looks a second apart: created"
+        );
         let fresh = Scripted::default();
         run_one(&fresh, &attempt(create, false)).unwrap();
         assert_eq!(
@@ -475,11 +497,23 @@ mod tests {
 
     #[test]
     fn a_prompt_not_found_or_certain_is_posted_once() {
-        let absent = Scripted::with(vec![PromptOutcome::NotSent]);
+        let absent = Scripted::with(vec![PromptOutcome::NotSent; 3]);
         answer(run_one(&absent, &attempt(prompt_command(), true)));
-        assert_eq!(absent.calls(), ["look", "post"]);
+        assert_eq!(absent.calls(), ["look", "look", "look", "post"]);
         let first = Scripted::default();
         answer(run_one(&first, &attempt(prompt_command(), false)));
         assert_eq!(first.calls(), ["post"]);
+    }
+
+    #[test]
+    fn an_earlier_request_that_lands_after_the_first_look_is_taken_not_sent_again() {
+        let agent = Scripted::with(vec![
+            PromptOutcome::NotSent, // the dead process's request is still on its way
+            PromptOutcome::Running,
+            PromptOutcome::Answered("the first request's answer".into()),
+        ]);
+        let got = answer(run_one(&agent, &attempt(prompt_command(), true)));
+        assert_eq!(got, "the first request's answer");
+        assert_eq!(agent.calls(), ["look"; 3], "never posted");
     }
 }
