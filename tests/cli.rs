@@ -209,12 +209,12 @@ fn rebuild_writes_checkpoints_and_verify_lists_every_difference() {
     assert_eq!(stdout(&ok).matches("matches a rebuild").count(), 3);
 
     // Tamper with a stored checkpoint: verify names the place and fails.
-    let path = dir.path().join("checkpoints/sessions.json");
-    let mut doc: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let chat = doc["state"]["chat"].as_object_mut().unwrap();
+    let store = agentsync::log::CheckpointStore::new(dir.path().join("checkpoints"));
+    let mut doc = store.load_raw("sessions").unwrap().unwrap();
+    let chat = doc.state["chat"].as_object_mut().unwrap();
     let first = chat.keys().next().unwrap().clone();
     chat[&first]["title"] = Value::from("tampered");
-    std::fs::write(&path, serde_json::to_vec(&doc).unwrap()).unwrap();
+    store.save_raw("sessions", &doc).unwrap();
     let bad = agentsync_in(
         dir.path(),
         "rebuild",
