@@ -7,7 +7,8 @@
 //!
 //! Candidates: JSON (the checkpoints before), JSON in a zstd frame, MessagePack with field
 //! names (`rmp-serde`, self-describing: keeps `#[serde(tag)]`, `skip_serializing_if` and
-//! `default`), the same in zstd, and postcard (not self-describing: the views hold internally
+//! `default`), the same in zstd (decompressed whole, then decoded; or decoded from the
+//! decompressing reader, which holds no decompressed copy), and postcard (not self-describing: the views hold internally
 //! tagged enums, which it cannot decode; the run shows the error rather than assume it).
 //! bincode is not a candidate: unmaintained (RUSTSEC-2025-0141).
 
@@ -80,6 +81,14 @@ fn codecs<T: Serialize + DeserializeOwned>() -> Vec<Codec<T>> {
             "msgpack_named_zstd1",
             |v| z(rmp_serde::to_vec_named(v).map_err(|e| e.to_string())?),
             |b| rmp_serde::from_slice(&unz(b)?).map_err(|e| e.to_string()),
+        ),
+        (
+            "msgpack_named_zstd1_streamed",
+            |v| z(rmp_serde::to_vec_named(v).map_err(|e| e.to_string())?),
+            |b| {
+                let frame = zstd::stream::read::Decoder::new(b).map_err(|e| e.to_string())?;
+                rmp_serde::from_read(frame).map_err(|e| e.to_string())
+            },
         ),
         (
             "postcard",

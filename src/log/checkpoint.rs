@@ -63,9 +63,12 @@ impl Stored {
                 serde_json::from_slice(&self.bytes).map_err(|e| failed(e.to_string()))
             }
             Encoding::Packed => {
-                let frame = zstd::stream::read::Decoder::new(&self.bytes[..])
-                    .map_err(|e| failed(e.to_string()))?;
-                rmp_serde::from_read(frame).map_err(|e| failed(e.to_string()))
+                // Decompressed whole, then decoded from the slice: twice as fast as decoding
+                // from the decompressing reader (`examples/checkpoint-formats.rs`), for a
+                // transient copy smaller than the JSON file it replaces.
+                let packed =
+                    zstd::stream::decode_all(&self.bytes[..]).map_err(|e| failed(e.to_string()))?;
+                rmp_serde::from_slice(&packed).map_err(|e| failed(e.to_string()))
             }
         }
     }
