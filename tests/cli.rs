@@ -1199,25 +1199,34 @@ fn bench_startup_measures_each_size_side_by_side_and_a_quiet_start_plans_nothing
 }
 
 #[test]
-fn bench_soak_runs_simulated_days_answers_every_message_and_finds_a_day_one_message() {
+fn bench_soak_runs_simulated_days_answers_every_message_archives_and_finds_a_day_one_message() {
     let r = bench_json(&[
         "soak",
         "--days",
-        "2",
+        "9",
         "--messages-per-day",
-        "24",
+        "12",
         "--sessions",
-        "4",
+        "3",
     ]);
     let days = r["days"].as_array().unwrap();
-    assert_eq!(days.len(), 2);
+    assert_eq!(days.len(), 9);
     for (i, d) in days.iter().enumerate() {
-        assert_eq!(d["answered"].as_u64(), Some(24 * (i as u64 + 1)), "{d}");
+        assert_eq!(d["answered"].as_u64(), Some(12 * (i as u64 + 1)), "{d}");
         assert!(d["live_log_bytes"].as_u64().unwrap() > 0);
         assert!(d["views_bytes"].as_u64().unwrap() > 0);
         assert!(d["startup_ms"].as_f64().unwrap() > 0.0);
     }
     assert!(days[1]["events"].as_u64() > days[0]["events"].as_u64());
+    // The archive step runs each simulated day (default window: 7 days), on simulated time.
+    assert_eq!(days[6]["archive_bytes"].as_u64(), Some(0), "{}", days[6]);
+    let last = &days[8];
+    assert!(last["archive_bytes"].as_u64().unwrap() > 0, "{last}");
+    assert!(
+        last["live_events"].as_u64() < last["events"].as_u64(),
+        "{last}"
+    );
+    // `why` reads the archive: the day-1 message is found.
     assert!(
         r["why_ms"]["lines"].as_u64().unwrap() > 0,
         "{}",

@@ -156,6 +156,9 @@ pub fn run(base: &Path, days: u32, per_day: usize, chats: usize) -> Res<serde_js
         .enable_all()
         .start_paused(true)
         .build()?;
+    // In the runtime's context throughout: the clock reads the paused (simulated) time even
+    // between days, outside `block_on` (the archive's "now").
+    let _in_runtime = runtime.enter();
     let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(START));
     let sides = linked_sides(clock.clone(), chats.max(1));
     let mut rows = Vec::new();
@@ -163,6 +166,10 @@ pub fn run(base: &Path, days: u32, per_day: usize, chats: usize) -> Res<serde_js
     for d in 1..=days {
         let views = runtime.block_on(day(&log, &sides, &clock, d, per_day, chats.max(1)))?;
         let now = clock.now_ms();
+        eprintln!(
+            "soak: day {d} done at {} simulated h",
+            (now - START) / HOUR_MS
+        );
         let t = Instant::now();
         let archived = log.archive(&ArchiveOptions::default(), now)?;
         let archive_ms = t.elapsed().as_secs_f64() * 1000.0;
