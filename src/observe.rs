@@ -230,6 +230,38 @@ pub fn backend_sessions(
     events
 }
 
+/// Whether a full listing whose only event is its `listing_completed` marker may be left
+/// out of the log, so that an idle worker appends nothing (and so writes no checkpoint) when
+/// its periodic safety-net listings find nothing new. Only when the marker would change no
+/// decision: the listing is complete; the source's last *recorded* complete listing is of this
+/// process (readiness holds without it), is not followed by a failure or a partial listing
+/// (which a new complete one would clear), and is at or after `last_change_seq`, the last event
+/// other than a listing marker or a checkpoint record (so every link, session and absence the
+/// view holds predates it, as a deletion's `linked_seq < complete_seq` needs); and no deletion
+/// hold stands (its confirmation or lifting waits for a later listing). Otherwise the marker
+/// is kept, as before.
+pub fn idle_listing(
+    view: &SessionsView,
+    source: Source,
+    events: &[Event],
+    last_change_seq: u64,
+    process_seq: u64,
+) -> bool {
+    let [Event::ListingCompleted(l)] = events else {
+        return false;
+    };
+    let Some(state) = view.listings.get(&source) else {
+        return false;
+    };
+    l.complete
+        && l.source == source
+        && view.deletion_hold.is_none()
+        && !state.in_trouble()
+        && state
+            .last_complete_seq
+            .is_some_and(|seq| seq > process_seq && seq >= last_change_seq)
+}
+
 /// The events of backend chat sessions read from a change cursor (`listSessions` from a
 /// cursor): what changed, never an absence, no `listing_completed` marker.
 pub fn backend_session_changes(
@@ -394,6 +426,62 @@ mod tests {
                 cause: None,
             });
         }
+    }
+
+    #[test]
+    fn a_full_listing_that_finds_nothing_new_is_left_out_only_when_its_marker_decides_nothing() {
+        let mut view = SessionsView::default();
+        let listing = AgentListing {
+            sessions: vec![info("a", "A")],
+            complete: true,
+        };
+        // Process opened at seq 0; the first listing (seq 1, 2) is recorded.
+        let first = agent_listing(&view, &listing, 0, "w");
+        assert!(
+            !idle_listing(&view, Source::Agent, &first, 0, 0),
+            "none yet"
+        );
+        fold(&mut view, first, 1);
+        let again = agent_listing(&view, &listing, 2, "w");
+        assert_eq!(again.len(), 1, "only the marker");
+        assert!(idle_listing(&view, Source::Agent, &again, 2, 0));
+        // A change after the recorded listing (a link, a session seen...): recorded again.
+        assert!(!idle_listing(&view, Source::Agent, &again, 3, 0));
+        // The recorded listing is of an earlier process: recorded, for readiness.
+        assert!(!idle_listing(&view, Source::Agent, &again, 2, 2));
+        // Not complete: it is recorded as partial.
+        let partial = AgentListing {
+            complete: false,
+            ..listing.clone()
+        };
+        let cut = agent_listing(&view, &partial, 2, "w");
+        assert!(!idle_listing(&view, Source::Agent, &cut, 2, 0));
+        // A failure since the recorded listing: the new complete one clears it, so recorded.
+        let mut troubled = view.clone();
+        let failed = Event::ObservationFailed(ObservationFailed {
+            source: Source::Agent,
+            operation: "list_sessions".into(),
+            error: "down".into(),
+        });
+        fold(&mut troubled, vec![failed], 3);
+        assert!(!idle_listing(&troubled, Source::Agent, &again, 2, 0));
+        // A deletion hold waits for a later listing: recorded.
+        let mut held = view.clone();
+        let hold = Event::DeletionsHeld(DeletionsHeld {
+            listing_seq: 2,
+            candidates: 30,
+            limit: 20,
+        });
+        fold(&mut held, vec![hold], 3);
+        assert!(held.deletion_hold.is_some());
+        assert!(!idle_listing(&held, Source::Agent, &again, 2, 0));
+        // A listing with a change in it is never left out.
+        let renamed = AgentListing {
+            sessions: vec![info("a", "A2")],
+            complete: true,
+        };
+        let changed = agent_listing(&view, &renamed, 2, "w");
+        assert!(!idle_listing(&view, Source::Agent, &changed, 2, 0));
     }
 
     #[test]

@@ -211,12 +211,12 @@ fn rebuild_writes_checkpoints_and_verify_lists_every_difference() {
     assert_eq!(stdout(&ok).matches("matches a rebuild").count(), 3);
 
     // Tamper with a stored checkpoint: verify names the place and fails.
-    let path = dir.path().join("checkpoints/sessions.json");
-    let mut doc: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let chat = doc["state"]["chat"].as_object_mut().unwrap();
+    let store = agentsync::log::CheckpointStore::new(dir.path().join("checkpoints"));
+    let mut doc = store.load_raw("sessions").unwrap().unwrap();
+    let chat = doc.state["chat"].as_object_mut().unwrap();
     let first = chat.keys().next().unwrap().clone();
     chat[&first]["title"] = Value::from("tampered");
-    std::fs::write(&path, serde_json::to_vec(&doc).unwrap()).unwrap();
+    store.save_raw("sessions", &doc).unwrap();
     let bad = agentsync_in(
         dir.path(),
         "rebuild",
@@ -1174,4 +1174,88 @@ fn why_across_many_small_segments_tells_the_same_chain_as_the_live_log() {
     for (id, expected) in sample.iter().zip(&before) {
         assert_eq!(&why(id), expected, "why {id}");
     }
+}
+
+/// Runs `agentsync-bench ARGS --json` and parses what it printed.
+fn bench_json(args: &[&str]) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentsync-bench"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "agentsync-bench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn bench_startup_measures_each_size_side_by_side_and_a_quiet_start_plans_nothing() {
+    let r = bench_json(&[
+        "startup",
+        "--sessions",
+        "200,400",
+        "--backend-latency-ms",
+        "20",
+        "--agent-latency-ms",
+        "5",
+        "--active-percent",
+        "10",
+    ]);
+    for n in ["200", "400"] {
+        let ready = r["time_to_ready_ms"][n].as_f64().unwrap();
+        // Ready needs at least one read of the backend's sessions, which waits 20 ms.
+        assert!(ready >= 20.0, "{n}: ready in {ready} ms");
+        assert!(r["peak_rss_mb"][n].as_f64().unwrap() > 0.0);
+        let run = &r["runs"][n];
+        let kinds = run["events_after_checkpoint"].as_object().unwrap();
+        assert!(kinds.contains_key("worker_ready"), "{kinds:?}");
+        // Nothing changed since the last run, conversations included: nothing to do.
+        assert!(!kinds.contains_key("command_planned"), "{kinds:?}");
+        assert!(!kinds.contains_key("backend_message_seen"), "{kinds:?}");
+    }
+    assert!(r["ratio_largest_smallest"].as_f64().unwrap() > 0.0);
+    assert!(r["ratio_1m_10k"].is_null(), "not measured at these sizes");
+}
+
+#[test]
+fn bench_soak_runs_simulated_days_answers_every_message_archives_and_finds_a_day_one_message() {
+    let r = bench_json(&[
+        "soak",
+        "--days",
+        "9",
+        "--messages-per-day",
+        "12",
+        "--sessions",
+        "3",
+    ]);
+    let days = r["days"].as_array().unwrap();
+    assert_eq!(days.len(), 9);
+    for (i, d) in days.iter().enumerate() {
+        assert_eq!(d["answered"].as_u64(), Some(12 * (i as u64 + 1)), "{d}");
+        assert!(d["live_log_bytes"].as_u64().unwrap() > 0);
+        assert!(d["views_bytes"].as_u64().unwrap() > 0);
+        assert!(d["startup_ms"].as_f64().unwrap() > 0.0);
+    }
+    assert!(days[1]["events"].as_u64() > days[0]["events"].as_u64());
+    // The archive step runs each simulated day (default window: 7 days), on simulated time.
+    assert_eq!(days[6]["archive_bytes"].as_u64(), Some(0), "{}", days[6]);
+    let last = &days[8];
+    assert!(last["archive_bytes"].as_u64().unwrap() > 0, "{last}");
+    assert!(
+        last["live_events"].as_u64() < last["events"].as_u64(),
+        "{last}"
+    );
+    // `why` reads the archive: the day-1 message is found.
+    assert!(
+        r["why_ms"]["lines"].as_u64().unwrap() > 0,
+        "{}",
+        r["why_ms"]
+    );
+    assert!(
+        r["ratio_day90_day14"]["startup_ms"].is_null(),
+        "under 14 days"
+    );
 }

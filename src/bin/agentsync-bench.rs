@@ -93,9 +93,20 @@ enum What {
     /// `agentsync run` from process start to Ready on a checkpointed view of N sessions,
     /// against fake OpenCode and fake Convex servers holding them.
     Startup {
-        /// Sessions in the checkpoint and on each side.
-        #[arg(long, default_value_t = 100_000)]
-        sessions: usize,
+        /// Sessions in the checkpoint and on each side; a list (`10000,100000`) runs each in
+        /// turn, in one invocation.
+        #[arg(long, value_delimiter = ',', default_value = "100000")]
+        sessions: Vec<usize>,
+        /// Every call to the fake Convex deployment waits this long, ms.
+        #[arg(long, default_value_t = 0)]
+        backend_latency_ms: u64,
+        /// Every call to the fake OpenCode server waits this long, ms.
+        #[arg(long, default_value_t = 0)]
+        agent_latency_ms: u64,
+        /// The share of sessions with a conversation (a user message and its answer) in the
+        /// backend and in the checkpointed views, percent.
+        #[arg(long, default_value_t = 1.0)]
+        active_percent: f64,
         /// Where to put the data dir (a fresh folder inside it; removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -117,6 +128,27 @@ enum What {
         #[arg(long)]
         seed: Option<u64>,
         /// Where to keep the log of `--seed` (default: a folder in the temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Days of traffic on the simulated sides, on a paused clock: one worker process a day,
+    /// then the archive step; per day the views' size, events and bytes on disk (live log and
+    /// archive), a reconcile pass's p99 and the start-up (load) from that day's data dir.
+    Soak {
+        /// Simulated days.
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        /// User messages a day, spread over its hours (the full size is 10,000; the
+        /// default is a smoke-sized run).
+        #[arg(long, default_value_t = 200)]
+        messages_per_day: usize,
+        /// Linked chat sessions the messages go to.
+        #[arg(long, default_value_t = 100)]
+        sessions: usize,
+        /// Where to put the data dir (a fresh folder inside it; removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Print one JSON object.
@@ -171,6 +203,9 @@ fn main() -> std::process::ExitCode {
         What::Reconcile { sessions, json } => (bench_reconcile(sessions), json),
         What::Startup {
             sessions,
+            backend_latency_ms,
+            agent_latency_ms,
+            active_percent,
             dir,
             no_cursors,
             json,
@@ -178,11 +213,31 @@ fn main() -> std::process::ExitCode {
             let base = dir
                 .unwrap_or_else(std::env::temp_dir)
                 .join(format!("agentsync-startup-{}", std::process::id()));
-            let result = bench_startup(&base, sessions, !no_cursors);
+            let setup = StartupSetup {
+                cursors: !no_cursors,
+                backend_latency_ms,
+                agent_latency_ms,
+                active_percent,
+            };
+            let result = bench_startups(&base, &sessions, &setup);
             let _ = std::fs::remove_dir_all(&base);
             (result, json)
         }
         What::Storm { scale, json } => (bench_storm(scale), json),
+        What::Soak {
+            days,
+            messages_per_day,
+            sessions,
+            dir,
+            json,
+        } => {
+            let base = dir
+                .unwrap_or_else(std::env::temp_dir)
+                .join(format!("agentsync-soak-{}", std::process::id()));
+            let result = soak::run(&base, days, messages_per_day, sessions);
+            let _ = std::fs::remove_dir_all(&base);
+            (result, json)
+        }
         What::Sim {
             seeds,
             seed: Some(seed),
@@ -213,6 +268,9 @@ fn main() -> std::process::ExitCode {
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+#[path = "agentsync-bench/soak.rs"]
+mod soak;
 
 fn opts() -> LogOptions {
     LogOptions {
@@ -909,11 +967,79 @@ fn bench_sim_one(seed: u64, dir: Option<PathBuf>) -> Res<serde_json::Value> {
 
 const STARTUP_WORKER: &str = "bench";
 
+/// How the startup benchmark's world is laid out.
+struct StartupSetup {
+    /// Whether the data dir holds the feeds' cursors.
+    cursors: bool,
+    /// Per call to the fake Convex deployment, ms.
+    backend_latency_ms: u64,
+    /// Per call to the fake OpenCode server, ms.
+    agent_latency_ms: u64,
+    /// The share of sessions with a conversation, percent.
+    active_percent: f64,
+}
+
+/// `bench_startup` at each of `sizes`, side by side: `time_to_ready_ms` and `peak_rss_mb` per
+/// N, and the ratio of the largest to the smallest.
+fn bench_startups(base: &Path, sizes: &[usize], setup: &StartupSetup) -> Res<serde_json::Value> {
+    let mut runs = serde_json::Map::new();
+    let (mut ready, mut rss) = (serde_json::Map::new(), serde_json::Map::new());
+    for &n in sizes {
+        let dir = base.join(n.to_string());
+        let run = bench_startup(&dir, n, setup);
+        let _ = std::fs::remove_dir_all(&dir);
+        let run = run?;
+        ready.insert(n.to_string(), run["time_to_ready_ms"].clone());
+        rss.insert(n.to_string(), run["peak_rss_mb"].clone());
+        runs.insert(n.to_string(), run);
+    }
+    let at = |n: usize| ready.get(&n.to_string()).and_then(|v| v.as_f64());
+    let ratio = |a: usize, b: usize| Some(round2(at(a)? / at(b)?));
+    let (small, large) = (sizes.iter().min(), sizes.iter().max());
+    let ratio_large_small = small.zip(large).and_then(|(s, l)| ratio(*l, *s));
+    let rss_1m = rss.get("1000000").and_then(|v| v.as_f64());
+    Ok(json!({
+        "sessions": sizes,
+        "backend_latency_ms": setup.backend_latency_ms,
+        "agent_latency_ms": setup.agent_latency_ms,
+        "active_percent": setup.active_percent,
+        "time_to_ready_ms": ready,
+        "peak_rss_mb": rss,
+        "ratio_1m_10k": ratio(1_000_000, 10_000),
+        "ratio_largest_smallest": ratio_large_small,
+        "targets_met": {
+            "time_to_ready_le_500ms_at_100k": at(100_000).map(|t| t <= 500.0),
+            "ratio_1m_10k_le_1_5": ratio(1_000_000, 10_000).map(|r| r <= 1.5),
+            "peak_rss_le_150mb_at_1m": rss_1m.map(|r| r <= 150.0),
+        },
+        "runs": runs,
+    }))
+}
+
+/// Everything a read of `query` from the start to the end returns, and its last cursor: what
+/// the worker's feed of it saw by the end of its previous run.
+fn read_to_end<K: agentsync::backend::store::Kv>(
+    store: &agentsync::backend::store::ContractStore<K>,
+    query: &str,
+) -> Res<(Vec<serde_json::Value>, String)> {
+    let (mut items, mut cursor) = (Vec::new(), serde_json::Value::Null);
+    loop {
+        let args = json!({"workerId": STARTUP_WORKER, "cursor": cursor, "limit": 10_000});
+        let page = store.query(query, args)?;
+        items.extend(page["page"].as_array().cloned().unwrap_or_default());
+        cursor = page["continueCursor"].clone();
+        if page["isDone"].as_bool() != Some(false) {
+            let cursor = cursor.as_str().unwrap_or_default().to_owned();
+            return Ok((items, cursor));
+        }
+    }
+}
+
 /// The worker's time from process start to Ready, and its peak RSS, on a checkpointed view of
-/// `n` sessions against fakes holding the same `n` sessions (so Ready needs two complete
-/// listings of `n` and finds nothing to do).
-fn bench_startup(base: &Path, n: usize, cursors: bool) -> Res<serde_json::Value> {
-    use agentsync::sim::convex::FakeConvex;
+/// `n` sessions against fakes holding the same `n` sessions (so Ready finds nothing to do),
+/// `setup.active_percent` of them with a conversation answered before the last run ended.
+fn bench_startup(base: &Path, n: usize, setup: &StartupSetup) -> Res<serde_json::Value> {
+    use agentsync::sim::convex::{ConvexFaults, FakeConvex};
     use agentsync::sim::opencode::{FakeOpencode, FakeSession};
 
     std::fs::create_dir_all(base)?;
@@ -921,8 +1047,13 @@ fn bench_startup(base: &Path, n: usize, cursors: bool) -> Res<serde_json::Value>
     let t = Instant::now();
     let convex = runtime.block_on(FakeConvex::start("agentsync", None, Arc::new(SystemClock)))?;
     let store = convex.store();
+    let every = if setup.active_percent > 0.0 {
+        (100.0 / setup.active_percent).round().max(1.0) as usize
+    } else {
+        usize::MAX
+    };
     for i in 0..n {
-        store.mutation(
+        let chat = store.mutation(
             "createSession",
             json!({
                 "commandId": format!("seed-{i}"),
@@ -931,8 +1062,33 @@ fn bench_startup(base: &Path, n: usize, cursors: bool) -> Res<serde_json::Value>
                 "title": format!("Session {i}"),
             }),
         )?;
+        if i % every == 0 {
+            // A conversation: a person's message, answered by the previous run.
+            let chat = chat["chatSessionId"].as_str().ok_or("a chat session id")?;
+            let asked = store.post_user_message(chat, &format!("question {i}"))?;
+            store.mutation(
+                "completeMessage",
+                json!({
+                    "commandId": format!("answer-{i}"),
+                    "chatSessionId": chat,
+                    "messageId": asked.message_id,
+                    "content": format!("answer {i}"),
+                }),
+            )?;
+        }
     }
     let chats = store.chats(STARTUP_WORKER)?;
+    let (messages, messages_cursor) = read_to_end(&store, "listMessages")?;
+    let (_, sessions_cursor) = read_to_end(&store, "listSessions")?;
+    let messages: Vec<agentsync::backend::contract::Message> = messages
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<Result<_, _>>()?;
+    let feeds = Feeds {
+        sessions: sessions_cursor,
+        messages: messages_cursor,
+        conversations: messages,
+    };
     let agents: Vec<FakeSession> = (0..n)
         .map(|i| FakeSession {
             id: format!("ses_{i:08}"),
@@ -943,9 +1099,14 @@ fn bench_startup(base: &Path, n: usize, cursors: bool) -> Res<serde_json::Value>
         })
         .collect();
     let data_dir = base.join("data");
-    prepare_worker_dir(&data_dir, &agents, chats, cursors)?;
+    prepare_worker_dir(&data_dir, &agents, chats, feeds, setup.cursors)?;
     let opencode = runtime.block_on(FakeOpencode::start(agents))?;
     let setup_ms = t.elapsed().as_millis();
+    opencode.set_latency_ms(setup.agent_latency_ms);
+    convex.set_faults(ConvexFaults {
+        latency_ms: setup.backend_latency_ms,
+        ..ConvexFaults::default()
+    });
     let checkpoint_seq = EventLog::open(&data_dir, &opts())?.last_seq();
 
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -1053,12 +1214,23 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A worker data dir whose checkpoints hold `agents` linked to `chats`, exactly as the fakes
-/// will list them.
+/// Where the previous run's feeds of the backend stood, and the messages they had read.
+struct Feeds {
+    /// `listSessions`' cursor at the end.
+    sessions: String,
+    /// `listMessages`' cursor at the end.
+    messages: String,
+    /// Every message read.
+    conversations: Vec<agentsync::backend::contract::Message>,
+}
+
+/// A worker data dir whose checkpoints hold `agents` linked to `chats` and the messages
+/// read, exactly as the fakes will list them.
 fn prepare_worker_dir(
     dir: &Path,
     agents: &[agentsync::sim::opencode::FakeSession],
     chats: Vec<agentsync::backend::contract::ChatSession>,
+    feeds: Feeds,
     cursors: bool,
 ) -> Res<()> {
     let agent_events = agents.iter().map(|s| {
@@ -1073,12 +1245,15 @@ fn prepare_worker_dir(
             tag: None,
         })
     });
-    let n_chats = chats.len();
     let chat_events = chats
         .into_iter()
         .map(|c| Event::BackendSessionSeen(ChatSessionInfo::from(c)));
-    // What the previous run left: its complete listings and where each feed stood (the fake
-    // store numbered the N sessions 1..N; no messages).
+    let message_events = feeds
+        .conversations
+        .into_iter()
+        .map(|m| Event::BackendMessageSeen(m.into()));
+    // What the previous run left: its complete listings and where each feed stood, as the
+    // fake store's own reads to the end answered.
     let high = agents.iter().map(|s| s.updated).max().unwrap_or(0);
     let listed = |source| {
         Event::ListingCompleted(ListingCompleted {
@@ -1100,10 +1275,11 @@ fn prepare_worker_dir(
         listed(Source::Agent),
         listed(Source::Backend),
         feed(Feed::AgentSessions, high.to_string()),
-        feed(Feed::BackendSessions, n_chats.to_string()),
-        feed(Feed::BackendMessages, "0".into()),
+        feed(Feed::BackendSessions, feeds.sessions),
+        feed(Feed::BackendMessages, feeds.messages),
     ];
     let marks = marks.into_iter().filter(|_| cursors);
-    checkpointed(dir, agent_events.chain(chat_events).chain(marks))?;
+    let events = agent_events.chain(chat_events).chain(message_events);
+    checkpointed(dir, events.chain(marks))?;
     Ok(())
 }

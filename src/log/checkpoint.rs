@@ -1,4 +1,9 @@
-//! Checkpoints: each projection's state at a sequence number, in `DIR/checkpoints/NAME.json`.
+//! Checkpoints: each projection's state at a sequence number, in `DIR/checkpoints/NAME.ckpt`:
+//! MessagePack with field names (self-describing, so `#[serde(tag)]`, `default` and
+//! `skip_serializing_if` in the views keep working, and `rebuild --verify` can read one
+//! untyped) in a zstd frame. Chosen by measurement: see `docs/architecture.md`, "Checkpoint
+//! encoding". A data dir written before keeps `NAME.json` (plain JSON), still read while no
+//! `.ckpt` is there, and removed once a `.ckpt` replaces it.
 //!
 //! A checkpoint is written only for events already durable in the log (the log is flushed first),
 //! and replaced atomically (temporary file, fsync, rename). Starting = load each checkpoint and
@@ -8,11 +13,17 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use super::format::write_atomically;
 use super::{EventLog, LogError, ReadFilter};
 use crate::clock::Millis;
 use crate::events::{CheckpointWritten, Envelope, Event, NewEvent};
 use crate::projections::{Checkpoint, Projection, ProjectionName, Tracked, Views};
+
+/// The zstd level of checkpoint files: 1, the fastest (`examples/checkpoint-formats.rs`).
+const ZSTD_LEVEL: i32 = 1;
 
 /// A checkpoint file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +33,54 @@ pub struct CheckpointError {
     pub path: PathBuf,
     /// Why.
     pub reason: String,
+}
+
+/// How a checkpoint file is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    /// `NAME.ckpt`: MessagePack with field names in a zstd frame.
+    Packed,
+    /// `NAME.json`: the encoding before, read while no `.ckpt` replaces it.
+    Json,
+}
+
+/// One checkpoint file read whole.
+struct Stored {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    encoding: Encoding,
+}
+
+impl Stored {
+    /// Its contents as `T`.
+    fn decode<T: DeserializeOwned>(&self) -> Result<T, CheckpointError> {
+        let failed = |reason: String| CheckpointError {
+            path: self.path.clone(),
+            reason,
+        };
+        match self.encoding {
+            Encoding::Json => {
+                serde_json::from_slice(&self.bytes).map_err(|e| failed(e.to_string()))
+            }
+            Encoding::Packed => {
+                // Decompressed whole, then decoded from the slice: twice as fast as decoding
+                // from the decompressing reader (`examples/checkpoint-formats.rs`), for a
+                // transient copy smaller than the JSON file it replaces.
+                let packed =
+                    zstd::stream::decode_all(&self.bytes[..]).map_err(|e| failed(e.to_string()))?;
+                rmp_serde::from_slice(&packed).map_err(|e| failed(e.to_string()))
+            }
+        }
+    }
+}
+
+/// `value` as a checkpoint file's bytes: MessagePack with field names, in a zstd frame,
+/// encoded as it is compressed (no uncompressed copy of a view of tens of megabytes).
+fn encode(value: &impl Serialize) -> Result<Vec<u8>, LogError> {
+    let io = |e: std::io::Error| LogError::io("cannot compress a checkpoint".to_owned(), e);
+    let mut frame = zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL).map_err(io)?;
+    rmp_serde::encode::write_named(&mut frame, value).expect("projection state serializes");
+    frame.finish().map_err(io)
 }
 
 /// The checkpoint files of one data directory.
@@ -38,25 +97,48 @@ impl CheckpointStore {
 
     /// The file of projection `name`.
     pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.ckpt"))
+    }
+
+    /// The file of projection `name` as written before the packed encoding (JSON).
+    pub fn legacy_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.json"))
+    }
+
+    /// Reads projection `name`'s file: the packed one, else a JSON one from before.
+    fn read(&self, name: &str) -> Result<Option<Stored>, CheckpointError> {
+        for (path, encoding) in [
+            (self.path(name), Encoding::Packed),
+            (self.legacy_path(name), Encoding::Json),
+        ] {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    return Ok(Some(Stored {
+                        path,
+                        bytes,
+                        encoding,
+                    }))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(CheckpointError {
+                        path,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Loads projection `P`'s checkpoint, whatever its version. `Ok(None)`: there is none.
     pub fn load<P: Projection>(&self) -> Result<Option<Checkpoint<P>>, CheckpointError> {
-        let path = self.path(P::NAME);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(CheckpointError {
-                    path,
-                    reason: e.to_string(),
-                })
-            }
+        let Some(stored) = self.read(P::NAME)? else {
+            return Ok(None);
         };
         // One typed parse in the usual case; only when it fails is the header read, to tell a
         // checkpoint of another version (rebuild) from a damaged one.
-        match serde_json::from_slice::<Checkpoint<P>>(&bytes) {
+        match stored.decode::<Checkpoint<P>>() {
             Ok(mut c) if c.version == P::VERSION => {
                 c.state.loaded();
                 Ok(Some(c))
@@ -65,17 +147,14 @@ impl CheckpointStore {
                 state: P::default(),
                 ..c
             })),
-            Err(e) => match serde_json::from_slice::<Checkpoint<serde::de::IgnoredAny>>(&bytes) {
+            Err(e) => match stored.decode::<Checkpoint<serde::de::IgnoredAny>>() {
                 Ok(h) if h.version != P::VERSION => Ok(Some(Checkpoint {
                     name: h.name,
                     version: h.version,
                     seq: h.seq,
                     state: P::default(),
                 })),
-                _ => Err(CheckpointError {
-                    path,
-                    reason: e.to_string(),
-                }),
+                _ => Err(e),
             },
         }
     }
@@ -86,54 +165,49 @@ impl CheckpointStore {
         &self,
         name: &str,
     ) -> Result<Option<Checkpoint<serde_json::Value>>, CheckpointError> {
-        let path = self.path(name);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| CheckpointError {
-                    path,
-                    reason: e.to_string(),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CheckpointError {
-                path,
-                reason: e.to_string(),
-            }),
-        }
+        self.read(name)?.map(|s| s.decode()).transpose()
+    }
+
+    /// Replaces projection `name`'s checkpoint with `c` as given, untyped: for tools and tests
+    /// that edit a stored checkpoint (`rebuild --verify` must then name what differs).
+    pub fn save_raw(&self, name: &str, c: &Checkpoint<serde_json::Value>) -> Result<(), LogError> {
+        self.write(name, &encode(c)?)
     }
 
     /// The seq projection `name`'s checkpoint holds, whatever its version, without building
     /// its state. `Ok(None)`: there is none.
     pub fn seq(&self, name: &str) -> Result<Option<u64>, CheckpointError> {
-        let path = self.path(name);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice::<Checkpoint<serde::de::IgnoredAny>>(&b)
-                .map(|c| Some(c.seq))
-                .map_err(|e| CheckpointError {
-                    path,
-                    reason: e.to_string(),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CheckpointError {
-                path,
-                reason: e.to_string(),
-            }),
-        }
+        let Some(stored) = self.read(name)? else {
+            return Ok(None);
+        };
+        let header = stored.decode::<Checkpoint<serde::de::IgnoredAny>>()?;
+        Ok(Some(header.seq))
     }
 
     /// Writes a projection's checkpoint atomically, serializing its state in place (no copy:
     /// a view of 100,000 sessions is tens of megabytes).
     pub fn save<P: Projection>(&self, tracked: &Tracked<P>) -> Result<(), LogError> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| LogError::io(format!("cannot create {}", self.dir.display()), e))?;
         let c = Checkpoint {
             name: P::NAME.to_owned(),
             version: P::VERSION,
             seq: tracked.seq,
             state: &tracked.state,
         };
-        let bytes = serde_json::to_vec(&c).expect("projection state serializes");
-        write_atomically(&self.path(P::NAME), &bytes)
+        self.write(P::NAME, &encode(&c)?)
+    }
+
+    /// Replaces `name`'s file with `bytes`, then removes a JSON one from before.
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<(), LogError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| LogError::io(format!("cannot create {}", self.dir.display()), e))?;
+        write_atomically(&self.path(name), bytes)?;
+        match std::fs::remove_file(self.legacy_path(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LogError::io(
+                format!("cannot remove {}", self.legacy_path(name).display()),
+                e,
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The directory.
@@ -424,4 +498,87 @@ pub fn verify_checkpoint(
             diffs,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::LogOptions;
+    use crate::projections::{CommandLedger, SessionsView};
+    use crate::testkit::History;
+
+    const START: Millis = 1_763_700_000_000;
+
+    /// A log of a generated history and the views it folds to.
+    fn world(dir: &Path) -> (EventLog, Views) {
+        let opts = LogOptions {
+            create: true,
+            ..LogOptions::default()
+        };
+        let log = EventLog::open(dir, &opts).unwrap();
+        for chunk in History::of(&History::random_steps(11, 300), START).chunks(50) {
+            log.append(chunk.to_vec()).unwrap();
+        }
+        let (views, _) = load_views(&log, None, None, true, |_| {}).unwrap();
+        (log, views)
+    }
+
+    #[test]
+    fn a_packed_checkpoint_loads_back_typed_and_untyped_as_the_state_it_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let store = log.checkpoints();
+        store.save(&views.sessions).unwrap();
+        store.save(&views.commands).unwrap();
+        assert!(store.path("sessions").exists() && !store.legacy_path("sessions").exists());
+        let typed = store.load::<SessionsView>().unwrap().unwrap();
+        assert_eq!(typed.state, views.sessions.state);
+        assert_eq!(typed.seq, views.sessions.seq);
+        let ledger = store.load::<CommandLedger>().unwrap().unwrap();
+        assert_eq!(ledger.state, views.commands.state, "tagged enums survive");
+        // Untyped, as `rebuild --verify` reads it: the same document as the state's JSON.
+        let raw = store.load_raw("commands").unwrap().unwrap();
+        assert_eq!(raw.state, views.to_json(ProjectionName::Commands));
+        assert_eq!(store.seq("commands").unwrap(), Some(views.commands.seq));
+    }
+
+    #[test]
+    fn a_json_checkpoint_from_before_is_read_and_replaced_by_the_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let store = log.checkpoints();
+        std::fs::create_dir_all(store.dir()).unwrap();
+        let old = views.sessions.checkpoint();
+        let legacy = store.legacy_path("sessions");
+        std::fs::write(&legacy, serde_json::to_vec(&old).unwrap()).unwrap();
+        let loaded = store.load::<SessionsView>().unwrap().unwrap();
+        assert_eq!(loaded, old);
+        assert_eq!(store.seq("sessions").unwrap(), Some(old.seq));
+        store.save(&views.sessions).unwrap();
+        assert!(!legacy.exists(), "the JSON file is gone once replaced");
+        assert_eq!(store.load::<SessionsView>().unwrap().unwrap(), old);
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_checkpoint_is_set_aside_and_its_projection_rebuilt_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let store = log.checkpoints();
+        store.save(&views.sessions).unwrap();
+        // Another version: read as such (header only), and rebuilt.
+        let mut other = store.load_raw("sessions").unwrap().unwrap();
+        other.version += 1;
+        store.save_raw("sessions", &other).unwrap();
+        let (rebuilt, catch_up) = load_views(&log, None, None, false, |_| {}).unwrap();
+        assert!(
+            matches!(catch_up.origins[0], (ProjectionName::Sessions, Origin::Scratch(ref why)) if why.contains("projection is v"))
+        );
+        assert_eq!(rebuilt.sessions, views.sessions);
+        // Damaged bytes: named as unreadable, and rebuilt.
+        std::fs::write(store.path("sessions"), b"\x28\xb5\x2f\xfd garbage").unwrap();
+        let err = store.load::<SessionsView>().unwrap_err();
+        assert!(err.to_string().contains("sessions.ckpt"), "{err}");
+        let (rebuilt, _) = load_views(&log, None, None, false, |_| {}).unwrap();
+        assert_eq!(rebuilt.sessions, views.sessions);
+    }
 }

@@ -23,7 +23,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 pub use agent::SimAgent;
-pub use backend::SimBackend;
+pub use backend::{user_message, SimBackend};
 
 use crate::clock::{Clock, Millis};
 use crate::ports::PortError;

@@ -6,7 +6,10 @@
 //! that says `server.connected` and then stays open. Writes answer 501: whoever needs them
 //! runs the real server.
 //!
-//! It counts calls and the most in flight at once, like [`super::convex::FakeConvex`].
+//! It counts calls and the most in flight at once, like [`super::convex::FakeConvex`], and
+//! can answer every request after a fixed delay ([`FakeOpencode::set_latency_ms`]), as a real
+//! server on another host does; [`super::convex::ConvexFaults::latency_ms`] is the same for
+//! the backend.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,6 +47,8 @@ struct Shared {
     sessions: Vec<(u64, Box<serde_json::value::RawValue>)>,
     calls: AtomicUsize,
     in_flight: InFlightGauge,
+    /// Every request waits this long before it is answered, ms.
+    latency_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A running fake OpenCode server.
@@ -78,6 +83,7 @@ impl FakeOpencode {
             sessions: encoded,
             calls: AtomicUsize::new(0),
             in_flight: InFlightGauge::default(),
+            latency_ms: Default::default(),
         });
         let app = Router::new()
             .route("/global/health", get(health))
@@ -102,6 +108,12 @@ impl FakeOpencode {
         self.shared.calls.load(Ordering::SeqCst)
     }
 
+    /// Every request from now on waits `ms` before it is answered (the event stream before
+    /// it opens), as across a network.
+    pub fn set_latency_ms(&self, ms: u64) {
+        self.shared.latency_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// The most calls in flight at once (the event stream counts while it is open).
     pub fn peak_in_flight(&self) -> usize {
         self.shared.in_flight.peak()
@@ -121,6 +133,10 @@ async fn count(
 ) -> Response {
     shared.calls.fetch_add(1, Ordering::SeqCst);
     let _call = shared.in_flight.enter();
+    let latency = shared.latency_ms.load(Ordering::SeqCst);
+    if latency > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(latency)).await;
+    }
     next.run(request).await
 }
 
@@ -218,6 +234,19 @@ mod tests {
         assert_eq!(models.models.len(), 1);
         assert!(client.create_session("x", None).await.is_err());
         assert!(fake.calls() >= 6);
+    }
+
+    #[tokio::test]
+    async fn every_request_waits_the_latency_set() {
+        let fake = FakeOpencode::start((0..3).map(session).collect())
+            .await
+            .unwrap();
+        let client = OpencodeClient::new(OpencodeConfig::new(fake.url.clone())).unwrap();
+        fake.set_latency_ms(60);
+        let t = std::time::Instant::now();
+        let listing = client.list_sessions(None).await.unwrap();
+        assert_eq!(listing.sessions.len(), 3);
+        assert!(t.elapsed() >= std::time::Duration::from_millis(60));
     }
 
     #[tokio::test]

@@ -172,6 +172,10 @@ pub struct Worker {
     process_seq: u64,
     ready_after: Option<u64>,
     seq: Arc<AtomicU64>,
+    /// The seq of the last event appended that is neither a listing marker nor a checkpoint
+    /// record (the log's end at open): a full listing that finds nothing new after it is not
+    /// recorded ([`observe::idle_listing`]).
+    last_change_seq: u64,
     /// The event id of each command's `command_planned`, for the causes of its outcomes.
     planned_ids: HashMap<CommandId, Uuid>,
     /// The keys the next turn plans, and those due again at a time.
@@ -233,6 +237,7 @@ impl Worker {
         let mut worker = Worker {
             seq: Arc::new(AtomicU64::new(log.last_seq())),
             process_seq: log.last_seq(),
+            last_change_seq: log.last_seq(),
             log,
             live: Some(live),
             clock,
@@ -343,6 +348,15 @@ impl Worker {
         }
         if let Some(last) = stored.last() {
             self.seq.store(last.seq, Ordering::SeqCst);
+        }
+        let marker = |e: &&Envelope| {
+            matches!(
+                e.kind(),
+                EventKind::ListingCompleted | EventKind::CheckpointWritten
+            )
+        };
+        if let Some(change) = stored.iter().rev().find(|e| !marker(e)) {
+            self.last_change_seq = change.seq;
         }
         Ok(stored)
     }
@@ -792,7 +806,8 @@ impl Worker {
             } => match result {
                 Ok(listing) => {
                     let mut events = if full {
-                        observe::agent_listing(sessions, &listing, as_of, worker_id)
+                        let events = observe::agent_listing(sessions, &listing, as_of, worker_id);
+                        self.unless_idle(Source::Agent, events)
                     } else {
                         observe::agent_changes(sessions, &listing, as_of, worker_id)
                     };
@@ -817,7 +832,8 @@ impl Worker {
             } => {
                 let complete = error.is_none();
                 let mut events = if full {
-                    observe::backend_sessions(sessions, &listed, complete, as_of)
+                    let events = observe::backend_sessions(sessions, &listed, complete, as_of);
+                    self.unless_idle(Source::Backend, events)
                 } else {
                     observe::backend_session_changes(sessions, &listed, as_of)
                 };
@@ -852,6 +868,23 @@ impl Worker {
         let events = events.into_iter().map(|e| NewEvent::new(e, now)).collect();
         self.append(events).await?;
         Ok(())
+    }
+
+    /// The events of a full listing of `source`, or none when it found nothing new and its
+    /// marker would change no decision ([`observe::idle_listing`]).
+    fn unless_idle(&self, source: Source, events: Vec<Event>) -> Vec<Event> {
+        let sessions = &self.views().sessions.state;
+        if observe::idle_listing(
+            sessions,
+            source,
+            &events,
+            self.last_change_seq,
+            self.process_seq,
+        ) {
+            tracing::debug!(%source, "full listing found nothing new: not recorded");
+            return Vec::new();
+        }
+        events
     }
 
     /// A call finished: its outcome becomes events.

@@ -778,3 +778,54 @@ fn a_message_deadline_falls_due_on_its_timer_while_nothing_else_happens() {
         );
     });
 }
+
+/// Every checkpoint file in the log's checkpoint directory, by name, with its bytes.
+fn checkpoint_files(log: &EventLog) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let dir = log.checkpoints().dir().to_owned();
+    std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().path())
+                .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_idle_worker_writes_no_event_and_no_checkpoint_for_simulated_hours() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, backend) = linked_sides(clock.clone(), 10);
+        let sides = (&agent, &backend);
+        let log2 = log.clone();
+        let backend2 = backend.clone();
+        process(&log, sides, &clock, |_| async move {
+            // Ready, the first checkpoints written (every 30 s while events come in), and the
+            // first periodic full listings (10 min), which follow the lifecycle events and so
+            // are recorded once (`observe::idle_listing`).
+            tokio::time::sleep(Duration::from_secs(900)).await;
+            let seq = log2.last_seq();
+            let files = checkpoint_files(&log2);
+            assert!(!files.is_empty(), "the first checkpoints were written");
+            let full = backend2.full_listings();
+            // Two idle hours: many polls, and the periodic full listings (every 10 min) of
+            // both sides, which find nothing new either.
+            tokio::time::sleep(Duration::from_secs(7_200)).await;
+            assert!(backend2.full_listings() - full >= 10, "full listings ran");
+            assert_eq!(
+                kinds_after(&log2, seq),
+                Vec::<EventKind>::new(),
+                "nothing changed, nothing appended"
+            );
+            assert_eq!(log2.last_seq(), seq, "the log did not grow");
+            assert!(
+                checkpoint_files(&log2) == files,
+                "no checkpoint was written while nothing changed"
+            );
+        })
+        .await;
+    });
+}
