@@ -400,11 +400,14 @@ pub struct Dispatcher {
     /// Whether the worker is Ready: before, only what cannot act on a stale picture of the
     /// world may start ([`waits_for_ready`]).
     ready: bool,
-    /// A deletion runs only once a complete agent listing after this seq is in the views (the
-    /// start of the worker's process): Ready may come from reads of changes, which prove
-    /// nothing gone, and a deletion resumed from the ledger was decided on an older listing.
-    /// `None`: no such hold (a dispatcher not started by a worker process).
-    deletions_after: Option<u64>,
+    /// What waits for Ready ([`waits_for_ready`]) also waits for a complete agent listing
+    /// after this seq (the start of the worker's process): Ready may come from reads of
+    /// changes, which show nothing gone. A server wiped or replaced while the worker was down
+    /// reads as "nothing changed": a prompt to a session it lost would fail the message for
+    /// good, a mirror of a session deleted meanwhile would make a ghost chat, and a deletion
+    /// resumed from the ledger was decided on an older listing. `None`: no such hold (a
+    /// dispatcher not started by a worker process).
+    listed_after: Option<u64>,
 }
 
 /// Whether `op` must wait until the worker is Ready: everything that acts on the agent server
@@ -429,15 +432,13 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
-/// Whether the agent side's latest complete listing came after `after` and nothing failed
-/// since: only then may an absence it shows be acted on.
-fn deletions_proven(s: &SessionsView, after: Option<u64>) -> bool {
+/// Whether the agent side has been listed completely after `after` (`None`: no such need).
+fn agent_listed_after(s: &SessionsView, after: Option<u64>) -> bool {
     let listed = s
         .listings
         .get(&Source::Agent)
         .and_then(|l| l.last_complete_seq);
-    let recent = after.is_none_or(|after| listed.is_some_and(|seq| seq > after));
-    recent && !agent_side_failing(s)
+    after.is_none_or(|after| listed.is_some_and(|seq| seq > after))
 }
 
 /// The exclusion keys of a command: every session it touches.
@@ -471,13 +472,14 @@ impl Dispatcher {
             order: 0,
             stats: DispatchStats::default(),
             ready: true,
-            deletions_after: None,
+            listed_after: None,
         }
     }
 
-    /// Holds every deletion until a complete agent listing after `seq` is in the views.
-    pub fn hold_deletions_until_listed_after(&mut self, seq: u64) {
-        self.deletions_after = Some(seq);
+    /// Holds what waits for Ready until a complete agent listing after `seq` is in the views
+    /// as well.
+    pub fn hold_until_agent_listed_after(&mut self, seq: u64) {
+        self.listed_after = Some(seq);
     }
 
     /// Holds back (`false`) or lets go (`true`) the commands that wait for Ready. A worker
@@ -642,10 +644,24 @@ impl Dispatcher {
                 })));
                 continue;
             }
-            if command.op() == Op::MarkSessionDeleted
-                && !deletions_proven(&views.sessions.state, self.deletions_after)
+            let s = &views.sessions.state;
+            if waits_for_ready(command.op()) && !agent_listed_after(s, self.listed_after) {
+                continue; // waits for a complete agent listing of this process
+            }
+            if command.op() == Op::MarkSessionDeleted && agent_side_failing(s) {
+                continue; // waits for a complete listing after the failure
+            }
+            if let Command::Prompt {
+                agent_session_id, ..
+            } = &command
             {
-                continue; // waits for a complete listing (after the failure, in this process)
+                if !s.agent.contains_key(agent_session_id) {
+                    // Planned on a view a listing has since corrected (a server wiped while
+                    // the worker was down): waits for the session to come back, or for its
+                    // chat session's deletion to make the prompt obsolete. Sent now, it would
+                    // fail the message for good on a 404.
+                    continue;
+                }
             }
             let target = command.op().target();
             if !self.target(target).breaker.allows(now) {

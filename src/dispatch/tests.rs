@@ -556,7 +556,18 @@ async fn a_prompt_whose_answer_was_a_retryable_error_is_asked_again_on_retry() {
     let clock: std::sync::Arc<dyn crate::clock::Clock> =
         std::sync::Arc::new(crate::clock::SystemClock);
     let backend = crate::sim::SimBackend::new(clock, crate::sim::Faults::default());
-    let views = Views::default();
+    let mut views = Views::default();
+    let seen = Event::AgentSessionSeen(AgentSessionInfo {
+        agent_session_id: "ses_1".into(),
+        title: "t".into(),
+        directory: None,
+        project: None,
+        model: None,
+        updated_at: 0,
+        parent_id: None,
+        tag: None,
+    });
+    apply(&mut views, vec![seen], 0);
     let mut d = Dispatcher::new(config(10), 0);
     let prompt = Command::Prompt {
         chat_session_id: "chat_1".into(),
@@ -609,7 +620,7 @@ fn a_resumed_deletion_waits_for_a_complete_agent_listing_of_this_process() {
     // The listing the deletion was planned on, seen by the previous process (seq 1).
     apply(&mut views, vec![listing.clone()], 0);
     let mut d = Dispatcher::new(config(10), 0);
-    d.hold_deletions_until_listed_after(views.min_seq());
+    d.hold_until_agent_listed_after(views.min_seq());
     let delete = Command::MarkSessionDeleted {
         chat_session_id: "c".into(),
     };
@@ -740,4 +751,36 @@ fn the_line_starts_what_a_sort_of_the_whole_queue_puts_first() {
     assert_eq!(d.queued(), 0, "everything started in the end");
     assert!(failed_n > 0 && started_n == 120 + failed_n - d.stats().dead_letters as usize);
     assert_eq!(d.oldest_waiting_since(), None);
+}
+
+#[test]
+fn a_prompt_waits_while_its_agent_session_is_not_in_view() {
+    let mut views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    let prompt = Command::Prompt {
+        chat_session_id: "chat_1".into(),
+        agent_session_id: "ses_1".into(),
+        message_id: "m1".into(),
+        text: "hello".into(),
+        model: None,
+        agent_message_id: None,
+    };
+    d.enqueue("prompt:m1".into(), prompt, 0);
+    assert!(
+        started(d.select(&views, 0)).is_empty(),
+        "a session the last listing did not show: a 404 would fail the message for good"
+    );
+    assert_eq!(d.queued(), 1, "waiting, not cancelled");
+    let seen = Event::AgentSessionSeen(AgentSessionInfo {
+        agent_session_id: "ses_1".into(),
+        title: "t".into(),
+        directory: None,
+        project: None,
+        model: None,
+        updated_at: 0,
+        parent_id: None,
+        tag: None,
+    });
+    apply(&mut views, vec![seen], 1);
+    assert_eq!(started(d.select(&views, 1)).len(), 1, "back in view: sent");
 }

@@ -421,7 +421,8 @@ impl Projection for SessionsView {
     // sessions, and the chat session a tagged agent session was made for.
     // v4: `status_at`, `swept_before`; `retention_swept` drops final chat sessions and old
     // tombstones.
-    const VERSION: u32 = 4;
+    // v5: `identity_adopted` clears the feeds' cursors of the sides that changed.
+    const VERSION: u32 = 5;
 
     fn apply(&mut self, e: &Envelope) {
         let before = SessionIndex::before(self, &e.event);
@@ -495,6 +496,20 @@ impl SessionsView {
                         Source::Agent => self.agent_gone.retain(|_, t| keep(t)),
                         Source::Backend => self.chat_gone.retain(|_, t| keep(t)),
                     }
+                }
+            }
+            // Moved to another agent server, backend or worker id: the cursors are the old
+            // side's positions (change numbers start again per worker), so the next start
+            // reads the new side from the beginning.
+            Event::IdentityAdopted(b) => {
+                if b.previous.agent != b.current.agent {
+                    self.feeds.remove(&Feed::AgentSessions);
+                }
+                if b.previous.backend != b.current.backend
+                    || b.previous.worker_id != b.current.worker_id
+                {
+                    self.feeds.remove(&Feed::BackendSessions);
+                    self.feeds.remove(&Feed::BackendMessages);
                 }
             }
             Event::FeedRead(b) => {

@@ -298,9 +298,12 @@ impl Backend for SimBackend {
             let _call = self.h.call("listMessages", 0).await?;
             let page = {
                 let s = self.lock();
-                let to = (from + limit as usize).min(s.changes.len()).max(from);
+                // A cursor past the end (another backend's) reads nothing, as Convex's
+                // `changesAfter` does, instead of panicking on the slice.
+                let start = from.min(s.changes.len());
+                let to = (from + limit as usize).min(s.changes.len()).max(start);
                 let mut seen = std::collections::HashSet::new();
-                let page = s.changes[from.min(to)..to]
+                let page = s.changes[start..to]
                     .iter()
                     .filter(|id| seen.insert(*id))
                     .filter_map(|id| s.messages.get(id).cloned())
@@ -308,7 +311,7 @@ impl Backend for SimBackend {
                 Page {
                     page,
                     is_done: to >= s.changes.len(),
-                    continue_cursor: to.to_string(),
+                    continue_cursor: to.max(from).to_string(),
                 }
             };
             self.h.hold_back().await;

@@ -229,7 +229,7 @@ impl Worker {
         // earlier process, with another start time.
         // Resumed commands were decided on a previous process's view: they wait for Ready.
         dispatcher.set_ready(false);
-        dispatcher.hold_deletions_until_listed_after(log.last_seq());
+        dispatcher.hold_until_agent_listed_after(log.last_seq());
         let resumed = dispatcher.resume(&live.views.commands.state, started_at);
         if resumed > 0 {
             tracing::info!(resumed, "resuming unfinished commands");

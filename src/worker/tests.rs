@@ -829,3 +829,137 @@ fn an_idle_worker_writes_no_event_and_no_checkpoint_for_simulated_hours() {
         .await;
     });
 }
+
+/// Ready from a read of changes is Ready on a stale agent view (found in review). The agent server
+/// lost its sessions while the worker was down (a wipe, a restore pending, a replaced server at
+/// the same URL): `GET /session?start=T` shows nothing, which reaches the end, so the worker is
+/// Ready at once and prompts the pending message into an agent session the server no longer
+/// has: 404, terminal, the message is failed. Before i15 Ready waited for a full listing: the
+/// sessions were gone from the view, the deletions held (wipe protection), the message waited,
+/// and when the server came back 30 s later (within the 60 s deletion confirmation) the message
+/// was answered.
+#[test]
+fn a_restart_onto_a_wiped_agent_server_prompts_nothing_before_a_full_agent_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, backend) = linked_sides(clock.clone(), 30);
+        let sides = (&agent, &backend);
+        let first = process(&log, sides, &clock, |_| async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        })
+        .await;
+        assert!(first.time_to_ready_ms.is_some());
+        // While it is down: the agent server loses every session, and a person writes.
+        let kept = agent.sessions();
+        for id in kept.keys() {
+            agent.remove(id);
+        }
+        backend.insert_message(MessageInfo {
+            chat_session_id: ChatSessionId::from("chat_3"),
+            message_id: MessageId::from("m_down"),
+            role: Role::User,
+            content: "hi".into(),
+            completed: true,
+            timestamp: clock.now_ms(),
+            reply_to: None,
+            error: None,
+        });
+        let (a, c) = (agent.clone(), clock.clone());
+        process(&log, sides, &clock, |_| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            // The server comes back with its sessions (a hiccup, not a deletion).
+            for mut info in kept.into_values() {
+                info.updated_at = c.now_ms();
+                a.insert(info);
+            }
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        })
+        .await;
+        let m = &backend.messages()[&MessageId::from("m_down")];
+        assert_eq!(m.error, None, "failed on a stale view of the agent server");
+        assert_eq!(deleted(&backend), 0);
+    });
+}
+
+/// The feed cursors must not survive `--adopt` (found in review). A data directory moved to another worker
+/// id or backend (`identity_adopted`, a supported move) keeps the old backend's change
+/// numbers as its cursors (`SessionsView::feeds` ignores `identity_adopted`), and reads the new
+/// backend from them: every message the new backend numbered at or below the old cursor is
+/// never read (messages have no full relisting), so it is neither answered nor failed. Before
+/// i15 the message cursor lived in memory and each start read every message.
+#[test]
+fn an_adopted_directory_reads_the_new_backend_from_the_start_not_the_old_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, old) = linked_sides(clock.clone(), 3);
+        for i in 0..6 {
+            old.insert_message(MessageInfo {
+                chat_session_id: ChatSessionId(format!("chat_{}", i % 3)),
+                message_id: MessageId(format!("m_old{i}")),
+                role: Role::User,
+                content: "hi".into(),
+                completed: true,
+                timestamp: T0,
+                reply_to: None,
+                error: None,
+            });
+        }
+        process(&log, (&agent, &old), &clock, |_| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        })
+        .await;
+        // `agentsync run --adopt` against another backend (or worker id): the move is an event.
+        let identity = |b: &str| Identity {
+            worker_id: "w".into(),
+            agent: AgentIdentity::Url("http://127.0.0.1:4096".into()),
+            backend: BackendIdentity::Convex(b.into()),
+        };
+        let adopted = IdentityAdopted {
+            previous: identity("https://old.convex.cloud"),
+            current: identity("https://new.convex.cloud"),
+        };
+        log.append(vec![NewEvent::new(
+            Event::IdentityAdopted(adopted),
+            clock.now_ms(),
+        )])
+        .unwrap();
+        // The new backend: the same chat sessions, and a person's new message.
+        let new = Arc::new(SimBackend::new(clock.clone(), Faults::default()));
+        for (_, chat) in old.sessions() {
+            new.insert_session(chat);
+        }
+        new.insert_message(MessageInfo {
+            chat_session_id: ChatSessionId::from("chat_1"),
+            message_id: MessageId::from("m_new"),
+            role: Role::User,
+            content: "hello".into(),
+            completed: true,
+            timestamp: clock.now_ms(),
+            reply_to: None,
+            error: None,
+        });
+        let report = process(&log, (&agent, &new), &clock, |_| async {
+            tokio::time::sleep(Duration::from_secs(40 * 60)).await;
+        })
+        .await;
+        let seen = report
+            .views
+            .messages
+            .state
+            .messages
+            .contains_key(&MessageId::from("m_new"));
+        let resolved = new
+            .messages()
+            .values()
+            .any(|m| m.reply_to == Some(MessageId::from("m_new")) && m.completed)
+            || new.messages()[&MessageId::from("m_new")].error.is_some();
+        assert!(
+            seen && resolved,
+            "m_new never read from the new backend (seen {seen}, answered or failed {resolved})"
+        );
+    });
+}

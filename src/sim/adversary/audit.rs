@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use super::scenario::MESSAGE_DEADLINE_MS;
 use super::Violations;
 use crate::clock::Millis;
+use crate::dispatch::waits_for_ready;
 use crate::events::*;
 use crate::projections::{CommandState, MessageState, ProjectionName, Views, MODELS_OPERATION};
 use crate::reconcile::{self, ids, Context};
@@ -26,7 +27,9 @@ pub const EVERY_MESSAGE_RESOLVED: &str = "every_message_resolved";
 pub const NO_DELETION_ON_FAILED_OBSERVATION: &str = "no_deletion_on_failed_observation";
 /// 5. Ready (and any prompt) never before both sides were observed completely in this process:
 ///    a complete listing, or a read of the side's sessions feed that reached the end from a
-///    cursor a complete listing covers (`reconcile::listed_in_this_process`).
+///    cursor a complete listing covers (`reconcile::listed_in_this_process`); and nothing that
+///    waits for Ready (`dispatch::waits_for_ready`) before a complete agent listing of this
+///    process (reads of changes do not show a server wiped while the worker was down).
 pub const READY_AFTER_COMPLETE_LISTINGS: &str = "ready_after_complete_listings";
 /// 6. Convergence once faults stop: nothing left to plan or run, and the log replayed from
 ///    scratch equals the live views.
@@ -65,6 +68,8 @@ enum Seen {
 struct Process {
     agent: Option<Seen>,
     listed_agent: bool,
+    /// A complete full agent listing in this process (reads of changes do not count).
+    full_agent: bool,
     listed_backend: bool,
     ready: bool,
 }
@@ -167,6 +172,7 @@ impl<'a> Auditor<'a> {
                     Source::Agent => {
                         p.agent = Some(seen);
                         p.listed_agent |= l.complete;
+                        p.full_agent |= l.complete;
                     }
                     Source::Backend => p.listed_backend |= l.complete,
                 }
@@ -188,6 +194,13 @@ impl<'a> Auditor<'a> {
             }
             Event::AttemptStarted(a) if a.op == Op::Prompt && !p.ready => {
                 let what = format!("seq {}: {} started before ready", env.seq, a.command_id);
+                self.v.add(READY_AFTER_COMPLETE_LISTINGS, what);
+            }
+            Event::AttemptStarted(a) if waits_for_ready(a.op) && !p.full_agent => {
+                let what = format!(
+                    "seq {}: {} started before a complete agent listing in this process",
+                    env.seq, a.command_id
+                );
                 self.v.add(READY_AFTER_COMPLETE_LISTINGS, what);
             }
             _ => {}
