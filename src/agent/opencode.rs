@@ -385,7 +385,16 @@ impl OpencodeClient {
         let path = format!("/session/{session}/message/{}", segment(message_id));
         match self.call(Method::GET, &path, &[], None, None).await {
             Ok(_) => {}
-            Err(e) if e.status == Some(StatusCode::NOT_FOUND) => return Ok(PromptOutcome::NotSent),
+            // Absent while the session runs: our earlier request may be the run, its user
+            // message not stored yet, or queued behind another; looked at again once idle.
+            Err(e) if e.status == Some(StatusCode::NOT_FOUND) => {
+                let busy = self.is_busy(id).await?;
+                return Ok(if busy {
+                    PromptOutcome::Running
+                } else {
+                    PromptOutcome::NotSent
+                });
+            }
             Err(e) => return Err(e.error),
         }
         if self.is_busy(id).await? {

@@ -26,6 +26,12 @@ use crate::transport::{
     read_body, transport_error, BodyError, DEFAULT_MAX_REPLY_BYTES, MAX_ERROR_BODY_BYTES,
 };
 
+/// How long the reference Convex module remembers an applied command id
+/// (`APPLIED_RETENTION_MS` in `examples/convex/agentsync.ts`, pruned by its hourly cron). The
+/// worker never retries a command past a day less than this against Convex, whatever
+/// `--retention-days` says: a retry past the window could apply a creation twice.
+pub const MODULE_APPLIED_WINDOW_MS: u64 = 8 * 24 * 60 * 60 * 1000;
+
 /// How to reach a Convex deployment.
 #[derive(Debug, Clone)]
 pub struct ConvexConfig {
@@ -543,5 +549,28 @@ mod tests {
             ..ConvexConfig::new("https://x.convex.cloud", "w1")
         };
         assert!(!format!("{cfg:?}").contains("abc123"));
+    }
+}
+
+#[cfg(test)]
+mod module_window_tests {
+    use super::MODULE_APPLIED_WINDOW_MS;
+
+    #[test]
+    fn the_applied_window_is_the_reference_modules_own() {
+        let module = include_str!("../../examples/convex/agentsync.ts");
+        let line = module
+            .lines()
+            .find(|l| l.starts_with("export const APPLIED_RETENTION_MS ="))
+            .expect("the module declares its window");
+        let product: u64 = line
+            .trim_end_matches(';')
+            .split('=')
+            .nth(1)
+            .expect("a value")
+            .split('*')
+            .map(|n| n.trim().replace('_', "").parse::<u64>().expect("a number"))
+            .product();
+        assert_eq!(product, MODULE_APPLIED_WINDOW_MS);
     }
 }

@@ -598,6 +598,21 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
     wcfg.policy.message_deadline_ms = s.message_deadline_ms;
     wcfg.archive = s.archive.clone();
     wcfg.retention.horizon_ms = s.retention_ms;
+    // Retries stay within the backend's window for applied ids: the local backend's follows
+    // the retention (it keeps ids a day longer), the Convex module's is fixed.
+    wcfg.dispatch.retry_horizon_ms = match &s.backend {
+        BackendSide::Local => s.retention_ms,
+        BackendSide::Convex(_) => {
+            let cap = crate::backend::convex::MODULE_APPLIED_WINDOW_MS - retention::DAY_MS;
+            if s.retention_ms > cap {
+                tracing::warn!(
+                    retry_days = cap / retention::DAY_MS,
+                    "commands are not retried past the Convex module's window for applied ids, whatever --retention-days says"
+                );
+            }
+            s.retention_ms.min(cap)
+        }
+    };
     let agent: Arc<dyn AgentServer> = client.clone();
     let mut worker = Worker::open(log.clone(), agent, backend, clock.clone(), wcfg)
         .await

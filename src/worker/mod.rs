@@ -220,8 +220,10 @@ impl Worker {
             catch_up.applied,
             log.last_seq()
         );
+        // Never past the backend's window for applied ids (the dispatch config's own
+        // horizon, which `run` sets for Convex), nor past the views' retention.
         let dispatch = DispatchConfig {
-            retry_horizon_ms: cfg.retention.horizon_ms,
+            retry_horizon_ms: cfg.retention.horizon_ms.min(cfg.dispatch.retry_horizon_ms),
             ..cfg.dispatch.clone()
         };
         let mut dispatcher = Dispatcher::new(dispatch, started_at);
