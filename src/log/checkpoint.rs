@@ -139,10 +139,8 @@ impl CheckpointStore {
         // One typed parse in the usual case; only when it fails is the header read, to tell a
         // checkpoint of another version (rebuild) from a damaged one.
         match stored.decode::<Checkpoint<P>>() {
-            Ok(mut c) if c.version == P::VERSION => {
-                c.state.loaded();
-                Ok(Some(c))
-            }
+            // Derived state is rebuilt by `Tracked::from_checkpoint`, once.
+            Ok(c) if c.version == P::VERSION => Ok(Some(c)),
             Ok(c) => Ok(Some(Checkpoint {
                 state: P::default(),
                 ..c
@@ -531,9 +529,8 @@ mod tests {
         store.save(&views.sessions).unwrap();
         store.save(&views.commands).unwrap();
         assert!(store.path("sessions").exists() && !store.legacy_path("sessions").exists());
-        let typed = store.load::<SessionsView>().unwrap().unwrap();
-        assert_eq!(typed.state, views.sessions.state);
-        assert_eq!(typed.seq, views.sessions.seq);
+        let typed = Tracked::from_checkpoint(store.load::<SessionsView>().unwrap().unwrap());
+        assert_eq!(typed, views.sessions, "with its index rebuilt");
         let ledger = store.load::<CommandLedger>().unwrap().unwrap();
         assert_eq!(ledger.state, views.commands.state, "tagged enums survive");
         // Untyped, as `rebuild --verify` reads it: the same document as the state's JSON.
@@ -551,12 +548,12 @@ mod tests {
         let old = views.sessions.checkpoint();
         let legacy = store.legacy_path("sessions");
         std::fs::write(&legacy, serde_json::to_vec(&old).unwrap()).unwrap();
-        let loaded = store.load::<SessionsView>().unwrap().unwrap();
-        assert_eq!(loaded, old);
+        let load = || Tracked::from_checkpoint(store.load::<SessionsView>().unwrap().unwrap());
+        assert_eq!(load(), views.sessions);
         assert_eq!(store.seq("sessions").unwrap(), Some(old.seq));
         store.save(&views.sessions).unwrap();
         assert!(!legacy.exists(), "the JSON file is gone once replaced");
-        assert_eq!(store.load::<SessionsView>().unwrap().unwrap(), old);
+        assert_eq!(load(), views.sessions);
     }
 
     #[test]
