@@ -557,16 +557,7 @@ async fn a_prompt_whose_answer_was_a_retryable_error_is_asked_again_on_retry() {
         std::sync::Arc::new(crate::clock::SystemClock);
     let backend = crate::sim::SimBackend::new(clock, crate::sim::Faults::default());
     let mut views = Views::default();
-    let seen = Event::AgentSessionSeen(AgentSessionInfo {
-        agent_session_id: "ses_1".into(),
-        title: "t".into(),
-        directory: None,
-        project: None,
-        model: None,
-        updated_at: 0,
-        parent_id: None,
-        tag: None,
-    });
+    let seen = agent_seen("ses_1");
     apply(&mut views, vec![seen], 0);
     let mut d = Dispatcher::new(config(10), 0);
     let prompt = Command::Prompt {
@@ -771,8 +762,15 @@ fn a_prompt_waits_while_its_agent_session_is_not_in_view() {
         "a session the last listing did not show: a 404 would fail the message for good"
     );
     assert_eq!(d.queued(), 1, "waiting, not cancelled");
-    let seen = Event::AgentSessionSeen(AgentSessionInfo {
-        agent_session_id: "ses_1".into(),
+    let seen = agent_seen("ses_1");
+    apply(&mut views, vec![seen], 1);
+    assert_eq!(started(d.select(&views, 1)).len(), 1, "back in view: sent");
+}
+
+/// The agent server listed session `id`.
+fn agent_seen(id: &str) -> Event {
+    Event::AgentSessionSeen(AgentSessionInfo {
+        agent_session_id: id.into(),
         title: "t".into(),
         directory: None,
         project: None,
@@ -780,7 +778,5 @@ fn a_prompt_waits_while_its_agent_session_is_not_in_view() {
         updated_at: 0,
         parent_id: None,
         tag: None,
-    });
-    apply(&mut views, vec![seen], 1);
-    assert_eq!(started(d.select(&views, 1)).len(), 1, "back in view: sent");
+    })
 }
