@@ -668,16 +668,7 @@ fn a_running_worker_sweeps_a_finished_message_once_it_is_past_the_horizon() {
     let report = paused().block_on(async {
         let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
         let (agent, backend) = linked_sides(clock.clone(), 3);
-        backend.insert_message(MessageInfo {
-            chat_session_id: ChatSessionId::from("chat_1"),
-            message_id: MessageId::from("m1"),
-            role: Role::User,
-            content: "hi".into(),
-            completed: true,
-            timestamp: T0 - 1_000,
-            reply_to: None,
-            error: None,
-        });
+        backend.insert_message(user_message("chat_1", "m1", "hi", T0 - 1_000));
         let cfg = WorkerConfig {
             retention: reconcile::retention::RetentionPolicy {
                 horizon_ms: horizon,
@@ -740,16 +731,7 @@ fn a_message_deadline_falls_due_on_its_timer_while_nothing_else_happens() {
             model_run_ms: (300_000, 300_000),
             ..Faults::default()
         });
-        backend.insert_message(MessageInfo {
-            chat_session_id: ChatSessionId::from("chat_1"),
-            message_id: MessageId::from("m_slow"),
-            role: Role::User,
-            content: "hi".into(),
-            completed: true,
-            timestamp: T0,
-            reply_to: None,
-            error: None,
-        });
+        backend.insert_message(user_message("chat_1", "m_slow", "hi", T0));
         let mut cfg = WorkerConfig::default();
         cfg.policy.message_deadline_ms = 60_000;
         cfg.dispatch.prompt_timeout_ms = 600_000;
@@ -856,16 +838,7 @@ fn a_restart_onto_a_wiped_agent_server_prompts_nothing_before_a_full_agent_listi
         for id in kept.keys() {
             agent.remove(id);
         }
-        backend.insert_message(MessageInfo {
-            chat_session_id: ChatSessionId::from("chat_3"),
-            message_id: MessageId::from("m_down"),
-            role: Role::User,
-            content: "hi".into(),
-            completed: true,
-            timestamp: clock.now_ms(),
-            reply_to: None,
-            error: None,
-        });
+        backend.insert_message(user_message("chat_3", "m_down", "hi", clock.now_ms()));
         let (a, c) = (agent.clone(), clock.clone());
         process(&log, sides, &clock, |_| async move {
             tokio::time::sleep(Duration::from_secs(30)).await;
@@ -897,16 +870,12 @@ fn an_adopted_directory_reads_the_new_backend_from_the_start_not_the_old_cursor(
         let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
         let (agent, old) = linked_sides(clock.clone(), 3);
         for i in 0..6 {
-            old.insert_message(MessageInfo {
-                chat_session_id: ChatSessionId(format!("chat_{}", i % 3)),
-                message_id: MessageId(format!("m_old{i}")),
-                role: Role::User,
-                content: "hi".into(),
-                completed: true,
-                timestamp: T0,
-                reply_to: None,
-                error: None,
-            });
+            old.insert_message(user_message(
+                &format!("chat_{}", i % 3),
+                &format!("m_old{i}"),
+                "hi",
+                T0,
+            ));
         }
         process(&log, (&agent, &old), &clock, |_| async {
             tokio::time::sleep(Duration::from_secs(60)).await;
@@ -932,16 +901,7 @@ fn an_adopted_directory_reads_the_new_backend_from_the_start_not_the_old_cursor(
         for (_, chat) in old.sessions() {
             new.insert_session(chat);
         }
-        new.insert_message(MessageInfo {
-            chat_session_id: ChatSessionId::from("chat_1"),
-            message_id: MessageId::from("m_new"),
-            role: Role::User,
-            content: "hello".into(),
-            completed: true,
-            timestamp: clock.now_ms(),
-            reply_to: None,
-            error: None,
-        });
+        new.insert_message(user_message("chat_1", "m_new", "hello", clock.now_ms()));
         let report = process(&log, (&agent, &new), &clock, |_| async {
             tokio::time::sleep(Duration::from_secs(40 * 60)).await;
         })
@@ -962,4 +922,18 @@ fn an_adopted_directory_reads_the_new_backend_from_the_start_not_the_old_cursor(
             "m_new never read from the new backend (seen {seen}, answered or failed {resolved})"
         );
     });
+}
+
+/// A person's message `id` in `chat`, written at `at`.
+fn user_message(chat: &str, id: &str, content: &str, at: Millis) -> MessageInfo {
+    MessageInfo {
+        chat_session_id: chat.into(),
+        message_id: id.into(),
+        role: Role::User,
+        content: content.into(),
+        completed: true,
+        timestamp: at,
+        reply_to: None,
+        error: None,
+    }
 }
