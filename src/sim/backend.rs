@@ -1,6 +1,6 @@
 //! A simulated backend: the Convex contract in memory, idempotent on `commandId`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use super::{CallStats, Faults, Harness};
@@ -18,6 +18,10 @@ pub struct SimBackend {
 struct BackendState {
     sessions: BTreeMap<ChatSessionId, ChatSessionInfo>,
     messages: BTreeMap<MessageId, MessageInfo>,
+    /// The replies to each message, by id (the module's `by_reply` index in
+    /// `examples/convex/schema.ts`): a completion finds its reply without a scan of every
+    /// message ever written, which made the soak's simulated days grow with history.
+    replies: HashMap<MessageId, BTreeSet<MessageId>>,
     /// Message ids in the order they changed: `listMessages`' cursor is a position here.
     changes: Vec<MessageId>,
     /// Chat session ids in the order they changed: `listSessions`' cursor is a position here;
@@ -33,6 +37,18 @@ struct BackendState {
 }
 
 impl BackendState {
+    /// The replies to `message` not completed yet, in id order (the order a scan of
+    /// `messages` found them in).
+    fn open_reply_ids(&self, message: &MessageId) -> Vec<MessageId> {
+        let Some(ids) = self.replies.get(message) else {
+            return Vec::new();
+        };
+        ids.iter()
+            .filter(|id| self.messages.get(*id).is_some_and(|m| !m.completed))
+            .cloned()
+            .collect()
+    }
+
     fn touch(&mut self, id: &MessageId) {
         self.changes.push(id.clone());
     }
@@ -61,6 +77,12 @@ impl BackendState {
 
     fn put_message(&mut self, m: MessageInfo) {
         let id = m.message_id.clone();
+        if let Some(to) = &m.reply_to {
+            self.replies
+                .entry(to.clone())
+                .or_default()
+                .insert(id.clone());
+        }
         self.messages.insert(id.clone(), m);
         self.touch(&id);
     }
@@ -177,11 +199,7 @@ impl SimBackend {
                 message_id,
                 content,
             } => {
-                let reply = s
-                    .messages
-                    .values()
-                    .find(|m| m.reply_to.as_ref() == Some(message_id) && !m.completed)
-                    .map(|m| m.message_id.clone());
+                let reply = s.open_reply_ids(message_id).into_iter().next();
                 let mut m = match reply.and_then(|id| s.messages.get(&id).cloned()) {
                     Some(m) => m,
                     None => MessageInfo {
@@ -208,10 +226,10 @@ impl SimBackend {
                     m.error = Some(reason.clone());
                     touched.push(message_id.clone());
                 }
-                for m in s.messages.values_mut() {
-                    if m.reply_to.as_ref() == Some(message_id) && !m.completed {
+                for id in s.open_reply_ids(message_id) {
+                    if let Some(m) = s.messages.get_mut(&id) {
                         m.error = Some(reason.clone());
-                        touched.push(m.message_id.clone());
+                        touched.push(id);
                     }
                 }
                 for id in touched {
