@@ -16,6 +16,7 @@ pub mod archiver;
 pub mod http;
 pub mod observers;
 pub mod status;
+pub mod turns;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,6 +39,7 @@ use crate::reconcile::{self, Context};
 
 pub use observers::{Observation, PollPolicy, Poller};
 pub use status::{StuckPolicy, WorkerStatus};
+pub use turns::TurnSummary;
 
 /// The clock of a worker running on tokio: wall time at `rebase`, advanced by tokio's clock.
 /// Under a paused tokio clock (the simulations) time moves only when every task waits, so hours
@@ -143,6 +145,8 @@ pub struct RunReport {
     pub views: Views,
     /// Why it stopped.
     pub stopped: String,
+    /// How long its turns took ([`turns`]).
+    pub turns: TurnSummary,
 }
 
 /// A finished call.
@@ -191,6 +195,8 @@ pub struct Worker {
     messages_read_at: Option<Millis>,
     /// When retention was last swept in this process.
     swept_at: Option<Millis>,
+    /// How long the turns take.
+    turns: turns::TurnTimes,
 }
 
 impl Worker {
@@ -259,6 +265,7 @@ impl Worker {
             full_backend: Arc::new(AtomicBool::new(false)),
             messages_read_at: None,
             swept_at: None,
+            turns: turns::TurnTimes::default(),
         };
         let started = WorkerStarted {
             worker_id: worker.cfg.worker_id.clone(),
@@ -340,7 +347,7 @@ impl Worker {
             }
         }
         let log = self.log.clone();
-        let stored = blocking(move || log.append(events)).await??;
+        let stored = self.off_runtime(move || log.append(events)).await??;
         self.status.appended(&stored);
         if let Some(live) = self.live.as_mut() {
             live.apply(&stored);
@@ -403,6 +410,7 @@ impl Worker {
         let mut agent_listed_since_round = false;
         let mut backend_listed_in_round = false;
         let mut hold_checked_at = None;
+        self.turns.begin();
         let stopped = loop {
             let now = self.clock.now_ms();
             self.check_ready(now).await?;
@@ -432,9 +440,11 @@ impl Worker {
                 .min()
                 .map(|t| t.saturating_sub(now));
             let sleep = tokio::time::sleep(Duration::from_millis(wake.unwrap_or(60_000)));
+            self.turns.end();
             tokio::select! {
                 () = &mut shutdown => break "shutdown requested".to_owned(),
                 Some(obs) = rx.recv() => {
+                    self.turns.begin();
                     let round_end = matches!(obs, Observation::BackendMessages { .. });
                     agent_listed_since_round |= matches!(obs, Observation::AgentSessions { full: true, result: Ok(ref l), .. } if l.complete);
                     backend_listed_in_round |= matches!(obs, Observation::BackendSessions { full: true, error: None, .. });
@@ -461,12 +471,13 @@ impl Worker {
                     active.store(self.is_active(), Ordering::SeqCst);
                 }
                 Some(done) = calls.join_next(), if !calls.is_empty() => {
+                    self.turns.begin();
                     match done {
                         Ok(done) => self.finished(done).await?,
                         Err(e) => return Err(WorkerError::Task(e.to_string())),
                     }
                 }
-                () = sleep => {}
+                () = sleep => self.turns.begin(),
             }
         };
         observers.abort_all();
@@ -480,6 +491,7 @@ impl Worker {
             dispatch: self.dispatcher.stats().clone(),
             views: live.views,
             stopped,
+            turns: self.turns.summary(),
         })
     }
 
@@ -732,7 +744,7 @@ impl Worker {
 
     /// The event ids at these seqs (a blocking read).
     async fn event_ids(
-        &self,
+        &mut self,
         seqs: impl Iterator<Item = u64>,
     ) -> Result<HashMap<u64, Uuid>, WorkerError> {
         let seqs: Vec<u64> = seqs.collect();
@@ -740,7 +752,7 @@ impl Worker {
             return Ok(HashMap::new());
         }
         let log = self.log.clone();
-        blocking(move || {
+        self.off_runtime(move || {
             let mut ids = HashMap::new();
             for seq in seqs {
                 if let Some(env) = log.get(seq)? {
@@ -961,15 +973,27 @@ impl Worker {
         Ok(())
     }
 
+    /// Runs blocking work off the async workers, its wait not counted in the turn's time.
+    async fn off_runtime<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, WorkerError> {
+        let started = std::time::Instant::now();
+        let result = blocking(f).await;
+        self.turns.exclude(started.elapsed());
+        result
+    }
+
     /// Writes the checkpoints on a blocking thread (serializing a large view takes a while).
     async fn write_checkpoints(&mut self, now: Millis) -> Result<(), WorkerError> {
         let mut live = self.live.take().expect("views");
         let log = self.log.clone();
-        let (live, result) = blocking(move || {
-            let r = live.write_checkpoints(&log, now);
-            (live, r)
-        })
-        .await?;
+        let (live, result) = self
+            .off_runtime(move || {
+                let r = live.write_checkpoints(&log, now);
+                (live, r)
+            })
+            .await?;
         self.live = Some(live);
         let seq = result?;
         self.seq.store(self.log.last_seq(), Ordering::SeqCst);

@@ -7,8 +7,10 @@
 //! runs, the same library call `agentsync archive` makes ([`EventLog::archive`], default
 //! window). Retention of the views, when it exists, runs inside the worker and so is measured
 //! here as it lands. Per day: the views' size (their JSON, the three of them), events and
-//! bytes on disk (live log, archive, checkpoints), the p99 of 21 reconcile passes over the
-//! day's views, and the start-up from that day's data dir (loading its checkpoints and the
+//! bytes on disk (live log, archive, checkpoints), the p50/p99/max of the worker's own turns
+//! that day (`worker::turns`: the fold, the dirty keys' reconcile and the dispatcher's
+//! selection, on the real clock), the p99 of 21 full reconcile passes over the day's views
+//! (what each start runs once), and the start-up from that day's data dir (loading its checkpoints and the
 //! tail, as a worker's `CatchingUp` does). At the end, `why` of a day-1 message on the last
 //! day's data dir, run as `agentsync why` in a process of its own.
 
@@ -24,7 +26,7 @@ use agentsync::log::{load_views, ArchiveOptions, EventLog};
 use agentsync::projections::{ProjectionName, Views};
 use agentsync::reconcile::{self, Context};
 use agentsync::sim::{user_message, Faults, SimAgent, SimBackend};
-use agentsync::worker::{TokioClock, Worker, WorkerConfig};
+use agentsync::worker::{RunReport, TokioClock, Worker, WorkerConfig};
 use serde_json::json;
 
 use super::{opts, round2, Res, AS_AGENTSYNC, START};
@@ -88,7 +90,7 @@ async fn day(
     day: u32,
     per_day: usize,
     chats: usize,
-) -> Res<Views> {
+) -> Res<RunReport> {
     let (agent, backend) = sides;
     let worker = Worker::open(
         log.clone(),
@@ -124,12 +126,13 @@ async fn day(
         }),
         drive
     );
-    Ok(report?.views)
+    Ok(report?)
 }
 
-/// p99 (of 21, so the slowest) of a reconcile pass over `views`, ms: as a worker that has
-/// listed both sides in this process runs it (`process_seq` 0), sessions included.
-fn turn_p99_ms(views: &Views, now: Millis) -> f64 {
+/// p99 (of 21, so the slowest) of a full reconcile pass over `views`, ms: as a worker that
+/// has listed both sides in this process runs it (`process_seq` 0), sessions included. The
+/// worker runs one per start; its turns reconcile only their dirty keys.
+fn full_pass_p99_ms(views: &Views, now: Millis) -> f64 {
     let ctx = Context {
         process_seq: 0,
         now,
@@ -165,7 +168,8 @@ pub fn run(base: &Path, days: u32, per_day: usize, chats: usize) -> Res<serde_js
     let mut rows = Vec::new();
     let mut log = Arc::new(EventLog::open(&data, &opts())?);
     for d in 1..=days {
-        let views = runtime.block_on(day(&log, &sides, &clock, d, per_day, chats.max(1)))?;
+        let report = runtime.block_on(day(&log, &sides, &clock, d, per_day, chats.max(1)))?;
+        let (views, turns) = (report.views, report.turns);
         let now = clock.now_ms();
         eprintln!(
             "soak: day {d} done at {} simulated h",
@@ -178,7 +182,7 @@ pub fn run(base: &Path, days: u32, per_day: usize, chats: usize) -> Res<serde_js
             .iter()
             .map(|p| views.to_json(*p).to_string().len())
             .sum();
-        let turn = turn_p99_ms(&views, now);
+        let full_pass = full_pass_p99_ms(&views, now);
         drop(views);
         // Start-up from this day's data dir: a process opening it and loading its views.
         drop(log);
@@ -197,7 +201,11 @@ pub fn run(base: &Path, days: u32, per_day: usize, chats: usize) -> Res<serde_js
             "checkpoint_bytes": dir_bytes(&data.join("checkpoints")),
             "archived_today": archived.archived,
             "archive_ms": round2(archive_ms),
-            "turn_p99_ms": (turn * 1000.0).round() / 1000.0,
+            "turn_p99_ms": turns.p99_us as f64 / 1000.0,
+            "turn_p50_ms": turns.p50_us as f64 / 1000.0,
+            "turn_max_ms": turns.max_us as f64 / 1000.0,
+            "turns": turns.count,
+            "full_pass_p99_ms": (full_pass * 1000.0).round() / 1000.0,
             "startup_ms": round2(startup_ms),
             "startup_catch_up_events": catch_up.applied,
             "answered": sides.1.messages().values().filter(|m| m.reply_to.is_some()).count(),
@@ -213,6 +221,7 @@ pub fn run(base: &Path, days: u32, per_day: usize, chats: usize) -> Res<serde_js
     let figures = [
         "views_bytes",
         "turn_p99_ms",
+        "full_pass_p99_ms",
         "startup_ms",
         "live_log_bytes",
         "live_events",
