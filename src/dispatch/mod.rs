@@ -609,6 +609,9 @@ impl Dispatcher {
     /// the actions (`command_cancelled`, `attempt_started`) and then runs the calls.
     pub fn select(&mut self, views: &Views, now: Millis) -> Vec<Action> {
         self.line.backoffs_over(&self.queue, now);
+        // A cooldown over holds nothing back: forgotten, so that the map holds only keys
+        // cooling down now (a key whose command failed for good would otherwise stay forever).
+        self.key_not_before.retain(|_, t| *t > now);
         let mut actions = Vec::new();
         let mut after = None;
         while let Some(place) = self.line.next_after(after.take()) {
@@ -948,17 +951,13 @@ impl Dispatcher {
         if let Some(&(t, _, _)) = self.line.backoff.first() {
             consider(t);
         }
-        // Cooldowns are few (keys whose last attempt failed): only then is the queue walked.
-        if !self.key_not_before.is_empty() {
-            for q in self.queue.values() {
-                for k in &q.keys {
-                    if let Some(t) = self.key_not_before.get(k) {
-                        consider(*t);
-                    }
-                }
-            }
-        }
         if !self.queue.is_empty() {
+            // The keys cooling down now (`select` forgets those over), not the queue: waking
+            // for a key none of the queue holds costs one idle turn, walking the queue every
+            // turn cost O(queue).
+            for t in self.key_not_before.values() {
+                consider(*t);
+            }
             for t in [&self.agent, &self.backend] {
                 if let Some(t) = t.breaker.reopens_at() {
                     consider(t);

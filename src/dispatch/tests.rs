@@ -166,6 +166,35 @@ fn retryable_failures_back_off_with_jitter_block_the_key_and_end_in_a_dead_lette
 }
 
 #[test]
+fn a_cooldown_once_over_is_forgotten_so_wakeups_do_not_walk_history() {
+    let views = Views::default();
+    let mut d = Dispatcher::new(config(10), 0);
+    d.enqueue("a".into(), rename("chat_1"), 0);
+    let s = started(d.select(&views, 0));
+    d.observed(Source::Backend, true, 0);
+    let events = d.finished(&s[0].id, 1, Err(PortError::terminal("400")), 0);
+    assert!(matches!(events[0], Event::CommandFailed(_)), "{events:?}");
+    // Another key fails and retries: its cooldown is the wakeup while it waits.
+    d.enqueue("b".into(), rename("chat_2"), 0);
+    let s = started(d.select(&views, 0));
+    let events = d.finished(&s[0].id, 1, Err(PortError::retryable("503")), 0);
+    let Event::CommandFailed(f) = &events[0] else {
+        panic!("{events:?}")
+    };
+    let next = f.next_attempt_at.expect("a retry");
+    assert!(next > 0, "the seeded jitter waits");
+    assert_eq!(d.next_wakeup(0), Some(next));
+    // Past it, `select` forgets every cooldown that is over: none is kept for history.
+    let s = started(d.select(&views, next));
+    assert_eq!(s.len(), 1, "b runs again");
+    assert!(
+        d.key_not_before.values().all(|t| *t > next),
+        "{:?}",
+        d.key_not_before
+    );
+}
+
+#[test]
 fn an_outage_is_waited_out_not_charged_to_the_commands() {
     let views = Views::default();
     let mut d = Dispatcher::new(config(10), 0);
