@@ -394,3 +394,152 @@ proptest! {
         }
     }
 }
+
+/// Settled pairs away from memory, as `log::rows` keeps them: by agent and by chat session.
+#[derive(Default)]
+struct Away {
+    pairs: BTreeMap<AgentSessionId, agentsync::projections::SettledPair>,
+    by_chat: BTreeMap<ChatSessionId, AgentSessionId>,
+}
+
+impl Away {
+    /// Brings back every pair a row of which `event` names, as the worker does before a fold.
+    fn wake_for(&mut self, views: &mut Views, event: &Event) {
+        let (agents, chats) = agentsync::projections::rows_named(event);
+        let by_chat = chats.iter().filter_map(|c| self.by_chat.get(c).cloned());
+        let named: Vec<AgentSessionId> = agents.into_iter().chain(by_chat).collect();
+        for a in named {
+            if let Some(pair) = self.pairs.remove(&a) {
+                self.by_chat.remove(&pair.chat_id);
+                views.sessions.state.wake(pair);
+            }
+        }
+    }
+
+    /// Sends every settled pair away.
+    fn evict(&mut self, views: &mut Views) {
+        for (a, c) in reconcile::settled_pairs(views) {
+            if let Some(pair) = views.sessions.state.evict(&a, &c) {
+                self.by_chat.insert(c, a.clone());
+                self.pairs.insert(a, pair);
+            }
+        }
+    }
+
+    /// `views` with every pair away brought back.
+    fn merged(&self, views: &Views) -> Views {
+        let mut all = views.clone();
+        for pair in self.pairs.values() {
+            all.sessions.state.wake(pair.clone());
+        }
+        all
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(192))]
+
+    /// Settled pairs may leave memory: over generated histories, a worker that sends them away
+    /// whenever it likes (at its checkpoints) and brings back what each event names before
+    /// folding it holds the same rows as one that keeps everything (their merge is equal, the
+    /// index included), plans exactly what the full pass over everything plans, from its own
+    /// keys alone, and decides the same deletion hold.
+    #[test]
+    fn settled_pairs_away_from_memory_change_no_row_and_no_plan(
+        batches in prop::collection::vec(
+            (prop::collection::vec(step(), 1..4), any::<bool>()), 1..60),
+        ready_at in 0usize..20,
+    ) {
+        let mut full = Views::default();
+        let mut resident = Views::default();
+        let mut away = Away::default();
+        let mut seq = 0u64;
+        for (i, (batch, evict)) in batches.iter().enumerate() {
+            let ctx = Context {
+                now: START + i as u64 * 1_000,
+                started_at: START,
+                ready: i >= ready_at,
+                process_seq: 0,
+            };
+            let events: Vec<Event> = batch
+                .iter()
+                .enumerate()
+                .flat_map(|(j, step)| events(step, &away.merged(&resident), &ctx, (i * 4 + j) as u64))
+                .collect();
+            for event in &events {
+                seq += 1;
+                let env = Envelope {
+                    seq,
+                    id: uuid::Uuid::nil(),
+                    at: ctx.now,
+                    v: event.kind().version(),
+                    event: event.clone(),
+                    cause: None,
+                };
+                full.apply(&env);
+                away.wake_for(&mut resident, event);
+                resident.apply(&env);
+            }
+            if *evict {
+                away.evict(&mut resident);
+            }
+            let merged = away.merged(&resident);
+            prop_assert_eq!(&merged, &full, "after {:?}", events);
+            let planned = by_id(reconcile::reconcile(&full, &ctx, &policy()));
+            prop_assert_eq!(&every_key(&resident, &ctx), &planned, "after {:?}", events);
+            let wakes = |v: &Views| -> BTreeSet<(Key, u64)> {
+                let keys = reconcile::all_keys(v);
+                reconcile::reconcile_keys(&keys, v, &ctx, &policy()).requeue.into_iter().collect()
+            };
+            prop_assert_eq!(
+                wakes(&resident),
+                wakes(&full),
+                "timers after {:?}", events
+            );
+            prop_assert_eq!(
+                reconcile::deletion_hold(&resident, &policy()),
+                reconcile::deletion_hold(&full, &policy())
+            );
+        }
+    }
+}
+
+/// A linked, titled, idle pair with nothing pending is settled, and leaves: the property
+/// above is not vacuously true of a predicate that never holds.
+#[test]
+fn settled_pairs_do_leave() {
+    let mut views = Views::default();
+    let events = [
+        Event::AgentSessionSeen(agent_info(1, true, None, START)),
+        Event::BackendSessionSeen(ChatSessionInfo {
+            chat_session_id: "c1".into(),
+            agent_session_id: Some("a1".into()),
+            title: "x".into(),
+            model: None,
+            status: ChatStatus::Active,
+            last_activity: START,
+            project: None,
+        }),
+    ];
+    for (i, event) in events.into_iter().enumerate() {
+        views.apply(&Envelope {
+            seq: i as u64 + 1,
+            id: uuid::Uuid::nil(),
+            at: START,
+            v: event.kind().version(),
+            event,
+            cause: None,
+        });
+    }
+    assert_eq!(
+        reconcile::settled_pairs(&views),
+        vec![("a1".into(), "c1".into())]
+    );
+    let mut away = Away::default();
+    away.evict(&mut views);
+    assert!(views.sessions.state.agent.is_empty() && views.sessions.state.chat.is_empty());
+    assert_eq!(
+        views.sessions.state.index.active_chats, 1,
+        "still counted as active"
+    );
+}

@@ -73,6 +73,34 @@ impl SessionIndex {
         }
     }
 
+    /// A settled pair read back into memory (`SessionsView::wake`): its links and tag enter
+    /// the index. Not counted in `active_chats`, which counts it while it is away too.
+    pub(super) fn woke(
+        &mut self,
+        agent: &AgentSessionId,
+        chat: &ChatSessionId,
+        tag: Option<&ChatSessionId>,
+    ) {
+        self.link(chat, agent);
+        if let Some(tag) = tag {
+            self.tag(tag, agent);
+        }
+    }
+
+    /// A settled pair left memory (`SessionsView::evict`): its links and tag leave the index;
+    /// still counted in `active_chats` (it is active, only not resident).
+    pub(super) fn evicted(
+        &mut self,
+        agent: &AgentSessionId,
+        chat: &ChatSessionId,
+        tag: Option<&ChatSessionId>,
+    ) {
+        self.unlink(chat, agent);
+        if let Some(tag) = tag {
+            self.untag(tag, agent);
+        }
+    }
+
     fn link(&mut self, chat: &ChatSessionId, agent: &AgentSessionId) {
         let chats = self.chats_by_agent.entry(agent.clone()).or_default();
         chats.insert(chat.clone());
@@ -187,7 +215,7 @@ impl SessionIndex {
 }
 
 /// The chat session and the agent session whose rows `event` may change (at most one each).
-fn touched(event: &Event) -> (Option<&ChatSessionId>, Option<&AgentSessionId>) {
+pub(super) fn touched(event: &Event) -> (Option<&ChatSessionId>, Option<&AgentSessionId>) {
     match event {
         Event::AgentSessionSeen(b) | Event::AgentSessionChanged(b) => {
             (None, Some(&b.agent_session_id))

@@ -21,8 +21,8 @@ pub use commands::{CommandLedger, CommandState, LedgerEntry, OpenCommand};
 pub use index::SessionIndex;
 pub use messages::{MessageRow, MessageState, MessagesView};
 pub use sessions::{
-    AgentSessionRow, ChatSessionRow, DeletionHold, FeedState, ListingState, ModelCache,
-    SessionsView, MODELS_OPERATION, TOMBSTONE_MS,
+    rows_named, AgentSessionRow, ChatSessionRow, DeletionHold, FeedState, ListingState, ModelCache,
+    SessionsView, SettledPair, MODELS_OPERATION, TOMBSTONE_MS,
 };
 
 use crate::events::Envelope;

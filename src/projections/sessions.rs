@@ -12,7 +12,7 @@ use super::Projection;
 use crate::clock::Millis;
 use crate::events::{
     AgentSessionId, AgentSessionInfo, AgentStatus, ChatSessionId, ChatSessionInfo, ChatStatus,
-    Effect, Envelope, Event, Feed, ModelRef, Source,
+    Effect, Envelope, Event, Feed, Key, ModelRef, Source,
 };
 
 /// The agent server's sessions, the backend's chat sessions, how they link, and how fresh each
@@ -395,7 +395,102 @@ impl SessionsView {
     }
 }
 
+/// A linked agent session and chat session that plan nothing (`reconcile::settled_pairs`):
+/// the unit that may leave memory and come back (`log::rows`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettledPair {
+    /// The agent session's id.
+    pub agent_id: AgentSessionId,
+    /// Its row.
+    pub agent: AgentSessionRow,
+    /// The chat session's id.
+    pub chat_id: ChatSessionId,
+    /// Its row.
+    pub chat: ChatSessionRow,
+}
+
+/// The agent and chat session rows an event may change or whose planning it may call for:
+/// what must be in memory before it is folded (a settled pair away from memory is brought
+/// back first, `log::rows`). The rows the fold touches (`index::touched`), the sessions its
+/// keys name, its subject's, and a message's chat session.
+pub fn rows_named(event: &Event) -> (Vec<AgentSessionId>, Vec<ChatSessionId>) {
+    let (mut agents, mut chats) = (Vec::new(), Vec::new());
+    let (chat, agent) = super::index::touched(event);
+    chats.extend(chat.cloned());
+    agents.extend(agent.cloned());
+    for key in event.keys() {
+        match key {
+            Key::Agent(a) => agents.push(a),
+            Key::Chat(c) => chats.push(c),
+            Key::Deletions | Key::Message(_) => {}
+        }
+    }
+    let subject = match event {
+        Event::CommandPlanned(b) => Some(b.command.subject()),
+        Event::AttemptStarted(b) => Some(b.subject.clone()),
+        Event::CommandSucceeded(b) => Some(b.subject.clone()),
+        Event::CommandFailed(b) => Some(b.subject.clone()),
+        Event::CommandDeadLettered(b) => Some(b.subject.clone()),
+        Event::CommandCancelled(b) => Some(b.subject.clone()),
+        _ => None,
+    };
+    if let Some(s) = subject {
+        chats.extend(s.chat_session_id);
+        agents.extend(s.agent_session_id);
+    }
+    match event {
+        Event::BackendMessageSeen(m) => chats.push(m.chat_session_id.clone()),
+        Event::BackendSessionSeen(b) | Event::BackendSessionChanged(b) => {
+            agents.extend(b.agent_session_id.clone())
+        }
+        _ => {}
+    }
+    agents.sort();
+    agents.dedup();
+    chats.sort();
+    chats.dedup();
+    (agents, chats)
+}
+
 impl SessionsView {
+    /// Brings a settled pair back into the view, as it was when it left (no event touched it
+    /// while away: the worker wakes what an event names before folding it). A row already
+    /// here is newer than the stored one and is kept.
+    pub fn wake(&mut self, pair: SettledPair) {
+        if self.agent.contains_key(&pair.agent_id) || self.chat.contains_key(&pair.chat_id) {
+            return;
+        }
+        self.index.woke(
+            &pair.agent_id,
+            &pair.chat_id,
+            pair.agent.created_for.as_ref(),
+        );
+        self.agent.insert(pair.agent_id, pair.agent);
+        self.chat.insert(pair.chat_id, pair.chat);
+    }
+
+    /// Takes a settled pair out of the view (it stays in `index.active_chats`: it is active,
+    /// only not resident). `None` when either row is gone.
+    pub fn evict(
+        &mut self,
+        agent_id: &AgentSessionId,
+        chat_id: &ChatSessionId,
+    ) -> Option<SettledPair> {
+        if !self.agent.contains_key(agent_id) || !self.chat.contains_key(chat_id) {
+            return None;
+        }
+        let agent = self.agent.remove(agent_id)?;
+        let chat = self.chat.remove(chat_id)?;
+        self.index
+            .evicted(agent_id, chat_id, agent.created_for.as_ref());
+        Some(SettledPair {
+            agent_id: agent_id.clone(),
+            agent,
+            chat_id: chat_id.clone(),
+            chat,
+        })
+    }
+
     /// Drops the named chat sessions that are final, and the tombstones older than `before`
     /// (no listing or stream report is that late), and remembers the horizon.
     fn sweep(&mut self, chats: &[ChatSessionId], before: Millis) {

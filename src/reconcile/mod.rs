@@ -20,8 +20,10 @@ mod deletions;
 pub mod ids;
 mod keyed;
 pub mod retention;
+mod settled;
 
 pub use keyed::{all_keys, dependents, reconcile_key, reconcile_keys, KeyedPlan, Scheduler};
+pub use settled::settled_pairs;
 
 use crate::events::Feed;
 pub use deletions::{deletion_hold, HoldChange};
