@@ -21,7 +21,9 @@ use std::collections::HashSet;
 
 use crate::events::*;
 use crate::ports::{AgentListing, AgentObservation};
-use crate::projections::{MessageState, MessagesView, SessionsView};
+use crate::projections::{
+    AgentSessionRow, ChatSessionRow, MessageState, MessagesView, SessionsView,
+};
 
 /// Whether a session is ours to mirror: not a sub-agent child, not tagged by another worker.
 pub fn is_ours(info: &AgentSessionInfo, worker_id: &str) -> bool {
@@ -54,20 +56,66 @@ fn agent_session(view: &SessionsView, info: &AgentSessionInfo, read: ReadAt) -> 
     }
     match view.agent.get(&info.agent_session_id) {
         None => Some(Event::AgentSessionSeen(info.clone())),
-        Some(row) => {
-            let mut info = info.clone();
-            if read.older_than(row.title_seq) {
-                info.title.clone_from(&row.title);
-            }
-            let info = &info;
-            let changed = row.title != info.title
-                || (info.directory.is_some() && row.directory != info.directory)
-                || (row.project.is_none() && info.project.is_some())
-                || (row.model.is_none() && info.model.is_some())
-                || info.updated_at > row.last_activity;
-            changed.then(|| Event::AgentSessionChanged(info.clone()))
-        }
+        Some(row) => agent_row_news(row, info, read).map(Event::AgentSessionChanged),
     }
+}
+
+/// What of `info` is news to the agent session's `row`, if anything: the info to record.
+fn agent_row_news(
+    row: &AgentSessionRow,
+    info: &AgentSessionInfo,
+    read: ReadAt,
+) -> Option<AgentSessionInfo> {
+    let mut info = info.clone();
+    if read.older_than(row.title_seq) {
+        info.title.clone_from(&row.title);
+    }
+    let changed = row.title != info.title
+        || (info.directory.is_some() && row.directory != info.directory)
+        || (row.project.is_none() && info.project.is_some())
+        || (row.model.is_none() && info.model.is_some())
+        || info.updated_at > row.last_activity;
+    changed.then_some(info)
+}
+
+/// Whether a full or incremental listing begun at `as_of_seq` tells the agent session's
+/// `row` anything new: a settled pair away from memory whose row it does not is left away
+/// (`log::rows`); one it does is brought back before the listing is compared.
+pub fn is_news_to_agent_row(
+    row: &AgentSessionRow,
+    info: &AgentSessionInfo,
+    as_of_seq: u64,
+) -> bool {
+    agent_row_news(row, info, ReadAt::Listing(as_of_seq)).is_some()
+}
+
+/// Whether a listing begun at `as_of_seq` tells the chat session's `row` anything new (see
+/// [`is_news_to_agent_row`]).
+pub fn is_news_to_chat_row(row: &ChatSessionRow, info: &ChatSessionInfo, as_of_seq: u64) -> bool {
+    chat_row_news(row, info, ReadAt::Listing(as_of_seq)).is_some()
+}
+
+/// What of `info` is news to the chat session's `row`, if anything: the info to record.
+fn chat_row_news(
+    row: &ChatSessionRow,
+    info: &ChatSessionInfo,
+    read: ReadAt,
+) -> Option<ChatSessionInfo> {
+    let mut info = info.clone();
+    if read.older_than(row.title_seq) {
+        info.title.clone_from(&row.title);
+    }
+    if read.older_than(row.status_seq) {
+        info.status = row.status;
+    }
+    let changed = row.title != info.title
+        || row.status != info.status
+        || (info.agent_session_id.is_some()
+            && (row.agent_session_id != info.agent_session_id || !row.link_confirmed))
+        || (row.project.is_none() && info.project.is_some())
+        || (row.model.is_none() && info.model.is_some())
+        || info.last_activity > row.last_activity;
+    changed.then_some(info)
 }
 
 /// The events of one report of the agent server's event stream. Deletions reported by the
@@ -281,24 +329,7 @@ pub fn backend_session_changes(
             None if left_the_view(view, info) => {}
             None => events.push(Event::BackendSessionSeen(info.clone())),
             Some(row) => {
-                let mut info = info.clone();
-                if read.older_than(row.title_seq) {
-                    info.title.clone_from(&row.title);
-                }
-                if read.older_than(row.status_seq) {
-                    info.status = row.status;
-                }
-                let info = &info;
-                let changed = row.title != info.title
-                    || row.status != info.status
-                    || (info.agent_session_id.is_some()
-                        && (row.agent_session_id != info.agent_session_id || !row.link_confirmed))
-                    || (row.project.is_none() && info.project.is_some())
-                    || (row.model.is_none() && info.model.is_some())
-                    || info.last_activity > row.last_activity;
-                if changed {
-                    events.push(Event::BackendSessionChanged(info.clone()));
-                }
+                events.extend(chat_row_news(row, info, read).map(Event::BackendSessionChanged));
             }
         }
     }

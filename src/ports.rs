@@ -117,6 +117,21 @@ pub enum AgentObservation {
     },
 }
 
+impl AgentObservation {
+    /// The agent session the report is about, if any.
+    pub fn agent_session_id(&self) -> Option<&AgentSessionId> {
+        match self {
+            AgentObservation::Connected { .. } => None,
+            AgentObservation::SessionUpdated(info) => Some(&info.agent_session_id),
+            AgentObservation::SessionDeleted(id) => Some(id),
+            AgentObservation::Status(s) => Some(&s.agent_session_id),
+            AgentObservation::MessageUpdated {
+                agent_session_id, ..
+            } => Some(agent_session_id),
+        }
+    }
+}
+
 /// The agent server's models.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelList {

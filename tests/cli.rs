@@ -210,19 +210,24 @@ fn rebuild_writes_checkpoints_and_verify_lists_every_difference() {
     assert_eq!(ok.status.code(), Some(0), "{}{}", stdout(&ok), stderr(&ok));
     assert_eq!(stdout(&ok).matches("matches a rebuild").count(), 3);
 
-    // Tamper with a stored checkpoint: verify names the place and fails.
-    let store = agentsync::log::CheckpointStore::new(dir.path().join("checkpoints"));
-    let mut doc = store.load_raw("sessions").unwrap().unwrap();
-    let chat = doc.state["chat"].as_object_mut().unwrap();
-    let first = chat.keys().next().unwrap().clone();
-    chat[&first]["title"] = Value::from("tampered");
-    store.save_raw("sessions", &doc).unwrap();
+    // Tamper with a stored checkpoint (the sessions view's rows live in the log's database):
+    // verify names the place and fails.
+    let first = {
+        let log = agentsync::log::EventLog::open(dir.path(), &Default::default()).unwrap();
+        let store = log.checkpoints();
+        let mut doc = store.load_raw("sessions").unwrap().unwrap();
+        let chat = doc.state["chat"].as_object_mut().unwrap();
+        let first = chat.keys().next().unwrap().clone();
+        chat[&first]["title"] = Value::from("tampered");
+        store.save_raw("sessions", &doc).unwrap();
+        first
+    };
     let bad = agentsync_in(
         dir.path(),
         "rebuild",
         &["--verify", "--projection", "sessions"],
     );
-    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
     let text = stdout(&bad);
     assert!(
         text.contains(&format!("/chat/{first}/title: \"tampered\" ->")),

@@ -600,7 +600,7 @@ fn checkpointed(dir: &Path, events: impl Iterator<Item = Event>) -> Res<EventLog
             .take(BATCH)
             .map(|e| NewEvent::new(e, START))
             .collect();
-        live.apply(&log.append(batch)?);
+        live.apply(&log.append(batch)?)?;
     }
     live.write_checkpoints(&log, START)?;
     log.flush()?;

@@ -591,6 +591,8 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
     let mut wcfg = WorkerConfig {
         worker_id: s.worker_id.clone(),
         drain_grace_ms: s.drain_grace_ms,
+        // The report's views are not used here: the settled pairs stay on disk.
+        report_every_row: false,
         ..WorkerConfig::default()
     };
     wcfg.dispatch.concurrency = s.concurrency;

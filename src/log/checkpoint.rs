@@ -17,10 +17,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::format::write_atomically;
+use super::rows::Residency;
 use super::{EventLog, LogError, ReadFilter};
 use crate::clock::Millis;
-use crate::events::{CheckpointWritten, Envelope, Event, NewEvent};
-use crate::projections::{Checkpoint, Projection, ProjectionName, Tracked, Views};
+use crate::events::{AgentSessionId, ChatSessionId, CheckpointWritten, Envelope, Event, NewEvent};
+use crate::projections::{
+    rows_named, Checkpoint, Projection, ProjectionName, SessionsView, Tracked, Views,
+};
 
 /// The zstd level of checkpoint files: 1, the fastest (`examples/checkpoint-formats.rs`).
 const ZSTD_LEVEL: i32 = 1;
@@ -83,16 +86,60 @@ fn encode(value: &impl Serialize) -> Result<Vec<u8>, LogError> {
     frame.finish().map_err(io)
 }
 
-/// The checkpoint files of one data directory.
+/// The checkpoints of one data directory: a file per projection, except the sessions view,
+/// whose rows live in the log's database (`log::rows`) once a worker of this version wrote
+/// it (before, `sessions.ckpt`, still read while the tree holds none).
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
     dir: PathBuf,
+    rows: Option<sled::Tree>,
+}
+
+/// `value` as `T` when it is one (the sessions view, whose checkpoint is stored apart).
+fn as_type<T: 'static, U: 'static>(value: U) -> Result<T, U> {
+    let mut slot = Some(value);
+    match (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<T>>() {
+        Some(t) => Ok(t.take().expect("just set")),
+        None => Err(slot.expect("not taken")),
+    }
 }
 
 impl CheckpointStore {
-    /// The store in `dir`.
+    /// The store of files in `dir` (no sessions rows tree: tools that edit files).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            rows: None,
+        }
+    }
+
+    /// The store of files in `dir`, with the sessions view's rows in `rows`.
+    pub(super) fn with_rows(dir: impl Into<PathBuf>, rows: sled::Tree) -> Self {
+        Self {
+            dir: dir.into(),
+            rows: Some(rows),
+        }
+    }
+
+    /// The sessions rows tree, when it holds a stored view and `name` is the sessions view's.
+    fn rows_of(&self, name: &str) -> Result<Option<&sled::Tree>, CheckpointError> {
+        let Some(tree) = self.rows.as_ref().filter(|_| name == SessionsView::NAME) else {
+            return Ok(None);
+        };
+        let stored = super::rows::header(tree).map_err(|e| self.rows_error(e))?;
+        Ok(stored.map(|_| tree))
+    }
+
+    fn rows_error(&self, e: LogError) -> CheckpointError {
+        CheckpointError {
+            path: self.dir.join("..").join("log").join(super::rows::TREE),
+            reason: e.to_string(),
+        }
+    }
+
+    /// The tree to load the sessions view from in part (`LiveViews`), if it holds one.
+    pub(super) fn rows_tree(&self) -> Option<&sled::Tree> {
+        self.rows.as_ref()
     }
 
     /// The file of projection `name`.
@@ -133,6 +180,18 @@ impl CheckpointStore {
 
     /// Loads projection `P`'s checkpoint, whatever its version. `Ok(None)`: there is none.
     pub fn load<P: Projection>(&self) -> Result<Option<Checkpoint<P>>, CheckpointError> {
+        if let Some(tree) = self.rows_of(P::NAME)? {
+            let c = super::rows::load_all(tree).map_err(|e| self.rows_error(e))?;
+            let c = c.map(|c| match as_type::<Checkpoint<P>, _>(c) {
+                Ok(c) if c.version == P::VERSION => c,
+                Ok(c) => Checkpoint {
+                    state: P::default(),
+                    ..c
+                },
+                Err(_) => unreachable!("only the sessions view's rows are stored apart"),
+            });
+            return Ok(c);
+        }
         let Some(stored) = self.read(P::NAME)? else {
             return Ok(None);
         };
@@ -163,18 +222,41 @@ impl CheckpointStore {
         &self,
         name: &str,
     ) -> Result<Option<Checkpoint<serde_json::Value>>, CheckpointError> {
+        if let Some(tree) = self.rows_of(name)? {
+            let c = super::rows::load_all(tree).map_err(|e| self.rows_error(e))?;
+            return Ok(c.map(|c| Checkpoint {
+                name: c.name,
+                version: c.version,
+                seq: c.seq,
+                state: serde_json::to_value(&c.state).expect("a view serializes"),
+            }));
+        }
         self.read(name)?.map(|s| s.decode()).transpose()
     }
 
     /// Replaces projection `name`'s checkpoint with `c` as given, untyped: for tools and tests
     /// that edit a stored checkpoint (`rebuild --verify` must then name what differs).
     pub fn save_raw(&self, name: &str, c: &Checkpoint<serde_json::Value>) -> Result<(), LogError> {
+        if let Some(tree) = self.rows.as_ref().filter(|_| name == SessionsView::NAME) {
+            let state: SessionsView =
+                serde_json::from_value(c.state.clone()).map_err(|e| LogError::Rows {
+                    reason: e.to_string(),
+                })?;
+            let mut tracked = Tracked { state, seq: c.seq };
+            tracked.state.loaded();
+            super::rows::save_all(tree, &tracked, c.version)?;
+            return self.remove_files(name);
+        }
         self.write(name, &encode(c)?)
     }
 
     /// The seq projection `name`'s checkpoint holds, whatever its version, without building
     /// its state. `Ok(None)`: there is none.
     pub fn seq(&self, name: &str) -> Result<Option<u64>, CheckpointError> {
+        if let Some(tree) = self.rows_of(name)? {
+            let header = super::rows::header(tree).map_err(|e| self.rows_error(e))?;
+            return Ok(header.map(|(seq, _)| seq));
+        }
         let Some(stored) = self.read(name)? else {
             return Ok(None);
         };
@@ -185,6 +267,13 @@ impl CheckpointStore {
     /// Writes a projection's checkpoint atomically, serializing its state in place (no copy:
     /// a view of 100,000 sessions is tens of megabytes).
     pub fn save<P: Projection>(&self, tracked: &Tracked<P>) -> Result<(), LogError> {
+        if let Some(tree) = self.rows.as_ref().filter(|_| P::NAME == SessionsView::NAME) {
+            let sessions = (tracked as &dyn std::any::Any)
+                .downcast_ref::<Tracked<SessionsView>>()
+                .expect("only the sessions view's rows are stored apart");
+            super::rows::save_all(tree, sessions, SessionsView::VERSION)?;
+            return self.remove_files(P::NAME);
+        }
         let c = Checkpoint {
             name: P::NAME.to_owned(),
             version: P::VERSION,
@@ -192,6 +281,20 @@ impl CheckpointStore {
             state: &tracked.state,
         };
         self.write(P::NAME, &encode(&c)?)
+    }
+
+    /// Removes projection `name`'s files (its checkpoint is stored in the rows tree now).
+    pub(super) fn remove_files(&self, name: &str) -> Result<(), LogError> {
+        for path in [self.path(name), self.legacy_path(name)] {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    let context = format!("cannot remove {}", path.display());
+                    return Err(LogError::io(context, e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Replaces `name`'s file with `bytes`, then removes a JSON one from before.
@@ -296,21 +399,84 @@ pub fn load_views(
     upto: Option<u64>,
     only: Option<ProjectionName>,
     scratch: bool,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<(Views, CatchUp), LogError> {
+    let (views, catch_up, _) = load(log, upto, only, scratch, false, progress)?;
+    Ok((views, catch_up))
+}
+
+/// Where the sessions view starts when only its resident rows are read (`LiveViews`): from
+/// the rows tree when it holds a usable view, else as [`start`] decides (a file of before, or
+/// scratch), with a residency whose first write replaces the tree.
+fn start_resident(
+    store: &CheckpointStore,
+    tree: &sled::Tree,
+    upto: u64,
+    origins: &mut Vec<(ProjectionName, Origin)>,
+) -> Result<(Tracked<SessionsView>, Residency), LogError> {
+    let name = ProjectionName::Sessions;
+    let scratch = |why: String, origins: &mut Vec<_>| {
+        origins.push((name, Origin::Scratch(why)));
+        (Tracked::default(), Residency::replacing(tree.clone()))
+    };
+    let Some((_, version)) = super::rows::header(tree)? else {
+        let tracked = start(store, upto, None, false, origins, name);
+        return Ok((tracked, Residency::replacing(tree.clone())));
+    };
+    if version != SessionsView::VERSION {
+        let why = format!(
+            "checkpoint is v{version}, projection is v{}",
+            SessionsView::VERSION
+        );
+        return Ok(scratch(why, origins));
+    }
+    Ok(match Residency::load(tree) {
+        Ok(Some((c, _))) if c.seq > upto => scratch(
+            format!("checkpoint at seq {} is past seq {upto}", c.seq),
+            origins,
+        ),
+        Ok(Some((c, residency))) => {
+            let seq = c.seq;
+            let mut tracked = Tracked::from_checkpoint(c);
+            // The pairs away are active chat sessions too (`rows`, invariant 3).
+            tracked.state.index.active_chats += residency.away() as usize;
+            origins.push((name, Origin::Checkpoint(seq)));
+            (tracked, residency)
+        }
+        Ok(None) => scratch("no checkpoint".into(), origins),
+        Err(e) => {
+            tracing::warn!(error = %e, projection = "sessions", "ignoring unusable checkpoint");
+            scratch(e.to_string(), origins)
+        }
+    })
+}
+
+/// [`load_views`], with the sessions view's rows read in full, or only the resident ones
+/// (`resident`: a worker's `LiveViews`, which brings the rest back as events name them).
+fn load(
+    log: &EventLog,
+    upto: Option<u64>,
+    only: Option<ProjectionName>,
+    scratch: bool,
+    resident: bool,
+    mut progress: impl FnMut(u64),
+) -> Result<(Views, CatchUp, Option<Residency>), LogError> {
     let last = log.last_seq();
     let upto = upto.unwrap_or(last).min(last);
     let store = log.checkpoints();
     let mut origins = Vec::new();
+    let (sessions, mut rows) = match store.rows_tree().filter(|_| resident) {
+        Some(tree) => {
+            let (tracked, residency) = start_resident(&store, tree, upto, &mut origins)?;
+            (tracked, Some(residency))
+        }
+        None => {
+            let name = ProjectionName::Sessions;
+            (start(&store, upto, only, scratch, &mut origins, name), None)
+        }
+    };
     let mut views = Views {
-        sessions: start(
-            &store,
-            upto,
-            only,
-            scratch,
-            &mut origins,
-            ProjectionName::Sessions,
-        ),
+        sessions,
         messages: start(
             &store,
             upto,
@@ -340,12 +506,16 @@ pub fn load_views(
             ..ReadFilter::default()
         }) {
             let env = item?;
+            if let Some(rows) = rows.as_mut() {
+                let (agents, chats) = rows_named(&env.event);
+                rows.wake(&mut views.sessions.state, &agents, &chats)?;
+            }
             views.apply(&env);
             applied += 1;
             progress(env.seq);
         }
     }
-    Ok((views, CatchUp { origins, applied }))
+    Ok((views, CatchUp { origins, applied }, rows))
 }
 
 /// When live views write their checkpoints.
@@ -369,11 +539,12 @@ impl Default for CheckpointPolicy {
 /// The views a running process keeps up to date, with their checkpointing.
 #[derive(Debug)]
 pub struct LiveViews {
-    /// The views.
+    /// The views (the sessions view's settled pairs only while resident: `log::rows`).
     pub views: Views,
     policy: CheckpointPolicy,
     events_since: u64,
     last_write_at: Millis,
+    rows: Residency,
 }
 
 impl LiveViews {
@@ -383,24 +554,117 @@ impl LiveViews {
         policy: CheckpointPolicy,
         now: Millis,
     ) -> Result<(Self, CatchUp), LogError> {
-        let (views, catch_up) = load_views(log, None, None, false, |_| {})?;
+        let (views, catch_up, rows) = load(log, None, None, false, true, |_| {})?;
+        let rows = rows.expect("a log's checkpoints have the rows tree");
         Ok((
             LiveViews {
                 views,
                 policy,
                 events_since: catch_up.applied,
                 last_write_at: now,
+                rows,
             },
             catch_up,
         ))
     }
 
-    /// Folds newly appended events in.
-    pub fn apply(&mut self, events: &[Envelope]) {
+    /// Whether a row these events name is away from memory, maybe (only then need they
+    /// [`LiveViews::wake_for`], which reads the tree). Memory only.
+    pub fn needs_wake(&self, events: &[NewEvent]) -> bool {
+        events.iter().any(|e| {
+            let (agents, chats) = rows_named(&e.event);
+            !self.all_resident(&agents, &chats)
+        })
+    }
+
+    /// Whether none of these rows may be away from memory (only then is no
+    /// [`LiveViews::wake`] needed). Memory only.
+    pub fn all_resident(&self, agents: &[AgentSessionId], chats: &[ChatSessionId]) -> bool {
+        let s = &self.views.sessions.state;
+        agents.iter().all(|a| self.rows.is_resident_agent(s, a))
+            && chats.iter().all(|c| self.rows.is_resident_chat(s, c))
+    }
+
+    /// Brings back every pair away a row of which these events name: before they are folded
+    /// (`log::rows`, invariant 2). Blocking.
+    pub fn wake_for(&mut self, events: &[NewEvent]) -> Result<(), LogError> {
         for e in events {
+            let (agents, chats) = rows_named(&e.event);
+            self.wake(&agents, &chats)?;
+        }
+        Ok(())
+    }
+
+    /// Brings back every pair away one of these rows belongs to. Blocking.
+    pub fn wake(
+        &mut self,
+        agents: &[AgentSessionId],
+        chats: &[ChatSessionId],
+    ) -> Result<(), LogError> {
+        self.rows
+            .wake(&mut self.views.sessions.state, agents, chats)
+    }
+
+    /// Settled pairs away from memory.
+    pub fn away(&self) -> u64 {
+        self.rows.away()
+    }
+
+    /// Settled pairs brought back into memory since these views were opened.
+    pub fn brought_back(&self) -> u64 {
+        self.rows.brought_back()
+    }
+
+    /// Readies a full agent listing for comparison with the views (`Residency::ready_agent_listing`).
+    /// Blocking.
+    pub fn ready_agent_listing(
+        &mut self,
+        listed: &mut Vec<crate::events::AgentSessionInfo>,
+        complete: bool,
+        as_of: u64,
+        ours: impl Fn(&crate::events::AgentSessionInfo) -> bool,
+    ) -> Result<(), LogError> {
+        let s = &mut self.views.sessions.state;
+        self.rows
+            .ready_agent_listing(s, listed, complete, as_of, ours)
+    }
+
+    /// Readies a full backend listing for comparison with the views
+    /// (`Residency::ready_backend_listing`). Blocking.
+    pub fn ready_backend_listing(
+        &mut self,
+        listed: &mut Vec<crate::events::ChatSessionInfo>,
+        complete: bool,
+        as_of: u64,
+    ) -> Result<(), LogError> {
+        let s = &mut self.views.sessions.state;
+        self.rows.ready_backend_listing(s, listed, complete, as_of)
+    }
+
+    /// Folds newly appended events in.
+    /// Brings back any pair away an event names first (`log::rows`, invariant 2): blocking
+    /// only then, a memory check otherwise (the worker has brought them back before, off the
+    /// runtime).
+    pub fn apply(&mut self, events: &[Envelope]) -> Result<(), LogError> {
+        for e in events {
+            let (agents, chats) = rows_named(&e.event);
+            if !self.all_resident(&agents, &chats) {
+                self.wake(&agents, &chats)?;
+            }
             self.views.apply(e);
         }
         self.events_since += events.len() as u64;
+        Ok(())
+    }
+
+    /// The views with every pair away from memory read back in: what a tool reading every
+    /// row sees (tests compare it with a rebuild). Blocking.
+    pub fn merged(&self) -> Result<Views, LogError> {
+        let mut views = self.views.clone();
+        for pair in self.rows.away_all(&self.views.sessions.state)? {
+            views.sessions.state.wake(pair);
+        }
+        Ok(views)
     }
 
     /// Whether the policy says to write checkpoints now.
@@ -415,8 +679,10 @@ impl LiveViews {
     pub fn write_checkpoints(&mut self, log: &EventLog, now: Millis) -> Result<u64, LogError> {
         log.flush()?;
         let store = log.checkpoints();
+        let settled = crate::reconcile::settled_pairs(&self.views);
+        self.rows.write(&mut self.views.sessions, &settled)?;
+        store.remove_files(SessionsView::NAME)?;
         let v = &self.views;
-        store.save(&v.sessions)?;
         store.save(&v.messages)?;
         store.save(&v.commands)?;
         let written: Vec<NewEvent> = ProjectionName::ALL
@@ -432,7 +698,7 @@ impl LiveViews {
             .collect();
         let seq = v.min_seq();
         let appended = log.append(written)?;
-        self.apply(&appended);
+        self.apply(&appended)?;
         self.events_since = 0;
         self.last_write_at = now;
         Ok(seq)
@@ -528,15 +794,24 @@ mod tests {
         let store = log.checkpoints();
         store.save(&views.sessions).unwrap();
         store.save(&views.commands).unwrap();
-        assert!(store.path("sessions").exists() && !store.legacy_path("sessions").exists());
+        assert!(store.path("commands").exists() && !store.legacy_path("commands").exists());
+        assert!(
+            !store.path("sessions").exists(),
+            "the sessions rows live in the log's tree"
+        );
         let typed = Tracked::from_checkpoint(store.load::<SessionsView>().unwrap().unwrap());
         assert_eq!(typed, views.sessions, "with its index rebuilt");
         let ledger = store.load::<CommandLedger>().unwrap().unwrap();
         assert_eq!(ledger.state, views.commands.state, "tagged enums survive");
         // Untyped, as `rebuild --verify` reads it: the same document as the state's JSON.
-        let raw = store.load_raw("commands").unwrap().unwrap();
-        assert_eq!(raw.state, views.to_json(ProjectionName::Commands));
-        assert_eq!(store.seq("commands").unwrap(), Some(views.commands.seq));
+        for name in ProjectionName::ALL
+            .into_iter()
+            .filter(|p| *p != ProjectionName::Messages)
+        {
+            let raw = store.load_raw(name.as_str()).unwrap().unwrap();
+            assert_eq!(raw.state, views.to_json(name), "{name}");
+            assert_eq!(store.seq(name.as_str()).unwrap(), Some(views.seq(name)));
+        }
     }
 
     #[test]
@@ -562,20 +837,106 @@ mod tests {
         let (log, views) = world(dir.path());
         let store = log.checkpoints();
         store.save(&views.sessions).unwrap();
+        store.save(&views.commands).unwrap();
         // Another version: read as such (header only), and rebuilt.
-        let mut other = store.load_raw("sessions").unwrap().unwrap();
-        other.version += 1;
-        store.save_raw("sessions", &other).unwrap();
+        for name in ["sessions", "commands"] {
+            let mut other = store.load_raw(name).unwrap().unwrap();
+            other.version += 1;
+            store.save_raw(name, &other).unwrap();
+        }
         let (rebuilt, catch_up) = load_views(&log, None, None, false, |_| {}).unwrap();
-        assert!(
-            matches!(catch_up.origins[0], (ProjectionName::Sessions, Origin::Scratch(ref why)) if why.contains("projection is v"))
-        );
+        for (name, origin) in &catch_up.origins {
+            if *name != ProjectionName::Messages {
+                assert!(
+                    matches!(origin, Origin::Scratch(why) if why.contains("projection is v")),
+                    "{name}: {origin}"
+                );
+            }
+        }
         assert_eq!(rebuilt.sessions, views.sessions);
+        assert_eq!(rebuilt.commands, views.commands);
         // Damaged bytes: named as unreadable, and rebuilt.
-        std::fs::write(store.path("sessions"), b"\x28\xb5\x2f\xfd garbage").unwrap();
-        let err = store.load::<SessionsView>().unwrap_err();
-        assert!(err.to_string().contains("sessions.ckpt"), "{err}");
+        std::fs::write(store.path("commands"), b"\x28\xb5\x2f\xfd garbage").unwrap();
+        let err = store.load::<CommandLedger>().unwrap_err();
+        assert!(err.to_string().contains("commands.ckpt"), "{err}");
         let (rebuilt, _) = load_views(&log, None, None, false, |_| {}).unwrap();
-        assert_eq!(rebuilt.sessions, views.sessions);
+        assert_eq!(rebuilt.commands, views.commands);
+    }
+
+    #[test]
+    fn a_damaged_sessions_row_is_named_and_the_view_rebuilt_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        log.checkpoints().save(&views.sessions).unwrap();
+        let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
+        let (k, _) = tree.scan_prefix(b"a/").next().unwrap().unwrap();
+        tree.insert(k, &b"\xc1 not a row"[..]).unwrap();
+        let err = log.checkpoints().load::<SessionsView>().unwrap_err();
+        assert!(err.to_string().contains("agent session row"), "{err}");
+        for resident in [false, true] {
+            let (rebuilt, catch_up, _) = load(&log, None, None, false, resident, |_| {}).unwrap();
+            assert!(
+                matches!(&catch_up.origins[0], (ProjectionName::Sessions, Origin::Scratch(why)) if why.contains("damaged") || why.contains("row")),
+                "{:?}",
+                catch_up.origins
+            );
+            assert_eq!(rebuilt.sessions, views.sessions, "resident: {resident}");
+        }
+    }
+
+    #[test]
+    fn live_views_send_settled_pairs_to_disk_and_bring_them_back_when_an_event_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let settled = crate::reconcile::settled_pairs(&views);
+        assert!(
+            !settled.is_empty(),
+            "the generated history settles some pairs"
+        );
+        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        live.write_checkpoints(&log, START).unwrap();
+        assert_eq!(live.away(), settled.len() as u64);
+        let (a, c) = &settled[0];
+        assert!(!live.views.sessions.state.agent.contains_key(a));
+        // A start reads the resident rows only; a tool reads them all.
+        drop(live);
+        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        assert_eq!(live.away(), settled.len() as u64);
+        assert!(!live.views.sessions.state.chat.contains_key(c));
+        let (all, _) = load_views(&log, None, None, false, |_| {}).unwrap();
+        assert_eq!(all.sessions.state.agent, views.sessions.state.agent);
+        assert_eq!(all.sessions.state.chat, views.sessions.state.chat);
+        // An event naming the chat session brings the pair back, rows as they were.
+        let rename = NewEvent::new(
+            Event::BackendSessionChanged(crate::events::ChatSessionInfo {
+                chat_session_id: c.clone(),
+                agent_session_id: Some(a.clone()),
+                title: "renamed".into(),
+                model: None,
+                status: crate::events::ChatStatus::Active,
+                last_activity: START,
+                project: None,
+            }),
+            START,
+        );
+        assert!(live.needs_wake(std::slice::from_ref(&rename)));
+        live.wake_for(std::slice::from_ref(&rename)).unwrap();
+        assert_eq!(live.away(), settled.len() as u64 - 1);
+        assert_eq!(
+            live.views.sessions.state.agent.get(a),
+            views.sessions.state.agent.get(a)
+        );
+        live.apply(&log.append(vec![rename]).unwrap()).unwrap();
+        live.write_checkpoints(&log, START).unwrap();
+        // The renamed pair is not settled (titles differ): it stays, stored as it is now.
+        let (all, _) = load_views(&log, None, None, false, |_| {}).unwrap();
+        assert_eq!(all.sessions.state.chat[c].title, "renamed");
+        assert_eq!(
+            all.sessions.state.agent.len(),
+            views.sessions.state.agent.len()
+        );
+        let (reopened, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        assert_eq!(reopened.away(), settled.len() as u64 - 1);
+        assert_eq!(reopened.views.sessions.state.chat[c].title, "renamed");
     }
 }

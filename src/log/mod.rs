@@ -38,6 +38,7 @@ mod format;
 mod identity;
 mod lock;
 mod private;
+pub mod rows;
 mod segment;
 
 use std::collections::VecDeque;
@@ -190,6 +191,12 @@ pub enum LogError {
     /// sled failed.
     #[error("storage error: {0}")]
     Storage(#[from] sled::Error),
+    /// The sessions view's stored rows contradict each other (`log::rows`).
+    #[error("the sessions checkpoint's rows are damaged: {reason}; run `agentsync rebuild --projection sessions`")]
+    Rows {
+        /// What is wrong.
+        reason: String,
+    },
     /// The file system failed.
     #[error("{context}: {source}")]
     Io {
@@ -296,6 +303,8 @@ pub struct EventLog {
     dir: PathBuf,
     db: sled::Db,
     events: sled::Tree,
+    /// The sessions view's checkpoint, row by row (`rows`).
+    session_rows: sled::Tree,
     durability: Durability,
     writer: Mutex<WriterState>,
     identity: Option<IdentityStatus>,
@@ -358,10 +367,12 @@ impl EventLog {
         if opts.create && format.as_ref() != Some(&merged) {
             merged.store(&dir)?;
         }
+        let session_rows = db.open_tree(rows::TREE)?;
         let log = EventLog {
             dir,
             db,
             events,
+            session_rows,
             durability: opts.durability,
             writer: Mutex::new(WriterState {
                 last_seq,
@@ -391,6 +402,11 @@ impl EventLog {
     /// embedded local backend). The events tree is never handed out: only `append` writes it.
     pub fn open_tree(&self, name: &str) -> Result<sled::Tree, LogError> {
         assert_ne!(name, EVENTS_TREE, "the events tree is the log's own");
+        assert_ne!(
+            name,
+            rows::TREE,
+            "the sessions rows tree is the checkpoints'"
+        );
         Ok(self.db.open_tree(name)?)
     }
 
@@ -607,9 +623,11 @@ impl EventLog {
             .map_err(|e| LogError::io(format!("cannot measure {}", self.dir.display()), e))
     }
 
-    /// Where checkpoints of this log live.
+    /// Where checkpoints of this log live: files, and the sessions view's rows in this log's
+    /// database (`rows`). The store shares the database: the data directory stays locked
+    /// until both it and the log are dropped.
     pub fn checkpoints(&self) -> CheckpointStore {
-        CheckpointStore::new(self.dir.join("checkpoints"))
+        CheckpointStore::with_rows(self.dir.join("checkpoints"), self.session_rows.clone())
     }
 }
 

@@ -101,6 +101,11 @@ pub struct WorkerConfig {
     pub archive: Option<archiver::ArchiveSchedule>,
     /// How long final rows stay in the live views, and how often they are swept.
     pub retention: reconcile::retention::RetentionPolicy,
+    /// Whether the run's report holds every row of the views, settled pairs on disk read back
+    /// (`log::rows`): what tests and simulations compare. `agentsync run` discards the report
+    /// and sets it off (at a million sessions, reading them all back would cost a second and
+    /// a gigabyte at shutdown). Default on.
+    pub report_every_row: bool,
 }
 
 impl Default for WorkerConfig {
@@ -117,6 +122,7 @@ impl Default for WorkerConfig {
             stop_when_quiet: None,
             archive: None,
             retention: reconcile::retention::RetentionPolicy::default(),
+            report_every_row: true,
         }
     }
 }
@@ -141,12 +147,18 @@ pub struct RunReport {
     pub time_to_ready_ms: Option<u64>,
     /// The dispatcher's counters.
     pub dispatch: DispatchStats,
-    /// The views at the end.
+    /// The views at the end: every row when `WorkerConfig::report_every_row`, else those in
+    /// memory (settled pairs on disk left out, `log::rows`).
     pub views: Views,
     /// Why it stopped.
     pub stopped: String,
     /// How long its turns took ([`turns`]).
     pub turns: TurnSummary,
+    /// Settled pairs on disk at the end, and how many were brought back into memory during
+    /// the run (`log::rows`).
+    pub pairs_on_disk: u64,
+    /// See `pairs_on_disk`.
+    pub pairs_brought_back: u64,
 }
 
 /// A finished call.
@@ -340,6 +352,29 @@ impl Worker {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        // Settled pairs away from memory that these events name come back first (`log::rows`).
+        let events = if self.live.as_ref().is_some_and(|l| l.needs_wake(&events)) {
+            let mut live = self.live.take().expect("views");
+            let (live, events, woke) = self
+                .off_runtime(move || {
+                    let woke = live.wake_for(&events);
+                    (live, events, woke)
+                })
+                .await?;
+            self.live = Some(live);
+            woke?;
+            events
+        } else {
+            events
+        };
+        self.append_resident(events).await
+    }
+
+    /// `append`, once every row the events name is in memory.
+    async fn append_resident(
+        &mut self,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Envelope>, WorkerError> {
         let keys: Vec<Key> = events.iter().flat_map(|e| e.event.keys()).collect();
         if let Some(live) = self.live.as_ref() {
             for key in &keys {
@@ -350,7 +385,8 @@ impl Worker {
         let stored = self.off_runtime(move || log.append(events)).await??;
         self.status.appended(&stored);
         if let Some(live) = self.live.as_mut() {
-            live.apply(&stored);
+            // Every row named is in memory (`append`): no read of the tree here.
+            live.apply(&stored)?;
             for key in &keys {
                 self.keys.mark_with_dependents(key, &live.views);
             }
@@ -485,13 +521,21 @@ impl Worker {
         self.enter(Lifecycle::Stopped, Some(stopped.clone()))
             .await?;
         let live = self.live.take().expect("views");
+        let (pairs_on_disk, pairs_brought_back) = (live.away(), live.brought_back());
+        let views = if self.cfg.report_every_row {
+            self.off_runtime(move || live.merged()).await??
+        } else {
+            live.views
+        };
         Ok(RunReport {
             started_at: self.started_at,
             time_to_ready_ms: self.ready_after,
             dispatch: self.dispatcher.stats().clone(),
-            views: live.views,
+            views,
             stopped,
             turns: self.turns.summary(),
+            pairs_on_disk,
+            pairs_brought_back,
         })
     }
 
@@ -509,9 +553,10 @@ impl Worker {
             self.ready_after = Some(ms);
             let views = self.views();
             let summary = format!(
-                "{} agent sessions and {} chat sessions in view, ready in {ms} ms, {} model fetches, {} commands queued, {} messages pending",
+                "{} agent sessions and {} chat sessions in memory, {} settled pairs on disk, ready in {ms} ms, {} model fetches, {} commands queued, {} messages pending",
                 views.sessions.state.agent.len(),
                 views.sessions.state.chat.len(),
+                self.live.as_ref().map_or(0, |l| l.away()),
                 self.dispatcher.stats().model_fetches,
                 self.dispatcher.queued(),
                 views.messages.state.pending_by_chat.values().map(|p| p.len()).sum::<usize>(),
@@ -807,6 +852,7 @@ impl Worker {
             // Every message written before this read began has been read (in change order).
             self.messages_read_at = Some(now);
         }
+        let (obs, listed) = self.bring_back_for(obs).await?;
         let worker_id = self.cfg.worker_id.as_str();
         let views = self.views();
         let sessions = &views.sessions.state;
@@ -879,9 +925,145 @@ impl Worker {
             }
             Observation::Lifecycle(_) => unreachable!("handled above"),
         };
-        let events = events.into_iter().map(|e| NewEvent::new(e, now)).collect();
+        let events = events
+            .into_iter()
+            .map(|mut e| {
+                // The marker counts every session listed, those left away from memory too.
+                if let (Event::ListingCompleted(l), Some(n)) = (&mut e, listed) {
+                    l.sessions = n;
+                }
+                NewEvent::new(e, now)
+            })
+            .collect();
         self.append(events).await?;
         Ok(())
+    }
+
+    /// Brings into memory the settled pairs away that an observation is about, before it is
+    /// compared with the views (`log::rows`): the sessions a read of changes, a status or a
+    /// stream report names; for a full listing, the pairs it changes or (complete) lacks,
+    /// while those it reports unchanged are taken out of it. Returns the observation and, for
+    /// a full listing, how many sessions it listed. Reads the tree off the runtime, and only
+    /// when a row named may be away.
+    async fn bring_back_for(
+        &mut self,
+        obs: Observation,
+    ) -> Result<(Observation, Option<u64>), WorkerError> {
+        let worker_id = self.cfg.worker_id.clone();
+        let ours = move |i: &AgentSessionInfo| observe::is_ours(i, &worker_id);
+        let live = self.live.as_ref().expect("views");
+        let mut agents = Vec::new();
+        let full_count = match &obs {
+            Observation::AgentSessions {
+                full: true,
+                result: Ok(l),
+                ..
+            } => Some(l.sessions.iter().filter(|i| ours(i)).count() as u64),
+            Observation::BackendSessions {
+                full: true,
+                sessions,
+                ..
+            } => Some(sessions.len() as u64),
+            _ => None,
+        };
+        let listed_resident = match &obs {
+            Observation::AgentSessions { result: Ok(l), .. } => {
+                let ids: Vec<_> = l
+                    .sessions
+                    .iter()
+                    .map(|i| i.agent_session_id.clone())
+                    .collect();
+                live.all_resident(&ids, &[])
+            }
+            Observation::BackendSessions { sessions, .. } => {
+                let ids: Vec<_> = sessions.iter().map(|i| i.chat_session_id.clone()).collect();
+                live.all_resident(&[], &ids)
+            }
+            _ => true,
+        };
+        match &obs {
+            // Nothing is away, or nothing listed may be and no absence is to be proved.
+            _ if live.away() == 0 => return Ok((obs, full_count)),
+            Observation::AgentSessions { result: Ok(_), .. }
+            | Observation::BackendSessions { .. }
+                if full_count.is_some() || !listed_resident =>
+            {
+                return self.ready_listing(obs, ours).await;
+            }
+            Observation::AgentStatus { result: Ok(st), .. } => {
+                agents.extend(st.iter().map(|s| s.agent_session_id.clone()));
+            }
+            Observation::AgentStream(report) => agents.extend(report.agent_session_id().cloned()),
+            _ => {}
+        }
+        self.wake(agents, Vec::new()).await?;
+        Ok((obs, full_count))
+    }
+
+    /// A listing of either side (in full or of changes), readied off the runtime
+    /// (`bring_back_for`): only a complete full listing may bring back what it lacks.
+    async fn ready_listing(
+        &mut self,
+        obs: Observation,
+        ours: impl Fn(&AgentSessionInfo) -> bool + Send + 'static,
+    ) -> Result<(Observation, Option<u64>), WorkerError> {
+        let mut live = self.live.take().expect("views");
+        let (live, result) = self
+            .off_runtime(move || {
+                let mut obs = obs;
+                let readied = match &mut obs {
+                    Observation::AgentSessions {
+                        as_of,
+                        full,
+                        result: Ok(listing),
+                        ..
+                    } => {
+                        let n = listing.sessions.iter().filter(|i| ours(i)).count() as u64;
+                        let (complete, as_of) = (*full && listing.complete, *as_of);
+                        let listed = &mut listing.sessions;
+                        live.ready_agent_listing(listed, complete, as_of, ours)
+                            .map(|()| full.then_some(n))
+                    }
+                    Observation::BackendSessions {
+                        as_of,
+                        full,
+                        sessions,
+                        error,
+                        ..
+                    } => {
+                        let n = sessions.len() as u64;
+                        let (complete, as_of) = (*full && error.is_none(), *as_of);
+                        live.ready_backend_listing(sessions, complete, as_of)
+                            .map(|()| full.then_some(n))
+                    }
+                    _ => Ok(None),
+                };
+                (live, readied.map(|n| (obs, n)))
+            })
+            .await?;
+        self.live = Some(live);
+        Ok(result?)
+    }
+
+    /// Brings back the settled pairs away from memory these rows belong to, if any may be.
+    async fn wake(
+        &mut self,
+        agents: Vec<AgentSessionId>,
+        chats: Vec<ChatSessionId>,
+    ) -> Result<(), WorkerError> {
+        let live = self.live.as_ref().expect("views");
+        if live.all_resident(&agents, &chats) {
+            return Ok(());
+        }
+        let mut live = self.live.take().expect("views");
+        let (live, woke) = self
+            .off_runtime(move || {
+                let woke = live.wake(&agents, &chats);
+                (live, woke)
+            })
+            .await?;
+        self.live = Some(live);
+        Ok(woke?)
     }
 
     /// The events of a full listing of `source`, or none when it found nothing new and its

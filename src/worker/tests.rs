@@ -1,5 +1,6 @@
 //! The control loop against the simulated sides, on a paused clock.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -792,6 +793,8 @@ fn an_idle_worker_writes_no_event_and_no_checkpoint_for_simulated_hours() {
             let seq = log2.last_seq();
             let files = checkpoint_files(&log2);
             assert!(!files.is_empty(), "the first checkpoints were written");
+            let sessions_seq = log2.checkpoints().seq("sessions").unwrap();
+            assert!(sessions_seq.is_some(), "the sessions rows were written");
             let full = backend2.full_listings();
             // Two idle hours: many polls, and the periodic full listings (every 10 min) of
             // both sides, which find nothing new either.
@@ -807,6 +810,7 @@ fn an_idle_worker_writes_no_event_and_no_checkpoint_for_simulated_hours() {
                 checkpoint_files(&log2) == files,
                 "no checkpoint was written while nothing changed"
             );
+            assert_eq!(log2.checkpoints().seq("sessions").unwrap(), sessions_seq);
         })
         .await;
     });
@@ -936,4 +940,100 @@ fn user_message(chat: &str, id: &str, content: &str, at: Millis) -> MessageInfo 
         reply_to: None,
         error: None,
     }
+}
+
+/// Settled pairs leave memory at a checkpoint (`log::rows`) and a restart reads only what is
+/// resident; what happens to them while they are away must still be seen and acted on: a
+/// deletion only a complete listing shows, a rename that does not move `updated_at` (only a
+/// full listing shows it), and a person's message in an away chat session.
+#[test]
+fn pairs_on_disk_are_deleted_renamed_and_prompted_like_pairs_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let (agent, backend) = linked_sides(clock.clone(), 20);
+        let sides = (&agent, &backend);
+        let first = process(&log, sides, &clock, |_| async {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        })
+        .await;
+        assert_eq!(
+            first.views.sessions.state.agent.len(),
+            20,
+            "the report reads them back"
+        );
+        let (live, _) = crate::log::LiveViews::open(&log, CheckpointPolicy::default(), T0).unwrap();
+        assert_eq!(live.away(), 20, "every pair settled and left memory");
+        assert!(live.views.sessions.state.chat.is_empty());
+        drop(live);
+        // While the worker is down.
+        agent.remove(&AgentSessionId::from("ses_3"));
+        agent.retitle(&AgentSessionId::from("ses_5"), "renamed", T0 - 60_000);
+        backend.insert_message(user_message("chat_7", "m_away", "hello?", T0));
+        let cfg = WorkerConfig {
+            polling: PollPolicy {
+                full_listing_ms: 5_000,
+                ..PollPolicy::default()
+            },
+            ..WorkerConfig::default()
+        };
+        let down_seq = log.last_seq();
+        let second = process_with(cfg, &log, sides, &clock, |_| async {
+            tokio::time::sleep(Duration::from_secs(300)).await;
+        })
+        .await;
+        assert!(second.time_to_ready_ms.is_some());
+        // Only what changed came back: full listings every 5 s compared the other pairs on
+        // disk and recorded nothing for them.
+        let touched: BTreeSet<String> = log
+            .read(ReadFilter::from(down_seq + 1))
+            .map(Result::unwrap)
+            .filter(|e| {
+                matches!(
+                    e.kind(),
+                    EventKind::AgentSessionSeen
+                        | EventKind::AgentSessionChanged
+                        | EventKind::AgentSessionGone
+                        | EventKind::BackendSessionSeen
+                        | EventKind::BackendSessionChanged
+                )
+            })
+            .flat_map(|e| {
+                e.event
+                    .session_ids()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let expected = ["ses_3", "ses_5", "chat_5", "ses_7", "chat_3", "chat_7"];
+        assert!(
+            touched.iter().all(|id| expected.contains(&id.as_str())),
+            "{touched:?}"
+        );
+        assert!(
+            touched.contains("ses_3") && touched.contains("ses_5"),
+            "{touched:?}"
+        );
+        // Brought back into memory: the deleted, the renamed and the written-to pair; the
+        // others, listed unchanged every 5 s, stayed on disk.
+        assert_eq!(second.pairs_brought_back, 3);
+        let (live, _) = crate::log::LiveViews::open(&log, CheckpointPolicy::default(), T0).unwrap();
+        assert_eq!(live.away(), 19, "settled again, all but the deleted pair");
+        drop(live);
+        let chats = backend.sessions();
+        assert_eq!(
+            chats[&ChatSessionId::from("chat_3")].status,
+            ChatStatus::Deleted
+        );
+        assert_eq!(chats[&ChatSessionId::from("chat_5")].title, "renamed");
+        let answered = backend
+            .messages()
+            .values()
+            .any(|m| m.reply_to == Some(MessageId::from("m_away")) && m.completed);
+        assert!(answered, "the message in an away chat session was answered");
+        assert_eq!(deleted(&backend), 1, "nothing else was deleted");
+        assert_eq!(agent.prompts().values().sum::<u64>(), 1, "prompted once");
+    });
 }

@@ -1,0 +1,590 @@
+//! The sessions view's checkpoint as rows in a sled tree of its own (`views.sessions`, in the
+//! log's database), so that a checkpoint writes what changed since the last one and a start
+//! reads only what is active: at a million sessions of which a few are active, the rest stay
+//! on disk until an event names them.
+//!
+//! Layout: `m` the meta (header, the view's fields other than its rows, the ids resident at
+//! the checkpoint, how many pairs are away); `a/ID` an agent session's row; `c/ID` a chat
+//! session's row; `l/AGENT` the chat session of a pair away from memory.
+//!
+//! Invariants:
+//! 1. The tree is the sessions view at `meta.seq`: each write is one atomic sled batch of the
+//!    rows that changed since the one before, the rows that left the view, and the meta.
+//! 2. A row away from memory (not resident now, nor since the last write) is as the tree
+//!    holds it: nothing changed it since, because the worker brings back every row an event
+//!    names (`projections::rows_named`) before folding the event.
+//! 3. Only settled pairs leave memory (`reconcile::settled_pairs`: they plan nothing), both
+//!    rows at once, after the batch that stores them is applied. While away they count in the
+//!    index's `active_chats` (the deletion limit is a share of every active chat session).
+//! 4. A tree written from another start (a rebuild, a checkpoint of another version) is
+//!    replaced whole by the next write: no row of it can be brought back.
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hasher};
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::LogError;
+use crate::events::{AgentSessionId, AgentSessionInfo, ChatSessionId, ChatSessionInfo};
+use crate::observe::{is_news_to_agent_row, is_news_to_chat_row};
+use crate::projections::{
+    AgentSessionRow, ChatSessionRow, Checkpoint, Projection, SessionsView, SettledPair, Tracked,
+};
+
+/// The tree's name in the log's database.
+pub(super) const TREE: &str = "views.sessions";
+const META: &[u8] = b"m";
+const AGENT: &[u8] = b"a/";
+const CHAT: &[u8] = b"c/";
+const LINK: &[u8] = b"l/";
+
+/// The meta record: the checkpoint's header and everything but the rows.
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    name: String,
+    version: u32,
+    seq: u64,
+    /// The view without its rows.
+    state: SessionsView,
+    resident_agents: Vec<AgentSessionId>,
+    resident_chats: Vec<ChatSessionId>,
+    /// Settled pairs away from memory.
+    away: u64,
+}
+
+fn key(prefix: &[u8], id: &str) -> Vec<u8> {
+    [prefix, id.as_bytes()].concat()
+}
+
+fn damaged(reason: impl std::fmt::Display) -> LogError {
+    LogError::Rows {
+        reason: reason.to_string(),
+    }
+}
+
+fn encode(value: &impl Serialize) -> Vec<u8> {
+    rmp_serde::encode::to_vec_named(value).expect("a view's rows serialize")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, LogError> {
+    rmp_serde::from_slice(bytes).map_err(|e| damaged(format!("{what}: {e}")))
+}
+
+/// What tells a stored row's version from another: a hash of its bytes.
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// The view's fields other than its rows (the rows are stored one by one).
+fn without_rows(s: &SessionsView) -> SessionsView {
+    SessionsView {
+        agent: BTreeMap::new(),
+        chat: BTreeMap::new(),
+        listings: s.listings.clone(),
+        deletion_hold: s.deletion_hold.clone(),
+        models: s.models.clone(),
+        agent_generation: s.agent_generation,
+        models_requested: s.models_requested,
+        agent_gone: s.agent_gone.clone(),
+        chat_gone: s.chat_gone.clone(),
+        feeds: s.feeds.clone(),
+        swept_before: s.swept_before,
+        index: Default::default(),
+    }
+}
+
+fn read_meta(tree: &sled::Tree) -> Result<Option<Meta>, LogError> {
+    tree.get(META)?
+        .map(|bytes| decode(&bytes, "the meta record"))
+        .transpose()
+}
+
+/// The seq and version of the stored view, without reading its rows. `None`: there is none.
+pub(super) fn header(tree: &sled::Tree) -> Result<Option<(u64, u32)>, LogError> {
+    Ok(read_meta(tree)?.map(|m| (m.seq, m.version)))
+}
+
+/// Every stored row as one checkpoint (for tools: `replay`, `rebuild --verify`, `stats`).
+/// Rows of another version are not read.
+pub(super) fn load_all(tree: &sled::Tree) -> Result<Option<Checkpoint<SessionsView>>, LogError> {
+    let Some(meta) = read_meta(tree)? else {
+        return Ok(None);
+    };
+    let mut state = meta.state;
+    if meta.version == SessionsView::VERSION {
+        for item in tree.scan_prefix(AGENT) {
+            let (k, v) = item?;
+            let id = AgentSessionId(String::from_utf8_lossy(&k[AGENT.len()..]).into_owned());
+            state.agent.insert(id, decode(&v, "an agent session row")?);
+        }
+        for item in tree.scan_prefix(CHAT) {
+            let (k, v) = item?;
+            let id = ChatSessionId(String::from_utf8_lossy(&k[CHAT.len()..]).into_owned());
+            state.chat.insert(id, decode(&v, "a chat session row")?);
+        }
+    }
+    Ok(Some(Checkpoint {
+        name: meta.name,
+        version: meta.version,
+        seq: meta.seq,
+        state,
+    }))
+}
+
+/// Replaces the whole tree with `tracked` (every row resident, none away), stamped
+/// `version` (another one only for tools and tests that store a foreign checkpoint):
+/// `rebuild`, and tools that save a view. Blocking.
+pub(super) fn save_all(
+    tree: &sled::Tree,
+    tracked: &Tracked<SessionsView>,
+    version: u32,
+) -> Result<(), LogError> {
+    let mut residency = Residency::replacing(tree.clone());
+    let mut copy = Tracked {
+        state: without_rows(&tracked.state),
+        seq: tracked.seq,
+    };
+    copy.state.agent.clone_from(&tracked.state.agent);
+    copy.state.chat.clone_from(&tracked.state.chat);
+    residency.write(&mut copy, &[])?;
+    if version != SessionsView::VERSION {
+        if let Some(mut meta) = read_meta(tree)? {
+            meta.version = version;
+            tree.insert(META, encode(&meta))?;
+            tree.flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// Which rows are in memory and which the tree holds for them: what a worker's checkpoints
+/// write and what its events bring back.
+#[derive(Debug)]
+pub struct Residency {
+    tree: sled::Tree,
+    /// Each row resident since the last write, with the hash of the version the tree holds
+    /// (`None`: the tree holds none).
+    seen_agents: FxHashMap<AgentSessionId, Option<u64>>,
+    seen_chats: FxHashMap<ChatSessionId, Option<u64>>,
+    /// Pairs brought back since the last write (their `l/` record goes with it).
+    woken: Vec<AgentSessionId>,
+    /// Pairs away from memory.
+    away: u64,
+    /// The next write replaces the tree whole (invariant 4).
+    replace: bool,
+    /// Pairs brought back since this residency began.
+    brought_back: u64,
+}
+
+impl Residency {
+    /// For a view built without this tree (from scratch, or from a file of before): the next
+    /// write replaces whatever the tree holds.
+    pub(super) fn replacing(tree: sled::Tree) -> Self {
+        Residency {
+            tree,
+            seen_agents: FxHashMap::default(),
+            seen_chats: FxHashMap::default(),
+            woken: Vec::new(),
+            away: 0,
+            replace: true,
+            brought_back: 0,
+        }
+    }
+
+    /// Loads the stored view's resident rows only, and the residency that goes with them.
+    /// `None`: no view is stored, or one of another version. Blocking.
+    pub(super) fn load(
+        tree: &sled::Tree,
+    ) -> Result<Option<(Checkpoint<SessionsView>, Self)>, LogError> {
+        let Some(meta) = read_meta(tree)? else {
+            return Ok(None);
+        };
+        if meta.version != SessionsView::VERSION {
+            return Ok(None);
+        }
+        let mut residency = Residency {
+            replace: false,
+            away: meta.away,
+            ..Residency::replacing(tree.clone())
+        };
+        let mut state = meta.state;
+        for id in meta.resident_agents {
+            let bytes = tree
+                .get(key(AGENT, &id.0))?
+                .ok_or_else(|| damaged(format!("resident agent session {id} has no row")))?;
+            let row: AgentSessionRow = decode(&bytes, "an agent session row")?;
+            residency.seen_agents.insert(id.clone(), Some(hash(&bytes)));
+            state.agent.insert(id, row);
+        }
+        for id in meta.resident_chats {
+            let bytes = tree
+                .get(key(CHAT, &id.0))?
+                .ok_or_else(|| damaged(format!("resident chat session {id} has no row")))?;
+            let row: ChatSessionRow = decode(&bytes, "a chat session row")?;
+            residency.seen_chats.insert(id.clone(), Some(hash(&bytes)));
+            state.chat.insert(id, row);
+        }
+        let checkpoint = Checkpoint {
+            name: meta.name,
+            version: meta.version,
+            seq: meta.seq,
+            state,
+        };
+        Ok(Some((checkpoint, residency)))
+    }
+
+    /// Pairs away from memory.
+    pub fn away(&self) -> u64 {
+        self.away
+    }
+
+    /// Pairs brought back into memory since this residency began.
+    pub fn brought_back(&self) -> u64 {
+        self.brought_back
+    }
+
+    /// Whether agent session `id` is known not to be away: resident, or resident since the
+    /// last write (then gone, not away). Memory only.
+    pub fn is_resident_agent(&self, s: &SessionsView, id: &AgentSessionId) -> bool {
+        s.agent.contains_key(id) || self.seen_agents.contains_key(id)
+    }
+
+    /// Whether chat session `id` is known not to be away (see `is_resident_agent`).
+    pub fn is_resident_chat(&self, s: &SessionsView, id: &ChatSessionId) -> bool {
+        s.chat.contains_key(id) || self.seen_chats.contains_key(id)
+    }
+
+    /// Brings back into `s` every pair away that one of these rows belongs to. Blocking (sled
+    /// point reads, only for ids neither resident nor seen since the last write).
+    pub fn wake(
+        &mut self,
+        s: &mut SessionsView,
+        agents: &[AgentSessionId],
+        chats: &[ChatSessionId],
+    ) -> Result<(), LogError> {
+        if self.replace {
+            // Nothing of a tree to be replaced comes back (invariant 4).
+            return Ok(());
+        }
+        for id in agents {
+            if !s.agent.contains_key(id) && !self.seen_agents.contains_key(id) {
+                if let Some(chat) = self.tree.get(key(LINK, &id.0))? {
+                    let chat = ChatSessionId(String::from_utf8_lossy(&chat).into_owned());
+                    self.bring_back(s, id, &chat)?;
+                }
+            }
+        }
+        for id in chats {
+            if !s.chat.contains_key(id) && !self.seen_chats.contains_key(id) {
+                if let Some(bytes) = self.tree.get(key(CHAT, &id.0))? {
+                    let row: ChatSessionRow = decode(&bytes, "a chat session row")?;
+                    let agent = row.agent_session_id.ok_or_else(|| {
+                        damaged(format!("chat session {id} is away but linked to nothing"))
+                    })?;
+                    self.bring_back(s, &agent, id)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn bring_back(
+        &mut self,
+        s: &mut SessionsView,
+        agent_id: &AgentSessionId,
+        chat_id: &ChatSessionId,
+    ) -> Result<(), LogError> {
+        let link = self.tree.get(key(LINK, &agent_id.0))?;
+        if link.as_deref() != Some(chat_id.0.as_bytes()) {
+            return Err(damaged(format!(
+                "the pair of agent session {agent_id} and chat session {chat_id} is not away"
+            )));
+        }
+        let agent = self.tree.get(key(AGENT, &agent_id.0))?;
+        let chat = self.tree.get(key(CHAT, &chat_id.0))?;
+        let (Some(agent), Some(chat)) = (agent, chat) else {
+            return Err(damaged(format!("the pair of {agent_id} lacks a row")));
+        };
+        self.seen_agents
+            .insert(agent_id.clone(), Some(hash(&agent)));
+        self.seen_chats.insert(chat_id.clone(), Some(hash(&chat)));
+        self.woken.push(agent_id.clone());
+        self.away -= 1;
+        self.brought_back += 1;
+        s.wake(SettledPair {
+            agent_id: agent_id.clone(),
+            agent: decode(&agent, "an agent session row")?,
+            chat_id: chat_id.clone(),
+            chat: decode(&chat, "a chat session row")?,
+        });
+        Ok(())
+    }
+
+    /// The row of agent session `id` if it is away from memory. Blocking.
+    fn away_agent(
+        &self,
+        s: &SessionsView,
+        id: &AgentSessionId,
+    ) -> Result<Option<AgentSessionRow>, LogError> {
+        if self.replace
+            || self.is_resident_agent(s, id)
+            || self.tree.get(key(LINK, &id.0))?.is_none()
+        {
+            return Ok(None);
+        }
+        let bytes = self.tree.get(key(AGENT, &id.0))?;
+        bytes
+            .map(|b| decode(&b, "an agent session row"))
+            .transpose()
+    }
+
+    /// The row of chat session `id` if it is away from memory. Blocking.
+    fn away_chat(
+        &self,
+        s: &SessionsView,
+        id: &ChatSessionId,
+    ) -> Result<Option<ChatSessionRow>, LogError> {
+        if self.replace || self.is_resident_chat(s, id) {
+            return Ok(None);
+        }
+        let Some(bytes) = self.tree.get(key(CHAT, &id.0))? else {
+            return Ok(None);
+        };
+        let row: ChatSessionRow = decode(&bytes, "a chat session row")?;
+        // Away only as half of a pair whose link names it (invariant 3).
+        let linked = match &row.agent_session_id {
+            Some(a) => self.tree.get(key(LINK, &a.0))?,
+            None => None,
+        };
+        Ok((linked.as_deref() == Some(id.0.as_bytes())).then_some(row))
+    }
+
+    /// The pairs away from memory, by a scan of their links. Blocking.
+    fn away_pairs<'a>(
+        &'a self,
+        s: &'a SessionsView,
+    ) -> impl Iterator<Item = Result<(AgentSessionId, ChatSessionId), LogError>> + 'a {
+        // A tree to be replaced has nothing away (invariant 4).
+        let all = if self.replace { 0 } else { usize::MAX };
+        self.tree
+            .scan_prefix(LINK)
+            .take(all)
+            .filter_map(move |item| {
+                let (k, v) = match item {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(e.into())),
+                };
+                let agent = AgentSessionId(String::from_utf8_lossy(&k[LINK.len()..]).into_owned());
+                let chat = ChatSessionId(String::from_utf8_lossy(&v).into_owned());
+                (!self.is_resident_agent(s, &agent)).then_some(Ok((agent, chat)))
+            })
+    }
+
+    /// Every pair away from memory, read back. Blocking.
+    pub(super) fn away_all(&self, s: &SessionsView) -> Result<Vec<SettledPair>, LogError> {
+        let mut out = Vec::new();
+        for pair in self.away_pairs(s) {
+            let (agent_id, chat_id) = pair?;
+            let agent = self.tree.get(key(AGENT, &agent_id.0))?;
+            let chat = self.tree.get(key(CHAT, &chat_id.0))?;
+            let (Some(agent), Some(chat)) = (agent, chat) else {
+                return Err(damaged(format!("the pair of {agent_id} lacks a row")));
+            };
+            out.push(SettledPair {
+                agent: decode(&agent, "an agent session row")?,
+                chat: decode(&chat, "a chat session row")?,
+                agent_id,
+                chat_id,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Readies a full agent listing begun at `as_of` for comparison with the resident view:
+    /// a pair away whose agent session it reports unchanged is left away and taken out of the
+    /// listing (comparing it would find nothing); one it reports changed, or, when the
+    /// listing is `complete`, one it lacks, is brought back, so that the comparison sees it.
+    /// `ours` is the listing's filter of the sessions this worker mirrors. Blocking: reads the
+    /// tree for each listed session not resident, and scans the links when complete.
+    pub fn ready_agent_listing(
+        &mut self,
+        s: &mut SessionsView,
+        listed: &mut Vec<AgentSessionInfo>,
+        complete: bool,
+        as_of: u64,
+        ours: impl Fn(&AgentSessionInfo) -> bool,
+    ) -> Result<(), LogError> {
+        let mut back = Vec::new();
+        let mut unchanged = FxHashSet::default();
+        for info in listed.iter().filter(|i| ours(i)) {
+            let id = &info.agent_session_id;
+            if let Some(row) = self.away_agent(s, id)? {
+                if is_news_to_agent_row(&row, info, as_of) {
+                    back.push(id.clone());
+                } else {
+                    unchanged.insert(id.clone());
+                }
+            }
+        }
+        if complete {
+            let all: FxHashSet<&AgentSessionId> = listed
+                .iter()
+                .filter(|i| ours(i))
+                .map(|i| &i.agent_session_id)
+                .collect();
+            for pair in self.away_pairs(s) {
+                let (agent, _) = pair?;
+                if !all.contains(&agent) {
+                    back.push(agent);
+                }
+            }
+        }
+        listed.retain(|i| !unchanged.contains(&i.agent_session_id));
+        self.wake(s, &back, &[])
+    }
+
+    /// Readies a backend listing of chat sessions begun at `as_of`, as
+    /// [`Residency::ready_agent_listing`] does an agent listing. Blocking.
+    pub fn ready_backend_listing(
+        &mut self,
+        s: &mut SessionsView,
+        listed: &mut Vec<ChatSessionInfo>,
+        complete: bool,
+        as_of: u64,
+    ) -> Result<(), LogError> {
+        let mut back = Vec::new();
+        let mut unchanged = FxHashSet::default();
+        for info in listed.iter() {
+            let id = &info.chat_session_id;
+            if let Some(row) = self.away_chat(s, id)? {
+                if is_news_to_chat_row(&row, info, as_of) {
+                    back.push(id.clone());
+                } else {
+                    unchanged.insert(id.clone());
+                }
+            }
+        }
+        if complete {
+            let all: FxHashSet<&ChatSessionId> =
+                listed.iter().map(|i| &i.chat_session_id).collect();
+            for pair in self.away_pairs(s) {
+                let (_, chat) = pair?;
+                if !all.contains(&chat) {
+                    back.push(chat);
+                }
+            }
+        }
+        listed.retain(|i| !unchanged.contains(&i.chat_session_id));
+        self.wake(s, &[], &back)
+    }
+
+    /// Writes the view at its seq in one batch: the rows changed since the last write, the
+    /// rows gone, the meta; then sends `settled` away from memory. Blocking.
+    pub fn write(
+        &mut self,
+        tracked: &mut Tracked<SessionsView>,
+        settled: &[(AgentSessionId, ChatSessionId)],
+    ) -> Result<(), LogError> {
+        let s = &tracked.state;
+        let mut batch = sled::Batch::default();
+        let mut written: Vec<Vec<u8>> = Vec::new();
+        let mut seen_agents = FxHashMap::default();
+        for (id, row) in &s.agent {
+            let bytes = encode(row);
+            let h = hash(&bytes);
+            let k = key(AGENT, &id.0);
+            if self.replace || self.seen_agents.get(id) != Some(&Some(h)) {
+                batch.insert(k.clone(), bytes);
+            }
+            written.push(k);
+            seen_agents.insert(id.clone(), Some(h));
+        }
+        let mut seen_chats = FxHashMap::default();
+        for (id, row) in &s.chat {
+            let bytes = encode(row);
+            let h = hash(&bytes);
+            let k = key(CHAT, &id.0);
+            if self.replace || self.seen_chats.get(id) != Some(&Some(h)) {
+                batch.insert(k.clone(), bytes);
+            }
+            written.push(k);
+            seen_chats.insert(id.clone(), Some(h));
+        }
+        for id in self
+            .seen_agents
+            .keys()
+            .filter(|id| !s.agent.contains_key(*id))
+        {
+            batch.remove(key(AGENT, &id.0));
+        }
+        for id in self
+            .seen_chats
+            .keys()
+            .filter(|id| !s.chat.contains_key(*id))
+        {
+            batch.remove(key(CHAT, &id.0));
+        }
+        for id in &self.woken {
+            batch.remove(key(LINK, &id.0));
+        }
+        let leaving: Vec<&(AgentSessionId, ChatSessionId)> = settled
+            .iter()
+            .filter(|(a, c)| s.agent.contains_key(a) && s.chat.contains_key(c))
+            .collect();
+        for (a, c) in &leaving {
+            batch.insert(key(LINK, &a.0), c.0.as_bytes());
+        }
+        if self.replace {
+            // Invariant 4: nothing of another start may stay.
+            written.sort();
+            for item in self.tree.iter().keys() {
+                let k = item?;
+                if k.as_ref() != META && written.binary_search_by(|w| w[..].cmp(&k)).is_err() {
+                    batch.remove(k);
+                }
+            }
+        }
+        let gone_a: std::collections::HashSet<&AgentSessionId> =
+            leaving.iter().map(|(a, _)| a).collect();
+        let gone_c: std::collections::HashSet<&ChatSessionId> =
+            leaving.iter().map(|(_, c)| c).collect();
+        let meta = Meta {
+            name: SessionsView::NAME.to_owned(),
+            version: SessionsView::VERSION,
+            seq: tracked.seq,
+            state: without_rows(s),
+            resident_agents: s
+                .agent
+                .keys()
+                .filter(|a| !gone_a.contains(a))
+                .cloned()
+                .collect(),
+            resident_chats: s
+                .chat
+                .keys()
+                .filter(|c| !gone_c.contains(c))
+                .cloned()
+                .collect(),
+            away: self.away + leaving.len() as u64,
+        };
+        batch.insert(META, encode(&meta));
+        self.tree.apply_batch(batch)?;
+        self.tree.flush()?;
+        let leaving: Vec<(AgentSessionId, ChatSessionId)> = leaving.into_iter().cloned().collect();
+        for (a, c) in &leaving {
+            tracked.state.evict(a, c);
+            seen_agents.remove(a);
+            seen_chats.remove(c);
+        }
+        self.away = meta.away;
+        self.seen_agents = seen_agents;
+        self.seen_chats = seen_chats;
+        self.woken.clear();
+        self.replace = false;
+        Ok(())
+    }
+}
