@@ -189,8 +189,19 @@ fn outcome(views: &Views, i: u8, kind: u8, n: u64) -> Vec<Event> {
     }]
 }
 
-/// The events of one step, against the views as they stand.
+/// The events of one step, against the views as they stand (every row in memory).
 fn events(step: &Step, views: &Views, ctx: &Context, n: u64) -> Vec<Event> {
+    events_with(step, views, ctx, n, &reconcile::retention::NothingAway)
+}
+
+/// The events of one step, against views some rows of which may be `away` on disk.
+fn events_with(
+    step: &Step,
+    views: &Views,
+    ctx: &Context,
+    n: u64,
+    away: &dyn reconcile::retention::AwayRows,
+) -> Vec<Event> {
     let at = ctx.now;
     match *step {
         Step::Agent(a, t, tag) => vec![Event::AgentSessionChanged(agent_info(a, t, tag, at))],
@@ -265,7 +276,7 @@ fn events(step: &Step, views: &Views, ctx: &Context, n: u64) -> Vec<Event> {
                 horizon_ms: 0,
                 ..Default::default()
             };
-            reconcile::retention::sweep(views, at + 1, at + 1, &retention)
+            reconcile::retention::sweep(views, at + 1, at + 1, &retention, away)
                 .map(Event::RetentionSwept)
                 .into_iter()
                 .collect()
@@ -402,6 +413,15 @@ struct Away {
     by_chat: BTreeMap<ChatSessionId, AgentSessionId>,
 }
 
+impl reconcile::retention::AwayRows for Away {
+    fn agent(&self, id: &AgentSessionId) -> bool {
+        self.pairs.contains_key(id)
+    }
+    fn chat(&self, id: &ChatSessionId) -> bool {
+        self.by_chat.contains_key(id)
+    }
+}
+
 impl Away {
     /// Brings back every pair a row of which `event` names, as the worker does before a fold.
     fn wake_for(&mut self, views: &mut Views, event: &Event) {
@@ -461,10 +481,20 @@ proptest! {
                 ready: i >= ready_at,
                 process_seq: 0,
             };
+            // What the worker decides (plans, holds, sweeps) it decides on the rows in memory,
+            // told which are on disk; what the sides report is about every row.
             let events: Vec<Event> = batch
                 .iter()
                 .enumerate()
-                .flat_map(|(j, step)| events(step, &away.merged(&resident), &ctx, (i * 4 + j) as u64))
+                .flat_map(|(j, step)| {
+                    let n = (i * 4 + j) as u64;
+                    match step {
+                        Step::Plan | Step::Hold | Step::Sweep => {
+                            events_with(step, &resident, &ctx, n, &away)
+                        }
+                        _ => events(step, &away.merged(&resident), &ctx, n),
+                    }
+                })
                 .collect();
             for event in &events {
                 seq += 1;
@@ -542,4 +572,75 @@ fn settled_pairs_do_leave() {
         views.sessions.state.index.active_chats, 1,
         "still counted as active"
     );
+}
+
+/// Found in review: the worker's retention sweep reads the rows in memory, and for a pair on
+/// disk a `createSession` entry's agent session looks absent: the entry "that stops a second
+/// one" was swept, and once the chat session was deleted in the backend a second chat session
+/// was planned. The sweep is told which rows are on disk (`AwayRows`) and keeps such entries.
+#[test]
+fn a_sweep_keeps_the_entries_of_pairs_on_disk() {
+    let mut full = Views::default();
+    let mut resident = Views::default();
+    let mut away = Away::default();
+    let mut seq = 0u64;
+    let ctx = |i: u64| Context {
+        now: START + i * 1_000,
+        started_at: START,
+        ready: true,
+        process_seq: 0,
+    };
+    let mut fold = |full: &mut Views, resident: &mut Views, away: &mut Away, event: Event, at| {
+        seq += 1;
+        let env = Envelope {
+            seq,
+            id: uuid::Uuid::nil(),
+            at,
+            v: event.kind().version(),
+            event: event.clone(),
+            cause: None,
+        };
+        full.apply(&env);
+        away.wake_for(resident, &event);
+        resident.apply(&env);
+    };
+    let listed = |source| {
+        Event::ListingCompleted(ListingCompleted {
+            source,
+            sessions: 1,
+            complete: true,
+            as_of: Some(0),
+        })
+    };
+    let c0 = ctx(0);
+    for e in [
+        Event::AgentSessionSeen(agent_info(1, true, None, START)),
+        listed(Source::Agent),
+        listed(Source::Backend),
+    ] {
+        fold(&mut full, &mut resident, &mut away, e, c0.now);
+    }
+    let planned = events(&Step::Plan, &full, &c0, 0);
+    assert_eq!(planned.len(), 1, "{planned:?}");
+    for e in planned {
+        fold(&mut full, &mut resident, &mut away, e, c0.now);
+    }
+    for e in outcome(&full, 0, 0, 0) {
+        fold(&mut full, &mut resident, &mut away, e, c0.now);
+    }
+    assert_eq!(reconcile::settled_pairs(&resident).len(), 1);
+    away.evict(&mut resident);
+    let c1 = ctx(1);
+    let retention = reconcile::retention::RetentionPolicy {
+        horizon_ms: 0,
+        ..Default::default()
+    };
+    let nothing = reconcile::retention::NothingAway;
+    let on_resident = reconcile::retention::sweep(&resident, c1.now, c1.now, &retention, &away);
+    let on_full = reconcile::retention::sweep(&full, c1.now, c1.now, &retention, &nothing);
+    let commands = |s: &Option<RetentionSwept>| s.as_ref().map(|s| s.commands.clone());
+    assert_eq!(commands(&on_resident), commands(&on_full));
+    // Told nothing is on disk, it would drop the entry: the case is not vacuous.
+    let blind = reconcile::retention::sweep(&resident, c1.now, c1.now, &retention, &nothing);
+    assert_ne!(commands(&blind), commands(&on_full));
 }

@@ -554,7 +554,20 @@ impl LiveViews {
         policy: CheckpointPolicy,
         now: Millis,
     ) -> Result<(Self, CatchUp), LogError> {
-        let (views, catch_up, rows) = load(log, None, None, false, true, |_| {})?;
+        let (views, catch_up, rows) = match load(log, None, None, false, true, |_| {}) {
+            // A pair found damaged while the tail is replayed: as for a damaged checkpoint,
+            // the sessions view alone is rebuilt from the log.
+            Err(LogError::Rows { reason }) => {
+                tracing::warn!(%reason, "ignoring the damaged sessions checkpoint");
+                let store = log.checkpoints();
+                let tree = store
+                    .rows_tree()
+                    .expect("a log's checkpoints have the rows tree");
+                super::rows::set_aside(tree)?;
+                load(log, None, None, false, true, |_| {})?
+            }
+            loaded => loaded?,
+        };
         let rows = rows.expect("a log's checkpoints have the rows tree");
         Ok((
             LiveViews {
@@ -608,6 +621,27 @@ impl LiveViews {
     /// Settled pairs away from memory.
     pub fn away(&self) -> u64 {
         self.rows.away()
+    }
+
+    /// The retention sweep due at `now` (`reconcile::retention::sweep`), told which rows are
+    /// on disk (their entries stay). Blocking: reads the tree for rows not in memory.
+    pub fn retention_sweep(
+        &self,
+        now: Millis,
+        messages_read_at: Millis,
+        policy: &crate::reconcile::retention::RetentionPolicy,
+    ) -> Option<crate::events::RetentionSwept> {
+        struct OnDisk<'a>(&'a Residency, &'a SessionsView);
+        impl crate::reconcile::retention::AwayRows for OnDisk<'_> {
+            fn agent(&self, id: &AgentSessionId) -> bool {
+                self.0.agent_away(self.1, id)
+            }
+            fn chat(&self, id: &ChatSessionId) -> bool {
+                self.0.chat_away(self.1, id)
+            }
+        }
+        let away = OnDisk(&self.rows, &self.views.sessions.state);
+        crate::reconcile::retention::sweep(&self.views, now, messages_read_at, policy, &away)
     }
 
     /// Settled pairs brought back into memory since these views were opened.
@@ -882,6 +916,84 @@ mod tests {
             );
             assert_eq!(rebuilt.sessions, views.sessions, "resident: {resident}");
         }
+    }
+
+    /// Found in review: the first write after the stored view was set aside (another
+    /// version, a damaged row) replaces the tree, and removed the links it had just written
+    /// for the pairs leaving memory: they could never come back, and a start whose tail named
+    /// one failed.
+    #[test]
+    fn a_replacing_write_keeps_the_links_of_the_pairs_it_sends_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let settled = crate::reconcile::settled_pairs(&views);
+        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        live.write_checkpoints(&log, START).unwrap();
+        assert_eq!(live.away(), settled.len() as u64);
+        drop(live);
+        // The stored view becomes one of another version, its rows and links left in place
+        // (as after a `VERSION` bump).
+        let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
+        let meta = tree.get(b"m").unwrap().unwrap();
+        let mut meta: serde_json::Value = rmp_serde::from_slice(&meta).unwrap();
+        meta["version"] = serde_json::Value::from(SessionsView::VERSION - 1);
+        tree.insert(b"m", rmp_serde::encode::to_vec_named(&meta).unwrap())
+            .unwrap();
+        let (mut live, catch_up) =
+            LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        assert!(matches!(&catch_up.origins[0], (_, Origin::Scratch(_))));
+        live.write_checkpoints(&log, START).unwrap();
+        assert_eq!(live.away(), settled.len() as u64);
+        drop(live);
+        assert_eq!(
+            tree.scan_prefix(b"l/").count(),
+            settled.len(),
+            "a link per pair away"
+        );
+        // A start whose tail names a pair away brings it back.
+        let (a, c) = &settled[0];
+        let rename = Event::BackendSessionChanged(crate::events::ChatSessionInfo {
+            chat_session_id: c.clone(),
+            agent_session_id: Some(a.clone()),
+            title: "renamed".into(),
+            model: None,
+            status: crate::events::ChatStatus::Active,
+            last_activity: START,
+            project: None,
+        });
+        log.append(vec![NewEvent::new(rename, START)]).unwrap();
+        let (live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        assert_eq!(live.views.sessions.state.chat[c].title, "renamed");
+        assert_eq!(live.away(), settled.len() as u64 - 1);
+    }
+
+    #[test]
+    fn a_pair_found_damaged_during_the_tail_rebuilds_the_sessions_view_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = world(dir.path());
+        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        live.write_checkpoints(&log, START).unwrap();
+        let settled: Vec<_> = {
+            let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
+            let (k, v) = tree.scan_prefix(b"l/").next().unwrap().unwrap();
+            // The pair's link points at a chat session that is not its own.
+            tree.insert(&k, &b"chat_nobody"[..]).unwrap();
+            vec![(String::from_utf8_lossy(&k[2..]).into_owned(), v)]
+        };
+        drop(live);
+        let agent = crate::events::AgentSessionId(settled[0].0.clone());
+        let status = Event::AgentSessionStatus(crate::events::AgentSessionStatus {
+            agent_session_id: agent.clone(),
+            status: crate::events::AgentStatus::Busy,
+        });
+        log.append(vec![NewEvent::new(status, START)]).unwrap();
+        let (live, catch_up) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        assert!(
+            matches!(&catch_up.origins[0], (_, Origin::Scratch(_))),
+            "{catch_up:?}"
+        );
+        let (rebuilt, _) = load_views(&log, None, None, true, |_| {}).unwrap();
+        assert_eq!(live.views.sessions, rebuilt.sessions);
     }
 
     #[test]

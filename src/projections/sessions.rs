@@ -454,11 +454,11 @@ pub fn rows_named(event: &Event) -> (Vec<AgentSessionId>, Vec<ChatSessionId>) {
 
 impl SessionsView {
     /// Brings a settled pair back into the view, as it was when it left (no event touched it
-    /// while away: the worker wakes what an event names before folding it). A row already
-    /// here is newer than the stored one and is kept.
-    pub fn wake(&mut self, pair: SettledPair) {
+    /// while away: the worker wakes what an event names before folding it). `false`, and
+    /// nothing changed, when a row of it is here already (then it was not away).
+    pub fn wake(&mut self, pair: SettledPair) -> bool {
         if self.agent.contains_key(&pair.agent_id) || self.chat.contains_key(&pair.chat_id) {
-            return;
+            return false;
         }
         self.index.woke(
             &pair.agent_id,
@@ -467,6 +467,7 @@ impl SessionsView {
         );
         self.agent.insert(pair.agent_id, pair.agent);
         self.chat.insert(pair.chat_id, pair.chat);
+        true
     }
 
     /// Takes a settled pair out of the view (it stays in `index.active_chats`: it is active,

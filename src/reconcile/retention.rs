@@ -75,6 +75,28 @@ impl<'a> InUse<'a> {
     }
 }
 
+/// What a sweep cannot see in memory: whether a session's row is on disk, in a settled pair
+/// away from memory (`log::rows`). Such a row is present and active: an entry whose purpose
+/// reads it stays. Implemented by the worker over its rows tree.
+pub trait AwayRows {
+    /// Whether agent session `id` is on disk.
+    fn agent(&self, id: &AgentSessionId) -> bool;
+    /// Whether chat session `id` is on disk.
+    fn chat(&self, id: &ChatSessionId) -> bool;
+}
+
+/// Every row in memory: views built whole (tests, tools).
+pub struct NothingAway;
+
+impl AwayRows for NothingAway {
+    fn agent(&self, _: &AgentSessionId) -> bool {
+        false
+    }
+    fn chat(&self, _: &ChatSessionId) -> bool {
+        false
+    }
+}
+
 /// The sweep due at `now`, if it drops anything: the final rows older than `before` =
 /// `min(now, messages_read_at) - horizon`. `messages_read_at` is when the message feed last
 /// read to its end: every message not yet read was written after it, so after `before`, and
@@ -84,6 +106,7 @@ pub fn sweep(
     now: Millis,
     messages_read_at: Millis,
     policy: &RetentionPolicy,
+    away: &dyn AwayRows,
 ) -> Option<RetentionSwept> {
     let before = now.min(messages_read_at).saturating_sub(policy.horizon_ms);
     let s = &views.sessions.state;
@@ -107,7 +130,7 @@ pub fn sweep(
     let commands: Vec<CommandId> = ledger
         .commands
         .iter()
-        .filter(|(id, e)| entry_leaves(s, m, id, e, before))
+        .filter(|(id, e)| entry_leaves(s, m, id, e, before, away))
         .map(|(id, _)| id.clone())
         .take(MAX_ROWS_PER_SWEEP - chats.len() - messages.len())
         .collect();
@@ -178,6 +201,7 @@ fn entry_leaves(
     id: &CommandId,
     e: &LedgerEntry,
     before: Millis,
+    away: &dyn AwayRows,
 ) -> bool {
     if !e.is_final() || e.updated_at >= before {
         return false;
@@ -188,11 +212,15 @@ fn entry_leaves(
         // Planned for an agent session no chat session links to. Kept while the agent session
         // exists, even once a chat session links to it: that chat session may vanish from the
         // backend (deleted there for good), and the entry is what stops a second one.
-        Some(Purpose::CreateSession(a)) => !s.agent.contains_key(&a),
+        Some(Purpose::CreateSession(a)) => !s.agent.contains_key(&a) && !away.agent(&a),
         // Planned while the agent title at `seq` differs from an active chat's title. Kept
         // while that title stands, even once mirrored: a person may rename the chat session
         // afterwards, and the entry is what keeps their title.
         Some(Purpose::RenameSession(c, seq)) => {
+            // On disk: its title stands or not, unknown here; the entry stays.
+            if away.chat(&c) {
+                return false;
+            }
             let stands = active(&c).is_some_and(|chat| {
                 let agent = chat.agent_session_id.as_ref().and_then(|a| s.agent.get(a));
                 agent.is_some_and(|a| a.title_seq == seq)

@@ -461,6 +461,12 @@ impl Worker {
                 self.dispatcher.in_flight(),
                 self.dispatcher.oldest_waiting_since(),
             );
+            if let Some(live) = self.live.as_ref() {
+                let s = &live.views.sessions.state;
+                let rows = s.agent.len() + s.chat.len();
+                self.status
+                    .residency(rows, live.away(), live.brought_back());
+            }
             let undelivered = &self.views().messages.state.undelivered;
             let oldest = undelivered.values().min().copied();
             self.status.undelivered(undelivered.len(), oldest);
@@ -587,7 +593,16 @@ impl Worker {
             return Ok(());
         }
         self.swept_at = Some(now);
-        let Some(swept) = reconcile::retention::sweep(self.views(), now, read_at, &policy) else {
+        // Off the runtime: rows on disk are looked up (their entries stay, `log::rows`).
+        let live = self.live.take().expect("views");
+        let (live, swept) = self
+            .off_runtime(move || {
+                let swept = live.retention_sweep(now, read_at, &policy);
+                (live, swept)
+            })
+            .await?;
+        self.live = Some(live);
+        let Some(swept) = swept else {
             return Ok(());
         };
         let rows = swept.commands.len() + swept.messages.len() + swept.chats.len();

@@ -86,6 +86,9 @@ pub struct WorkerStatus {
     oldest_undelivered: Gauge<f64, AtomicU64>,
     checkpoint_seq: Gauge,
     log_seq: Gauge,
+    sessions_in_memory: Gauge,
+    pairs_on_disk: Gauge,
+    pairs_brought_back: Gauge,
 }
 
 impl std::fmt::Debug for WorkerStatus {
@@ -131,6 +134,9 @@ impl WorkerStatus {
             oldest_undelivered: Gauge::default(),
             checkpoint_seq: Gauge::default(),
             log_seq: Gauge::default(),
+            sessions_in_memory: Gauge::default(),
+            pairs_on_disk: Gauge::default(),
+            pairs_brought_back: Gauge::default(),
         };
         registry.register(
             "events_appended",
@@ -202,6 +208,21 @@ impl WorkerStatus {
             "log_seq",
             "The log's last sequence number",
             s.log_seq.clone(),
+        );
+        registry.register(
+            "sessions_in_memory",
+            "Agent and chat session rows held in memory (the active ones)",
+            s.sessions_in_memory.clone(),
+        );
+        registry.register(
+            "settled_pairs_on_disk",
+            "Linked session pairs with nothing to do, kept on disk until an event names them",
+            s.pairs_on_disk.clone(),
+        );
+        registry.register(
+            "settled_pairs_brought_back",
+            "Pairs brought back from disk since the start: steady growth means churn",
+            s.pairs_brought_back.clone(),
         );
         Self { registry, ..s }
     }
@@ -305,6 +326,13 @@ impl WorkerStatus {
         let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         m.undelivered = (count, oldest);
         self.undelivered.set(count as i64);
+    }
+
+    /// Records where the sessions are: rows in memory, pairs on disk, pairs brought back.
+    pub fn residency(&self, in_memory: usize, on_disk: u64, brought_back: u64) {
+        self.sessions_in_memory.set(in_memory as i64);
+        self.pairs_on_disk.set(on_disk as i64);
+        self.pairs_brought_back.set(brought_back as i64);
     }
 
     /// The Prometheus text exposition, as of `now`.

@@ -10,7 +10,13 @@ const DAY: Millis = 24 * 60 * MIN;
 impl World {
     /// Sweeps at `now` (the message feed read just now) and appends what it drops. Returns it.
     fn sweep(&mut self) -> Option<RetentionSwept> {
-        let swept = sweep(&self.views, self.now, self.now, &RetentionPolicy::default());
+        let swept = sweep(
+            &self.views,
+            self.now,
+            self.now,
+            &RetentionPolicy::default(),
+            &super::super::retention::NothingAway,
+        );
         if let Some(s) = &swept {
             self.ev(Event::RetentionSwept(s.clone()));
         }
