@@ -940,6 +940,8 @@ fn bench_sim(n: u64) -> Res<serde_json::Value> {
         "crashes": sum(|r| r.crashes as u64),
         "agent_restarts": sum(|r| r.restarts as u64),
         "clock_steps": sum(|r| r.clock_steps as u64),
+        "pairs_on_disk_at_end": sum(|r| r.pairs_on_disk),
+        "runs_with_pairs_on_disk": reports.iter().filter(|r| r.pairs_on_disk > 0).count(),
     }))
 }
 

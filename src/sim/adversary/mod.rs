@@ -92,6 +92,9 @@ pub struct SimReport {
     pub restarts: usize,
     /// Wall-clock steps.
     pub clock_steps: usize,
+    /// Settled pairs on disk when the last process stopped (`log::rows`): the run exercised
+    /// pairs away from memory across its crashes.
+    pub pairs_on_disk: u64,
     /// Simulated time from the start to the end of the last process (true time, ms).
     pub simulated_ms: Millis,
     /// Real time the run took (ms).
@@ -142,12 +145,12 @@ pub fn run_seed_in(seed: u64, dir: &Path) -> SimReport {
 pub fn run_scenario(scenario: &Scenario, dir: &Path) -> SimReport {
     let started = Instant::now();
     let mut v = Violations::new();
-    let (events, simulated_ms) =
+    let (events, simulated_ms, pairs_on_disk) =
         match catch_unwind(AssertUnwindSafe(|| simulate(scenario, dir, &mut v))) {
             Ok(Ok(end)) => end,
             Ok(Err(e)) => {
                 v.add(audit::RUN_COMPLETED, e);
-                (0, 0)
+                (0, 0, 0)
             }
             Err(panic) => {
                 let what = panic
@@ -156,7 +159,7 @@ pub fn run_scenario(scenario: &Scenario, dir: &Path) -> SimReport {
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
                     .unwrap_or_else(|| "panicked".into());
                 v.add(audit::RUN_COMPLETED, format!("panicked: {what}"));
-                (0, 0)
+                (0, 0, 0)
             }
         };
     let is = |f: fn(&WorldAction) -> bool| scenario.count(f);
@@ -168,6 +171,7 @@ pub fn run_scenario(scenario: &Scenario, dir: &Path) -> SimReport {
         crashes: scenario.crashes.len(),
         restarts: is(|a| matches!(a, WorldAction::AgentRestart { .. })),
         clock_steps: is(|a| matches!(a, WorldAction::ClockStep { .. })),
+        pairs_on_disk,
         simulated_ms,
         wall_ms: started.elapsed().as_millis() as u64,
     }
@@ -238,7 +242,7 @@ enum End {
 }
 
 /// Runs every process of the history; returns the log's size and the simulated time.
-fn simulate(s: &Scenario, dir: &Path, v: &mut Violations) -> Result<(u64, Millis), String> {
+fn simulate(s: &Scenario, dir: &Path, v: &mut Violations) -> Result<(u64, Millis, u64), String> {
     let rt = paused_runtime()?;
     let truth = rt.block_on(async { Arc::new(TokioClock::new(T0)) });
     drop(rt);
@@ -272,7 +276,8 @@ fn simulate(s: &Scenario, dir: &Path, v: &mut Violations) -> Result<(u64, Millis
     sim.calm();
     let (report, now) = sim.process(start, None, Vec::new())?;
     let report = report.ok_or("the last process did not report")?;
-    sim.audit(&report, now, v)
+    let (events, simulated_ms) = sim.audit(&report, now, v)?;
+    Ok((events, simulated_ms, report.pairs_on_disk))
 }
 
 impl Sim<'_> {
