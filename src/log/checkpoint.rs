@@ -918,6 +918,19 @@ mod tests {
         }
     }
 
+    /// The backend's report that chat session `c`, linked to `a`, is now titled "renamed".
+    fn renamed(a: &AgentSessionId, c: &ChatSessionId) -> Event {
+        Event::BackendSessionChanged(crate::events::ChatSessionInfo {
+            chat_session_id: c.clone(),
+            agent_session_id: Some(a.clone()),
+            title: "renamed".into(),
+            model: None,
+            status: crate::events::ChatStatus::Active,
+            last_activity: START,
+            project: None,
+        })
+    }
+
     /// Found in review: the first write after the stored view was set aside (another
     /// version, a damaged row) replaces the tree, and removed the links it had just written
     /// for the pairs leaving memory: they could never come back, and a start whose tail named
@@ -952,16 +965,8 @@ mod tests {
         );
         // A start whose tail names a pair away brings it back.
         let (a, c) = &settled[0];
-        let rename = Event::BackendSessionChanged(crate::events::ChatSessionInfo {
-            chat_session_id: c.clone(),
-            agent_session_id: Some(a.clone()),
-            title: "renamed".into(),
-            model: None,
-            status: crate::events::ChatStatus::Active,
-            last_activity: START,
-            project: None,
-        });
-        log.append(vec![NewEvent::new(rename, START)]).unwrap();
+        log.append(vec![NewEvent::new(renamed(a, c), START)])
+            .unwrap();
         let (live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
         assert_eq!(live.views.sessions.state.chat[c].title, "renamed");
         assert_eq!(live.away(), settled.len() as u64 - 1);
@@ -1019,18 +1024,7 @@ mod tests {
         assert_eq!(all.sessions.state.agent, views.sessions.state.agent);
         assert_eq!(all.sessions.state.chat, views.sessions.state.chat);
         // An event naming the chat session brings the pair back, rows as they were.
-        let rename = NewEvent::new(
-            Event::BackendSessionChanged(crate::events::ChatSessionInfo {
-                chat_session_id: c.clone(),
-                agent_session_id: Some(a.clone()),
-                title: "renamed".into(),
-                model: None,
-                status: crate::events::ChatStatus::Active,
-                last_activity: START,
-                project: None,
-            }),
-            START,
-        );
+        let rename = NewEvent::new(renamed(a, c), START);
         assert!(live.needs_wake(std::slice::from_ref(&rename)));
         live.wake_for(std::slice::from_ref(&rename)).unwrap();
         assert_eq!(live.away(), settled.len() as u64 - 1);
