@@ -593,9 +593,17 @@ impl LiveViews {
     /// Whether none of these rows may be away from memory (only then is no
     /// [`LiveViews::wake`] needed). Memory only.
     pub fn all_resident(&self, agents: &[AgentSessionId], chats: &[ChatSessionId]) -> bool {
-        let s = &self.views.sessions.state;
-        agents.iter().all(|a| self.rows.is_resident_agent(s, a))
-            && chats.iter().all(|c| self.rows.is_resident_chat(s, c))
+        agents.iter().all(|a| self.agent_resident(a)) && chats.iter().all(|c| self.chat_resident(c))
+    }
+
+    /// Whether agent session `id` is known not to be on disk. Memory only.
+    pub fn agent_resident(&self, id: &AgentSessionId) -> bool {
+        self.rows.is_resident_agent(&self.views.sessions.state, id)
+    }
+
+    /// Whether chat session `id` is known not to be on disk. Memory only.
+    pub fn chat_resident(&self, id: &ChatSessionId) -> bool {
+        self.rows.is_resident_chat(&self.views.sessions.state, id)
     }
 
     /// Brings back every pair away a row of which these events name: before they are folded

@@ -361,23 +361,12 @@ impl Residency {
                 "the pair of agent session {agent_id} and chat session {chat_id} is not away"
             )));
         }
-        let agent = self.tree.get(key(AGENT, &agent_id.0))?;
-        let chat = self.tree.get(key(CHAT, &chat_id.0))?;
-        let (Some(agent), Some(chat)) = (agent, chat) else {
-            return Err(damaged(format!("the pair of {agent_id} lacks a row")));
-        };
-        self.seen_agents
-            .insert(agent_id.clone(), Some(hash(&agent)));
-        self.seen_chats.insert(chat_id.clone(), Some(hash(&chat)));
+        let (pair, hashes) = self.read_pair(agent_id.clone(), chat_id.clone())?;
+        self.seen_agents.insert(agent_id.clone(), Some(hashes.0));
+        self.seen_chats.insert(chat_id.clone(), Some(hashes.1));
         self.woken.push(agent_id.clone());
         self.away -= 1;
         self.brought_back += 1;
-        let pair = SettledPair {
-            agent_id: agent_id.clone(),
-            agent: decode(&agent, "an agent session row")?,
-            chat_id: chat_id.clone(),
-            chat: decode(&chat, "a chat session row")?,
-        };
         if !s.wake(pair) {
             return Err(damaged(format!(
                 "a row of the pair of {agent_id} and {chat_id} is both in memory and away"
@@ -451,17 +440,7 @@ impl Residency {
         let mut out = Vec::new();
         for pair in self.away_pairs(s) {
             let (agent_id, chat_id) = pair?;
-            let agent = self.tree.get(key(AGENT, &agent_id.0))?;
-            let chat = self.tree.get(key(CHAT, &chat_id.0))?;
-            let (Some(agent), Some(chat)) = (agent, chat) else {
-                return Err(damaged(format!("the pair of {agent_id} lacks a row")));
-            };
-            out.push(SettledPair {
-                agent: decode(&agent, "an agent session row")?,
-                chat: decode(&chat, "a chat session row")?,
-                agent_id,
-                chat_id,
-            });
+            out.push(self.read_pair(agent_id, chat_id)?.0);
         }
         Ok(out)
     }
@@ -558,6 +537,26 @@ impl Residency {
         }
         listed.retain(|i| !unchanged.contains(&i.chat_session_id));
         self.wake(s, &[], &back)
+    }
+
+    /// The stored rows of a pair, with the hashes of their bytes. Blocking.
+    fn read_pair(
+        &self,
+        agent_id: AgentSessionId,
+        chat_id: ChatSessionId,
+    ) -> Result<(SettledPair, (u64, u64)), LogError> {
+        let agent = self.tree.get(key(AGENT, &agent_id.0))?;
+        let chat = self.tree.get(key(CHAT, &chat_id.0))?;
+        let (Some(agent), Some(chat)) = (agent, chat) else {
+            return Err(damaged(format!("the pair of {agent_id} lacks a row")));
+        };
+        let pair = SettledPair {
+            agent: decode(&agent, "an agent session row")?,
+            chat: decode(&chat, "a chat session row")?,
+            agent_id,
+            chat_id,
+        };
+        Ok((pair, (hash(&agent), hash(&chat))))
     }
 
     /// Writes the view at its seq in one batch: the rows changed since the last write, the

@@ -982,18 +982,13 @@ impl Worker {
             _ => None,
         };
         let listed_resident = match &obs {
-            Observation::AgentSessions { result: Ok(l), .. } => {
-                let ids: Vec<_> = l
-                    .sessions
-                    .iter()
-                    .map(|i| i.agent_session_id.clone())
-                    .collect();
-                live.all_resident(&ids, &[])
-            }
-            Observation::BackendSessions { sessions, .. } => {
-                let ids: Vec<_> = sessions.iter().map(|i| i.chat_session_id.clone()).collect();
-                live.all_resident(&[], &ids)
-            }
+            Observation::AgentSessions { result: Ok(l), .. } => l
+                .sessions
+                .iter()
+                .all(|i| live.agent_resident(&i.agent_session_id)),
+            Observation::BackendSessions { sessions, .. } => sessions
+                .iter()
+                .all(|i| live.chat_resident(&i.chat_session_id)),
             _ => true,
         };
         match &obs {
@@ -1003,7 +998,8 @@ impl Worker {
             | Observation::BackendSessions { .. }
                 if full_count.is_some() || !listed_resident =>
             {
-                return self.ready_listing(obs, ours).await;
+                let obs = self.ready_listing(obs, ours).await?;
+                return Ok((obs, full_count));
             }
             Observation::AgentStatus { result: Ok(st), .. } => {
                 agents.extend(st.iter().map(|s| s.agent_session_id.clone()));
@@ -1021,7 +1017,7 @@ impl Worker {
         &mut self,
         obs: Observation,
         ours: impl Fn(&AgentSessionInfo) -> bool + Send + 'static,
-    ) -> Result<(Observation, Option<u64>), WorkerError> {
+    ) -> Result<Observation, WorkerError> {
         let mut live = self.live.take().expect("views");
         let (live, result) = self
             .off_runtime(move || {
@@ -1033,11 +1029,9 @@ impl Worker {
                         result: Ok(listing),
                         ..
                     } => {
-                        let n = listing.sessions.iter().filter(|i| ours(i)).count() as u64;
                         let (complete, as_of) = (*full && listing.complete, *as_of);
                         let listed = &mut listing.sessions;
                         live.ready_agent_listing(listed, complete, as_of, ours)
-                            .map(|()| full.then_some(n))
                     }
                     Observation::BackendSessions {
                         as_of,
@@ -1046,14 +1040,12 @@ impl Worker {
                         error,
                         ..
                     } => {
-                        let n = sessions.len() as u64;
                         let (complete, as_of) = (*full && error.is_none(), *as_of);
                         live.ready_backend_listing(sessions, complete, as_of)
-                            .map(|()| full.then_some(n))
                     }
-                    _ => Ok(None),
+                    _ => Ok(()),
                 };
-                (live, readied.map(|n| (obs, n)))
+                (live, readied.map(|()| obs))
             })
             .await?;
         self.live = Some(live);
