@@ -1110,6 +1110,17 @@ fn bench_startup(base: &Path, n: usize, setup: &StartupSetup) -> Res<serde_json:
         ..ConvexFaults::default()
     });
     let checkpoint_seq = EventLog::open(&data_dir, &opts())?.last_seq();
+    // As the previous run left it: its identity recorded, and everything on disk long ago.
+    // Without these, the start measured the first run's identity write, whose fsync waited on
+    // the gigabytes of set-up just written (70 to 90 ms at 1,000,000).
+    let url = |u: &str| reqwest::Url::parse(u).map(|u| u.to_string());
+    let identity = agentsync::events::Identity {
+        worker_id: STARTUP_WORKER.into(),
+        agent: agentsync::events::AgentIdentity::Url(url(&opencode.url)?),
+        backend: agentsync::events::BackendIdentity::Convex(url(&convex.url)?),
+    };
+    agentsync::log::store_identity(&data_dir, &identity)?;
+    nix::unistd::sync();
 
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let stderr_path = base.join("worker.log");

@@ -910,9 +910,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, views) = world(dir.path());
         log.checkpoints().save(&views.sessions).unwrap();
-        let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
-        let (k, _) = tree.scan_prefix(b"a/").next().unwrap().unwrap();
-        tree.insert(k, &b"\xc1 not a row"[..]).unwrap();
+        overwrite_first(&log, b"a/", b"\xc1 not a row");
         let err = log.checkpoints().load::<SessionsView>().unwrap_err();
         assert!(err.to_string().contains("agent session row"), "{err}");
         for resident in [false, true] {
@@ -924,6 +922,77 @@ mod tests {
             );
             assert_eq!(rebuilt.sessions, views.sessions, "resident: {resident}");
         }
+    }
+
+    /// A tree of the layout before buckets (one sled entry per record, a meta without
+    /// `layout`) is read whole, and the next write replaces it in buckets: no entry of the old
+    /// layout stays, and the settled pairs go away again.
+    #[test]
+    fn a_tree_of_one_entry_per_row_is_read_whole_and_rewritten_in_buckets() {
+        use super::super::packed;
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let settled = crate::reconcile::settled_pairs(&views);
+        assert!(!settled.is_empty());
+        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        live.write_checkpoints(&log, START).unwrap();
+        drop(live);
+        // Written as agentsync wrote it before buckets.
+        let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
+        let families: [&'static [u8]; 3] = [b"a/", b"c/", b"l/"];
+        let records: Vec<_> = families
+            .into_iter()
+            .flat_map(|f| {
+                packed::scan(&tree, f)
+                    .map(Result::unwrap)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut meta: serde_json::Value =
+            rmp_serde::from_slice(&tree.get(b"m").unwrap().unwrap()).unwrap();
+        meta.as_object_mut().unwrap().remove("layout").unwrap();
+        tree.clear().unwrap();
+        for (k, v) in &records {
+            tree.insert(k, &v[..]).unwrap();
+        }
+        tree.insert(b"m", rmp_serde::encode::to_vec_named(&meta).unwrap())
+            .unwrap();
+
+        let (mut live, catch_up) =
+            LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        assert!(
+            matches!(&catch_up.origins[0], (_, Origin::Checkpoint(_))),
+            "read from the old rows, not rebuilt: {catch_up:?}"
+        );
+        assert_eq!(live.away(), 0, "every row read into memory");
+        let (got, want) = (&live.views.sessions, &views.sessions);
+        assert!(got.state == want.state, "the view, every row in memory");
+        live.write_checkpoints(&log, START).unwrap();
+        assert_eq!(live.away(), settled.len() as u64);
+        drop(live);
+        for k in tree.iter().keys() {
+            let k = k.unwrap();
+            assert!(
+                k.as_ref() == b"m" || k.len() == 4,
+                "left of the old layout: {k:?}"
+            );
+        }
+        let (live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        assert_eq!(live.away(), settled.len() as u64);
+        assert!(live.merged().unwrap().sessions.state == views.sessions.state);
+    }
+
+    /// Overwrites the first stored record of `family` (`a/`, `c/`, `l/`) with `value`: its
+    /// key and the value it had.
+    fn overwrite_first(log: &EventLog, family: &'static [u8], value: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        use super::super::packed;
+        let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
+        let (k, v) = packed::scan(&tree, family).next().unwrap().unwrap();
+        let writes = vec![(k.clone(), Some(value.to_vec()))];
+        for (bucket, bytes) in packed::bucket_writes(&tree, writes, false).unwrap() {
+            tree.insert(bucket, bytes.unwrap()).unwrap();
+        }
+        (k, v)
     }
 
     /// The backend's report that chat session `c`, linked to `a`, is now titled "renamed".
@@ -967,7 +1036,7 @@ mod tests {
         assert_eq!(live.away(), settled.len() as u64);
         drop(live);
         assert_eq!(
-            tree.scan_prefix(b"l/").count(),
+            super::super::packed::scan(&tree, b"l/").count(),
             settled.len(),
             "a link per pair away"
         );
@@ -986,15 +1055,11 @@ mod tests {
         let (log, _) = world(dir.path());
         let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
         live.write_checkpoints(&log, START).unwrap();
-        let settled: Vec<_> = {
-            let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
-            let (k, v) = tree.scan_prefix(b"l/").next().unwrap().unwrap();
-            // The pair's link points at a chat session that is not its own.
-            tree.insert(&k, &b"chat_nobody"[..]).unwrap();
-            vec![(String::from_utf8_lossy(&k[2..]).into_owned(), v)]
-        };
+        // The pair's link points at a chat session that is not its own.
+        let (k, _) = overwrite_first(&log, b"l/", b"chat_nobody");
+        let settled = [String::from_utf8_lossy(&k[2..]).into_owned()];
         drop(live);
-        let agent = crate::events::AgentSessionId(settled[0].0.clone());
+        let agent = crate::events::AgentSessionId(settled[0].clone());
         let status = Event::AgentSessionStatus(crate::events::AgentSessionStatus {
             agent_session_id: agent.clone(),
             status: crate::events::AgentStatus::Busy,

@@ -37,6 +37,7 @@ mod checkpoint;
 mod format;
 mod identity;
 mod lock;
+mod packed;
 mod private;
 pub mod rows;
 mod segment;

@@ -4,8 +4,11 @@
 //! on disk until an event names them.
 //!
 //! Layout: `m` the meta (header, the view's fields other than its rows, the ids resident at
-//! the checkpoint, how many pairs are away); `a/ID` an agent session's row; `c/ID` a chat
-//! session's row; `l/AGENT` the chat session of a pair away from memory.
+//! the checkpoint, how many pairs are away); the records `a/ID` an agent session's row, `c/ID`
+//! a chat session's row and `l/AGENT` the chat session of a pair away from memory, packed into
+//! hash buckets ([`super::packed`]: sled's cost is per entry, and there are three records per
+//! session). A tree of the layout before buckets (meta without `layout`) is read whole once
+//! and replaced by the next write.
 //!
 //! Invariants:
 //! 1. The tree is the sessions view at `meta.seq`: each write is one atomic sled batch of the
@@ -26,7 +29,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::LogError;
+use super::{packed, LogError};
 use crate::events::{AgentSessionId, AgentSessionInfo, ChatSessionId, ChatSessionInfo};
 use crate::observe::{is_news_to_agent_row, is_news_to_chat_row};
 use crate::projections::{
@@ -52,6 +55,47 @@ struct Meta {
     resident_chats: Vec<ChatSessionId>,
     /// Settled pairs away from memory.
     away: u64,
+    /// How the records are stored: 0 one sled entry each (before buckets), [`LAYOUT`] packed.
+    #[serde(default)]
+    layout: u32,
+}
+
+/// The records packed into buckets ([`super::packed`]).
+const LAYOUT: u32 = 1;
+
+/// Records as (id, value).
+type Records<'a> = Box<dyn Iterator<Item = Result<(String, Vec<u8>), LogError>> + 'a>;
+
+/// Every record of `family` as (id, value), in either layout. Blocking.
+fn records<'a>(
+    tree: &'a sled::Tree,
+    layout: u32,
+    family: &'static [u8],
+) -> Records<'a> {
+    let id = move |k: &[u8]| String::from_utf8_lossy(&k[family.len()..]).into_owned();
+    if layout == LAYOUT {
+        Box::new(packed::scan(tree, family).map(move |r| r.map(|(k, v)| (id(&k), v))))
+    } else {
+        Box::new(
+            tree.scan_prefix(family)
+                .map(move |r| r.map(|(k, v)| (id(&k), v.to_vec())).map_err(LogError::from)),
+        )
+    }
+}
+
+/// Every agent and chat session row stored, into `state`. Blocking.
+fn read_all_rows(tree: &sled::Tree, layout: u32, state: &mut SessionsView) -> Result<(), LogError> {
+    for record in records(tree, layout, AGENT) {
+        let (id, v) = record?;
+        let row = decode(&v, "an agent session row")?;
+        state.agent.insert(AgentSessionId(id), row);
+    }
+    for record in records(tree, layout, CHAT) {
+        let (id, v) = record?;
+        let row = decode(&v, "a chat session row")?;
+        state.chat.insert(ChatSessionId(id), row);
+    }
+    Ok(())
 }
 
 fn key(prefix: &[u8], id: &str) -> Vec<u8> {
@@ -124,16 +168,7 @@ pub(super) fn load_all(tree: &sled::Tree) -> Result<Option<Checkpoint<SessionsVi
     };
     let mut state = meta.state;
     if meta.version == SessionsView::VERSION {
-        for item in tree.scan_prefix(AGENT) {
-            let (k, v) = item?;
-            let id = AgentSessionId(String::from_utf8_lossy(&k[AGENT.len()..]).into_owned());
-            state.agent.insert(id, decode(&v, "an agent session row")?);
-        }
-        for item in tree.scan_prefix(CHAT) {
-            let (k, v) = item?;
-            let id = ChatSessionId(String::from_utf8_lossy(&k[CHAT.len()..]).into_owned());
-            state.chat.insert(id, decode(&v, "a chat session row")?);
-        }
+        read_all_rows(tree, meta.layout, &mut state)?;
     }
     Ok(Some(Checkpoint {
         name: meta.name,
@@ -169,10 +204,10 @@ pub(super) fn save_all(
     Ok(())
 }
 
-/// Most writes a checkpoint applies as one sled batch. sled holds a batch whole in memory
+/// Most bytes a checkpoint writes as one sled batch. sled holds a batch whole in memory
 /// several times over: at 100,000 sessions, one batch of every row took the process from 1.0
 /// to 2.7 GB (`agentsync-bench startup`), and at 1,000,000 past the machine's 24 GB.
-const BATCH_WRITES: usize = 20_000;
+const BATCH_BYTES: usize = 16 << 20;
 
 /// A checkpoint's writes, in order.
 #[derive(Default)]
@@ -187,30 +222,46 @@ impl Writes {
     }
 }
 
-/// Applies `writes` and then `meta`, durably. Up to `BATCH_WRITES`, one atomic batch (the
-/// usual case: what changed since the last checkpoint). Beyond, in pieces, the meta removed
-/// first and written last: sled recovers a prefix of its operations, so a crash in between
-/// leaves no stored view at all (the next start rebuilds the sessions view from the log, as
-/// for a damaged checkpoint), never a meta over rows of another seq.
-fn commit(tree: &sled::Tree, writes: Writes, meta: Vec<u8>) -> Result<(), LogError> {
-    let batch_of = |ops: &[(Vec<u8>, Option<Vec<u8>>)]| {
-        let mut batch = sled::Batch::default();
-        for (k, v) in ops {
-            match v {
-                Some(v) => batch.insert(&k[..], &v[..]),
-                None => batch.remove(&k[..]),
+/// Applies `writes` to records and then `meta`, durably. `replace`: the tree is replaced
+/// whole (invariant 4): buckets start empty and every other key goes. Up to `BATCH_BYTES`, one
+/// atomic batch (the usual case: what changed since the last checkpoint). Beyond, in pieces,
+/// the meta removed first and written last: sled recovers a prefix of its operations, so a
+/// crash in between leaves no stored view at all (the next start rebuilds the sessions view
+/// from the log, as for a damaged checkpoint), never a meta over rows of another seq.
+fn commit(tree: &sled::Tree, writes: Writes, meta: Vec<u8>, replace: bool) -> Result<(), LogError> {
+    let mut ops = packed::bucket_writes(tree, writes.0, replace)?;
+    if replace {
+        let fresh: FxHashSet<Vec<u8>> = ops.iter().map(|(k, _)| k.clone()).collect();
+        for item in tree.iter().keys() {
+            let k = item?;
+            if k.as_ref() != META && !fresh.contains(k.as_ref()) {
+                ops.push((k.to_vec(), None));
             }
         }
-        batch
-    };
-    if writes.0.len() < BATCH_WRITES {
-        let mut batch = batch_of(&writes.0);
+    }
+    let size = |op: &packed::Write| op.0.len() + op.1.as_ref().map_or(0, Vec::len);
+    let mut pieces = vec![sled::Batch::default()];
+    let mut bytes = 0;
+    for op in &ops {
+        if bytes + size(op) > BATCH_BYTES && bytes > 0 {
+            pieces.push(sled::Batch::default());
+            bytes = 0;
+        }
+        bytes += size(op);
+        let batch = pieces.last_mut().expect("one batch at least");
+        match &op.1 {
+            Some(v) => batch.insert(&op.0[..], &v[..]),
+            None => batch.remove(&op.0[..]),
+        }
+    }
+    drop(ops);
+    if let [batch] = &mut pieces[..] {
         batch.insert(META, meta);
-        tree.apply_batch(batch)?;
+        tree.apply_batch(std::mem::take(batch))?;
     } else {
         tree.remove(META)?;
-        for ops in writes.0.chunks(BATCH_WRITES) {
-            tree.apply_batch(batch_of(ops))?;
+        for batch in pieces {
+            tree.apply_batch(batch)?;
         }
         tree.insert(META, meta)?;
     }
@@ -263,6 +314,19 @@ impl Residency {
         if meta.version != SessionsView::VERSION {
             return Ok(None);
         }
+        if meta.layout != LAYOUT {
+            // Before buckets: every row comes into memory once, and the next write replaces
+            // the tree in buckets, sending the settled pairs away again.
+            let mut state = meta.state;
+            read_all_rows(tree, meta.layout, &mut state)?;
+            let checkpoint = Checkpoint {
+                name: meta.name,
+                version: meta.version,
+                seq: meta.seq,
+                state,
+            };
+            return Ok(Some((checkpoint, Residency::replacing(tree.clone()))));
+        }
         let mut residency = Residency {
             replace: false,
             away: meta.away,
@@ -270,16 +334,14 @@ impl Residency {
         };
         let mut state = meta.state;
         for id in meta.resident_agents {
-            let bytes = tree
-                .get(key(AGENT, &id.0))?
+            let bytes = packed::get(tree, &key(AGENT, &id.0))?
                 .ok_or_else(|| damaged(format!("resident agent session {id} has no row")))?;
             let row: AgentSessionRow = decode(&bytes, "an agent session row")?;
             residency.seen_agents.insert(id.clone(), Some(hash(&bytes)));
             state.agent.insert(id, row);
         }
         for id in meta.resident_chats {
-            let bytes = tree
-                .get(key(CHAT, &id.0))?
+            let bytes = packed::get(tree, &key(CHAT, &id.0))?
                 .ok_or_else(|| damaged(format!("resident chat session {id} has no row")))?;
             let row: ChatSessionRow = decode(&bytes, "a chat session row")?;
             residency.seen_chats.insert(id.clone(), Some(hash(&bytes)));
@@ -329,7 +391,7 @@ impl Residency {
         }
         for id in agents {
             if !s.agent.contains_key(id) && !self.seen_agents.contains_key(id) {
-                if let Some(chat) = self.tree.get(key(LINK, &id.0))? {
+                if let Some(chat) = packed::get(&self.tree, &key(LINK, &id.0))? {
                     let chat = ChatSessionId(String::from_utf8_lossy(&chat).into_owned());
                     self.bring_back(s, id, &chat)?;
                 }
@@ -337,7 +399,7 @@ impl Residency {
         }
         for id in chats {
             if !s.chat.contains_key(id) && !self.seen_chats.contains_key(id) {
-                if let Some(bytes) = self.tree.get(key(CHAT, &id.0))? {
+                if let Some(bytes) = packed::get(&self.tree, &key(CHAT, &id.0))? {
                     let row: ChatSessionRow = decode(&bytes, "a chat session row")?;
                     let agent = row.agent_session_id.ok_or_else(|| {
                         damaged(format!("chat session {id} is away but linked to nothing"))
@@ -355,7 +417,7 @@ impl Residency {
         agent_id: &AgentSessionId,
         chat_id: &ChatSessionId,
     ) -> Result<(), LogError> {
-        let link = self.tree.get(key(LINK, &agent_id.0))?;
+        let link = packed::get(&self.tree, &key(LINK, &agent_id.0))?;
         if link.as_deref() != Some(chat_id.0.as_bytes()) {
             return Err(damaged(format!(
                 "the pair of agent session {agent_id} and chat session {chat_id} is not away"
@@ -383,11 +445,11 @@ impl Residency {
     ) -> Result<Option<AgentSessionRow>, LogError> {
         if self.replace
             || self.is_resident_agent(s, id)
-            || self.tree.get(key(LINK, &id.0))?.is_none()
+            || packed::get(&self.tree, &key(LINK, &id.0))?.is_none()
         {
             return Ok(None);
         }
-        let bytes = self.tree.get(key(AGENT, &id.0))?;
+        let bytes = packed::get(&self.tree, &key(AGENT, &id.0))?;
         bytes
             .map(|b| decode(&b, "an agent session row"))
             .transpose()
@@ -402,13 +464,13 @@ impl Residency {
         if self.replace || self.is_resident_chat(s, id) {
             return Ok(None);
         }
-        let Some(bytes) = self.tree.get(key(CHAT, &id.0))? else {
+        let Some(bytes) = packed::get(&self.tree, &key(CHAT, &id.0))? else {
             return Ok(None);
         };
         let row: ChatSessionRow = decode(&bytes, "a chat session row")?;
         // Away only as half of a pair whose link names it (invariant 3).
         let linked = match &row.agent_session_id {
-            Some(a) => self.tree.get(key(LINK, &a.0))?,
+            Some(a) => packed::get(&self.tree, &key(LINK, &a.0))?,
             None => None,
         };
         Ok((linked.as_deref() == Some(id.0.as_bytes())).then_some(row))
@@ -421,13 +483,12 @@ impl Residency {
     ) -> impl Iterator<Item = Result<(AgentSessionId, ChatSessionId), LogError>> + 'a {
         // A tree to be replaced has nothing away (invariant 4).
         let all = if self.replace { 0 } else { usize::MAX };
-        self.tree
-            .scan_prefix(LINK)
+        packed::scan(&self.tree, LINK)
             .take(all)
             .filter_map(move |item| {
                 let (k, v) = match item {
                     Ok(kv) => kv,
-                    Err(e) => return Some(Err(e.into())),
+                    Err(e) => return Some(Err(e)),
                 };
                 let agent = AgentSessionId(String::from_utf8_lossy(&k[LINK.len()..]).into_owned());
                 let chat = ChatSessionId(String::from_utf8_lossy(&v).into_owned());
@@ -450,10 +511,7 @@ impl Residency {
     pub fn agent_away(&self, s: &SessionsView, id: &AgentSessionId) -> bool {
         !self.replace
             && !self.is_resident_agent(s, id)
-            && self
-                .tree
-                .get(key(LINK, &id.0))
-                .map_or(true, |l| l.is_some())
+            && packed::get(&self.tree, &key(LINK, &id.0)).map_or(true, |l| l.is_some())
     }
 
     /// Whether chat session `id` is on disk (see `agent_away`). Blocking.
@@ -545,8 +603,8 @@ impl Residency {
         agent_id: AgentSessionId,
         chat_id: ChatSessionId,
     ) -> Result<(SettledPair, (u64, u64)), LogError> {
-        let agent = self.tree.get(key(AGENT, &agent_id.0))?;
-        let chat = self.tree.get(key(CHAT, &chat_id.0))?;
+        let agent = packed::get(&self.tree, &key(AGENT, &agent_id.0))?;
+        let chat = packed::get(&self.tree, &key(CHAT, &chat_id.0))?;
         let (Some(agent), Some(chat)) = (agent, chat) else {
             return Err(damaged(format!("the pair of {agent_id} lacks a row")));
         };
@@ -568,16 +626,14 @@ impl Residency {
     ) -> Result<(), LogError> {
         let s = &tracked.state;
         let mut batch = Writes::default();
-        let mut written: Vec<Vec<u8>> = Vec::new();
         let mut seen_agents = FxHashMap::default();
         for (id, row) in &s.agent {
             let bytes = encode(row);
             let h = hash(&bytes);
             let k = key(AGENT, &id.0);
             if self.replace || self.seen_agents.get(id) != Some(&Some(h)) {
-                batch.insert(k.clone(), bytes);
+                batch.insert(k, bytes);
             }
-            written.push(k);
             seen_agents.insert(id.clone(), Some(h));
         }
         let mut seen_chats = FxHashMap::default();
@@ -586,9 +642,8 @@ impl Residency {
             let h = hash(&bytes);
             let k = key(CHAT, &id.0);
             if self.replace || self.seen_chats.get(id) != Some(&Some(h)) {
-                batch.insert(k.clone(), bytes);
+                batch.insert(k, bytes);
             }
-            written.push(k);
             seen_chats.insert(id.clone(), Some(h));
         }
         for id in self
@@ -613,20 +668,7 @@ impl Residency {
             .filter(|(a, c)| s.agent.contains_key(a) && s.chat.contains_key(c))
             .collect();
         for (a, c) in &leaving {
-            let k = key(LINK, &a.0);
-            batch.insert(k.clone(), c.0.as_bytes());
-            // Written: a replacing write must not take it for a key of another start.
-            written.push(k);
-        }
-        if self.replace {
-            // Invariant 4: nothing of another start may stay.
-            written.sort();
-            for item in self.tree.iter().keys() {
-                let k = item?;
-                if k.as_ref() != META && written.binary_search_by(|w| w[..].cmp(&k)).is_err() {
-                    batch.remove(k.to_vec());
-                }
-            }
+            batch.insert(key(LINK, &a.0), c.0.as_bytes());
         }
         let gone_a: std::collections::HashSet<&AgentSessionId> =
             leaving.iter().map(|(a, _)| a).collect();
@@ -650,8 +692,10 @@ impl Residency {
                 .cloned()
                 .collect(),
             away: self.away + leaving.len() as u64,
+            layout: LAYOUT,
         };
-        commit(&self.tree, batch, encode(&meta))?;
+        // Invariant 4: a replacing write leaves nothing of another start.
+        commit(&self.tree, batch, encode(&meta), self.replace)?;
         let leaving: Vec<(AgentSessionId, ChatSessionId)> = leaving.into_iter().cloned().collect();
         for (a, c) in &leaving {
             tracked.state.evict(a, c);
