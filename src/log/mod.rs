@@ -8,6 +8,7 @@
 //! DIR/IDENTITY.json the worker id, agent server and backend the directory belongs to (mode 0600)
 //! DIR/log/          the sled database
 //!     tree events       u64 big-endian seq -> envelope JSON
+//!     tree views.sessions   the sessions view's checkpoint, its rows in hash buckets (`rows`)
 //! DIR/checkpoints/  one file per projection (NAME.ckpt: MessagePack in zstd), replaced atomically
 //! DIR/archive/      compressed segments of old events (`agentsync archive`, see [`archive`])
 //!     FIRST-LAST.seg    seqs FIRST..=LAST with an index of the ids they mention (0600)

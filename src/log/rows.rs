@@ -67,11 +67,7 @@ const LAYOUT: u32 = 1;
 type Records<'a> = Box<dyn Iterator<Item = Result<(String, Vec<u8>), LogError>> + 'a>;
 
 /// Every record of `family` as (id, value), in either layout. Blocking.
-fn records<'a>(
-    tree: &'a sled::Tree,
-    layout: u32,
-    family: &'static [u8],
-) -> Records<'a> {
+fn records<'a>(tree: &'a sled::Tree, layout: u32, family: &'static [u8]) -> Records<'a> {
     let id = move |k: &[u8]| String::from_utf8_lossy(&k[family.len()..]).into_owned();
     if layout == LAYOUT {
         Box::new(packed::scan(tree, family).map(move |r| r.map(|(k, v)| (id(&k), v))))
