@@ -56,12 +56,15 @@ pub(super) fn bucket_of(key: &[u8]) -> [u8; 4] {
     [family[0], family[1], hi, lo]
 }
 
-/// The records of a bucket's bytes, in order; a record cut short is an error.
+/// The records of a bucket's bytes, in order. A record cut short, one out of order, or one
+/// whose key does not hash to this bucket (invariant 1) is an error: the bytes are on disk,
+/// and anything may have happened to them.
 fn records<'a>(
     bucket: &'a [u8],
     bytes: &'a [u8],
 ) -> impl Iterator<Item = Result<(&'a [u8], &'a [u8]), LogError>> + 'a {
     let mut rest = bytes;
+    let mut previous: &'a [u8] = &[];
     std::iter::from_fn(move || {
         if rest.is_empty() {
             return None;
@@ -78,7 +81,16 @@ fn records<'a>(
             rest = tail;
             Ok(field)
         };
-        let record = field().and_then(|k| Ok((k, field()?)));
+        let record = field().and_then(|k| Ok((k, field()?))).and_then(|(k, v)| {
+            if k.len() < FAMILY || bucket_of(k)[..] != bucket[..] {
+                return Err(damaged(bucket, "a record is not of this bucket"));
+            }
+            if k <= previous {
+                return Err(damaged(bucket, "records are out of order"));
+            }
+            previous = k;
+            Ok((k, v))
+        });
         if record.is_err() {
             rest = &[];
         }
@@ -227,10 +239,9 @@ mod tests {
 
     #[test]
     fn a_bucket_number_is_fixed_by_crc32_of_the_id() {
-        // crc32("ses_1") = 0x4ee2fd9b (IEEE): a change of hash would strand every stored row.
-        assert_eq!(crc32fast::hash(b"ses_1"), 0x4ee2_fd9b);
-        let n = (0x4ee2_fd9b_u32 % BUCKETS) as u16;
-        assert_eq!(bucket_of(b"a/ses_1")[2..], n.to_be_bytes());
+        // crc32("ses_1") = 0x4ee2fd9b (IEEE), and 0x4ee2fd9b % 16,384 = 0x3d9b: a change of
+        // hash or of the number of buckets would strand every stored row.
+        assert_eq!(bucket_of(b"a/ses_1"), *b"a/\x3d\x9b");
         assert_eq!(bucket_of(b"c/ses_1")[..2], *b"c/");
     }
 
@@ -250,6 +261,33 @@ mod tests {
             assert!(scan(&tree, b"a/").any(|r| r.is_err()));
             let writes = vec![(b"a/x".to_vec(), None)];
             assert!(bucket_writes(&tree, writes, false).is_err());
+        }
+        // Whole records that do not belong: a key shorter than a family, one of another
+        // bucket, two out of order.
+        let record = |k: &[u8], v: &[u8]| {
+            let mut out = (k.len() as u32).to_le_bytes().to_vec();
+            out.extend_from_slice(k);
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            out.extend_from_slice(v);
+            out
+        };
+        let other = (0..)
+            .map(|i| format!("a/y{i}"))
+            .find(|k| bucket_of(k.as_bytes()) != bucket);
+        let bad = [
+            record(b"", b""),
+            record(b"a", b"row"),
+            record(other.unwrap().as_bytes(), b"row"),
+            [record(b"a/x", b"row"), record(b"a/x", b"row")].concat(),
+        ];
+        for bytes in bad {
+            tree.insert(bucket, bytes).unwrap();
+            let err = get(&tree, b"a/x").map(|_| ()).and_then(|()| {
+                scan(&tree, b"a/")
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|_| ())
+            });
+            assert!(err.unwrap_err().to_string().contains("damaged"));
         }
     }
 }

@@ -63,6 +63,17 @@ struct Meta {
 /// The records packed into buckets ([`super::packed`]).
 const LAYOUT: u32 = 1;
 
+/// A layout of another agentsync is damage to this one (the view is set aside and rebuilt),
+/// never read as one of ours.
+fn known_layout(layout: u32) -> Result<(), LogError> {
+    match layout {
+        0 | LAYOUT => Ok(()),
+        other => Err(damaged(format!(
+            "row layout {other} is unknown to this binary"
+        ))),
+    }
+}
+
 /// Records as (id, value).
 type Records<'a> = Box<dyn Iterator<Item = Result<(String, Vec<u8>), LogError>> + 'a>;
 
@@ -164,6 +175,7 @@ pub(super) fn load_all(tree: &sled::Tree) -> Result<Option<Checkpoint<SessionsVi
     };
     let mut state = meta.state;
     if meta.version == SessionsView::VERSION {
+        known_layout(meta.layout)?;
         read_all_rows(tree, meta.layout, &mut state)?;
     }
     Ok(Some(Checkpoint {
@@ -200,10 +212,14 @@ pub(super) fn save_all(
     Ok(())
 }
 
-/// Most bytes a checkpoint writes as one sled batch. sled holds a batch whole in memory
-/// several times over: at 100,000 sessions, one batch of every row took the process from 1.0
-/// to 2.7 GB (`agentsync-bench startup`), and at 1,000,000 past the machine's 24 GB.
-const BATCH_BYTES: usize = 16 << 20;
+/// Most bucket writes, and most bytes, a checkpoint applies as one sled batch. sled holds a
+/// batch whole in memory several times over: at 100,000 sessions, one batch of every row (one
+/// entry each, before buckets) took the process from 1.0 to 2.7 GB (`agentsync-bench
+/// startup`), and at 1,000,000 past the machine's 24 GB. At 1,000,000 sessions a bucket is
+/// about 10 KB, so a checkpoint stays one atomic batch up to about 6,000 changed rows.
+/// (Unit tests write in pieces past 1,000, so that small views take that path too.)
+const BATCH_WRITES: usize = if cfg!(test) { 1_000 } else { 20_000 };
+const BATCH_BYTES: usize = 64 << 20;
 
 /// A checkpoint's writes, in order.
 #[derive(Default)]
@@ -219,8 +235,9 @@ impl Writes {
 }
 
 /// Applies `writes` to records and then `meta`, durably. `replace`: the tree is replaced
-/// whole (invariant 4): buckets start empty and every other key goes. Up to `BATCH_BYTES`, one
-/// atomic batch (the usual case: what changed since the last checkpoint). Beyond, in pieces,
+/// whole (invariant 4): buckets start empty and every other key goes. Up to `BATCH_WRITES` and
+/// `BATCH_BYTES`, one atomic batch (the usual case: what changed since the last checkpoint).
+/// Beyond, in pieces,
 /// the meta removed first and written last: sled recovers a prefix of its operations, so a
 /// crash in between leaves no stored view at all (the next start rebuilds the sessions view
 /// from the log, as for a damaged checkpoint), never a meta over rows of another seq.
@@ -235,34 +252,43 @@ fn commit(tree: &sled::Tree, writes: Writes, meta: Vec<u8>, replace: bool) -> Re
             }
         }
     }
-    let size = |op: &packed::Write| op.0.len() + op.1.as_ref().map_or(0, Vec::len);
-    let mut pieces = vec![sled::Batch::default()];
-    let mut bytes = 0;
-    for op in &ops {
-        if bytes + size(op) > BATCH_BYTES && bytes > 0 {
-            pieces.push(sled::Batch::default());
-            bytes = 0;
+    for piece in pieces(ops, meta) {
+        let mut batch = sled::Batch::default();
+        for (k, v) in piece {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
         }
-        bytes += size(op);
-        let batch = pieces.last_mut().expect("one batch at least");
-        match &op.1 {
-            Some(v) => batch.insert(&op.0[..], &v[..]),
-            None => batch.remove(&op.0[..]),
-        }
-    }
-    drop(ops);
-    if let [batch] = &mut pieces[..] {
-        batch.insert(META, meta);
-        tree.apply_batch(std::mem::take(batch))?;
-    } else {
-        tree.remove(META)?;
-        for batch in pieces {
-            tree.apply_batch(batch)?;
-        }
-        tree.insert(META, meta)?;
+        tree.apply_batch(batch)?;
     }
     tree.flush()?;
     Ok(())
+}
+
+/// The sled batches that apply `ops` and then the meta, in order: one batch when it fits,
+/// else the meta's removal, the writes in pieces, and the meta with the last piece.
+fn pieces(ops: Vec<packed::Write>, meta: Vec<u8>) -> Vec<Vec<packed::Write>> {
+    let size = |op: &packed::Write| op.0.len() + op.1.as_ref().map_or(0, Vec::len);
+    let meta = (META.to_vec(), Some(meta));
+    if ops.len() < BATCH_WRITES && ops.iter().map(size).sum::<usize>() <= BATCH_BYTES {
+        let mut whole = ops;
+        whole.push(meta);
+        return vec![whole];
+    }
+    let mut out = vec![vec![(META.to_vec(), None)]];
+    let (mut piece, mut bytes) = (Vec::new(), 0);
+    for op in ops {
+        if !piece.is_empty() && (piece.len() == BATCH_WRITES || bytes + size(&op) > BATCH_BYTES) {
+            out.push(std::mem::take(&mut piece));
+            bytes = 0;
+        }
+        bytes += size(&op);
+        piece.push(op);
+    }
+    piece.push(meta);
+    out.push(piece);
+    out
 }
 
 /// Which rows are in memory and which the tree holds for them: what a worker's checkpoints
@@ -310,6 +336,7 @@ impl Residency {
         if meta.version != SessionsView::VERSION {
             return Ok(None);
         }
+        known_layout(meta.layout)?;
         if meta.layout != LAYOUT {
             // Before buckets: every row comes into memory once, and the next write replaces
             // the tree in buckets, sending the settled pairs away again.
@@ -704,5 +731,47 @@ impl Residency {
         self.woken.clear();
         self.replace = false;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write too large for one batch goes in pieces, the meta removed first and written
+    /// last: a crash in between leaves no stored view, never a meta over rows of another seq.
+    #[test]
+    fn a_large_write_goes_in_pieces_between_the_meta_removed_and_the_meta_written() {
+        let write = |i: usize| (format!("a/{i:06}").into_bytes(), Some(vec![7; 100]));
+        let small: Vec<packed::Write> = (0..10).map(write).collect();
+        let one = pieces(small.clone(), b"meta".to_vec());
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0][..10], small[..]);
+        assert_eq!(one[0][10], (META.to_vec(), Some(b"meta".to_vec())));
+
+        let large: Vec<packed::Write> = (0..2 * BATCH_WRITES + 7).map(write).collect();
+        let many = pieces(large.clone(), b"meta".to_vec());
+        assert_eq!(many.len(), 4, "the removal, then three pieces");
+        assert_eq!(many[0], vec![(META.to_vec(), None)]);
+        let last = many.last().unwrap().last().unwrap();
+        assert_eq!(*last, (META.to_vec(), Some(b"meta".to_vec())));
+        let middle: Vec<packed::Write> = many[1..].concat();
+        assert_eq!(
+            middle[..middle.len() - 1],
+            large[..],
+            "every write once, in order"
+        );
+        assert!(many.iter().all(|p| p.len() <= BATCH_WRITES + 1));
+        let metas = many.concat().into_iter().filter(|(k, _)| k == META).count();
+        assert_eq!(metas, 2);
+
+        // And by bytes: two writes over the limit together go apart.
+        let big = |i: usize| {
+            (
+                format!("a/{i}").into_bytes(),
+                Some(vec![0; BATCH_BYTES / 2 + 1]),
+            )
+        };
+        assert_eq!(pieces((0..2).map(big).collect(), b"m".to_vec()).len(), 3);
     }
 }
