@@ -1069,6 +1069,21 @@ mod tests {
         assert!(live.merged().unwrap().sessions.state == want.sessions.state);
     }
 
+    /// `sessions` with `n` more agent sessions, `extra_0` on, copies of its first.
+    fn with_extra_agents(sessions: &Tracked<SessionsView>, n: usize) -> Tracked<SessionsView> {
+        let mut many = sessions.clone();
+        let first = many.state.agent.values().next().unwrap().clone();
+        for i in 0..n {
+            let row = crate::projections::AgentSessionRow {
+                title: format!("extra {i}"),
+                ..first.clone()
+            };
+            let id = AgentSessionId(format!("extra_{i}"));
+            many.state.agent.insert(id, row);
+        }
+        many
+    }
+
     /// A replacing write (a rebuilt view, `save_all`) leaves no record of the view it
     /// replaces, even in a bucket it rewrites: a session gone from the new view is gone from
     /// the tree.
@@ -1077,15 +1092,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, views) = world(dir.path());
         let store = log.checkpoints();
-        let mut many = views.sessions.clone();
         // Enough sessions that every bucket the smaller view writes also held one of these.
-        for i in 0..20_000 {
-            let mut row = many.state.agent.values().next().unwrap().clone();
-            row.title = format!("extra {i}");
-            many.state
-                .agent
-                .insert(AgentSessionId(format!("extra_{i}")), row);
-        }
+        let many = with_extra_agents(&views.sessions, 20_000);
         store.save(&many).unwrap();
         store.save(&views.sessions).unwrap();
         let loaded = store.load::<SessionsView>().unwrap().unwrap();
@@ -1101,14 +1109,7 @@ mod tests {
         let (log, views) = world(dir.path());
         let store = log.checkpoints();
         store.save(&views.sessions).unwrap();
-        let mut many = views.sessions.clone();
-        for i in 0..5_000 {
-            let mut row = many.state.agent.values().next().unwrap().clone();
-            row.title = format!("extra {i}");
-            many.state
-                .agent
-                .insert(AgentSessionId(format!("extra_{i}")), row);
-        }
+        let many = with_extra_agents(&views.sessions, 5_000);
         store.save(&many).unwrap();
         let loaded = store.load::<SessionsView>().unwrap().unwrap();
         assert!(loaded.state.agent == many.state.agent);
