@@ -1014,10 +1014,16 @@ fn archive_leaves_export_replay_why_and_rebuild_as_they_were() {
     let view = before(&["--at", "50", "--view", "messages", "--json"], "replay");
     assert!(!why.is_empty());
 
-    let out = agentsync_in(dir.path(), "archive", &[]);
+    // With the database compacted after: everything below reads as before.
+    let out = agentsync_in(dir.path(), "archive", &["--compact"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
         stdout(&out).contains(&format!("archived {n} event(s) into 1 new segment(s)")),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("compacted the log database"),
         "{}",
         stdout(&out)
     );
@@ -1031,6 +1037,11 @@ fn archive_leaves_export_replay_why_and_rebuild_as_they_were() {
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&segs[0]), 0o600);
     assert_eq!(mode(&dir.path().join("archive")), 0o700);
+    assert_eq!(
+        mode(&dir.path().join("log")),
+        0o700,
+        "the compacted database"
+    );
 
     let after = |args: &[&str], sub: &str| {
         let out = agentsync_in(dir.path(), sub, args);

@@ -301,3 +301,114 @@ fn links_name_every_event_across_the_boundary_and_decode_only_the_needles() {
         assert_eq!(l.event.as_ref(), holds.then_some(e), "seq {}", e.seq);
     }
 }
+
+/// Every stored projection's checkpoint, as tools read it.
+fn stored_views(log: &EventLog) -> Vec<serde_json::Value> {
+    let store = log.checkpoints();
+    ["sessions", "messages", "commands"]
+        .iter()
+        .map(|name| serde_json::to_value(store.load_raw(name).unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_compaction_after_an_archive_keeps_every_event_and_view_and_gives_the_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored = random_log(dir.path(), 13, 3000);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    let last = log.last_seq();
+    checkpoint_at(&log, last - 40);
+    log.archive(&archive_all(1000), LATER).unwrap();
+    let views = stored_views(&log);
+    let report = log.compact().unwrap();
+    assert!(
+        report.bytes_after < report.bytes_before,
+        "sled keeps what the archive removed until compacted: {report:?}"
+    );
+    assert!(report.entries >= 40, "{report:?}");
+    for leftover in ["log.compact", "log.old"] {
+        assert!(
+            !dir.path().join(leftover).exists(),
+            "{leftover} left behind"
+        );
+    }
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    assert_eq!(log.last_seq(), last);
+    assert_eq!(all(&log, ReadFilter::default()), stored);
+    assert_eq!(stored_views(&log), views);
+    let more = log
+        .append(agentsync::testkit::History::of(
+            &agentsync::testkit::History::random_steps(3, 5),
+            LATER,
+        ))
+        .unwrap();
+    assert_eq!(more[0].seq, last + 1);
+}
+
+/// A crash at each point of a compaction leaves a directory the next open finishes or undoes
+/// (`log::compact`'s invariants), with nothing lost.
+#[test]
+fn a_compaction_cut_at_any_point_is_finished_or_undone_at_the_next_open() {
+    let cp = |from: &std::path::Path, to: &std::path::Path| {
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let source = tempfile::tempdir().unwrap();
+    let stored = random_log(source.path(), 14, 500);
+    // A finished copy of the database, as `log.compact/` is before the swap.
+    let copy = tempfile::tempdir().unwrap();
+    {
+        let log = EventLog::open(source.path(), &common::create()).unwrap();
+        drop(log);
+        cp(&source.path().join("log"), &copy.path().join("log.compact"));
+    }
+    let cases: [(&str, &[(&str, &str)]); 4] = [
+        // Cut while copying (or before the first rename): the copy is dropped.
+        (
+            "copy beside the database",
+            &[("log", "log"), ("log.compact", "log.compact")],
+        ),
+        // Cut between the renames: the copy is the database.
+        (
+            "between the renames",
+            &[("log", "log.old"), ("log.compact", "log.compact")],
+        ),
+        // Cut after the swap, before the old one is removed.
+        (
+            "old beside the new",
+            &[("log", "log.old"), ("log.compact", "log")],
+        ),
+        // A half-written copy beside the database (garbage where sled's files would be).
+        ("a torn copy", &[("log", "log")]),
+    ];
+    for (name, layout) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let format = "FORMAT.json";
+        std::fs::copy(source.path().join(format), dir.path().join(format)).unwrap();
+        for (from, to) in layout {
+            let from = if *from == "log.compact" {
+                copy.path().join(from)
+            } else {
+                source.path().join(from)
+            };
+            cp(&from, &dir.path().join(to));
+        }
+        if name == "a torn copy" {
+            std::fs::create_dir(dir.path().join("log.compact")).unwrap();
+            std::fs::write(dir.path().join("log.compact/db"), b"torn").unwrap();
+        }
+        let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+        assert_eq!(all(&log, ReadFilter::default()), stored, "{name}");
+        for leftover in ["log.compact", "log.old"] {
+            assert!(
+                !dir.path().join(leftover).exists(),
+                "{name}: {leftover} left"
+            );
+        }
+    }
+}

@@ -114,6 +114,11 @@ enum What {
         /// the start lists both sides in full, as every start did before.
         #[arg(long)]
         no_cursors: bool,
+        /// The previous run's history archived and its log database compacted (`agentsync
+        /// archive --compact`): sessions that came in longer ago than the retention window.
+        /// Without it, the events that brought every session in are all in the live log.
+        #[arg(long)]
+        archived: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -208,6 +213,7 @@ fn main() -> std::process::ExitCode {
             active_percent,
             dir,
             no_cursors,
+            archived,
             json,
         } => {
             let base = dir
@@ -215,6 +221,7 @@ fn main() -> std::process::ExitCode {
                 .join(format!("agentsync-startup-{}", std::process::id()));
             let setup = StartupSetup {
                 cursors: !no_cursors,
+                archived,
                 backend_latency_ms,
                 agent_latency_ms,
                 active_percent,
@@ -973,6 +980,8 @@ const STARTUP_WORKER: &str = "bench";
 struct StartupSetup {
     /// Whether the data dir holds the feeds' cursors.
     cursors: bool,
+    /// The seed's events archived and the log database compacted.
+    archived: bool,
     /// Per call to the fake Convex deployment, ms.
     backend_latency_ms: u64,
     /// Per call to the fake OpenCode server, ms.
@@ -1005,6 +1014,7 @@ fn bench_startups(base: &Path, sizes: &[usize], setup: &StartupSetup) -> Res<ser
         "backend_latency_ms": setup.backend_latency_ms,
         "agent_latency_ms": setup.agent_latency_ms,
         "active_percent": setup.active_percent,
+        "archived": setup.archived,
         "time_to_ready_ms": ready,
         "peak_rss_mb": rss,
         "ratio_1m_10k": ratio(1_000_000, 10_000),
@@ -1109,6 +1119,15 @@ fn bench_startup(base: &Path, n: usize, setup: &StartupSetup) -> Res<serde_json:
         latency_ms: setup.backend_latency_ms,
         ..ConvexFaults::default()
     });
+    if setup.archived {
+        // What `agentsync archive --compact` does: the seed's events are older than a week.
+        let log = EventLog::open(&data_dir, &opts())?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        log.archive(&agentsync::log::ArchiveOptions::default(), now)?;
+        log.compact()?;
+    }
     let checkpoint_seq = EventLog::open(&data_dir, &opts())?.last_seq();
     // As the previous run left it: its identity recorded, and everything on disk long ago.
     // Without these, the start measured the first run's identity write, whose fsync waited on

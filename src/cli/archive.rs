@@ -4,7 +4,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use super::{open_log, ArchiveArgs, CliError, Out};
-use crate::log::{ArchiveOptions, ArchiveReport};
+use crate::log::{ArchiveOptions, ArchiveReport, CompactReport};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -27,13 +27,38 @@ pub(super) fn run(a: ArchiveArgs, out: &mut Out) -> Result<(), CliError> {
     if let Some(why) = &report.not_covered {
         eprintln!("agentsync: note: {why}; they stay in the live log (a running worker writes checkpoints, or run `agentsync rebuild`)");
     }
+    let compacted = if a.compact {
+        Some(log.compact()?)
+    } else {
+        None
+    };
     if a.json {
-        serde_json::to_writer_pretty(&mut *out, &report).map_err(std::io::Error::from)?;
+        let both = Report { report, compacted };
+        serde_json::to_writer_pretty(&mut *out, &both).map_err(std::io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }
     print(&report, out)?;
+    if let Some(c) = compacted {
+        let mb = |b: u64| b as f64 / (1 << 20) as f64;
+        writeln!(
+            out,
+            "compacted the log database: {:.1} MB -> {:.1} MB ({} entries)",
+            mb(c.bytes_before),
+            mb(c.bytes_after),
+            c.entries
+        )?;
+    }
     Ok(())
+}
+
+/// `--json`: the archive's report, and the compaction's when asked for.
+#[derive(serde::Serialize)]
+struct Report {
+    #[serde(flatten)]
+    report: ArchiveReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compacted: Option<CompactReport>,
 }
 
 fn print(r: &ArchiveReport, out: &mut Out) -> std::io::Result<()> {

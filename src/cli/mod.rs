@@ -144,6 +144,10 @@ struct ArchiveArgs {
     /// are gone for good. Off unless given; must be more than --older-than-days.
     #[arg(long, value_name = "N")]
     drop_older_than_days: Option<u32>,
+    /// Then rewrite the log's database without the space sled keeps for what was removed:
+    /// after a large archive, its open time and memory stay those of the most it ever held.
+    #[arg(long)]
+    compact: bool,
     /// Print what was done as one JSON object.
     #[arg(long)]
     json: bool,

@@ -9,6 +9,8 @@
 //! DIR/log/          the sled database
 //!     tree events       u64 big-endian seq -> envelope JSON
 //!     tree views.sessions   the sessions view's checkpoint, its rows in hash buckets (`rows`)
+//! DIR/log.compact/  a compaction's copy, and DIR/log.old/ the database before it: only while
+//!                   one runs or after a crash in one (`compact`: finished or undone at open)
 //! DIR/checkpoints/  one file per projection (NAME.ckpt: MessagePack in zstd), replaced atomically
 //! DIR/archive/      compressed segments of old events (`agentsync archive`, see [`archive`])
 //!     FIRST-LAST.seg    seqs FIRST..=LAST with an index of the ids they mention (0600)
@@ -35,6 +37,7 @@
 
 mod archive;
 mod checkpoint;
+mod compact;
 mod format;
 mod identity;
 mod lock;
@@ -51,6 +54,7 @@ use std::time::{Duration, Instant};
 
 use archive::ArchiveState;
 pub use archive::{ArchiveOptions, ArchiveReport};
+pub use compact::CompactReport;
 pub use segment::SegmentInfo;
 use segment::{Records, SegmentFile};
 
@@ -193,6 +197,10 @@ pub enum LogError {
     /// sled failed.
     #[error("storage error: {0}")]
     Storage(#[from] sled::Error),
+    /// A compaction's copy does not match the database it copies (`log::compact`); the
+    /// database is left as it was.
+    #[error("compacting the log failed: {0}; the database is left as it was")]
+    Compact(String),
     /// The sessions view's stored rows contradict each other (`log::rows`).
     #[error("the sessions checkpoint's rows are damaged: {reason}; run `agentsync rebuild --projection sessions`")]
     Rows {
@@ -308,6 +316,8 @@ pub struct EventLog {
     /// The sessions view's checkpoint, row by row (`rows`).
     session_rows: sled::Tree,
     durability: Durability,
+    /// sled's cache, bytes (`LogOptions::cache_bytes`).
+    cache_bytes: u64,
     writer: Mutex<WriterState>,
     identity: Option<IdentityStatus>,
     /// The archive's segments, replaced whole when a run adds or drops some.
@@ -340,12 +350,14 @@ impl EventLog {
     pub fn open(dir: impl AsRef<Path>, opts: &LogOptions) -> Result<EventLog, LogError> {
         let dir = dir.as_ref().to_path_buf();
         let db_path = dir.join("log");
-        let had_log = db_path.exists();
+        // A compaction cut between its renames leaves the database at `log.compact/`.
+        let had_log = db_path.exists() || dir.join("log.compact").exists();
         if !had_log && !opts.create {
             return Err(LogError::NotFound(dir));
         }
         private::prepare_dir(&dir, opts.create)?;
         let lock = lock::DirLock::acquire(&dir)?;
+        compact::recover(&dir)?;
         let format = Format::load(&dir)?;
         if let Some(reason) = format.as_ref().and_then(Format::newer_than_this_binary) {
             return Err(LogError::NewerSchema { dir, reason });
@@ -376,6 +388,7 @@ impl EventLog {
             events,
             session_rows,
             durability: opts.durability,
+            cache_bytes: opts.cache_bytes,
             writer: Mutex::new(WriterState {
                 last_seq,
                 durable_seq: last_seq,
@@ -388,6 +401,33 @@ impl EventLog {
             _lock: lock,
         };
         Ok(log)
+    }
+
+    /// Rewrites the log's sled database without the space sled keeps for what was removed
+    /// (after an archive, its open time and memory stay those of the most it ever held), and
+    /// closes it: see [`compact`]. The directory lock is held to the end. Blocking.
+    pub fn compact(self) -> Result<CompactReport, LogError> {
+        self.flush()?;
+        let bytes_before = self.db.size_on_disk()?;
+        let entries = compact::copy(&self.db, &self.dir, self.cache_bytes)?;
+        let EventLog {
+            dir,
+            db,
+            events,
+            session_rows,
+            cache_bytes,
+            _lock,
+            ..
+        } = self;
+        drop((events, session_rows));
+        drop(db);
+        compact::swap(&dir)?;
+        let bytes_after = open_sled(&dir.join("log"), cache_bytes)?.size_on_disk()?;
+        Ok(CompactReport {
+            bytes_before,
+            bytes_after,
+            entries,
+        })
     }
 
     /// The data directory.

@@ -51,7 +51,7 @@ pub(crate) fn prepare_dir(dir: &Path, create: bool) -> Result<(), LogError> {
 /// Sets `dir` and everything under it to 0700 (directories) and 0600 (files) where group or
 /// others had any access; symlinks are left alone, never followed. Returns how many entries
 /// changed.
-fn narrow(dir: &Path) -> std::io::Result<usize> {
+pub(crate) fn narrow(dir: &Path) -> std::io::Result<usize> {
     use std::os::unix::fs::PermissionsExt;
     let mut changed = 0;
     let mut stack = vec![dir.to_path_buf()];
