@@ -27,10 +27,15 @@ pub(super) fn run(a: ArchiveArgs, out: &mut Out) -> Result<(), CliError> {
     if let Some(why) = &report.not_covered {
         eprintln!("agentsync: note: {why}; they stay in the live log (a running worker writes checkpoints, or run `agentsync rebuild`)");
     }
-    let compacted = if a.compact {
-        Some(log.compact()?)
-    } else {
-        None
+    if !a.json {
+        print(&report, out)?;
+    }
+    let compacted = match a.compact {
+        true => Some(log.compact().map_err(|e| {
+            let done = format!("{} event(s) were archived", report.archived);
+            CliError::runtime(format!("{done}, but {e}"))
+        })?),
+        false => None,
     };
     if a.json {
         let both = Report { report, compacted };
@@ -38,7 +43,6 @@ pub(super) fn run(a: ArchiveArgs, out: &mut Out) -> Result<(), CliError> {
         writeln!(out)?;
         return Ok(());
     }
-    print(&report, out)?;
     if let Some(c) = compacted {
         let mb = |b: u64| b as f64 / (1 << 20) as f64;
         writeln!(

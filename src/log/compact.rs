@@ -7,15 +7,22 @@
 //! database, 80 ms and 7 MB. Compaction copies every tree into a fresh database and swaps it
 //! in, with the directory lock held throughout, so no worker runs meanwhile.
 //!
-//! Invariants (a crash at any point leaves a state [`recover`] finishes or undoes at the next
-//! open, before sled is opened):
-//! 1. `log.compact/` is complete and flushed before `log/` is renamed away: found beside
-//!    `log/`, it is an unfinished copy, and is removed.
-//! 2. `log/` missing with `log.compact/` present is a swap cut between its two renames
-//!    (`log/` to `log.old/`, then `log.compact/` to `log/`): the copy is renamed into place.
-//! 3. `log.old/` is the database before, kept until the swap is on disk: found beside `log/`,
-//!    it is removed.
+//! The steps ([`STEPS`]): copy into `log.compact/` (flushed, reopened, read back and checked
+//! against the source by checksum); rename it `log.ready/`; rename `log/` to `log.old/`; rename
+//! `log.ready/` to `log/`; remove `log.old/`. The directory is fsynced after each rename.
+//!
+//! Invariants (a crash between any two steps leaves a state [`recover`] finishes or undoes at
+//! the next open, after the format and identity checks and before sled is opened):
+//! 1. `log.compact/` is never a finished copy: found, it is removed.
+//! 2. `log.ready/` is a finished, checked copy. Without `log/` it is renamed into place;
+//!    beside `log/` and no `log.old/`, the swap had not begun and is carried out.
+//! 3. `log.old/` beside `log/` and no `log.ready/` is the database before a finished swap, and
+//!    is removed.
+//! 4. Any other state (`log/`, `log.ready/` and `log.old/` together: something else made a
+//!    `log/` between the renames, such as an agentsync from before compaction) is refused
+//!    with every directory left in place: which database is the log is for a person to say.
 
+use std::hash::Hasher;
 use std::path::Path;
 
 use serde::Serialize;
@@ -24,6 +31,8 @@ use super::LogError;
 
 /// The copy being written.
 const FRESH: &str = "log.compact";
+/// The finished, checked copy.
+const READY: &str = "log.ready";
 /// The database before, until the swap is on disk.
 const OLD: &str = "log.old";
 
@@ -53,85 +62,234 @@ fn remove(path: &Path) -> Result<(), LogError> {
         .map_err(|e| LogError::io(format!("removing {}", path.display()), e))
 }
 
-fn rename(from: &Path, to: &Path) -> Result<(), LogError> {
-    let io = |e| {
-        LogError::io(
-            format!("renaming {} to {}", from.display(), to.display()),
-            e,
-        )
-    };
-    std::fs::rename(from, to).map_err(io)
+fn rename(dir: &Path, from: &str, to: &str) -> Result<(), LogError> {
+    let (f, t) = (dir.join(from), dir.join(to));
+    let io = |e| LogError::io(format!("renaming {} to {}", f.display(), t.display()), e);
+    std::fs::rename(&f, &t).map_err(io)?;
+    sync_dir(dir)
 }
 
 /// Finishes or undoes a compaction a crash cut short (see the invariants). Blocking; the
-/// caller holds the directory lock.
+/// caller holds the directory lock and has checked the format and the identity.
 pub(super) fn recover(dir: &Path) -> Result<(), LogError> {
-    let (log, fresh, old) = (dir.join("log"), dir.join(FRESH), dir.join(OLD));
-    if fresh.exists() {
-        if log.exists() {
-            tracing::warn!(dir = %dir.display(), "removing an unfinished compaction of the log");
-            remove(&fresh)?;
-        } else {
+    let has = |name: &str| dir.join(name).exists();
+    if has(FRESH) {
+        tracing::warn!(dir = %dir.display(), "removing an unfinished compaction of the log");
+        remove(&dir.join(FRESH))?;
+        sync_dir(dir)?;
+    }
+    match (has("log"), has(READY), has(OLD)) {
+        (_, false, false) => Ok(()),
+        (false, true, _) => {
             tracing::warn!(dir = %dir.display(), "finishing a compaction of the log cut short");
-            rename(&fresh, &log)?;
+            rename(dir, READY, "log")?;
+            recover(dir)
         }
-        sync_dir(dir)?;
+        (true, true, false) => {
+            tracing::warn!(dir = %dir.display(), "finishing a compaction of the log cut short");
+            rename(dir, "log", OLD)?;
+            recover(dir)
+        }
+        (true, false, true) => {
+            remove(&dir.join(OLD))?;
+            sync_dir(dir)
+        }
+        (log, ready, old) => Err(LogError::Compact(format!(
+            "{} holds {}{}{}: a compaction was cut short and something else wrote in between; \
+             move aside the directory that is not the log",
+            dir.display(),
+            if log { "log/ " } else { "" },
+            if ready {
+                "log.ready/ (a finished copy) "
+            } else {
+                ""
+            },
+            if old {
+                "log.old/ (the database before it)"
+            } else {
+                ""
+            },
+        ))),
     }
-    if old.exists() && log.exists() {
-        remove(&old)?;
-        sync_dir(dir)?;
-    }
-    Ok(())
 }
 
-/// Copies every tree of `db` into a fresh database at `DIR/log.compact`, flushed and checked
-/// entry for entry; returns how many entries. Blocking.
-pub(super) fn copy(db: &sled::Db, dir: &Path, cache_bytes: u64) -> Result<u64, LogError> {
+/// A checksum of every entry of every tree, in order.
+fn checksum(db: &sled::Db) -> Result<(u64, u64), LogError> {
+    let mut h = crc32fast::Hasher::new();
+    let mut entries = 0;
+    for name in db.tree_names() {
+        h.write(&name);
+        for item in db.open_tree(&name)?.iter() {
+            let (k, v) = item?;
+            h.write(&(k.len() as u64).to_le_bytes());
+            h.write(&k);
+            h.write(&(v.len() as u64).to_le_bytes());
+            h.write(&v);
+            entries += 1;
+        }
+    }
+    Ok((u64::from(h.finalize()), entries))
+}
+
+/// Copies every tree of `db` into `DIR/log.compact` (invariant 1: removed on any failure),
+/// flushed, reopened, and read back against the source's checksum; returns how many entries.
+/// Blocking.
+fn copy(db: &sled::Db, dir: &Path, cache_bytes: u64) -> Result<u64, LogError> {
+    let fresh_path = dir.join(FRESH);
+    let copied = (|| {
+        let fresh = super::open_sled(&fresh_path, cache_bytes)?;
+        for name in db.tree_names() {
+            let (from, to) = (db.open_tree(&name)?, fresh.open_tree(&name)?);
+            let (mut batch, mut bytes) = (sled::Batch::default(), 0);
+            for item in from.iter() {
+                let (k, v) = item?;
+                bytes += k.len() + v.len();
+                batch.insert(k, v);
+                if bytes >= BATCH_BYTES {
+                    to.apply_batch(std::mem::take(&mut batch))?;
+                    bytes = 0;
+                }
+            }
+            to.apply_batch(batch)?;
+        }
+        fresh.flush()?;
+        drop(fresh);
+        // sled's first open of a database replays everything written since its last snapshot
+        // and then writes one: done here, not at the worker's next start. Then the copy is
+        // read back as sled will read it.
+        let (wanted, entries) = checksum(db)?;
+        let (got, copied) = checksum(&super::open_sled(&fresh_path, cache_bytes)?)?;
+        if (got, copied) != (wanted, entries) {
+            return Err(LogError::Compact(format!(
+                "the copy reads back {copied} entries (checksum {got:x}), the database {entries} ({wanted:x})"
+            )));
+        }
+        super::private::narrow(&fresh_path)
+            .map_err(|e| LogError::io(format!("narrowing {}", fresh_path.display()), e))?;
+        sync_dir(&fresh_path)?;
+        Ok(entries)
+    })();
+    copied.map_err(|e| {
+        let _ = std::fs::remove_dir_all(&fresh_path);
+        match e {
+            LogError::Compact(_) => e,
+            other => LogError::Compact(other.to_string()),
+        }
+    })
+}
+
+/// How many steps a compaction has (copy, three renames, removal).
+pub(super) const STEPS: usize = 5;
+
+/// Runs the first `steps` of a compaction of `db` (all of them: [`STEPS`]); `db` is closed
+/// before the first rename. Returns the entries copied. Blocking.
+pub(super) fn run(
+    db: sled::Db,
+    dir: &Path,
+    cache_bytes: u64,
+    steps: usize,
+) -> Result<u64, LogError> {
     let fresh_path = dir.join(FRESH);
     if fresh_path.exists() {
         remove(&fresh_path)?;
     }
-    let fresh = super::open_sled(&fresh_path, cache_bytes)?;
-    super::private::narrow(&fresh_path)
-        .map_err(|e| LogError::io(format!("narrowing {}", fresh_path.display()), e))?;
-    let mut entries = 0;
-    for name in db.tree_names() {
-        let (from, to) = (db.open_tree(&name)?, fresh.open_tree(&name)?);
-        let (mut batch, mut bytes, mut copied) = (sled::Batch::default(), 0, 0u64);
-        for item in from.iter() {
-            let (k, v) = item?;
-            bytes += k.len() + v.len();
-            batch.insert(k, v);
-            copied += 1;
-            if bytes >= BATCH_BYTES {
-                to.apply_batch(std::mem::take(&mut batch))?;
-                bytes = 0;
-            }
-        }
-        to.apply_batch(batch)?;
-        if to.len() as u64 != copied {
-            return Err(LogError::Compact(format!(
-                "tree {} has {} entries in the copy, {copied} read",
-                String::from_utf8_lossy(&name),
-                to.len()
-            )));
-        }
-        entries += copied;
+    let entries = copy(&db, dir, cache_bytes)?;
+    drop(db);
+    let renames = [(FRESH, READY), ("log", OLD), (READY, "log")];
+    for (from, to) in renames.iter().take(steps.saturating_sub(1)) {
+        rename(dir, from, to)?;
     }
-    fresh.flush()?;
-    drop(fresh);
-    // sled's first open of a database replays everything written since its last snapshot and
-    // then writes one: done here, not at the worker's next start.
-    drop(super::open_sled(&fresh_path, cache_bytes)?);
+    if steps >= STEPS {
+        // The swap is done: a failure from here on is left to the next open (invariant 3).
+        if let Err(e) = remove(&dir.join(OLD)).and_then(|()| sync_dir(dir)) {
+            tracing::warn!(error = %e, "the database before the compaction is left in log.old/");
+        }
+    }
     Ok(entries)
 }
 
-/// Swaps the copy in for the database (both closed): invariants 2 and 3. Blocking.
-pub(super) fn swap(dir: &Path) -> Result<(), LogError> {
-    rename(&dir.join("log"), &dir.join(OLD))?;
-    rename(&dir.join(FRESH), &dir.join("log"))?;
-    sync_dir(dir)?;
-    remove(&dir.join(OLD))?;
-    sync_dir(dir)?;
-    Ok(())
+#[cfg(test)]
+mod tests {
+    use crate::log::{EventLog, LogOptions, ReadFilter};
+    use crate::testkit::History;
+
+    fn create() -> LogOptions {
+        LogOptions {
+            create: true,
+            ..LogOptions::default()
+        }
+    }
+
+    /// A crash after each step of a real compaction (the process gone, the lock with it)
+    /// leaves a directory the next open finishes or undoes, with every event there.
+    #[test]
+    fn a_compaction_cut_after_any_step_is_finished_or_undone_at_the_next_open() {
+        for steps in 0..=super::STEPS {
+            let dir = tempfile::tempdir().unwrap();
+            let log = EventLog::open(dir.path(), &create()).unwrap();
+            let stored = log
+                .append(History::of(&History::random_steps(7, 200), 1_000))
+                .unwrap();
+            let cut = log.compact_steps(steps);
+            assert!(cut.is_ok(), "step {steps}: {cut:?}");
+            let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+            let read: Vec<_> = log
+                .read(ReadFilter::default())
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(read, stored, "cut after {steps} step(s)");
+            for left in [super::FRESH, super::READY, super::OLD] {
+                assert!(!dir.path().join(left).exists(), "step {steps}: {left} left");
+            }
+        }
+    }
+
+    /// Invariant 4: an unknown state (here an empty `log/` made between the renames, as an
+    /// agentsync from before compaction would) is refused, and nothing is removed.
+    #[test]
+    fn a_log_made_between_the_renames_is_refused_with_both_copies_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path(), &create()).unwrap();
+        let stored = log
+            .append(History::of(&History::random_steps(8, 100), 1_000))
+            .unwrap();
+        log.compact_steps(3).unwrap();
+        drop(sled::open(dir.path().join("log")).unwrap());
+        let err = EventLog::open(dir.path(), &create())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("log.ready/") && err.contains("log.old/"),
+            "{err}"
+        );
+        for kept in ["log", super::READY, super::OLD] {
+            assert!(dir.path().join(kept).exists(), "{kept} removed");
+        }
+        // Moved aside as the message says, the log is whole again.
+        std::fs::remove_dir_all(dir.path().join("log")).unwrap();
+        let log = EventLog::open(dir.path(), &create()).unwrap();
+        let read: Vec<_> = log
+            .read(ReadFilter::default())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(read, stored);
+    }
+
+    /// A directory of a newer format is refused before anything is touched, a compaction cut
+    /// short in it included.
+    #[test]
+    fn a_newer_format_cut_mid_compaction_is_refused_with_nothing_modified() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path(), &create()).unwrap();
+        log.append(History::of(&History::random_steps(9, 50), 1_000))
+            .unwrap();
+        log.compact_steps(3).unwrap();
+        let format = dir.path().join("FORMAT.json");
+        std::fs::write(&format, br#"{"layout": 99, "kinds": {}}"#).unwrap();
+        let err = EventLog::open(dir.path(), &LogOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("nothing was modified"), "{err}");
+        assert!(dir.path().join(super::READY).exists());
+        assert!(dir.path().join(super::OLD).exists());
+        assert!(!dir.path().join("log").exists());
+    }
 }

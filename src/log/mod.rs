@@ -9,8 +9,9 @@
 //! DIR/log/          the sled database
 //!     tree events       u64 big-endian seq -> envelope JSON
 //!     tree views.sessions   the sessions view's checkpoint, its rows in hash buckets (`rows`)
-//! DIR/log.compact/  a compaction's copy, and DIR/log.old/ the database before it: only while
-//!                   one runs or after a crash in one (`compact`: finished or undone at open)
+//! DIR/log.compact/, log.ready/, log.old/   a compaction's copy (unfinished, finished) and the
+//!                   database before it: only while one runs or after a crash in one
+//!                   (`compact`: finished or undone at open)
 //! DIR/checkpoints/  one file per projection (NAME.ckpt: MessagePack in zstd), replaced atomically
 //! DIR/archive/      compressed segments of old events (`agentsync archive`, see [`archive`])
 //!     FIRST-LAST.seg    seqs FIRST..=LAST with an index of the ids they mention (0600)
@@ -350,14 +351,13 @@ impl EventLog {
     pub fn open(dir: impl AsRef<Path>, opts: &LogOptions) -> Result<EventLog, LogError> {
         let dir = dir.as_ref().to_path_buf();
         let db_path = dir.join("log");
-        // A compaction cut between its renames leaves the database at `log.compact/`.
-        let had_log = db_path.exists() || dir.join("log.compact").exists();
+        // A compaction cut between its renames leaves the database at `log.ready/`.
+        let had_log = db_path.exists() || dir.join("log.ready").exists();
         if !had_log && !opts.create {
             return Err(LogError::NotFound(dir));
         }
         private::prepare_dir(&dir, opts.create)?;
         let lock = lock::DirLock::acquire(&dir)?;
-        compact::recover(&dir)?;
         let format = Format::load(&dir)?;
         if let Some(reason) = format.as_ref().and_then(Format::newer_than_this_binary) {
             return Err(LogError::NewerSchema { dir, reason });
@@ -366,6 +366,7 @@ impl EventLog {
             Some(current) => Some(identity::check(&dir, current, opts.adopt, had_log)?),
             None => None,
         };
+        compact::recover(&dir)?;
         let db = open_sled(&db_path, opts.cache_bytes)?;
         let events = db.open_tree(EVENTS_TREE)?;
         let archive = ArchiveState::load(&dir)?;
@@ -407,9 +408,13 @@ impl EventLog {
     /// (after an archive, its open time and memory stay those of the most it ever held), and
     /// closes it: see [`compact`]. The directory lock is held to the end. Blocking.
     pub fn compact(self) -> Result<CompactReport, LogError> {
+        self.compact_steps(compact::STEPS)
+    }
+
+    /// The first `steps` of [`EventLog::compact`]: tests cut it at each point.
+    pub(crate) fn compact_steps(self, steps: usize) -> Result<CompactReport, LogError> {
         self.flush()?;
         let bytes_before = self.db.size_on_disk()?;
-        let entries = compact::copy(&self.db, &self.dir, self.cache_bytes)?;
         let EventLog {
             dir,
             db,
@@ -420,9 +425,12 @@ impl EventLog {
             ..
         } = self;
         drop((events, session_rows));
-        drop(db);
-        compact::swap(&dir)?;
-        let bytes_after = open_sled(&dir.join("log"), cache_bytes)?.size_on_disk()?;
+        let entries = compact::run(db, &dir, cache_bytes, steps)?;
+        // Opened only once swapped in: opening a missing `log/` would make an empty one.
+        let bytes_after = match steps >= compact::STEPS {
+            true => open_sled(&dir.join("log"), cache_bytes)?.size_on_disk()?,
+            false => 0,
+        };
         Ok(CompactReport {
             bytes_before,
             bytes_after,
