@@ -237,10 +237,10 @@ impl Writes {
 /// Applies `writes` to records and then `meta`, durably. `replace`: the tree is replaced
 /// whole (invariant 4): buckets start empty and every other key goes. Up to `BATCH_WRITES` and
 /// `BATCH_BYTES`, one atomic batch (the usual case: what changed since the last checkpoint).
-/// Beyond, in pieces,
-/// the meta removed first and written last: sled recovers a prefix of its operations, so a
-/// crash in between leaves no stored view at all (the next start rebuilds the sessions view
-/// from the log, as for a damaged checkpoint), never a meta over rows of another seq.
+/// Beyond, in pieces, the meta removed first and written last: sled recovers a prefix of its
+/// operations, so a crash in between leaves no stored view at all (the next start rebuilds
+/// the sessions view from the log, as for a damaged checkpoint), never a meta over rows of
+/// another seq.
 fn commit(tree: &sled::Tree, writes: Writes, meta: Vec<u8>, replace: bool) -> Result<(), LogError> {
     let mut ops = packed::bucket_writes(tree, writes.0, replace)?;
     if replace {
