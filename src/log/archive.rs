@@ -152,7 +152,7 @@ fn prepare(dir: &Path) -> Result<(), LogError> {
             .mode(0o700)
             .create(dir)
             .map_err(|e| LogError::io(format!("cannot create {}", dir.display()), e))?;
-        sync_dir(dir.parent().unwrap_or(Path::new(".")));
+        super::private::sync_dir(dir.parent().unwrap_or(Path::new(".")));
     }
     let entries = std::fs::read_dir(dir)
         .map_err(|e| LogError::io(format!("cannot list {}", dir.display()), e))?;
@@ -162,13 +162,6 @@ fn prepare(dir: &Path) -> Result<(), LogError> {
         }
     }
     Ok(())
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        // Makes a rename or an unlink durable; not every file system supports it.
-        let _ = d.sync_all();
-    }
 }
 
 fn days_ago(now: Millis, d: Duration) -> Millis {
@@ -353,7 +346,7 @@ impl EventLog {
             std::fs::remove_file(&seg.path)
                 .map_err(|e| LogError::io(format!("cannot delete {}", seg.path.display()), e))?;
         }
-        sync_dir(dir);
+        super::private::sync_dir(dir);
         Ok(doomed.len() as u64)
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! The steps ([`STEPS`]): copy into `log.compact/` (flushed, reopened, read back and checked
 //! against the source by checksum); rename it `log.ready/`; rename `log/` to `log.old/`; rename
-//! `log.ready/` to `log/`; remove `log.old/`. The directory is fsynced after each rename.
+//! `log.ready/` to `log/`; remove `log.old/`. The directory is fsynced after each rename
+//! (best effort, as everywhere in `log`: not every file system can).
 //!
 //! Invariants (a crash between any two steps leaves a state [`recover`] finishes or undoes at
 //! the next open, after the format and identity checks and before sled is opened):
@@ -27,6 +28,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::private::sync_dir;
 use super::LogError;
 
 /// The copy being written.
@@ -50,13 +52,6 @@ pub struct CompactReport {
 /// Most bytes copied in one sled batch (sled holds a batch whole in memory several times).
 const BATCH_BYTES: usize = 16 << 20;
 
-fn sync_dir(dir: &Path) -> Result<(), LogError> {
-    let io = |e| LogError::io(format!("syncing {}", dir.display()), e);
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io)
-}
-
 fn remove(path: &Path) -> Result<(), LogError> {
     std::fs::remove_dir_all(path)
         .map_err(|e| LogError::io(format!("removing {}", path.display()), e))
@@ -66,7 +61,8 @@ fn rename(dir: &Path, from: &str, to: &str) -> Result<(), LogError> {
     let (f, t) = (dir.join(from), dir.join(to));
     let io = |e| LogError::io(format!("renaming {} to {}", f.display(), t.display()), e);
     std::fs::rename(&f, &t).map_err(io)?;
-    sync_dir(dir)
+    sync_dir(dir);
+    Ok(())
 }
 
 /// Finishes or undoes a compaction a crash cut short (see the invariants). Blocking; the
@@ -76,7 +72,7 @@ pub(super) fn recover(dir: &Path) -> Result<(), LogError> {
     if has(FRESH) {
         tracing::warn!(dir = %dir.display(), "removing an unfinished compaction of the log");
         remove(&dir.join(FRESH))?;
-        sync_dir(dir)?;
+        sync_dir(dir);
     }
     match (has("log"), has(READY), has(OLD)) {
         (_, false, false) => Ok(()),
@@ -92,7 +88,8 @@ pub(super) fn recover(dir: &Path) -> Result<(), LogError> {
         }
         (true, false, true) => {
             remove(&dir.join(OLD))?;
-            sync_dir(dir)
+            sync_dir(dir);
+            Ok(())
         }
         (log, ready, old) => Err(LogError::Compact(format!(
             "{} holds {}{}{}: a compaction was cut short and something else wrote in between; \
@@ -166,7 +163,7 @@ fn copy(db: &sled::Db, dir: &Path, cache_bytes: u64) -> Result<u64, LogError> {
         }
         super::private::narrow(&fresh_path)
             .map_err(|e| LogError::io(format!("narrowing {}", fresh_path.display()), e))?;
-        sync_dir(&fresh_path)?;
+        sync_dir(&fresh_path);
         Ok(entries)
     })();
     copied.map_err(|e| {
@@ -201,8 +198,11 @@ pub(super) fn run(
     }
     if steps >= STEPS {
         // The swap is done: a failure from here on is left to the next open (invariant 3).
-        if let Err(e) = remove(&dir.join(OLD)).and_then(|()| sync_dir(dir)) {
-            tracing::warn!(error = %e, "the database before the compaction is left in log.old/");
+        match remove(&dir.join(OLD)) {
+            Ok(()) => sync_dir(dir),
+            Err(e) => {
+                tracing::warn!(error = %e, "the database before the compaction is left in log.old/")
+            }
         }
     }
     Ok(entries)

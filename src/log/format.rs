@@ -112,9 +112,6 @@ fn write_replacing(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), L
     drop(f);
     std::fs::rename(&tmp, path)
         .map_err(|e| LogError::io(format!("cannot replace {}", path.display()), e))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        // Makes the rename itself durable; not every file system supports it.
-        let _ = d.sync_all();
-    }
+    super::private::sync_dir(dir);
     Ok(())
 }

@@ -48,6 +48,14 @@ pub(crate) fn prepare_dir(dir: &Path, create: bool) -> Result<(), LogError> {
     Ok(())
 }
 
+/// Makes a rename or an unlink in `dir` durable, where the file system supports fsync of a
+/// directory (not every one does: best effort).
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 /// Sets `dir` and everything under it to 0700 (directories) and 0600 (files) where group or
 /// others had any access; symlinks are left alone, never followed. Returns how many entries
 /// changed.
