@@ -414,9 +414,6 @@ struct Away {
 }
 
 impl reconcile::retention::AwayRows for Away {
-    fn agent(&self, id: &AgentSessionId) -> bool {
-        self.pairs.contains_key(id)
-    }
     fn chat(&self, id: &ChatSessionId) -> bool {
         self.by_chat.contains_key(id)
     }
@@ -574,12 +571,13 @@ fn settled_pairs_do_leave() {
     );
 }
 
-/// Found in review: the worker's retention sweep reads the rows in memory, and for a pair on
-/// disk a `createSession` entry's agent session looks absent: the entry "that stops a second
-/// one" was swept, and once the chat session was deleted in the backend a second chat session
-/// was planned. The sweep is told which rows are on disk (`AwayRows`) and keeps such entries.
+/// Found in review (when the ledger entry was what stopped a second `createSession`): for a
+/// pair on disk the sweep saw no agent session and dropped the entry, and once the chat
+/// session was deleted in the backend a second one was planned. Now the agent session's row
+/// records its creation (`mirror_planned`) and carries it to disk: the sweep drops the entry
+/// on the resident views as on the whole ones, and a lost chat session is not made again.
 #[test]
-fn a_sweep_keeps_the_entries_of_pairs_on_disk() {
+fn a_sweep_of_a_creation_on_disk_leaves_no_second_creation() {
     let mut full = Views::default();
     let mut resident = Views::default();
     let mut away = Away::default();
@@ -640,7 +638,25 @@ fn a_sweep_keeps_the_entries_of_pairs_on_disk() {
     let on_full = reconcile::retention::sweep(&full, c1.now, c1.now, &retention, &nothing);
     let commands = |s: &Option<RetentionSwept>| s.as_ref().map(|s| s.commands.clone());
     assert_eq!(commands(&on_resident), commands(&on_full));
-    // Told nothing is on disk, it would drop the entry: the case is not vacuous.
-    let blind = reconcile::retention::sweep(&resident, c1.now, c1.now, &retention, &nothing);
-    assert_ne!(commands(&blind), commands(&on_full));
+    let creation = CommandId::from("createSession:a1");
+    assert_eq!(
+        commands(&on_full),
+        Some(vec![creation]),
+        "left, a1 lives on"
+    );
+    // Then the backend loses the chat session (`effect`: c5) for good: the pair comes back.
+    let gone = Event::BackendSessionGone(BackendSessionGone {
+        chat_session_id: "c5".into(),
+    });
+    let swept = Event::RetentionSwept(on_full.expect("a sweep"));
+    for e in [swept, gone] {
+        fold(&mut full, &mut resident, &mut away, e, c1.now);
+    }
+    assert!(away.pairs.is_empty(), "brought back");
+    assert!(resident.sessions.state.chat.is_empty());
+    assert!(resident.sessions.state.agent[&AgentSessionId::from("a1")].mirror_planned);
+    for views in [&resident, &full] {
+        let again = events(&Step::Plan, views, &ctx(2), 0);
+        assert!(again.is_empty(), "{again:?}");
+    }
 }

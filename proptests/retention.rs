@@ -9,8 +9,9 @@
 //!      every message, one message at a time as the pages of a full relisting may split them)
 //!      on the swept views plans nothing that the same views without any sweep would not plan,
 //!      and nothing whose id was ever planned before;
-//! (r3) the sweeps did drop rows (the property is not vacuous), and replaying the log from
-//!      scratch reproduces the live views.
+//! (r3) the sweeps did drop rows (the property is not vacuous), among them the ledger entries
+//!      of the creations whose chat sessions the backend then lost for good while their agent
+//!      sessions lived, and replaying the log from scratch reproduces the live views.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -47,6 +48,9 @@ struct History {
     new_agents: usize,
     /// Agent sessions removed between phases 1 and 2 (their chats deleted in phase 2).
     removed: usize,
+    /// Of the new agent sessions, those whose chat session (our `createSession`, its ledger
+    /// entry swept in phase 2) the backend loses for good between phases 2 and 3.
+    lost: usize,
     /// Gaps between the phases, past the horizon.
     gaps: [Millis; 2],
     /// Phase 1's faults.
@@ -68,7 +72,7 @@ fn faults() -> impl Strategy<Value = Faults> {
 fn history() -> impl Strategy<Value = History> {
     (
         (1usize..5, [0usize..5, 0usize..5, 0usize..4]),
-        (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+        (0usize..3, 0usize..3, 0usize..3, 0usize..3, 0usize..3),
         [HOUR + 60_000..3 * HOUR, HOUR + 60_000..3 * HOUR],
         faults(),
         faults(),
@@ -76,7 +80,7 @@ fn history() -> impl Strategy<Value = History> {
         .prop_map(
             |(
                 (linked, messages),
-                (orphans, deleted_live, new_agents, removed),
+                (orphans, deleted_live, new_agents, removed, lost),
                 gaps,
                 agent,
                 backend,
@@ -88,6 +92,7 @@ fn history() -> impl Strategy<Value = History> {
                     deleted_live,
                     new_agents,
                     removed: removed.min(linked),
+                    lost: lost.min(new_agents),
                     gaps,
                     agent,
                     backend,
@@ -219,6 +224,8 @@ struct Outcome {
     log: Arc<EventLog>,
     agent: Arc<SimAgent>,
     backend: Arc<SimBackend>,
+    /// The agent sessions whose chat session the backend lost between phases 2 and 3.
+    lost: Vec<AgentSessionId>,
     _dir: tempfile::TempDir,
 }
 
@@ -290,6 +297,19 @@ fn run(h: &History) -> Outcome {
     post(h, &backend, 1, at2);
     let (_, end2) = phase(&log, &clock, Some(at2), &agent, &backend);
     let at3 = end2 + h.gaps[1];
+    let mut lost = Vec::new();
+    for i in 0..h.lost {
+        let agent_id = AgentSessionId(format!("ses_new_{i}"));
+        let made = backend
+            .sessions()
+            .into_values()
+            .find(|c| c.agent_session_id.as_ref() == Some(&agent_id));
+        // Unless phase 1's faults made it give up: then there is nothing to lose.
+        if let Some(made) = made {
+            backend.remove_session(&made.chat_session_id);
+            lost.push(agent_id);
+        }
+    }
     post(h, &backend, 2, at3);
     let (views, end) = phase(&log, &clock, Some(at3), &agent, &backend);
     Outcome {
@@ -298,6 +318,7 @@ fn run(h: &History) -> Outcome {
         log,
         agent,
         backend,
+        lost,
         _dir: dir,
     }
 }
@@ -365,12 +386,14 @@ fn check(h: &History, o: &Outcome) -> Result<(), TestCaseError> {
     let mut history = Vec::new();
     let mut unswept = Views::default();
     let mut dropped = 0;
+    let mut swept_ids = BTreeSet::new();
     for e in o.log.read(ReadFilter::default()) {
         let e = e.unwrap();
         match &e.event {
             Event::CommandPlanned(p) => history.push(p.command_id.0.clone()),
             Event::RetentionSwept(s) => {
                 dropped += s.commands.len() + s.messages.len() + s.chats.len();
+                swept_ids.extend(s.commands.iter().map(|c| c.0.clone()));
                 continue; // the unswept views never see a sweep
             }
             _ => {}
@@ -408,6 +431,13 @@ fn check(h: &History, o: &Outcome) -> Result<(), TestCaseError> {
         "nothing swept after {} messages",
         h.messages[0]
     );
+    // The lost chat sessions' creations had left the ledger (their agent sessions live on):
+    // only their rows' mark stopped a second `createSession` (r1).
+    for a in &o.lost {
+        let id = format!("createSession:{a}");
+        prop_assert!(swept_ids.contains(&id), "{} never left the ledger", id);
+        prop_assert!(o.agent.sessions().contains_key(a));
+    }
     for p in ProjectionName::ALL {
         prop_assert_eq!(
             all.to_json(p),

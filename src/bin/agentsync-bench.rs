@@ -589,15 +589,21 @@ fn prepare_startup(dir: &Path, n: usize) -> Res<()> {
             }),
         ]
     });
-    let log = checkpointed(dir, events)?;
+    let log = checkpointed(dir, events, None)?;
     for batch in batches(1000) {
         log.append(batch)?;
     }
     Ok(())
 }
 
-/// A log in `dir` holding `events`, with every projection's checkpoint written after them.
-fn checkpointed(dir: &Path, events: impl Iterator<Item = Event>) -> Res<EventLog> {
+/// A log in `dir` holding `events` (at `START`), then the retention sweeps due at `swept_at`
+/// if any (as a worker still running then would have appended), with every projection's
+/// checkpoint written after them.
+fn checkpointed(
+    dir: &Path,
+    events: impl Iterator<Item = Event>,
+    swept_at: Option<u64>,
+) -> Res<EventLog> {
     let log = EventLog::open(dir, &opts())?;
     let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START)?;
     let mut events = events.peekable();
@@ -608,6 +614,14 @@ fn checkpointed(dir: &Path, events: impl Iterator<Item = Event>) -> Res<EventLog
             .map(|e| NewEvent::new(e, START))
             .collect();
         live.apply(&log.append(batch)?)?;
+    }
+    let policy = reconcile::retention::RetentionPolicy::default();
+    while let Some(at) = swept_at {
+        let Some(swept) = live.retention_sweep(at, at, &policy) else {
+            break;
+        };
+        let swept = NewEvent::new(Event::RetentionSwept(swept), at);
+        live.apply(&log.append(vec![swept])?)?;
     }
     live.write_checkpoints(&log, START)?;
     log.flush()?;
@@ -1068,7 +1082,8 @@ fn bench_startup(base: &Path, n: usize, setup: &StartupSetup) -> Res<serde_json:
         let chat = store.mutation(
             "createSession",
             json!({
-                "commandId": format!("seed-{i}"),
+                // The id the worker's own creation of it carries (`reconcile::ids`).
+                "commandId": format!("createSession:ses_{i:08}"),
                 "workerId": STARTUP_WORKER,
                 "agentSessionId": format!("ses_{i:08}"),
                 "title": format!("Session {i}"),
@@ -1128,7 +1143,14 @@ fn bench_startup(base: &Path, n: usize, setup: &StartupSetup) -> Res<serde_json:
         log.archive(&agentsync::log::ArchiveOptions::default(), now)?;
         log.compact()?;
     }
-    let checkpoint_seq = EventLog::open(&data_dir, &opts())?.last_seq();
+    let (checkpoint_seq, ledger_entries) = {
+        let log = EventLog::open(&data_dir, &opts())?;
+        let ledger = log
+            .checkpoints()
+            .load::<agentsync::projections::CommandLedger>()?;
+        let entries = ledger.map_or(0, |c| c.state.commands.len());
+        (log.last_seq(), entries)
+    };
     // As the previous run left it: its identity recorded, and everything on disk long ago.
     // Without these, the start measured the first run's identity write, whose fsync waited on
     // the gigabytes of set-up just written (70 to 90 ms at 1,000,000).
@@ -1227,6 +1249,7 @@ fn bench_startup(base: &Path, n: usize, setup: &StartupSetup) -> Res<serde_json:
         "peak_rss_mb": round2(peak_rss),
         "rss_at_ready_mb": round2(rss_at_ready),
         "events_after_checkpoint": by_kind,
+        "ledger_entries_in_checkpoint": ledger_entries,
         "state_entered_ms": states,
         "agent_calls": opencode.calls(),
         "backend_calls": convex.calls().len(),
@@ -1277,9 +1300,40 @@ fn prepare_worker_dir(
             tag: None,
         })
     });
-    let chat_events = chats
-        .into_iter()
-        .map(|c| Event::BackendSessionSeen(ChatSessionInfo::from(c)));
+    // The previous run mirrored every agent session: its `createSession`, planned and applied.
+    let chats: Vec<ChatSessionInfo> = chats.into_iter().map(ChatSessionInfo::from).collect();
+    let creations = chats.iter().flat_map(|c| {
+        let agent = c.agent_session_id.clone().expect("seeded linked");
+        let command = agentsync::events::Command::CreateSession {
+            agent_session_id: agent.clone(),
+            title: c.title.clone(),
+            model: None,
+        };
+        let command_id = reconcile::ids::create_session(&agent);
+        let succeeded = agentsync::events::CommandSucceeded {
+            command_id: command_id.clone(),
+            op: command.op(),
+            subject: command.subject(),
+            attempt: 1,
+            effect: agentsync::events::Effect::ChatSessionCreated {
+                chat_session_id: c.chat_session_id.clone(),
+                agent_session_id: agent,
+                title: c.title.clone(),
+                model: None,
+            },
+        };
+        let planned = agentsync::events::CommandPlanned {
+            command_id,
+            command,
+            reason: "agent session has no chat session".into(),
+        };
+        [
+            Event::CommandPlanned(planned),
+            Event::CommandSucceeded(succeeded),
+        ]
+    });
+    let creations: Vec<Event> = creations.collect();
+    let chat_events = chats.into_iter().map(Event::BackendSessionSeen);
     let message_events = feeds
         .conversations
         .into_iter()
@@ -1311,7 +1365,12 @@ fn prepare_worker_dir(
         feed(Feed::BackendMessages, feeds.messages),
     ];
     let marks = marks.into_iter().filter(|_| cursors);
-    let events = agent_events.chain(chat_events).chain(message_events);
-    checkpointed(dir, events.chain(marks))?;
+    let events = agent_events
+        .chain(creations)
+        .chain(chat_events)
+        .chain(message_events);
+    // The previous run went on past the retention horizon: its sweeps dropped what was final.
+    let swept_at = START + 8 * reconcile::retention::DAY_MS;
+    checkpointed(dir, events.chain(marks), Some(swept_at))?;
     Ok(())
 }

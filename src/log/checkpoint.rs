@@ -631,8 +631,9 @@ impl LiveViews {
         self.rows.away()
     }
 
-    /// The retention sweep due at `now` (`reconcile::retention::sweep`), told which rows are
-    /// on disk (their entries stay). Blocking: reads the tree for rows not in memory.
+    /// The retention sweep due at `now` (`reconcile::retention::sweep`), told which chat
+    /// sessions are on disk (their rename entries stay). Blocking: reads the tree for the chat
+    /// sessions of rename entries not in memory.
     pub fn retention_sweep(
         &self,
         now: Millis,
@@ -641,9 +642,6 @@ impl LiveViews {
     ) -> Option<crate::events::RetentionSwept> {
         struct OnDisk<'a>(&'a Residency, &'a SessionsView);
         impl crate::reconcile::retention::AwayRows for OnDisk<'_> {
-            fn agent(&self, id: &AgentSessionId) -> bool {
-                self.0.agent_away(self.1, id)
-            }
             fn chat(&self, id: &ChatSessionId) -> bool {
                 self.0.chat_away(self.1, id)
             }

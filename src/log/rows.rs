@@ -529,15 +529,8 @@ impl Residency {
         Ok(out)
     }
 
-    /// Whether agent session `id` is on disk, for a retention sweep; a row that cannot be
-    /// read counts as there (its entries stay). Blocking.
-    pub fn agent_away(&self, s: &SessionsView, id: &AgentSessionId) -> bool {
-        !self.replace
-            && !self.is_resident_agent(s, id)
-            && packed::get(&self.tree, &key(LINK, &id.0)).map_or(true, |l| l.is_some())
-    }
-
-    /// Whether chat session `id` is on disk (see `agent_away`). Blocking.
+    /// Whether chat session `id` is on disk, for a retention sweep; a row that cannot be read
+    /// counts as there (its entries stay). Blocking.
     pub fn chat_away(&self, s: &SessionsView, id: &ChatSessionId) -> bool {
         self.away_chat(s, id).map_or(true, |row| row.is_some())
     }

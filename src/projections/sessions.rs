@@ -12,7 +12,7 @@ use super::Projection;
 use crate::clock::Millis;
 use crate::events::{
     AgentSessionId, AgentSessionInfo, AgentStatus, ChatSessionId, ChatSessionInfo, ChatStatus,
-    Effect, Envelope, Event, Feed, Key, ModelRef, Source,
+    Command, Effect, Envelope, Event, Feed, Key, ModelRef, Source,
 };
 
 /// The agent server's sessions, the backend's chat sessions, how they link, and how fresh each
@@ -123,6 +123,13 @@ pub struct AgentSessionRow {
     /// never mirrored as a chat session of its own.
     #[serde(default)]
     pub created_for: Option<ChatSessionId>,
+    /// Our `createSession` was planned for it: it is mirrored once, whatever became of that
+    /// chat session (deleted from the backend for good, or given up), and never again. The
+    /// row, not the ledger entry, is what stops a second one, so that entry can leave the
+    /// ledger after the horizon while the session lives (`reconcile::retention`), and goes to
+    /// disk with its settled pair.
+    #[serde(default)]
+    pub mirror_planned: bool,
 }
 
 /// One chat session.
@@ -230,6 +237,7 @@ impl SessionsView {
                 last_activity: 0,
                 status_seq: seq,
                 created_for: None,
+                mirror_planned: false,
             });
         if row.title != info.title {
             row.title.clone_from(&info.title);
@@ -337,6 +345,7 @@ impl SessionsView {
                         last_activity: e.at,
                         status_seq: e.seq,
                         created_for: Some(chat_session_id.clone()),
+                        mirror_planned: false,
                     });
                 if let Some(row) = self.chat.get_mut(chat_session_id) {
                     row.agent_session_id = Some(agent_session_id.clone());
@@ -518,7 +527,8 @@ impl Projection for SessionsView {
     // v4: `status_at`, `swept_before`; `retention_swept` drops final chat sessions and old
     // tombstones.
     // v5: `identity_adopted` clears the feeds' cursors of the sides that changed.
-    const VERSION: u32 = 5;
+    // v6: `mirror_planned`, folded from `command_planned` of a `createSession`.
+    const VERSION: u32 = 6;
 
     fn apply(&mut self, e: &Envelope) {
         let before = SessionIndex::before(self, &e.event);
@@ -622,6 +632,16 @@ impl SessionsView {
                 let l = self.listings.entry(b.source).or_default();
                 l.last_failure_seq = Some(e.seq);
                 l.last_error = Some(b.error.clone());
+            }
+            Event::CommandPlanned(b) => {
+                if let Command::CreateSession {
+                    agent_session_id, ..
+                } = &b.command
+                {
+                    if let Some(row) = self.agent.get_mut(agent_session_id) {
+                        row.mirror_planned = true;
+                    }
+                }
             }
             Event::CommandSucceeded(b) => self.apply_effect(&b.effect, e),
             Event::AgentServerStarted(b) => self.agent_generation = b.generation,

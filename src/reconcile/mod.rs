@@ -296,6 +296,11 @@ fn plan_agent(
             adopt(plan, s, agent_id, agent, chat_id);
             return;
         }
+        if agent.mirror_planned {
+            // Mirrored once already: its chat session was deleted from the backend for good,
+            // or the creation gave up. Its ledger entry may have left after the horizon.
+            return;
+        }
         plan.because(agent.first_seq).plan(
             ids::create_session(agent_id),
             || Command::CreateSession {

@@ -75,12 +75,11 @@ impl<'a> InUse<'a> {
     }
 }
 
-/// What a sweep cannot see in memory: whether a session's row is on disk, in a settled pair
-/// away from memory (`log::rows`). Such a row is present and active: an entry whose purpose
-/// reads it stays. Implemented by the worker over its rows tree.
+/// What a sweep cannot see in memory: whether a chat session's row is on disk, in a settled
+/// pair away from memory (`log::rows`). Such a row is present and active: an entry whose
+/// purpose reads it stays. Implemented by the worker over its rows tree. (An agent session's
+/// row on disk needs no look: see `createSession` in `entry_leaves`.)
 pub trait AwayRows {
-    /// Whether agent session `id` is on disk.
-    fn agent(&self, id: &AgentSessionId) -> bool;
     /// Whether chat session `id` is on disk.
     fn chat(&self, id: &ChatSessionId) -> bool;
 }
@@ -89,9 +88,6 @@ pub trait AwayRows {
 pub struct NothingAway;
 
 impl AwayRows for NothingAway {
-    fn agent(&self, _: &AgentSessionId) -> bool {
-        false
-    }
     fn chat(&self, _: &ChatSessionId) -> bool {
         false
     }
@@ -209,10 +205,12 @@ fn entry_leaves(
     let active = |c: &ChatSessionId| s.chat.get(c).filter(|c| c.status == ChatStatus::Active);
     match ids::purpose(id) {
         None => false,
-        // Planned for an agent session no chat session links to. Kept while the agent session
-        // exists, even once a chat session links to it: that chat session may vanish from the
-        // backend (deleted there for good), and the entry is what stops a second one.
-        Some(Purpose::CreateSession(a)) => !s.agent.contains_key(&a) && !away.agent(&a),
+        // Planned for an agent session no chat session links to, and never again once its
+        // row records it (`mirror_planned`, folded from this entry's own `command_planned`):
+        // that row, not the entry, stops a second one if the chat session vanishes from the
+        // backend. A row not in memory is gone, or away on disk, where it went from memory
+        // after that event was folded, so carrying the mark.
+        Some(Purpose::CreateSession(a)) => s.agent.get(&a).is_none_or(|row| row.mirror_planned),
         // Planned while the agent title at `seq` differs from an active chat's title. Kept
         // while that title stands, even once mirrored: a person may rename the chat session
         // afterwards, and the entry is what keeps their title.

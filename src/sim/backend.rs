@@ -102,6 +102,14 @@ impl SimBackend {
         self.lock().put_session(info);
     }
 
+    /// Removes a chat session directly, for good (deleted from the database by hand): only a
+    /// complete listing shows it gone, as in Convex, where a deleted document is simply absent.
+    pub fn remove_session(&self, id: &ChatSessionId) {
+        let mut s = self.lock();
+        s.sessions.remove(id);
+        s.session_at.remove(id);
+    }
+
     /// Adds or replaces a message directly (a user writing in the web app).
     pub fn insert_message(&self, m: MessageInfo) {
         self.lock().put_message(m);

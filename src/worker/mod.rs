@@ -593,7 +593,7 @@ impl Worker {
             return Ok(());
         }
         self.swept_at = Some(now);
-        // Off the runtime: rows on disk are looked up (their entries stay, `log::rows`).
+        // Off the runtime: chat sessions on disk are looked up (their rename entries stay).
         let live = self.live.take().expect("views");
         let (live, swept) = self
             .off_runtime(move || {

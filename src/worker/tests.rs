@@ -1037,3 +1037,65 @@ fn pairs_on_disk_are_deleted_renamed_and_prompted_like_pairs_in_memory() {
         assert_eq!(agent.prompts().values().sum::<u64>(), 1, "prompted once");
     });
 }
+
+/// A creation's ledger entry leaves after the horizon while its agent session lives
+/// (`reconcile::retention`): the agent session's row carries the mark that it was mirrored,
+/// to disk with its settled pair and back. A chat session the backend then loses for good is
+/// not made again.
+#[test]
+fn a_mirrored_agent_session_on_disk_is_not_mirrored_again_after_its_entry_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    paused().block_on(async {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(T0));
+        let agent = Arc::new(SimAgent::new(clock.clone(), Faults::default()));
+        let backend = Arc::new(SimBackend::new(clock.clone(), Faults::default()));
+        for i in 0..3 {
+            let info = serde_json::json!({"agent_session_id": format!("ses_{i}"), "title": format!("S{i}"), "updated_at": T0 - 60_000});
+            agent.insert(serde_json::from_value(info).expect("an agent session"));
+        }
+        let sides = (&agent, &backend);
+        let cfg = WorkerConfig {
+            retention: reconcile::retention::RetentionPolicy {
+                horizon_ms: 10 * 60_000,
+                every_ms: 60_000,
+            },
+            polling: PollPolicy {
+                full_listing_ms: 5_000,
+                ..PollPolicy::default()
+            },
+            ..WorkerConfig::default()
+        };
+        process_with(cfg.clone(), &log, sides, &clock, |_| async {
+            tokio::time::sleep(Duration::from_secs(40 * 60)).await;
+        })
+        .await;
+        assert_eq!(backend.sessions().len(), 3, "each mirrored once");
+        let (live, _) = crate::log::LiveViews::open(&log, CheckpointPolicy::default(), T0).unwrap();
+        assert_eq!(live.away(), 3, "every pair settled and on disk");
+        let ledger = &live.views.commands.state.commands;
+        assert!(
+            ledger.keys().all(|id| !id.0.starts_with("createSession:")),
+            "the creations left the ledger: {ledger:?}"
+        );
+        drop(live);
+        let lost = backend.sessions().into_values().next().expect("a chat session");
+        let lost_agent = lost.agent_session_id.clone().expect("linked");
+        backend.remove_session(&lost.chat_session_id);
+        let second = process_with(cfg, &log, sides, &clock, |_| async {
+            tokio::time::sleep(Duration::from_secs(5 * 60)).await;
+        })
+        .await;
+        assert!(second.pairs_brought_back >= 1, "the lost pair came back");
+        let s = &second.views.sessions.state;
+        assert!(!s.chat.contains_key(&lost.chat_session_id), "seen gone");
+        assert!(s.agent[&lost_agent].mirror_planned);
+        assert_eq!(backend.sessions().len(), 2, "not made again");
+        let creations = log
+            .read(ReadFilter::default())
+            .map(Result::unwrap)
+            .filter(|e| matches!(&e.event, Event::CommandPlanned(p) if p.command_id.0.starts_with("createSession:")))
+            .count();
+        assert_eq!(creations, 3, "one creation per agent session, ever");
+    });
+}

@@ -204,14 +204,35 @@ fn a_deleted_chat_leaves_only_once_its_agent_session_is_gone_and_is_not_mirrored
 }
 
 #[test]
-fn a_creation_that_gave_up_stays_while_its_agent_session_still_has_no_chat() {
+fn a_creation_that_gave_up_leaves_the_ledger_and_its_row_keeps_it_from_being_retried() {
     let mut w = World::new();
     w.agent("ses_1", "A").both_listed();
     assert_eq!(w.step(), ["createSession:ses_1"]);
     w.fail("createSession:ses_1", ErrorClass::Terminal, "HTTP 400");
     w.now += 30 * DAY;
-    assert_eq!(w.sweep(), None, "its purpose is still open");
+    let swept = w.sweep().expect("final and past the horizon");
+    assert_eq!(swept.commands, [CommandId::from("createSession:ses_1")]);
+    assert!(w.views.sessions.state.agent[&AgentSessionId::from("ses_1")].mirror_planned);
     assert!(w.step().is_empty(), "never planned twice");
+}
+
+#[test]
+fn a_creation_entry_stays_while_its_live_agent_session_row_lacks_the_mark() {
+    let mut w = World::new();
+    w.agent("ses_1", "A").both_listed();
+    assert_eq!(w.step(), ["createSession:ses_1"]);
+    w.fail("createSession:ses_1", ErrorClass::Terminal, "HTTP 400");
+    // A row without the mark (as no history of ours makes one): only the entry stops a
+    // second creation, so it stays.
+    let row = w
+        .views
+        .sessions
+        .state
+        .agent
+        .get_mut(&AgentSessionId::from("ses_1"));
+    row.expect("in view").mirror_planned = false;
+    w.now += 30 * DAY;
+    assert_eq!(w.sweep(), None);
 }
 
 #[test]
@@ -324,7 +345,10 @@ fn a_chat_session_the_backend_lost_is_not_created_again_after_the_horizon() {
         },
     );
     w.now += 8 * DAY;
-    w.sweep();
+    let swept = w
+        .sweep()
+        .expect("the creation is final and past the horizon");
+    assert_eq!(swept.commands, [CommandId::from("createSession:ses_1")]);
     // Deleted from the backend for good: a complete listing lacks it.
     w.ev(Event::BackendSessionGone(BackendSessionGone {
         chat_session_id: "chat_1".into(),
@@ -333,6 +357,7 @@ fn a_chat_session_the_backend_lost_is_not_created_again_after_the_horizon() {
     w.sweep();
     assert!(
         w.step().is_empty(),
-        "the ledger still remembers the creation"
+        "the agent session's row still remembers the creation"
     );
+    assert_eq!(w.planned_ids(), ["createSession:ses_1"]);
 }
