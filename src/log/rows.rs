@@ -460,16 +460,16 @@ impl Residency {
         Ok(())
     }
 
-    /// The row of agent session `id` if it is away from memory. Blocking.
+    /// The row of agent session `id` if it is away from memory. Blocking: one read, of its
+    /// record (every record of a row neither resident nor seen since the last write is of a
+    /// pair away: a write keeps the rows of the view and of the pairs away, and removes the
+    /// rest; the link is read only to bring it back, where a record without one is damage).
     fn away_agent(
         &self,
         s: &SessionsView,
         id: &AgentSessionId,
     ) -> Result<Option<AgentSessionRow>, LogError> {
-        if self.replace
-            || self.is_resident_agent(s, id)
-            || packed::get(&self.tree, &key(LINK, &id.0))?.is_none()
-        {
+        if self.replace || self.is_resident_agent(s, id) {
             return Ok(None);
         }
         let bytes = packed::get(&self.tree, &key(AGENT, &id.0))?;
