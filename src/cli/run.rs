@@ -23,7 +23,9 @@ use crate::clock::{Clock, Millis, SteadyClock, SystemClock};
 use crate::events::{
     AgentIdentity, BackendIdentity, Event, Identity, IdentityAdopted, Lifecycle, ModelRef, NewEvent,
 };
-use crate::log::{store_identity, ArchiveOptions, EventLog, IdentityStatus, LogOptions};
+use crate::log::{
+    store_identity, ArchiveOptions, EventLog, IdentityStatus, LogOptions, COMPACT_AFTER_ARCHIVED,
+};
 use crate::ports::{AgentServer, Backend};
 use crate::reconcile::retention;
 use crate::secret::Secret;
@@ -532,7 +534,8 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
         let identity = identity.clone();
         // The identity is checked inside `open`, before anything in the directory is touched.
         tokio::task::spawn_blocking(move || {
-            let log = EventLog::open(&dir, &opts)?;
+            // A start is the one moment no worker holds the log: compact it if it is due.
+            let log = EventLog::open_compacted(&dir, &opts, COMPACT_AFTER_ARCHIVED)?;
             record_identity(&log, &identity, now)?;
             Ok::<_, CliError>(log)
         })

@@ -110,11 +110,14 @@ pub(super) fn recover(dir: &Path) -> Result<(), LogError> {
     }
 }
 
-/// A checksum of every entry of every tree, in order.
+/// A checksum of every entry of every tree, in order: trees by name (sled lists them from a
+/// hash map, in no order two databases share), entries by key.
 fn checksum(db: &sled::Db) -> Result<(u64, u64), LogError> {
     let mut h = crc32fast::Hasher::new();
     let mut entries = 0;
-    for name in db.tree_names() {
+    let mut names = db.tree_names();
+    names.sort();
+    for name in names {
         h.write(&name);
         for item in db.open_tree(&name)?.iter() {
             let (k, v) = item?;
@@ -128,10 +131,13 @@ fn checksum(db: &sled::Db) -> Result<(u64, u64), LogError> {
     Ok((u64::from(h.finalize()), entries))
 }
 
+/// What a compaction writes into its copy once checked, before it may be swapped in.
+pub(super) type Stamp<'a> = &'a dyn Fn(&sled::Db) -> Result<(), LogError>;
+
 /// Copies every tree of `db` into `DIR/log.compact` (invariant 1: removed on any failure),
-/// flushed, reopened, and read back against the source's checksum; returns how many entries.
-/// Blocking.
-fn copy(db: &sled::Db, dir: &Path, cache_bytes: u64) -> Result<u64, LogError> {
+/// flushed, reopened, read back against the source's checksum, and stamped; returns how many
+/// entries. Blocking.
+fn copy(db: &sled::Db, dir: &Path, cache_bytes: u64, stamp: Stamp<'_>) -> Result<u64, LogError> {
     let fresh_path = dir.join(FRESH);
     let copied = (|| {
         let fresh = super::open_sled(&fresh_path, cache_bytes)?;
@@ -155,12 +161,16 @@ fn copy(db: &sled::Db, dir: &Path, cache_bytes: u64) -> Result<u64, LogError> {
         // and then writes one: done here, not at the worker's next start. Then the copy is
         // read back as sled will read it.
         let (wanted, entries) = checksum(db)?;
-        let (got, copied) = checksum(&super::open_sled(&fresh_path, cache_bytes)?)?;
+        let reopened = super::open_sled(&fresh_path, cache_bytes)?;
+        let (got, copied) = checksum(&reopened)?;
         if (got, copied) != (wanted, entries) {
             return Err(LogError::Compact(format!(
                 "the copy reads back {copied} entries (checksum {got:x}), the database {entries} ({wanted:x})"
             )));
         }
+        stamp(&reopened)?;
+        reopened.flush()?;
+        drop(reopened);
         super::private::narrow(&fresh_path)
             .map_err(|e| LogError::io(format!("narrowing {}", fresh_path.display()), e))?;
         sync_dir(&fresh_path);
@@ -185,12 +195,13 @@ pub(super) fn run(
     dir: &Path,
     cache_bytes: u64,
     steps: usize,
+    stamp: Stamp<'_>,
 ) -> Result<u64, LogError> {
     let fresh_path = dir.join(FRESH);
     if fresh_path.exists() {
         remove(&fresh_path)?;
     }
-    let entries = copy(&db, dir, cache_bytes)?;
+    let entries = copy(&db, dir, cache_bytes, stamp)?;
     drop(db);
     let renames = [(FRESH, READY), ("log", OLD), (READY, "log")];
     for (from, to) in renames.iter().take(steps.saturating_sub(1)) {
@@ -218,6 +229,82 @@ mod tests {
             create: true,
             ..LogOptions::default()
         }
+    }
+
+    /// Every projection's checkpoint at the end, then every event they cover archived.
+    fn archive_all(log: &EventLog) {
+        let (views, _) = crate::log::load_views(log, None, None, true, |_| {}).unwrap();
+        let store = log.checkpoints();
+        store.save(&views.sessions).unwrap();
+        store.save(&views.messages).unwrap();
+        store.save(&views.commands).unwrap();
+        let all = crate::log::ArchiveOptions {
+            older_than: std::time::Duration::ZERO,
+            ..crate::log::ArchiveOptions::default()
+        };
+        log.archive(&all, u64::MAX).unwrap();
+    }
+
+    /// A compaction is due once enough was archived since the last one, and more than the
+    /// live log holds; a compaction records how far the archive went, so the next is due only
+    /// after as many again.
+    #[test]
+    fn a_compaction_is_due_once_enough_was_archived_since_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path(), &create()).unwrap();
+        let events = |seed| History::of(&History::random_steps(seed, 200), 1_000);
+        log.append(events(10)).unwrap();
+        assert_eq!(log.compaction_due(1).unwrap(), None, "nothing archived");
+        archive_all(&log);
+        let first = log.archived_through();
+        assert!(first > 100, "{first}");
+        assert_eq!(log.compaction_due(100).unwrap(), Some(first));
+        assert_eq!(log.compaction_due(first + 1).unwrap(), None, "too few");
+        log.compact().unwrap();
+        let log = EventLog::open(dir.path(), &create()).unwrap();
+        assert_eq!(log.compaction_due(1).unwrap(), None, "just compacted");
+        log.append(events(11)).unwrap();
+        archive_all(&log);
+        let since = log.archived_through() - first;
+        assert_eq!(log.compaction_due(1).unwrap(), Some(since));
+        log.append(events(12)).unwrap();
+        log.append(events(13)).unwrap();
+        assert_eq!(
+            log.compaction_due(1).unwrap(),
+            None,
+            "more live than archived"
+        );
+    }
+
+    /// A worker's start (`open_compacted`) compacts a log that is due, and only then; every
+    /// event reads back as before.
+    #[test]
+    fn a_start_compacts_the_log_when_it_is_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path(), &create()).unwrap();
+        log.append(History::of(&History::random_steps(14, 400), 1_000))
+            .unwrap();
+        archive_all(&log);
+        let stored: Vec<_> = log
+            .read(ReadFilter::default())
+            .map(Result::unwrap)
+            .collect();
+        let n = log.archived_through();
+        drop(log);
+        let log = EventLog::open_compacted(dir.path(), &create(), n + 1).unwrap();
+        assert_eq!(log.compaction_due(n).unwrap(), Some(n), "not due at n + 1");
+        drop(log);
+        let log = EventLog::open_compacted(dir.path(), &create(), n).unwrap();
+        assert_eq!(
+            log.compaction_due(1).unwrap(),
+            None,
+            "compacted at the start"
+        );
+        let read: Vec<_> = log
+            .read(ReadFilter::default())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(read, stored);
     }
 
     /// A crash after each step of a real compaction (the process gone, the lock with it)
