@@ -1250,4 +1250,69 @@ mod tests {
         assert_eq!(reopened.away(), settled.len() as u64 - 1);
         assert_eq!(reopened.views.sessions.state.chat[c].title, "renamed");
     }
+
+    /// A session that an incremental listing reads again within its cursor's margin, exactly
+    /// as folded, is left out without a read of its row on disk (here every agent row on disk
+    /// is garbage, so a read would fail); one that changed is read and brought back; a
+    /// complete listing, the safety net, reads every one.
+    #[test]
+    fn an_incremental_listing_leaves_out_unread_the_sessions_it_reads_again_unchanged() {
+        use super::super::packed;
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let settled = crate::reconcile::settled_pairs(&views);
+        assert!(settled.len() >= 2, "{settled:?}");
+        // Every settled agent session updated in the same second: all in the margin.
+        let infos: Vec<crate::events::AgentSessionInfo> = settled
+            .iter()
+            .map(|(a, _)| {
+                let row = &views.sessions.state.agent[a];
+                crate::events::AgentSessionInfo {
+                    agent_session_id: a.clone(),
+                    title: row.title.clone(),
+                    directory: row.directory.clone(),
+                    project: row.project.clone(),
+                    model: row.model.clone(),
+                    updated_at: START + 3_600_000,
+                    parent_id: None,
+                    tag: None,
+                }
+            })
+            .collect();
+        let changed = infos.iter().cloned().map(Event::AgentSessionChanged);
+        let changed: Vec<NewEvent> = changed.map(|e| NewEvent::new(e, START)).collect();
+        log.append(changed).unwrap();
+        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        live.write_checkpoints(&log, START).unwrap();
+        drop(live);
+        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        let away = live.away();
+        assert_eq!(away, settled.len() as u64);
+        let as_of = log.last_seq();
+        // Renamed since: read, and brought back.
+        let mut renamed = infos[0].clone();
+        renamed.title = "renamed".into();
+        let mut listed = vec![renamed];
+        live.ready_agent_listing(&mut listed, false, as_of, |_| true)
+            .unwrap();
+        assert_eq!(listed.len(), 1, "compared with its row");
+        assert_eq!(live.away(), away - 1);
+        // Every agent row on disk made unreadable.
+        let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
+        let keys = packed::scan(&tree, b"a/").map(|r| r.unwrap().0);
+        let garbage = keys.map(|k| (k, Some(vec![0xc1]))).collect();
+        for (bucket, bytes) in packed::bucket_writes(&tree, garbage, false).unwrap() {
+            tree.insert(bucket, bytes.unwrap()).unwrap();
+        }
+        let mut listed = infos[1..].to_vec();
+        live.ready_agent_listing(&mut listed, false, as_of, |_| true)
+            .unwrap();
+        assert!(listed.is_empty(), "left out unread: {listed:?}");
+        assert_eq!(live.away(), away - 1);
+        let mut listed = infos[1..].to_vec();
+        let err = live
+            .ready_agent_listing(&mut listed, true, as_of, |_| true)
+            .unwrap_err();
+        assert!(err.to_string().contains("agent session row"), "{err}");
+    }
 }

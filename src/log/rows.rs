@@ -144,6 +144,7 @@ fn without_rows(s: &SessionsView) -> SessionsView {
         chat_gone: s.chat_gone.clone(),
         feeds: s.feeds.clone(),
         swept_before: s.swept_before,
+        agent_margin: s.agent_margin.clone(),
         index: Default::default(),
     }
 }
@@ -535,12 +536,14 @@ impl Residency {
         self.away_chat(s, id).map_or(true, |row| row.is_some())
     }
 
-    /// Readies a full agent listing begun at `as_of` for comparison with the resident view:
-    /// a pair away whose agent session it reports unchanged is left away and taken out of the
-    /// listing (comparing it would find nothing); one it reports changed, or, when the
-    /// listing is `complete`, one it lacks, is brought back, so that the comparison sees it.
-    /// `ours` is the listing's filter of the sessions this worker mirrors. Blocking: reads the
-    /// tree for each listed session not resident, and scans the links when complete.
+    /// Readies an agent listing begun at `as_of` for comparison with the resident view: a pair
+    /// away whose agent session it reports unchanged is left away and taken out of the listing
+    /// (comparing it would find nothing); one it reports changed, or, when the listing is
+    /// `complete`, one it lacks, is brought back, so that the comparison sees it. `ours` is
+    /// the listing's filter of the sessions this worker mirrors. Blocking: reads the tree for
+    /// each listed session not resident (but, in a listing of changes, not for one it reads
+    /// again exactly as last folded: `projections::margin`), and scans the links when
+    /// complete.
     pub fn ready_agent_listing(
         &mut self,
         s: &mut SessionsView,
@@ -553,6 +556,12 @@ impl Residency {
         let mut unchanged = FxHashSet::default();
         for info in listed.iter().filter(|i| ours(i)) {
             let id = &info.agent_session_id;
+            // Read again within the cursor's margin, exactly as folded: nothing to read. A
+            // complete listing, the safety net, always compares.
+            if !complete && !self.is_resident_agent(s, id) && s.agent_margin.is_last_folded(info) {
+                unchanged.insert(id.clone());
+                continue;
+            }
             if let Some(row) = self.away_agent(s, id)? {
                 if is_news_to_agent_row(&row, info, as_of) {
                     back.push(id.clone());

@@ -8,6 +8,7 @@
 
 mod commands;
 mod index;
+mod margin;
 mod messages;
 mod sessions;
 
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use commands::{CommandLedger, CommandState, LedgerEntry, OpenCommand};
 pub use index::SessionIndex;
+pub use margin::{AgentMargin, AGENT_SINCE_MARGIN_MS};
 pub use messages::{MessageRow, MessageState, MessagesView};
 pub use sessions::{
     rows_named, AgentSessionRow, ChatSessionRow, DeletionHold, FeedState, ListingState, ModelCache,

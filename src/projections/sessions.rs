@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::index::SessionIndex;
+use super::margin::AgentMargin;
 use super::Projection;
 use crate::clock::Millis;
 use crate::events::{
@@ -58,6 +59,11 @@ pub struct SessionsView {
     /// view, is one that left the view (`observe::backend_session_changes`).
     #[serde(default)]
     pub swept_before: Millis,
+    /// The infos last folded of the agent sessions an incremental listing reads again (those
+    /// updated within its margin of the newest update): one listed again unchanged is left
+    /// out without reading its row from disk (`margin`).
+    #[serde(default)]
+    pub agent_margin: AgentMargin,
     /// Lookups the fold keeps in step with the rows (chat sessions by agent session, agent
     /// sessions by tag, links to absent agent sessions): derived, so not stored, and rebuilt
     /// when a checkpoint is loaded.
@@ -527,7 +533,7 @@ impl Projection for SessionsView {
     // v4: `status_at`, `swept_before`; `retention_swept` drops final chat sessions and old
     // tombstones.
     // v5: `identity_adopted` clears the feeds' cursors of the sides that changed.
-    // v6: `mirror_planned`, folded from `command_planned` of a `createSession`.
+    // v6: `mirror_planned`, folded from `command_planned` of a `createSession`; `agent_margin`.
     const VERSION: u32 = 6;
 
     fn apply(&mut self, e: &Envelope) {
@@ -540,6 +546,7 @@ impl Projection for SessionsView {
 
     fn loaded(&mut self) {
         self.index = SessionIndex::build(self);
+        self.agent_margin.loaded();
     }
 }
 
@@ -547,10 +554,12 @@ impl SessionsView {
     fn fold(&mut self, e: &Envelope) {
         match &e.event {
             Event::AgentSessionSeen(info) | Event::AgentSessionChanged(info) => {
-                self.observe_agent(info, e.seq)
+                self.observe_agent(info, e.seq);
+                self.agent_margin.record(info);
             }
             Event::AgentSessionGone(b) => {
                 self.agent.remove(&b.agent_session_id);
+                self.agent_margin.forget(&b.agent_session_id);
                 self.agent_gone
                     .insert(b.agent_session_id.clone(), (e.seq, e.at));
             }

@@ -189,9 +189,7 @@ pub struct FeedCursors {
     pub backend_messages: Option<String>,
 }
 
-/// An incremental agent listing asks for the sessions updated this long before its cursor:
-/// updates within one millisecond, or committed out of order, are read again, not missed.
-pub const AGENT_SINCE_MARGIN_MS: Millis = 1_000;
+pub use crate::projections::AGENT_SINCE_MARGIN_MS;
 
 /// When a full listing is due: never listed in full by this observer (`last` is `None`; the
 /// caller sets it at start when a cursor lets the first read be incremental), or the interval
