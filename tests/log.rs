@@ -344,3 +344,83 @@ fn a_compaction_after_an_archive_keeps_every_event_and_view_and_gives_the_space_
         .unwrap();
     assert_eq!(more[0].seq, last + 1);
 }
+
+/// Found in review: a data dir whose sessions view is of the version before (v5) and whose
+/// archive's oldest segments are deleted (`--drop-archive-after-days`) could not start: the
+/// view could only be rebuilt from the log, and the log no longer starts at seq 1. It is read
+/// whole and upcast: each agent row marked mirrored when the ledger holds its
+/// `createSession`, as the fold would have marked it.
+#[test]
+fn a_view_of_the_version_before_is_upcast_when_the_log_cannot_rebuild_it() {
+    use agentsync::events::*;
+    use agentsync::log::{CheckpointPolicy, LiveViews};
+    let dir = tempfile::tempdir().unwrap();
+    // Three agent sessions mirrored by the worker (its ids), one not yet, then a long tail.
+    let mut events = Vec::new();
+    for i in 0..4 {
+        let agent = AgentSessionId(format!("ses_{i}"));
+        let info = AgentSessionInfo {
+            agent_session_id: agent.clone(),
+            title: format!("S{i}"),
+            directory: None,
+            project: None,
+            model: None,
+            updated_at: 1_000 + i,
+            parent_id: None,
+            tag: None,
+        };
+        events.push(Event::AgentSessionSeen(info));
+        if i < 3 {
+            let command = Command::CreateSession {
+                agent_session_id: agent.clone(),
+                title: format!("S{i}"),
+                model: None,
+            };
+            events.push(Event::CommandPlanned(CommandPlanned {
+                command_id: agentsync::reconcile::ids::create_session(&agent),
+                command,
+                reason: "agent session has no chat session".into(),
+            }));
+        }
+    }
+    let events = events
+        .into_iter()
+        .map(|e| NewEvent::new(e, 1_763_700_000_000));
+    let mut all: Vec<NewEvent> = events.collect();
+    use agentsync::testkit::History;
+    let tail = History::random_steps(17, 300);
+    all.extend(History::of(&tail, 1_763_700_000_000));
+    let _ = common::write_log(dir.path(), all, 50);
+    let log = EventLog::open(dir.path(), &common::create()).unwrap();
+    checkpoint_at(&log, log.last_seq());
+    let (whole, _) = load_views(&log, None, None, true, |_| {}).unwrap();
+    let marked = |views: &agentsync::projections::Views| -> Vec<String> {
+        let rows = views.sessions.state.agent.iter();
+        rows.filter(|(_, r)| r.mirror_planned)
+            .map(|(id, _)| id.0.clone())
+            .filter(|id| id.len() == 5)
+            .collect()
+    };
+    assert_eq!(marked(&whole), ["ses_0", "ses_1", "ses_2"]);
+    // The sessions view as the v5 binary stored it: no marks.
+    let store = log.checkpoints();
+    let mut raw = store.load_raw("sessions").unwrap().unwrap();
+    raw.version = 5;
+    for row in raw.state["agent"].as_object_mut().unwrap().values_mut() {
+        row.as_object_mut().unwrap().remove("mirror_planned");
+    }
+    store.save_raw("sessions", &raw).unwrap();
+    let dropping = ArchiveOptions {
+        drop_older_than: Some(Duration::from_secs(24 * 3600)),
+        ..archive_all(100)
+    };
+    log.archive(&archive_all(100), LATER).unwrap();
+    log.archive(&dropping, LATER).unwrap();
+    assert!(log.dropped_through() > 0);
+    let (live, _) = LiveViews::open(&log, CheckpointPolicy::default(), LATER).unwrap();
+    assert_eq!(marked(&live.views), ["ses_0", "ses_1", "ses_2"]);
+    assert_eq!(
+        live.views.sessions.state.chat.len(),
+        whole.sessions.state.chat.len()
+    );
+}

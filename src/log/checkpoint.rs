@@ -405,10 +405,67 @@ pub fn load_views(
     Ok((views, catch_up))
 }
 
+/// How the sessions view started, for a [`LiveViews`].
+struct ResidentStart {
+    tracked: Tracked<SessionsView>,
+    residency: Residency,
+    /// Read from a view of `rows::UPCASTS_FROM`: to be marked once caught up ([`upcast`]).
+    upcast: bool,
+}
+
 /// Where the sessions view starts when only its resident rows are read (`LiveViews`): from
 /// the rows tree when it holds a usable view, else as [`start`] decides (a file of before, or
-/// scratch), with a residency whose first write replaces the tree.
+/// scratch), with a residency whose first write replaces the tree. A view of the version
+/// before is rebuilt from the log like any other, unless the log cannot (`dropped`: the
+/// archive's oldest segments are deleted): then it is read whole and upcast.
 fn start_resident(
+    store: &CheckpointStore,
+    tree: &sled::Tree,
+    upto: u64,
+    dropped: u64,
+    origins: &mut Vec<(ProjectionName, Origin)>,
+) -> Result<ResidentStart, LogError> {
+    let name = ProjectionName::Sessions;
+    if dropped > 0 {
+        if let Some((c, residency)) = Residency::load_upcast(tree)?.filter(|(c, _)| c.seq <= upto) {
+            tracing::info!(
+                seq = c.seq,
+                "upcasting the sessions view of v5: the log's oldest events are deleted, so it cannot be rebuilt"
+            );
+            origins.push((name, Origin::Checkpoint(c.seq)));
+            let tracked = Tracked::from_checkpoint(c);
+            return Ok(ResidentStart {
+                tracked,
+                residency,
+                upcast: true,
+            });
+        }
+    }
+    let (tracked, residency) = start_rows(store, tree, upto, origins)?;
+    Ok(ResidentStart {
+        tracked,
+        residency,
+        upcast: false,
+    })
+}
+
+/// Marks the agent rows of a view upcast from v5 that the ledger, caught up to the same seq,
+/// holds a `createSession` for: v5 never let such an entry leave while its agent session
+/// lived, so the ledger names every one the fold of v6 would have marked.
+fn upcast(views: &mut Views) {
+    use crate::reconcile::ids::{purpose, Purpose};
+    let s = &mut views.sessions.state;
+    for id in views.commands.state.commands.keys() {
+        if let Some(Purpose::CreateSession(agent)) = purpose(id) {
+            if let Some(row) = s.agent.get_mut(&agent) {
+                row.mirror_planned = true;
+            }
+        }
+    }
+}
+
+/// [`start_resident`] for a view of this version, or none usable.
+fn start_rows(
     store: &CheckpointStore,
     tree: &sled::Tree,
     upto: u64,
@@ -465,14 +522,16 @@ fn load(
     let upto = upto.unwrap_or(last).min(last);
     let store = log.checkpoints();
     let mut origins = Vec::new();
-    let (sessions, mut rows) = match store.rows_tree().filter(|_| resident) {
+    let dropped = log.dropped_through();
+    let (sessions, mut rows, upcasting) = match store.rows_tree().filter(|_| resident) {
         Some(tree) => {
-            let (tracked, residency) = start_resident(&store, tree, upto, &mut origins)?;
-            (tracked, Some(residency))
+            let s = start_resident(&store, tree, upto, dropped, &mut origins)?;
+            (s.tracked, Some(s.residency), s.upcast)
         }
         None => {
             let name = ProjectionName::Sessions;
-            (start(&store, upto, only, scratch, &mut origins, name), None)
+            let tracked = start(&store, upto, only, scratch, &mut origins, name);
+            (tracked, None, false)
         }
     };
     let mut views = Views {
@@ -496,7 +555,6 @@ fn load(
     };
     let mut applied = 0;
     let from = views.min_seq() + 1;
-    let dropped = log.dropped_through();
     if from <= upto && from <= dropped {
         return Err(LogError::Dropped { through: dropped });
     }
@@ -514,6 +572,9 @@ fn load(
             applied += 1;
             progress(env.seq);
         }
+    }
+    if upcasting {
+        upcast(&mut views);
     }
     Ok((views, CatchUp { origins, applied }, rows))
 }

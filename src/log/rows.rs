@@ -63,6 +63,12 @@ struct Meta {
 /// The records packed into buckets ([`super::packed`]).
 const LAYOUT: u32 = 1;
 
+/// The version before this one, read and upcast when the log cannot rebuild the view (the
+/// archive's oldest segments deleted): it lacks only the agent rows' `mirror_planned`, which
+/// the ledger tells once caught up (`log::checkpoint`), and the agent feed's margin, which
+/// starts empty (it only saves reads).
+pub(super) const UPCASTS_FROM: u32 = 5;
+
 /// A layout of another agentsync is damage to this one (the view is set aside and rebuilt),
 /// never read as one of ours.
 fn known_layout(layout: u32) -> Result<(), LogError> {
@@ -324,6 +330,27 @@ impl Residency {
             replace: true,
             brought_back: 0,
         }
+    }
+
+    /// Loads a stored view of [`UPCASTS_FROM`] whole (every row in memory, as `VERSION` but
+    /// not yet marked), with a residency whose first write replaces the tree. `None`: no view
+    /// of that version is stored. Blocking.
+    pub(super) fn load_upcast(
+        tree: &sled::Tree,
+    ) -> Result<Option<(Checkpoint<SessionsView>, Self)>, LogError> {
+        let Some(meta) = read_meta(tree)?.filter(|m| m.version == UPCASTS_FROM) else {
+            return Ok(None);
+        };
+        known_layout(meta.layout)?;
+        let mut state = meta.state;
+        read_all_rows(tree, meta.layout, &mut state)?;
+        let checkpoint = Checkpoint {
+            name: meta.name,
+            version: SessionsView::VERSION,
+            seq: meta.seq,
+            state,
+        };
+        Ok(Some((checkpoint, Residency::replacing(tree.clone()))))
     }
 
     /// Loads the stored view's resident rows only, and the residency that goes with them.
