@@ -16,8 +16,12 @@
 //! Invariants:
 //! 1. An entry is the info of the last `agent_session_seen` or `agent_session_changed` folded
 //!    for its id, and goes with `agent_session_gone`: what the row was made from since.
-//! 2. Only entries with `updated_at` at least the newest folded less the margin are kept:
-//!    the margin holds the sessions updated in the last second of activity, not history.
+//! 2. Only entries with `updated_at` at least the newest folded less the margin are kept, and
+//!    at most [`MOST`] (the newest): the margin holds the sessions updated in the last second
+//!    of activity, not history, and a burst of updates in one second does not make it large.
+//!    Anything not kept is read, as before: the margin only saves reads. (A session updated
+//!    far in the future moves the newest with it: the margin then keeps little until the
+//!    agent server's updates catch up, and again only reads are lost.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -25,6 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
 use crate::events::{AgentSessionId, AgentSessionInfo};
+
+/// The most sessions the margin keeps (about 200 bytes each, in the meta record of every
+/// checkpoint).
+pub const MOST: usize = 4_096;
 
 /// An incremental agent listing asks for the sessions updated this long before its cursor:
 /// updates within one millisecond, or committed out of order, are read again, not missed.
@@ -54,10 +62,19 @@ impl AgentMargin {
             self.by_time.insert((info.updated_at, id.clone()));
             self.infos.insert(id.clone(), info.clone());
         }
-        while let Some(oldest) = self.by_time.first().filter(|(at, _)| *at < floor) {
+        while let Some(oldest) = self
+            .by_time
+            .first()
+            .filter(|(at, _)| *at < floor || self.infos.len() > MOST)
+        {
             let oldest = oldest.1.clone();
             self.forget(&oldest);
         }
+    }
+
+    /// Forgets every session (the agent server changed: its sessions are another's).
+    pub fn clear(&mut self) {
+        *self = AgentMargin::default();
     }
 
     /// Forgets agent session `id` (gone, or folded anew).
@@ -134,6 +151,11 @@ mod tests {
         // One too old is not kept.
         m.record(&info("old", 5_000));
         assert!(!m.is_last_folded(&info("old", 5_000)));
+        // The same session folded again at another time: one entry, in its new place.
+        m.record(&info("twice", 12_700));
+        m.record(&info("twice", 12_900));
+        assert!(m.is_last_folded(&info("twice", 12_900)));
+        assert_eq!(m.by_time.len(), m.infos.len());
         // The order survives a round trip through a checkpoint.
         let mut back: AgentMargin =
             serde_json::from_value(serde_json::to_value(&m).unwrap()).unwrap();
@@ -141,5 +163,64 @@ mod tests {
         assert_eq!(back, m);
         back.record(&info("next", 14_000));
         assert_eq!(back.len(), 1, "the rest fell out, found by their order");
+    }
+
+    #[test]
+    fn a_burst_of_updates_keeps_no_more_than_most() {
+        let mut m = AgentMargin::default();
+        for i in 0..MOST + 500 {
+            m.record(&info(&format!("s{i:05}"), 10_000));
+        }
+        assert_eq!(m.len(), MOST);
+        assert_eq!(m.by_time.len(), MOST);
+        m.record(&info("later", 10_001));
+        assert!(m.is_last_folded(&info("later", 10_001)));
+        assert_eq!(m.len(), MOST);
+    }
+
+    /// The view's fold keeps it (`SessionsView`): a session gone is forgotten, so one seen
+    /// again unchanged after it went is compared, not left out; a new agent server clears it.
+    #[test]
+    fn the_sessions_view_forgets_a_session_gone_and_another_servers() {
+        use crate::events::{AgentSessionGone, Envelope, Event, GoneReason};
+        use crate::projections::{Projection, SessionsView};
+        let mut view = SessionsView::default();
+        let mut seq = 0;
+        let mut fold = |view: &mut SessionsView, event: Event| {
+            seq += 1;
+            let v = event.kind().version();
+            let (id, at, cause) = (uuid::Uuid::nil(), 0, None);
+            view.apply(&Envelope {
+                seq,
+                id,
+                at,
+                v,
+                event,
+                cause,
+            });
+        };
+        fold(&mut view, Event::AgentSessionSeen(info("a", 10_000)));
+        assert!(view.agent_margin.is_last_folded(&info("a", 10_000)));
+        let gone = AgentSessionGone {
+            agent_session_id: "a".into(),
+            reason: GoneReason::Deleted,
+        };
+        fold(&mut view, Event::AgentSessionGone(gone));
+        assert!(!view.agent_margin.is_last_folded(&info("a", 10_000)));
+        fold(&mut view, Event::AgentSessionSeen(info("b", 10_000)));
+        let moved = crate::events::IdentityAdopted {
+            previous: identity("http://127.0.0.1:4096/"),
+            current: identity("http://127.0.0.1:4097/"),
+        };
+        fold(&mut view, Event::IdentityAdopted(moved));
+        assert!(view.agent_margin.is_empty());
+    }
+
+    fn identity(url: &str) -> crate::events::Identity {
+        crate::events::Identity {
+            worker_id: "w".into(),
+            agent: crate::events::AgentIdentity::Url(url.into()),
+            backend: crate::events::BackendIdentity::Local,
+        }
     }
 }

@@ -619,6 +619,7 @@ impl SessionsView {
             Event::IdentityAdopted(b) => {
                 if b.previous.agent != b.current.agent {
                     self.feeds.remove(&Feed::AgentSessions);
+                    self.agent_margin.clear();
                 }
                 if b.previous.backend != b.current.backend
                     || b.previous.worker_id != b.current.worker_id
