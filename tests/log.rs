@@ -376,10 +376,18 @@ fn a_view_of_the_version_before_is_upcast_when_the_log_cannot_rebuild_it() {
                 title: format!("S{i}"),
                 model: None,
             };
+            let command_id = agentsync::reconcile::ids::create_session(&agent);
             events.push(Event::CommandPlanned(CommandPlanned {
-                command_id: agentsync::reconcile::ids::create_session(&agent),
-                command,
+                command_id: command_id.clone(),
+                command: command.clone(),
                 reason: "agent session has no chat session".into(),
+            }));
+            events.push(Event::CommandDeadLettered(CommandDeadLettered {
+                command_id,
+                op: command.op(),
+                subject: command.subject(),
+                attempts: 5,
+                last_error: "HTTP 500".into(),
             }));
         }
     }
@@ -423,4 +431,23 @@ fn a_view_of_the_version_before_is_upcast_when_the_log_cannot_rebuild_it() {
         live.views.sessions.state.chat.len(),
         whole.sessions.state.chat.len()
     );
+    // That worker swept the creations (final, their sessions marked) and stopped before its
+    // first checkpoint: the next start upcasts the same view, and the sweep still marks.
+    let creations: Vec<CommandId> = (0..3)
+        .map(|i| agentsync::reconcile::ids::create_session(&AgentSessionId(format!("ses_{i}"))))
+        .collect();
+    let swept = RetentionSwept {
+        horizon_ms: 1,
+        before: LATER,
+        commands: creations.clone(),
+        messages: Vec::new(),
+        chats: Vec::new(),
+    };
+    drop(live);
+    log.append(vec![NewEvent::new(Event::RetentionSwept(swept), LATER)])
+        .unwrap();
+    let (live, _) = LiveViews::open(&log, CheckpointPolicy::default(), LATER).unwrap();
+    let ledger = &live.views.commands.state.commands;
+    assert!(creations.iter().all(|c| !ledger.contains_key(c)), "swept");
+    assert_eq!(marked(&live.views), ["ses_0", "ses_1", "ses_2"]);
 }

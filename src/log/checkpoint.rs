@@ -450,12 +450,13 @@ fn start_resident(
 }
 
 /// Marks the agent rows of a view upcast from v5 that the ledger, caught up to the same seq,
-/// holds a `createSession` for: v5 never let such an entry leave while its agent session
-/// lived, so the ledger names every one the fold of v6 would have marked.
-fn upcast(views: &mut Views) {
+/// holds a `createSession` for, or that a sweep since the view dropped one of: v5 never let
+/// such an entry leave while its agent session lived, so together they name every one the
+/// fold of v6 would have marked.
+fn upcast(views: &mut Views, swept: &[crate::events::CommandId]) {
     use crate::reconcile::ids::{purpose, Purpose};
     let s = &mut views.sessions.state;
-    for id in views.commands.state.commands.keys() {
+    for id in views.commands.state.commands.keys().chain(swept) {
         if let Some(Purpose::CreateSession(agent)) = purpose(id) {
             if let Some(row) = s.agent.get_mut(&agent) {
                 row.mirror_planned = true;
@@ -558,6 +559,9 @@ fn load(
     if from <= upto && from <= dropped {
         return Err(LogError::Dropped { through: dropped });
     }
+    // The ledger entries swept since the view of v5 (by a worker of v6 that upcast it and
+    // stopped before its first checkpoint): they mark as the ledger does.
+    let mut swept = Vec::new();
     if from <= upto {
         for item in log.read(ReadFilter {
             range: from..=upto,
@@ -568,13 +572,16 @@ fn load(
                 let (agents, chats) = rows_named(&env.event);
                 rows.wake(&mut views.sessions.state, &agents, &chats)?;
             }
+            if let (true, Event::RetentionSwept(s)) = (upcasting, &env.event) {
+                swept.extend(s.commands.iter().cloned());
+            }
             views.apply(&env);
             applied += 1;
             progress(env.seq);
         }
     }
     if upcasting {
-        upcast(&mut views);
+        upcast(&mut views, &swept);
     }
     Ok((views, CatchUp { origins, applied }, rows))
 }
