@@ -359,6 +359,15 @@ impl EventLog {
     /// schema marker and the identity (when one is given), and opens sled.
     /// Blocking: call it off the async runtime.
     pub fn open(dir: impl AsRef<Path>, opts: &LogOptions) -> Result<EventLog, LogError> {
+        Self::open_locked(dir, opts, None)
+    }
+
+    /// [`EventLog::open`], with the directory lock already held (`held`) or taken here.
+    fn open_locked(
+        dir: impl AsRef<Path>,
+        opts: &LogOptions,
+        held: Option<lock::DirLock>,
+    ) -> Result<EventLog, LogError> {
         let dir = dir.as_ref().to_path_buf();
         let db_path = dir.join("log");
         // A compaction cut between its renames leaves the database at `log.ready/`.
@@ -367,7 +376,10 @@ impl EventLog {
             return Err(LogError::NotFound(dir));
         }
         private::prepare_dir(&dir, opts.create)?;
-        let lock = lock::DirLock::acquire(&dir)?;
+        let lock = match held {
+            Some(lock) => lock,
+            None => lock::DirLock::acquire(&dir)?,
+        };
         let format = Format::load(&dir)?;
         if let Some(reason) = format.as_ref().and_then(Format::newer_than_this_binary) {
             return Err(LogError::NewerSchema { dir, reason });
@@ -440,7 +452,9 @@ impl EventLog {
             archived_since = since,
             "compacting the log before starting (events archived since its last compaction)"
         );
-        match log.compact() {
+        // The lock is held from the first open to the second: nothing slips in between.
+        let (compacted, lock) = log.compact_holding_lock(compact::STEPS);
+        match compacted {
             Ok(r) => tracing::info!(
                 bytes_before = r.bytes_before,
                 bytes_after = r.bytes_after,
@@ -449,7 +463,7 @@ impl EventLog {
             ),
             Err(e) => tracing::warn!(error = %e, "compacting the log failed: opening it as it is"),
         }
-        EventLog::open(dir, opts)
+        EventLog::open_locked(dir, opts, Some(lock))
     }
 
     /// Events archived since the last compaction (or ever, if none), when at least
@@ -469,8 +483,15 @@ impl EventLog {
 
     /// The first `steps` of [`EventLog::compact`]: tests cut it at each point.
     pub(crate) fn compact_steps(self, steps: usize) -> Result<CompactReport, LogError> {
-        self.flush()?;
-        let bytes_before = self.db.size_on_disk()?;
+        self.compact_holding_lock(steps).0
+    }
+
+    /// [`EventLog::compact_steps`], handing back the directory lock with the outcome.
+    fn compact_holding_lock(
+        self,
+        steps: usize,
+    ) -> (Result<CompactReport, LogError>, lock::DirLock) {
+        let flushed = self.flush().and_then(|_| Ok(self.db.size_on_disk()?));
         // The copy records how far the archive went, so that the next is due only after as
         // many events again.
         let through = self.archived_through().to_be_bytes();
@@ -489,17 +510,21 @@ impl EventLog {
             ..
         } = self;
         drop((events, session_rows));
-        let entries = compact::run(db, &dir, cache_bytes, steps, &stamp)?;
-        // Opened only once swapped in: opening a missing `log/` would make an empty one.
-        let bytes_after = match steps >= compact::STEPS {
-            true => open_sled(&dir.join("log"), cache_bytes)?.size_on_disk()?,
-            false => 0,
-        };
-        Ok(CompactReport {
-            bytes_before,
-            bytes_after,
-            entries,
-        })
+        let compacted = (|| {
+            let bytes_before = flushed?;
+            let entries = compact::run(db, &dir, cache_bytes, steps, &stamp)?;
+            // Opened only once swapped in: opening a missing `log/` would make an empty one.
+            let bytes_after = match steps >= compact::STEPS {
+                true => open_sled(&dir.join("log"), cache_bytes)?.size_on_disk()?,
+                false => 0,
+            };
+            Ok(CompactReport {
+                bytes_before,
+                bytes_after,
+                entries,
+            })
+        })();
+        (compacted, _lock)
     }
 
     /// The data directory.
