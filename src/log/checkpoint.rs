@@ -253,15 +253,21 @@ impl CheckpointStore {
     /// The seq projection `name`'s checkpoint holds, whatever its version, without building
     /// its state. `Ok(None)`: there is none.
     pub fn seq(&self, name: &str) -> Result<Option<u64>, CheckpointError> {
+        Ok(self.header(name)?.map(|(seq, _)| seq))
+    }
+
+    /// The seq and version of projection `name`'s checkpoint, without building its state (the
+    /// sessions view's rows are not read: a million of them would be gigabytes). `Ok(None)`:
+    /// there is none. Blocking.
+    pub fn header(&self, name: &str) -> Result<Option<(u64, u32)>, CheckpointError> {
         if let Some(tree) = self.rows_of(name)? {
-            let header = super::rows::header(tree).map_err(|e| self.rows_error(e))?;
-            return Ok(header.map(|(seq, _)| seq));
+            return super::rows::header(tree).map_err(|e| self.rows_error(e));
         }
         let Some(stored) = self.read(name)? else {
             return Ok(None);
         };
         let header = stored.decode::<Checkpoint<serde::de::IgnoredAny>>()?;
-        Ok(Some(header.seq))
+        Ok(Some((header.seq, header.version)))
     }
 
     /// Writes a projection's checkpoint atomically, serializing its state in place (no copy:
@@ -1325,7 +1331,6 @@ mod tests {
     /// complete listing, the safety net, reads every one.
     #[test]
     fn an_incremental_listing_leaves_out_unread_the_sessions_it_reads_again_unchanged() {
-        use super::super::packed;
         let dir = tempfile::tempdir().unwrap();
         let (log, views) = world(dir.path());
         let settled = crate::reconcile::settled_pairs(&views);
@@ -1366,12 +1371,7 @@ mod tests {
         assert_eq!(listed.len(), 1, "compared with its row");
         assert_eq!(live.away(), away - 1);
         // Every agent row on disk made unreadable.
-        let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
-        let keys = packed::scan(&tree, b"a/").map(|r| r.unwrap().0);
-        let garbage = keys.map(|k| (k, Some(vec![0xc1]))).collect();
-        for (bucket, bytes) in packed::bucket_writes(&tree, garbage, false).unwrap() {
-            tree.insert(bucket, bytes.unwrap()).unwrap();
-        }
+        garble_agent_rows(&log);
         let mut listed = infos[1..].to_vec();
         live.ready_agent_listing(&mut listed, false, as_of, |_| true)
             .unwrap();
@@ -1382,5 +1382,30 @@ mod tests {
             .ready_agent_listing(&mut listed, true, as_of, |_| true)
             .unwrap_err();
         assert!(err.to_string().contains("agent session row"), "{err}");
+    }
+
+    /// `stats` reads a checkpoint's header only: with every agent row unreadable, the header
+    /// still answers, and only a whole load (`rebuild --verify`, a start) finds the damage.
+    #[test]
+    fn a_header_is_read_without_the_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let store = log.checkpoints();
+        store.save(&views.sessions).unwrap();
+        garble_agent_rows(&log);
+        let header = store.header("sessions").unwrap();
+        assert_eq!(header, Some((views.sessions.seq, SessionsView::VERSION)));
+        assert!(store.load::<SessionsView>().is_err());
+    }
+
+    /// Makes every agent session row on disk unreadable (a read of one fails).
+    fn garble_agent_rows(log: &EventLog) {
+        use super::super::packed;
+        let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
+        let keys = packed::scan(&tree, b"a/").map(|r| r.unwrap().0);
+        let garbage = keys.map(|k| (k, Some(vec![0xc1]))).collect();
+        for (bucket, bytes) in packed::bucket_writes(&tree, garbage, false).unwrap() {
+            tree.insert(bucket, bytes.unwrap()).unwrap();
+        }
     }
 }
