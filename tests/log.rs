@@ -401,7 +401,25 @@ fn a_view_of_the_version_before_is_upcast_when_the_log_cannot_rebuild_it() {
     let _ = common::write_log(dir.path(), all, 50);
     let log = EventLog::open(dir.path(), &common::create()).unwrap();
     checkpoint_at(&log, log.last_seq());
+    // Planned after the ledger's checkpoint, before the sessions view's: only a catch-up of
+    // the ledger names it.
+    let agent = AgentSessionId::from("ses_3");
+    let late = CommandPlanned {
+        command_id: agentsync::reconcile::ids::create_session(&agent),
+        command: Command::CreateSession {
+            agent_session_id: agent,
+            title: "S3".into(),
+            model: None,
+        },
+        reason: "agent session has no chat session".into(),
+    };
+    log.append(vec![NewEvent::new(
+        Event::CommandPlanned(late),
+        1_763_700_000_000,
+    )])
+    .unwrap();
     let (whole, _) = load_views(&log, None, None, true, |_| {}).unwrap();
+    log.checkpoints().save(&whole.sessions).unwrap();
     let marked = |views: &agentsync::projections::Views| -> Vec<String> {
         let rows = views.sessions.state.agent.iter();
         rows.filter(|(_, r)| r.mirror_planned)
@@ -409,7 +427,8 @@ fn a_view_of_the_version_before_is_upcast_when_the_log_cannot_rebuild_it() {
             .filter(|id| id.len() == 5)
             .collect()
     };
-    assert_eq!(marked(&whole), ["ses_0", "ses_1", "ses_2"]);
+    let all_four = ["ses_0", "ses_1", "ses_2", "ses_3"];
+    assert_eq!(marked(&whole), all_four);
     // The sessions view as the v5 binary stored it: no marks.
     let store = log.checkpoints();
     let mut raw = store.load_raw("sessions").unwrap().unwrap();
@@ -426,7 +445,7 @@ fn a_view_of_the_version_before_is_upcast_when_the_log_cannot_rebuild_it() {
     log.archive(&dropping, LATER).unwrap();
     assert!(log.dropped_through() > 0);
     let (live, _) = LiveViews::open(&log, CheckpointPolicy::default(), LATER).unwrap();
-    assert_eq!(marked(&live.views), ["ses_0", "ses_1", "ses_2"]);
+    assert_eq!(marked(&live.views), all_four);
     assert_eq!(
         live.views.sessions.state.chat.len(),
         whole.sessions.state.chat.len()
@@ -449,5 +468,5 @@ fn a_view_of_the_version_before_is_upcast_when_the_log_cannot_rebuild_it() {
     let (live, _) = LiveViews::open(&log, CheckpointPolicy::default(), LATER).unwrap();
     let ledger = &live.views.commands.state.commands;
     assert!(creations.iter().all(|c| !ledger.contains_key(c)), "swept");
-    assert_eq!(marked(&live.views), ["ses_0", "ses_1", "ses_2"]);
+    assert_eq!(marked(&live.views), all_four);
 }

@@ -289,6 +289,18 @@ impl CheckpointStore {
         self.write(P::NAME, &encode(&c)?)
     }
 
+    /// Writes the sessions view, every row, to its file (not the rows tree): what a start reads
+    /// while the tree holds no view (`LiveViews::write_checkpoints`). Blocking.
+    pub(super) fn save_file(&self, tracked: &Tracked<SessionsView>) -> Result<(), LogError> {
+        let c = Checkpoint {
+            name: SessionsView::NAME.to_owned(),
+            version: SessionsView::VERSION,
+            seq: tracked.seq,
+            state: &tracked.state,
+        };
+        self.write(SessionsView::NAME, &encode(&c)?)
+    }
+
     /// Removes projection `name`'s files (its checkpoint is stored in the rows tree now).
     pub(super) fn remove_files(&self, name: &str) -> Result<(), LogError> {
         for path in [self.path(name), self.legacy_path(name)] {
@@ -632,6 +644,7 @@ impl LiveViews {
             // A pair found damaged while the tail is replayed: as for a damaged checkpoint,
             // the sessions view alone is rebuilt from the log.
             Err(LogError::Rows { reason }) => {
+                kept_unless_rebuildable(log, &reason)?;
                 tracing::warn!(%reason, "ignoring the damaged sessions checkpoint");
                 let store = log.checkpoints();
                 let tree = store
@@ -809,11 +822,19 @@ impl LiveViews {
         log.flush()?;
         let store = log.checkpoints();
         let settled = crate::reconcile::settled_pairs(&self.views);
+        if self.rows.replaces() && log.dropped_through() > 0 {
+            // A replacing write of a large view goes in pieces, its meta removed first: a crash
+            // in between leaves the view to a rebuild from the log, which this log (its oldest
+            // events deleted) cannot do. So the whole view (every row is in memory) goes to a
+            // file first, which a start reads when the tree has no meta; removed below.
+            store.save_file(&self.views.sessions)?;
+        }
         match self.rows.write(&mut self.views.sessions, &settled) {
             // A bucket the write must read is damaged (a pair away in it, never read since):
             // as at a start, the sessions view alone is rebuilt from the log, and its write
             // replaces the tree, reading nothing of it.
             Err(LogError::Rows { reason }) => {
+                kept_unless_rebuildable(log, &reason)?;
                 tracing::warn!(%reason, "rebuilding the damaged sessions checkpoint from the log");
                 self.rebuild_sessions(log)?;
                 let settled = crate::reconcile::settled_pairs(&self.views);
@@ -842,6 +863,20 @@ impl LiveViews {
         self.events_since = 0;
         self.last_write_at = now;
         Ok(seq)
+    }
+}
+
+/// A damaged sessions checkpoint is set aside only when the log can rebuild the view: with its
+/// oldest events deleted (the archive's dropped segments) it is the only copy, and is kept
+/// as it is for a person (the error says so).
+fn kept_unless_rebuildable(log: &EventLog, reason: &str) -> Result<(), LogError> {
+    match log.dropped_through() {
+        0 => Ok(()),
+        through => Err(LogError::Rows {
+            reason: format!(
+                "{reason}; the log cannot rebuild the sessions view (events through seq {through} were deleted with the archive), so its checkpoint is left as it is"
+            ),
+        }),
     }
 }
 
@@ -1407,5 +1442,88 @@ mod tests {
         for (bucket, bytes) in packed::bucket_writes(&tree, garbage, false).unwrap() {
             tree.insert(bucket, bytes.unwrap()).unwrap();
         }
+    }
+
+    /// Found in review: after a view of v5 is upcast on a log whose oldest events are deleted,
+    /// the first write replaces the tree in pieces, the meta removed first. A crash between
+    /// the pieces left no view and no way to rebuild one. The whole view goes to a file first,
+    /// and a start reads it while the tree holds no view.
+    #[test]
+    fn a_replacing_write_cut_between_its_pieces_on_a_log_that_cannot_rebuild_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        super::super::compact::tests::archive_all(&log);
+        // A view of v5 too large for one batch, then the archive's segments deleted.
+        let store = log.checkpoints();
+        let large = with_extra_agents(&views.sessions, 1_500);
+        let mut raw = Checkpoint {
+            name: SessionsView::NAME.to_owned(),
+            version: 5,
+            seq: large.seq,
+            state: serde_json::to_value(&large.state).unwrap(),
+        };
+        raw.state["agent"]
+            .as_object_mut()
+            .unwrap()
+            .values_mut()
+            .for_each(|row| drop(row.as_object_mut().unwrap().remove("mirror_planned")));
+        store.save_raw("sessions", &raw).unwrap();
+        let dropping = crate::log::ArchiveOptions {
+            older_than: std::time::Duration::ZERO,
+            drop_older_than: Some(std::time::Duration::from_secs(1)),
+            ..crate::log::ArchiveOptions::default()
+        };
+        let later = START + 365 * 24 * 3_600_000;
+        log.archive(&dropping, later).unwrap();
+        assert!(log.dropped_through() > 0);
+        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), later).unwrap();
+        let before = live.views.sessions.clone();
+        assert_eq!(before.state.agent.len(), large.state.agent.len());
+        // Cut after the first piece (the meta's removal).
+        super::super::rows::CUT_AFTER_PIECES.set(Some(1));
+        let cut = live.write_checkpoints(&log, later);
+        super::super::rows::CUT_AFTER_PIECES.set(None);
+        assert!(cut.is_err());
+        assert_eq!(
+            store.header("sessions").unwrap().map(|(_, v)| v),
+            Some(SessionsView::VERSION)
+        );
+        drop(live);
+        let (live, _) = LiveViews::open(&log, CheckpointPolicy::default(), later).unwrap();
+        assert_eq!(live.views.sessions.state.agent, before.state.agent);
+        assert_eq!(live.views.sessions.state.chat, before.state.chat);
+    }
+
+    /// Found in review: a damaged sessions checkpoint is set aside for a rebuild from the log;
+    /// on a log whose oldest events are deleted that destroyed the only copy. It is kept, and
+    /// the error says why.
+    #[test]
+    fn a_damaged_view_on_a_log_that_cannot_rebuild_it_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = world(dir.path());
+        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        live.write_checkpoints(&log, START).unwrap();
+        assert!(live.away() > 0);
+        drop(live);
+        let dropping = crate::log::ArchiveOptions {
+            older_than: std::time::Duration::ZERO,
+            drop_older_than: Some(std::time::Duration::from_secs(1)),
+            ..crate::log::ArchiveOptions::default()
+        };
+        log.archive(&dropping, START + 365 * 24 * 3_600_000)
+            .unwrap();
+        assert!(log.dropped_through() > 0);
+        // A pair on disk named by the tail, its link pointing elsewhere.
+        let (k, _) = overwrite_first(&log, b"l/", b"chat_nobody");
+        let agent = crate::events::AgentSessionId(String::from_utf8_lossy(&k[2..]).into_owned());
+        let status = Event::AgentSessionStatus(crate::events::AgentSessionStatus {
+            agent_session_id: agent,
+            status: crate::events::AgentStatus::Busy,
+        });
+        log.append(vec![NewEvent::new(status, START)]).unwrap();
+        let err = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap_err();
+        assert!(err.to_string().contains("cannot rebuild"), "{err}");
+        let store = log.checkpoints();
+        assert!(store.header("sessions").unwrap().is_some(), "kept");
     }
 }

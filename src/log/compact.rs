@@ -220,7 +220,7 @@ pub(super) fn run(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use crate::log::{EventLog, LogOptions, ReadFilter};
     use crate::testkit::History;
 
@@ -232,7 +232,7 @@ mod tests {
     }
 
     /// Every projection's checkpoint at the end, then every event they cover archived.
-    fn archive_all(log: &EventLog) {
+    pub(in crate::log) fn archive_all(log: &EventLog) {
         let (views, _) = crate::log::load_views(log, None, None, true, |_| {}).unwrap();
         let store = log.checkpoints();
         store.save(&views.sessions).unwrap();

@@ -174,7 +174,7 @@ pub(super) fn set_aside(tree: &sled::Tree) -> Result<(), LogError> {
     Ok(())
 }
 
-/// Every stored row as one checkpoint (for tools: `replay`, `rebuild --verify`, `stats`).
+/// Every stored row as one checkpoint (for tools: `replay`, `rebuild --verify`).
 /// Rows of another version are not read.
 pub(super) fn load_all(tree: &sled::Tree) -> Result<Option<Checkpoint<SessionsView>>, LogError> {
     let Some(meta) = read_meta(tree)? else {
@@ -259,7 +259,8 @@ fn commit(tree: &sled::Tree, writes: Writes, meta: Vec<u8>, replace: bool) -> Re
             }
         }
     }
-    for piece in pieces(ops, meta) {
+    for (n, piece) in pieces(ops, meta).into_iter().enumerate() {
+        cut_before(n)?;
         let mut batch = sled::Batch::default();
         for (k, v) in piece {
             match v {
@@ -270,6 +271,27 @@ fn commit(tree: &sled::Tree, writes: Writes, meta: Vec<u8>, replace: bool) -> Re
         tree.apply_batch(batch)?;
     }
     tree.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests stop a write before this piece, as a crash would.
+    pub(super) static CUT_AFTER_PIECES: std::cell::Cell<Option<usize>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Where tests cut a write in pieces ([`CUT_AFTER_PIECES`]); nothing outside them.
+#[cfg(test)]
+fn cut_before(piece: usize) -> Result<(), LogError> {
+    match CUT_AFTER_PIECES.get() == Some(piece) {
+        true => Err(LogError::io("cut (test)", std::io::Error::other("cut"))),
+        false => Ok(()),
+    }
+}
+
+#[cfg(not(test))]
+fn cut_before(_: usize) -> Result<(), LogError> {
     Ok(())
 }
 
@@ -410,6 +432,11 @@ impl Residency {
     /// Pairs away from memory.
     pub fn away(&self) -> u64 {
         self.away
+    }
+
+    /// Whether the next write replaces the tree whole (every row is in memory).
+    pub(super) fn replaces(&self) -> bool {
+        self.replace
     }
 
     /// Pairs brought back into memory since this residency began.
