@@ -280,6 +280,13 @@ impl CheckpointStore {
             super::rows::save_all(tree, sessions, SessionsView::VERSION)?;
             return self.remove_files(P::NAME);
         }
+        self.save_file(tracked)
+    }
+
+    /// Writes a projection's checkpoint to its file, the sessions view's too (every row, not
+    /// the rows tree: what a start reads while the tree holds no view, see
+    /// `LiveViews::write_checkpoints`). Blocking.
+    pub(super) fn save_file<P: Projection>(&self, tracked: &Tracked<P>) -> Result<(), LogError> {
         let c = Checkpoint {
             name: P::NAME.to_owned(),
             version: P::VERSION,
@@ -287,18 +294,6 @@ impl CheckpointStore {
             state: &tracked.state,
         };
         self.write(P::NAME, &encode(&c)?)
-    }
-
-    /// Writes the sessions view, every row, to its file (not the rows tree): what a start reads
-    /// while the tree holds no view (`LiveViews::write_checkpoints`). Blocking.
-    pub(super) fn save_file(&self, tracked: &Tracked<SessionsView>) -> Result<(), LogError> {
-        let c = Checkpoint {
-            name: SessionsView::NAME.to_owned(),
-            version: SessionsView::VERSION,
-            seq: tracked.seq,
-            state: &tracked.state,
-        };
-        self.write(SessionsView::NAME, &encode(&c)?)
     }
 
     /// Removes projection `name`'s files (its checkpoint is stored in the rows tree now).
