@@ -1463,14 +1463,8 @@ mod tests {
             .values_mut()
             .for_each(|row| drop(row.as_object_mut().unwrap().remove("mirror_planned")));
         store.save_raw("sessions", &raw).unwrap();
-        let dropping = crate::log::ArchiveOptions {
-            older_than: std::time::Duration::ZERO,
-            drop_older_than: Some(std::time::Duration::from_secs(1)),
-            ..crate::log::ArchiveOptions::default()
-        };
         let later = START + 365 * 24 * 3_600_000;
-        log.archive(&dropping, later).unwrap();
-        assert!(log.dropped_through() > 0);
+        drop_archive(&log, later);
         let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), later).unwrap();
         let before = live.views.sessions.clone();
         assert_eq!(before.state.agent.len(), large.state.agent.len());
@@ -1500,14 +1494,7 @@ mod tests {
         live.write_checkpoints(&log, START).unwrap();
         assert!(live.away() > 0);
         drop(live);
-        let dropping = crate::log::ArchiveOptions {
-            older_than: std::time::Duration::ZERO,
-            drop_older_than: Some(std::time::Duration::from_secs(1)),
-            ..crate::log::ArchiveOptions::default()
-        };
-        log.archive(&dropping, START + 365 * 24 * 3_600_000)
-            .unwrap();
-        assert!(log.dropped_through() > 0);
+        drop_archive(&log, START + 365 * 24 * 3_600_000);
         // A pair on disk named by the tail, its link pointing elsewhere.
         let (k, _) = overwrite_first(&log, b"l/", b"chat_nobody");
         let agent = crate::events::AgentSessionId(String::from_utf8_lossy(&k[2..]).into_owned());
@@ -1520,5 +1507,17 @@ mod tests {
         assert!(err.to_string().contains("cannot rebuild"), "{err}");
         let store = log.checkpoints();
         assert!(store.header("sessions").unwrap().is_some(), "kept");
+    }
+
+    /// Archives what every checkpoint covers and deletes the segments (all older than `at`):
+    /// a log that can no longer rebuild its views from seq 1.
+    fn drop_archive(log: &EventLog, at: Millis) {
+        let dropping = crate::log::ArchiveOptions {
+            older_than: std::time::Duration::ZERO,
+            drop_older_than: Some(std::time::Duration::from_secs(1)),
+            ..crate::log::ArchiveOptions::default()
+        };
+        log.archive(&dropping, at).unwrap();
+        assert!(log.dropped_through() > 0);
     }
 }

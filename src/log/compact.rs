@@ -231,6 +231,13 @@ pub(super) mod tests {
         }
     }
 
+    /// Every event of `log`, archive and live log, in order.
+    fn read_all(log: &EventLog) -> Vec<crate::events::Envelope> {
+        log.read(ReadFilter::default())
+            .map(Result::unwrap)
+            .collect()
+    }
+
     /// Every projection's checkpoint at the end, then every event they cover archived.
     pub(in crate::log) fn archive_all(log: &EventLog) {
         let (views, _) = crate::log::load_views(log, None, None, true, |_| {}).unwrap();
@@ -285,10 +292,7 @@ pub(super) mod tests {
         log.append(History::of(&History::random_steps(14, 400), 1_000))
             .unwrap();
         archive_all(&log);
-        let stored: Vec<_> = log
-            .read(ReadFilter::default())
-            .map(Result::unwrap)
-            .collect();
+        let stored = read_all(&log);
         let n = log.archived_through();
         drop(log);
         let log = EventLog::open_compacted(dir.path(), &create(), n + 1).unwrap();
@@ -300,10 +304,7 @@ pub(super) mod tests {
             None,
             "compacted at the start"
         );
-        let read: Vec<_> = log
-            .read(ReadFilter::default())
-            .map(Result::unwrap)
-            .collect();
+        let read = read_all(&log);
         assert_eq!(read, stored);
     }
 
@@ -320,10 +321,7 @@ pub(super) mod tests {
             let cut = log.compact_steps(steps);
             assert!(cut.is_ok(), "step {steps}: {cut:?}");
             let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
-            let read: Vec<_> = log
-                .read(ReadFilter::default())
-                .map(Result::unwrap)
-                .collect();
+            let read = read_all(&log);
             assert_eq!(read, stored, "cut after {steps} step(s)");
             for left in [super::FRESH, super::READY, super::OLD] {
                 assert!(!dir.path().join(left).exists(), "step {steps}: {left} left");
@@ -355,10 +353,7 @@ pub(super) mod tests {
         // Moved aside as the message says, the log is whole again.
         std::fs::remove_dir_all(dir.path().join("log")).unwrap();
         let log = EventLog::open(dir.path(), &create()).unwrap();
-        let read: Vec<_> = log
-            .read(ReadFilter::default())
-            .map(Result::unwrap)
-            .collect();
+        let read = read_all(&log);
         assert_eq!(read, stored);
     }
 
