@@ -4,6 +4,7 @@ mod common;
 
 use agentsync::events::{DecodeError, Envelope};
 use agentsync::log::{EventLog, LogOptions, ReadFilter};
+use agentsync::testkit::History;
 use common::*;
 use tokio_stream::StreamExt;
 
@@ -16,6 +17,59 @@ fn acknowledged_events_survive_reopen_and_seq_continues() {
     let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
     assert_eq!(log.last_seq(), (first.len() + more.len()) as u64);
     assert_eq!(log.durable_seq(), log.last_seq());
+}
+
+/// Set in the child of `an_unflushed_append_is_made_durable_by_the_next_flushed_one`.
+const UNFLUSHED_CHILD: &str = "AGENTSYNC_TEST_UNFLUSHED_CHILD";
+
+#[test]
+fn an_unflushed_append_is_made_durable_by_the_next_flushed_one() {
+    let events = |seed| History::of(&History::random_steps(seed, 20), 1_763_700_000_000);
+    if let Some(dir) = std::env::var_os(UNFLUSHED_CHILD) {
+        // The child: an unflushed batch, then a flushed one, then a death with no clean-up
+        // (no drop of the log, so no flush of sled's own at close).
+        let log = EventLog::open(&dir, &create()).unwrap();
+        let first = log.append_unflushed(events(1)).unwrap();
+        assert!(
+            log.durable_seq() < first.last().unwrap().seq,
+            "not waited for"
+        );
+        log.append(events(2)).unwrap();
+        assert_eq!(log.durable_seq(), log.last_seq());
+        std::process::abort();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "an_unflushed_append_is_made_durable_by_the_next_flushed_one",
+        ])
+        .env(UNFLUSHED_CHILD, dir.path())
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        child.status.signal(),
+        Some(nix::libc::SIGABRT),
+        "the child's checks passed and it died: {}",
+        String::from_utf8_lossy(&child.stdout)
+    );
+    let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+    let read: Vec<_> = log
+        .read(ReadFilter::default())
+        .map(|e| e.unwrap())
+        .collect();
+    let written: Vec<_> = [events(1), events(2)].concat();
+    assert!(!events(1).is_empty() && !events(2).is_empty());
+    assert_eq!(
+        read.len(),
+        written.len(),
+        "{}",
+        String::from_utf8_lossy(&child.stderr)
+    );
+    for (r, w) in read.iter().zip(&written) {
+        assert_eq!(r.event, w.event);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

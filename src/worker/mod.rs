@@ -382,7 +382,15 @@ impl Worker {
             }
         }
         let log = self.log.clone();
-        let stored = self.off_runtime(move || log.append(events)).await??;
+        // The lifecycle is history for people, not state: it does not wait for the disk (the
+        // start's first flush would wait on sled's own writes of the open; `append_unflushed`).
+        let lifecycle = events.iter().all(|e| is_lifecycle(&e.event));
+        let stored = self
+            .off_runtime(move || match lifecycle {
+                true => log.append_unflushed(events),
+                false => log.append(events),
+            })
+            .await??;
         self.status.appended(&stored);
         if let Some(live) = self.live.as_mut() {
             // Every row named is in memory (`append`): no read of the tree here.
@@ -1219,6 +1227,12 @@ impl Worker {
         let now = self.clock.now_ms();
         self.write_checkpoints(now).await
     }
+}
+
+/// A record of the worker's own lifecycle (started, the state it entered): nothing is
+/// folded from it, nothing planned, and a crash that loses it loses a line of history.
+fn is_lifecycle(event: &Event) -> bool {
+    matches!(event, Event::WorkerStarted(_) | Event::WorkerState(_))
 }
 
 fn with_cause(e: NewEvent, cause: Option<&Uuid>) -> NewEvent {
