@@ -528,6 +528,7 @@ async fn run_worker(s: Settings, identity: Identity) -> Result<(), CliError> {
             create: true,
             identity: Some(identity.clone()),
             adopt: s.adopt,
+            read_ahead: true,
             ..LogOptions::default()
         };
         let now = clock.now_ms();

@@ -70,6 +70,8 @@ pub use identity::{load_identity, store_identity, IdentityStatus};
 use crate::events::{DecodeError, Envelope, EventKind, Identity, NewEvent};
 
 const EVENTS_TREE: &str = "events";
+/// The checkpoint files' directory in a data directory (`checkpoint`).
+const CHECKPOINTS_DIR: &str = "checkpoints";
 /// The tree of the log's own bookkeeping: [`COMPACTED_THROUGH`].
 const LOG_META_TREE: &str = "log.meta";
 /// The archive's last seq when the database was last compacted (u64, big-endian).
@@ -112,6 +114,10 @@ pub struct LogOptions {
     pub identity: Option<Identity>,
     /// Accept `identity` even though another one is recorded (`--adopt`).
     pub adopt: bool,
+    /// Read the file checkpoints on a thread of their own while sled opens, once the directory
+    /// is checked and locked, for the first [`LiveViews::open`]: a worker's start
+    /// ([`checkpoint::Preloaded`]).
+    pub read_ahead: bool,
 }
 
 impl Default for LogOptions {
@@ -122,6 +128,7 @@ impl Default for LogOptions {
             cache_bytes: 4 * 1024 * 1024,
             identity: None,
             adopt: false,
+            read_ahead: false,
         }
     }
 }
@@ -337,6 +344,8 @@ pub struct EventLog {
     archiving: Mutex<()>,
     /// The segment read last (by `get` or a reader), decompressed: `why` prints what it read.
     cached: Mutex<Option<(u64, Arc<Records>)>>,
+    /// The file checkpoints read while this opened (`LogOptions::read_ahead`), until taken.
+    read_ahead: Mutex<Option<checkpoint::Preloaded>>,
     _lock: lock::DirLock,
 }
 
@@ -389,6 +398,10 @@ impl EventLog {
             None => None,
         };
         compact::recover(&dir)?;
+        let read_ahead = opts.read_ahead.then(|| {
+            let dir = dir.clone();
+            std::thread::spawn(move || checkpoint::Preloaded::read(&dir))
+        });
         let db = open_sled(&db_path, opts.cache_bytes)?;
         let events = db.open_tree(EVENTS_TREE)?;
         let archive = ArchiveState::load(&dir)?;
@@ -421,6 +434,8 @@ impl EventLog {
             archive: RwLock::new(Arc::new(archive)),
             archiving: Mutex::new(()),
             cached: Mutex::new(None),
+            // A thread that panicked read nothing: the start reads the files itself.
+            read_ahead: Mutex::new(read_ahead.and_then(|t| t.join().ok())),
             _lock: lock,
         };
         Ok(log)
@@ -448,6 +463,12 @@ impl EventLog {
         let Some(since) = log.compaction_due(threshold)? else {
             return Ok(log);
         };
+        // What was read ahead is kept for the reopen, not read again.
+        let read_ahead = log.take_read_ahead();
+        let opts = &LogOptions {
+            read_ahead: false,
+            ..opts.clone()
+        };
         tracing::info!(
             archived_since = since,
             "compacting the log before starting (events archived since its last compaction)"
@@ -463,7 +484,14 @@ impl EventLog {
             ),
             Err(e) => tracing::warn!(error = %e, "compacting the log failed: opening it as it is"),
         }
-        EventLog::open_locked(dir, opts, Some(lock))
+        let log = EventLog::open_locked(dir, opts, Some(lock))?;
+        *log.read_ahead.lock().expect("read-ahead poisoned") = read_ahead;
+        Ok(log)
+    }
+
+    /// The file checkpoints read while this opened (`LogOptions::read_ahead`), once.
+    pub(crate) fn take_read_ahead(&self) -> Option<checkpoint::Preloaded> {
+        self.read_ahead.lock().expect("read-ahead poisoned").take()
     }
 
     /// Events archived since the last compaction (or ever, if none), when at least
@@ -792,7 +820,7 @@ impl EventLog {
     /// database (`rows`). The store shares the database: the data directory stays locked
     /// until both it and the log are dropped.
     pub fn checkpoints(&self) -> CheckpointStore {
-        CheckpointStore::with_rows(self.dir.join("checkpoints"), self.session_rows.clone())
+        CheckpointStore::with_rows(self.dir.join(CHECKPOINTS_DIR), self.session_rows.clone())
     }
 }
 
