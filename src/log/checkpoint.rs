@@ -294,10 +294,8 @@ impl CheckpointStore {
         self.save_file(tracked)
     }
 
-    /// Writes a projection's checkpoint to its file, the sessions view's too (every row, not
-    /// the rows tree: what a start reads while the tree holds no view, see
-    /// `LiveViews::write_checkpoints`). Blocking.
-    pub(super) fn save_file<P: Projection>(&self, tracked: &Tracked<P>) -> Result<(), LogError> {
+    /// Writes a projection's checkpoint to its file. Blocking.
+    fn save_file<P: Projection>(&self, tracked: &Tracked<P>) -> Result<(), LogError> {
         let c = Checkpoint {
             name: P::NAME.to_owned(),
             version: P::VERSION,
@@ -890,13 +888,6 @@ impl LiveViews {
         log.flush()?;
         let store = log.checkpoints();
         let settled = crate::reconcile::settled_pairs(&self.views);
-        if self.rows.replaces() && log.dropped_through() > 0 {
-            // A replacing write of a large view goes in pieces, its meta removed first: a crash
-            // in between leaves the view to a rebuild from the log, which this log (its oldest
-            // events deleted) cannot do. So the whole view (every row is in memory) goes to a
-            // file first, which a start reads when the tree has no meta; removed below.
-            store.save_file(&self.views.sessions)?;
-        }
         match self.rows.write(&mut self.views.sessions, &settled) {
             // A bucket the write must read is damaged (a pair away in it, never read since):
             // as at a start, the sessions view alone is rebuilt from the log, and its write
@@ -1296,6 +1287,45 @@ mod tests {
         many
     }
 
+    /// `rows` invariant 5 for a write that replaces nothing: cut before each of its batches
+    /// and reopened, the tree holds the view before or the view after, never rows of both.
+    #[test]
+    fn a_large_write_cut_before_any_of_its_batches_leaves_the_view_before_or_after() {
+        use super::super::rows;
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let tree = || log.db.open_tree(rows::TREE).unwrap();
+        let before = with_extra_agents(&views.sessions, 1_500);
+        let mut after = before.clone();
+        after.seq += 1;
+        for row in after.state.agent.values_mut() {
+            row.title.push_str(" (renamed)");
+        }
+        let (mut kept, mut finished) = (0, 0);
+        for cut in 0.. {
+            rows::save_all(&tree(), &before, SessionsView::VERSION).unwrap();
+            let (_, mut residency) = Residency::load(&tree()).unwrap().unwrap();
+            rows::CUT_AFTER_PIECES.set(Some(cut));
+            let written = residency.write(&mut after.clone(), &[]);
+            rows::CUT_AFTER_PIECES.set(None);
+            if written.is_ok() {
+                break;
+            }
+            // What the log's next open does.
+            rows::finish_staged(&tree()).unwrap();
+            let stored = Tracked::from_checkpoint(rows::load_all(&tree()).unwrap().unwrap());
+            let expected = if stored.seq == before.seq {
+                kept += 1;
+                &before
+            } else {
+                finished += 1;
+                &after
+            };
+            assert_eq!(stored.state.agent, expected.state.agent, "cut {cut}");
+        }
+        assert!(kept > 2 && finished > 2, "{kept} {finished}");
+    }
+
     /// A replacing write (a rebuilt view, `save_all`) leaves no record of the view it
     /// replaces, even in a bucket it rewrites: a session gone from the new view is gone from
     /// the tree.
@@ -1549,48 +1579,62 @@ mod tests {
         }
     }
 
-    /// Found in review: after a view of v5 is upcast on a log whose oldest events are deleted,
-    /// the first write replaces the tree in pieces, the meta removed first. A crash between
-    /// the pieces left no view and no way to rebuild one. The whole view goes to a file first,
-    /// and a start reads it while the tree holds no view.
+    /// Found in review of the upcast: on a log whose oldest segments are deleted, the first
+    /// write replaces the tree, in pieces, and a crash between them once left no view and no
+    /// way to rebuild one. Staged (`rows`, invariant 5): cut before each of its batches, as a
+    /// crash would, the reopened log holds the view of before or finishes the write.
     #[test]
-    fn a_replacing_write_cut_between_its_pieces_on_a_log_that_cannot_rebuild_loses_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let (log, views) = world(dir.path());
-        super::super::compact::tests::archive_all(&log);
-        // A view of v5 too large for one batch, then the archive's segments deleted.
-        let store = log.checkpoints();
-        let large = with_extra_agents(&views.sessions, 1_500);
-        let mut raw = Checkpoint {
-            name: SessionsView::NAME.to_owned(),
-            version: 5,
-            seq: large.seq,
-            state: serde_json::to_value(&large.state).unwrap(),
-        };
-        raw.state["agent"]
-            .as_object_mut()
-            .unwrap()
-            .values_mut()
-            .for_each(|row| drop(row.as_object_mut().unwrap().remove("mirror_planned")));
-        store.save_raw("sessions", &raw).unwrap();
+    fn a_replacing_write_cut_before_any_of_its_batches_on_a_log_that_cannot_rebuild_loses_nothing()
+    {
         let later = START + 365 * 24 * 3_600_000;
-        drop_archive(&log, later);
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), later).unwrap();
-        let before = live.views.sessions.clone();
-        assert_eq!(before.state.agent.len(), large.state.agent.len());
-        // Cut after the first piece (the meta's removal).
-        super::super::rows::CUT_AFTER_PIECES.set(Some(1));
-        let cut = live.write_checkpoints(&log, later);
-        super::super::rows::CUT_AFTER_PIECES.set(None);
-        assert!(cut.is_err());
-        assert_eq!(
-            store.header("sessions").unwrap().map(|(_, v)| v),
-            Some(SessionsView::VERSION)
+        let (mut before_mark, mut after_mark) = (0, 0);
+        for cut in 0.. {
+            let dir = tempfile::tempdir().unwrap();
+            let (log, views) = world(dir.path());
+            super::super::compact::tests::archive_all(&log);
+            // A view of v5 too large for one batch, then the archive's segments deleted.
+            let large = with_extra_agents(&views.sessions, 1_500);
+            let mut raw = Checkpoint {
+                name: SessionsView::NAME.to_owned(),
+                version: 5,
+                seq: large.seq,
+                state: serde_json::to_value(&large.state).unwrap(),
+            };
+            raw.state["agent"]
+                .as_object_mut()
+                .unwrap()
+                .values_mut()
+                .for_each(|row| drop(row.as_object_mut().unwrap().remove("mirror_planned")));
+            log.checkpoints().save_raw("sessions", &raw).unwrap();
+            drop_archive(&log, later);
+            let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), later).unwrap();
+            let upcast = live.views.sessions.clone();
+            assert_eq!(upcast.state.agent.len(), large.state.agent.len());
+            super::super::rows::CUT_AFTER_PIECES.set(Some(cut));
+            let written = live.write_checkpoints(&log, later);
+            super::super::rows::CUT_AFTER_PIECES.set(None);
+            if written.is_ok() {
+                break;
+            }
+            drop((live, log));
+            let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+            match log.checkpoints().header("sessions").unwrap() {
+                Some((_, 5)) => before_mark += 1,
+                Some((_, v)) if v == SessionsView::VERSION => after_mark += 1,
+                other => panic!("cut before batch {cut}: the view stored is {other:?}"),
+            }
+            let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
+            assert_eq!(tree.scan_prefix(b"s").count(), 0, "nothing left staged");
+            let (live, _) = LiveViews::open(&log, CheckpointPolicy::default(), later).unwrap();
+            // Every row, those on disk too.
+            let all = live.merged().unwrap();
+            assert_eq!(all.sessions.state.agent, upcast.state.agent, "cut {cut}");
+            assert_eq!(all.sessions.state.chat, upcast.state.chat, "cut {cut}");
+        }
+        assert!(
+            before_mark > 2 && after_mark > 2,
+            "{before_mark} {after_mark}"
         );
-        drop(live);
-        let (live, _) = LiveViews::open(&log, CheckpointPolicy::default(), later).unwrap();
-        assert_eq!(live.views.sessions.state.agent, before.state.agent);
-        assert_eq!(live.views.sessions.state.chat, before.state.chat);
     }
 
     /// Found in review: a damaged sessions checkpoint is set aside for a rebuild from the log;

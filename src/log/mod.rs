@@ -418,6 +418,9 @@ impl EventLog {
             merged.store(&dir)?;
         }
         let session_rows = db.open_tree(rows::TREE)?;
+        // A write of the sessions view cut short by a crash: finished or dropped (`rows`,
+        // invariant 5) before anything reads the tree.
+        rows::finish_staged(&session_rows)?;
         let log = EventLog {
             dir,
             db,

@@ -12,7 +12,8 @@
 //!
 //! Invariants:
 //! 1. The tree is the sessions view at `meta.seq`: each write is one atomic sled batch of the
-//!    rows that changed since the one before, the rows that left the view, and the meta.
+//!    rows that changed since the one before, the rows that left the view, and the meta (or,
+//!    too large for one, staged: invariant 5).
 //! 2. A row away from memory (not resident now, nor since the last write) is as the tree
 //!    holds it: nothing changed it since, because the worker brings back every row an event
 //!    names (`projections::rows_named`) before folding the event.
@@ -21,6 +22,13 @@
 //!    index's `active_chats` (the deletion limit is a share of every active chat session).
 //! 4. A tree written from another start (a rebuild, a checkpoint of another version) is
 //!    replaced whole by the next write: no row of it can be brought back.
+//! 5. A write too large for one batch (invariant 1) is staged: its records go under `s/` in
+//!    pieces, then the mark `s` that they are all there, then to their places in pieces, then
+//!    the mark and the staged records go. sled recovers a prefix of its operations, so after a
+//!    crash the tree holds the view of before (no mark: what was staged is dropped) or a mark
+//!    over every staged record, which the log's next open applies again before anything reads
+//!    the tree ([`finish_staged`]). Never a meta over rows of another seq, and never no view:
+//!    a log whose oldest segments were deleted could not rebuild one.
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hasher};
@@ -244,11 +252,10 @@ impl Writes {
 /// Applies `writes` to records and then `meta`, durably. `replace`: the tree is replaced
 /// whole (invariant 4): buckets start empty and every other key goes. Up to `BATCH_WRITES` and
 /// `BATCH_BYTES`, one atomic batch (the usual case: what changed since the last checkpoint).
-/// Beyond, in pieces, the meta removed first and written last: sled recovers a prefix of its
-/// operations, so a crash in between leaves no stored view at all (the next start rebuilds
-/// the sessions view from the log, as for a damaged checkpoint), never a meta over rows of
-/// another seq.
+/// Beyond, staged (invariant 5): a crash at any point leaves the view of before or, once
+/// the stage is marked whole, the next open finishes the write ([`finish_staged`]).
 fn commit(tree: &sled::Tree, writes: Writes, meta: Vec<u8>, replace: bool) -> Result<(), LogError> {
+    finish_staged(tree)?;
     let mut ops = packed::bucket_writes(tree, writes.0, replace)?;
     if replace {
         let fresh: FxHashSet<Vec<u8>> = ops.iter().map(|(k, _)| k.clone()).collect();
@@ -259,19 +266,133 @@ fn commit(tree: &sled::Tree, writes: Writes, meta: Vec<u8>, replace: bool) -> Re
             }
         }
     }
-    for (n, piece) in pieces(ops, meta).into_iter().enumerate() {
-        cut_before(n)?;
+    ops.push((META.to_vec(), Some(meta)));
+    let mut step = Steps::default();
+    if fits_one_batch(&ops) {
+        step.apply(tree, ops)?;
+        tree.flush()?;
+        return Ok(());
+    }
+    let staged = ops
+        .iter()
+        .map(|(k, v)| (staged_key(k), Some(staged_value(v))));
+    for piece in pieces(staged.collect()) {
+        step.apply(tree, piece)?;
+    }
+    let count = (ops.len() as u64).to_be_bytes().to_vec();
+    step.apply(tree, vec![(STAGED_WHOLE.to_vec(), Some(count))])?;
+    apply_staged(tree, ops, &mut step)
+}
+
+/// The records of a write in pieces are first written under `s/` and their key, each value
+/// a byte 1 and the value, or the byte 0 for a removal (invariant 5).
+const STAGED: &[u8] = b"s/";
+/// Present once every staged record of a write is: their number, big-endian.
+const STAGED_WHOLE: &[u8] = b"s";
+
+fn staged_key(k: &[u8]) -> Vec<u8> {
+    [STAGED, k].concat()
+}
+
+fn staged_value(v: &Option<Vec<u8>>) -> Vec<u8> {
+    match v {
+        Some(v) => [&[1u8][..], v].concat(),
+        None => vec![0],
+    }
+}
+
+/// A write staged whole, applied: `ops` in pieces, then the mark removed, then the staged
+/// records. Blocking.
+fn apply_staged(
+    tree: &sled::Tree,
+    ops: Vec<packed::Write>,
+    step: &mut Steps,
+) -> Result<(), LogError> {
+    let staged: Vec<packed::Write> = ops.iter().map(|(k, _)| (staged_key(k), None)).collect();
+    for piece in pieces(ops) {
+        step.apply(tree, piece)?;
+    }
+    step.apply(tree, vec![(STAGED_WHOLE.to_vec(), None)])?;
+    for piece in pieces(staged) {
+        step.apply(tree, piece)?;
+    }
+    tree.flush()?;
+    Ok(())
+}
+
+/// Finishes a write in pieces that a crash cut short once it was staged whole, or drops what
+/// one cut before left staged (invariant 5): before anything reads the tree (the log's open)
+/// and before each write. Blocking.
+pub(super) fn finish_staged(tree: &sled::Tree) -> Result<(), LogError> {
+    let whole = tree
+        .get(STAGED_WHOLE)?
+        .map(|n| <[u8; 8]>::try_from(n.as_ref()).map(u64::from_be_bytes));
+    let mut ops = Vec::new();
+    for item in tree.scan_prefix(STAGED) {
+        let (k, v) = item?;
+        let op = match (whole, v.split_first()) {
+            (None, _) => None,
+            (Some(_), Some((1, value))) => Some(value.to_vec()),
+            (Some(_), Some((0, []))) => None,
+            _ => return Err(damaged("a staged record of a write is damaged")),
+        };
+        ops.push((k[STAGED.len()..].to_vec(), op));
+    }
+    match whole {
+        None if ops.is_empty() => Ok(()),
+        None => {
+            tracing::info!(
+                records = ops.len(),
+                "dropping a sessions view write cut short before it was staged whole"
+            );
+            let staged = ops.into_iter().map(|(k, _)| (staged_key(&k), None));
+            for piece in pieces(staged.collect()) {
+                Steps::default().apply(tree, piece)?;
+            }
+            tree.flush()?;
+            Ok(())
+        }
+        Some(Ok(n)) if n == ops.len() as u64 => {
+            tracing::info!(
+                records = n,
+                "finishing a sessions view write cut short after it was staged"
+            );
+            apply_staged(tree, ops, &mut Steps::default())
+        }
+        Some(_) => Err(damaged(format!(
+            "a staged write of the sessions view holds {} records, not as many as marked",
+            ops.len()
+        ))),
+    }
+}
+
+/// Whether `ops` go in one sled batch.
+fn fits_one_batch(ops: &[packed::Write]) -> bool {
+    ops.len() <= BATCH_WRITES && ops.iter().map(write_size).sum::<usize>() <= BATCH_BYTES
+}
+
+fn write_size(op: &packed::Write) -> usize {
+    op.0.len() + op.1.as_ref().map_or(0, Vec::len)
+}
+
+/// The sled batches of a write, counted: tests cut a write before any of them.
+#[derive(Default)]
+struct Steps(usize);
+
+impl Steps {
+    /// Applies `ops` as one atomic sled batch. Blocking.
+    fn apply(&mut self, tree: &sled::Tree, ops: Vec<packed::Write>) -> Result<(), LogError> {
+        cut_before(self.0)?;
+        self.0 += 1;
         let mut batch = sled::Batch::default();
-        for (k, v) in piece {
+        for (k, v) in ops {
             match v {
                 Some(v) => batch.insert(k, v),
                 None => batch.remove(k),
             }
         }
-        tree.apply_batch(batch)?;
+        Ok(tree.apply_batch(batch)?)
     }
-    tree.flush()?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -295,28 +416,22 @@ fn cut_before(_: usize) -> Result<(), LogError> {
     Ok(())
 }
 
-/// The sled batches that apply `ops` and then the meta, in order: one batch when it fits,
-/// else the meta's removal, the writes in pieces, and the meta with the last piece.
-fn pieces(ops: Vec<packed::Write>, meta: Vec<u8>) -> Vec<Vec<packed::Write>> {
-    let size = |op: &packed::Write| op.0.len() + op.1.as_ref().map_or(0, Vec::len);
-    let meta = (META.to_vec(), Some(meta));
-    if ops.len() < BATCH_WRITES && ops.iter().map(size).sum::<usize>() <= BATCH_BYTES {
-        let mut whole = ops;
-        whole.push(meta);
-        return vec![whole];
-    }
-    let mut out = vec![vec![(META.to_vec(), None)]];
+/// `ops` in order, cut into sled batches of at most `BATCH_WRITES` and `BATCH_BYTES` (a
+/// single write larger than that alone).
+fn pieces(ops: Vec<packed::Write>) -> Vec<Vec<packed::Write>> {
+    let mut out = Vec::new();
     let (mut piece, mut bytes) = (Vec::new(), 0);
     for op in ops {
-        if !piece.is_empty() && (piece.len() == BATCH_WRITES || bytes + size(&op) > BATCH_BYTES) {
+        if !piece.is_empty()
+            && (piece.len() == BATCH_WRITES || bytes + write_size(&op) > BATCH_BYTES)
+        {
             out.push(std::mem::take(&mut piece));
             bytes = 0;
         }
-        bytes += size(&op);
+        bytes += write_size(&op);
         piece.push(op);
     }
-    piece.push(meta);
-    out.push(piece);
+    out.extend((!piece.is_empty()).then_some(piece));
     out
 }
 
@@ -432,11 +547,6 @@ impl Residency {
     /// Pairs away from memory.
     pub fn away(&self) -> u64 {
         self.away
-    }
-
-    /// Whether the next write replaces the tree whole (every row is in memory).
-    pub(super) fn replaces(&self) -> bool {
-        self.replace
     }
 
     /// Pairs brought back into memory since this residency began.
@@ -794,32 +904,21 @@ impl Residency {
 mod tests {
     use super::*;
 
-    /// A write too large for one batch goes in pieces, the meta removed first and written
-    /// last: a crash in between leaves no stored view, never a meta over rows of another seq.
+    /// A write too large for one batch goes in pieces of at most `BATCH_WRITES` and
+    /// `BATCH_BYTES`, every write once and in order.
     #[test]
-    fn a_large_write_goes_in_pieces_between_the_meta_removed_and_the_meta_written() {
+    fn a_large_write_goes_in_pieces_every_write_once_in_order() {
         let write = |i: usize| (format!("a/{i:06}").into_bytes(), Some(vec![7; 100]));
         let small: Vec<packed::Write> = (0..10).map(write).collect();
-        let one = pieces(small.clone(), b"meta".to_vec());
-        assert_eq!(one.len(), 1);
-        assert_eq!(one[0][..10], small[..]);
-        assert_eq!(one[0][10], (META.to_vec(), Some(b"meta".to_vec())));
+        assert!(fits_one_batch(&small));
+        assert_eq!(pieces(small.clone()), vec![small]);
 
         let large: Vec<packed::Write> = (0..2 * BATCH_WRITES + 7).map(write).collect();
-        let many = pieces(large.clone(), b"meta".to_vec());
-        assert_eq!(many.len(), 4, "the removal, then three pieces");
-        assert_eq!(many[0], vec![(META.to_vec(), None)]);
-        let last = many.last().unwrap().last().unwrap();
-        assert_eq!(*last, (META.to_vec(), Some(b"meta".to_vec())));
-        let middle: Vec<packed::Write> = many[1..].concat();
-        assert_eq!(
-            middle[..middle.len() - 1],
-            large[..],
-            "every write once, in order"
-        );
-        assert!(many.iter().all(|p| p.len() <= BATCH_WRITES + 1));
-        let metas = many.concat().into_iter().filter(|(k, _)| k == META).count();
-        assert_eq!(metas, 2);
+        assert!(!fits_one_batch(&large));
+        let many = pieces(large.clone());
+        assert_eq!(many.len(), 3);
+        assert!(many.iter().all(|p| p.len() <= BATCH_WRITES));
+        assert_eq!(many.concat(), large, "every write once, in order");
 
         // And by bytes: two writes over the limit together go apart.
         let big = |i: usize| {
@@ -828,6 +927,54 @@ mod tests {
                 Some(vec![0; BATCH_BYTES / 2 + 1]),
             )
         };
-        assert_eq!(pieces((0..2).map(big).collect(), b"m".to_vec()).len(), 3);
+        assert_eq!(pieces((0..2).map(big).collect()).len(), 2);
+    }
+
+    /// Invariant 5 at the tree: a staged write cut before its mark is dropped by the next
+    /// open, one cut after it is finished, and a stage that does not hold as many records as
+    /// its mark says is damage, not a view.
+    #[test]
+    fn a_staged_write_is_dropped_before_its_mark_and_finished_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .temporary(true)
+            .path(dir.path())
+            .open()
+            .unwrap();
+        let tree = db.open_tree(TREE).unwrap();
+        tree.insert(META, b"old".to_vec()).unwrap();
+        let ops: Vec<packed::Write> = (0..3)
+            .map(|i| (format!("a/{i}").into_bytes(), Some(vec![i as u8])))
+            .chain([(META.to_vec(), Some(b"new".to_vec()))])
+            .collect();
+        let stage = |tree: &sled::Tree| {
+            for (k, v) in &ops {
+                tree.insert(staged_key(k), staged_value(v)).unwrap();
+            }
+        };
+        stage(&tree);
+        finish_staged(&tree).unwrap();
+        assert_eq!(
+            tree.get(META).unwrap().unwrap(),
+            b"old"[..],
+            "no mark: dropped"
+        );
+        assert_eq!(tree.len(), 1);
+
+        stage(&tree);
+        tree.insert(STAGED_WHOLE, &4u64.to_be_bytes()[..]).unwrap();
+        finish_staged(&tree).unwrap();
+        assert_eq!(
+            tree.get(META).unwrap().unwrap(),
+            b"new"[..],
+            "marked: finished"
+        );
+        assert_eq!(tree.get(b"a/2").unwrap().unwrap(), [2u8][..]);
+        assert_eq!(tree.len(), 4, "the mark and the staged records gone");
+
+        stage(&tree);
+        tree.insert(STAGED_WHOLE, &5u64.to_be_bytes()[..]).unwrap();
+        let err = finish_staged(&tree).unwrap_err().to_string();
+        assert!(err.contains("not as many as marked"), "{err}");
     }
 }
