@@ -3,9 +3,6 @@
 //! Invariants:
 //! - a directory agentsync creates is mode 0700, and every file in it 0600 (the process runs
 //!   with umask 0o077: `cli::private_files`);
-//! - a writer's open narrows the data directory, its entries, and whatever is below a
-//!   directory others could enter ([`narrow`]); below a directory already private nothing is
-//!   reachable by anyone else, and nothing is walked;
 //! - a directory owned by another user, or writable by group or others, is refused before
 //!   anything in it is read or written: whoever can write it can plant a log or a lock;
 //! - the files agentsync opens by name in it (`LOCK`, `FORMAT.json`, `IDENTITY.json`, temp files)
@@ -59,31 +56,25 @@ pub(crate) fn sync_dir(dir: &Path) {
     }
 }
 
-/// Sets `dir`, its entries, and everything under a directory others could enter, to 0700
-/// (directories) and 0600 (files) where group or others had any access; symlinks are left
-/// alone, never followed. Returns how many entries changed.
-///
-/// A directory below `dir` that is already private is not walked: nobody else can reach what
-/// is in it, and a start would otherwise stat every file of the log's database (1,600 of
-/// sled's blobs at a million sessions).
+/// Sets `dir` and everything under it to 0700 (directories) and 0600 (files) where group or
+/// others had any access; symlinks are left alone, never followed. Returns how many entries
+/// changed.
 pub(crate) fn narrow(dir: &Path) -> std::io::Result<usize> {
     use std::os::unix::fs::PermissionsExt;
     let mut changed = 0;
-    // (path, whether it is `dir`)
-    let mut stack = vec![(dir.to_path_buf(), true)];
-    while let Some((path, root)) = stack.pop() {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
         let meta = std::fs::symlink_metadata(&path)?;
         if meta.file_type().is_symlink() {
             continue;
         }
-        let mode = meta.permissions().mode() & 0o777;
-        let open = mode & 0o077 != 0;
-        if meta.is_dir() && (root || open) {
+        if meta.is_dir() {
             for entry in std::fs::read_dir(&path)? {
-                stack.push((entry?.path(), false));
+                stack.push(entry?.path());
             }
         }
-        if open {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
             let private = if meta.is_dir() { 0o700 } else { 0o600 };
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & private))?;
             changed += 1;
@@ -214,11 +205,6 @@ mod tests {
         set(&data.join("log"), 0o755);
         set(&data.join("log/db"), 0o644);
         set(&outside, 0o644);
-        // Under a directory already private: nobody else can reach it, so it is not walked.
-        std::fs::create_dir_all(data.join("log/blobs")).unwrap();
-        std::fs::write(data.join("log/blobs/1"), b"z").unwrap();
-        set(&data.join("log/blobs"), 0o700);
-        set(&data.join("log/blobs/1"), 0o644);
         prepare_dir(&data, false).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&data), 0o755, "a reader changes nothing");
@@ -226,14 +212,6 @@ mod tests {
         assert_eq!(mode(&data), 0o700);
         assert_eq!(mode(&data.join("log")), 0o700);
         assert_eq!(mode(&data.join("log/db")), 0o600);
-        assert_eq!(mode(&data.join("log/blobs/1")), 0o644, "not walked");
-        // The entries of `dir` itself are always seen to, even when it is private already.
-        set(&data.join("log"), 0o750);
-        std::fs::write(data.join("FORMAT.json"), b"{}").unwrap();
-        set(&data.join("FORMAT.json"), 0o640);
-        prepare_dir(&data, true).unwrap();
-        assert_eq!(mode(&data.join("log")), 0o700);
-        assert_eq!(mode(&data.join("FORMAT.json")), 0o600);
         assert_eq!(
             mode(&outside),
             0o644,
