@@ -149,7 +149,13 @@ impl CheckpointStore {
         [self.path(name), self.legacy_path(name)]
             .iter()
             .map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec())))
+            .map(|m| {
+                m.map(|m| {
+                    let (modified, changed) =
+                        ((m.mtime(), m.mtime_nsec()), (m.ctime(), m.ctime_nsec()));
+                    (m.ino(), m.size(), modified, changed)
+                })
+            })
             .collect()
     }
 
@@ -445,8 +451,8 @@ struct Early<P> {
 }
 
 /// What tells a file from the one that replaced it (a write is a rename of a new file):
-/// inode, length, and modification time.
-type FileStamp = (u64, u64, i64, i64);
+/// inode, length, and modification and change times (a change time no tool sets back).
+type FileStamp = (u64, u64, (i64, i64), (i64, i64));
 
 impl<P: Projection> Early<P> {
     fn read(store: &CheckpointStore) -> Self {
@@ -928,7 +934,7 @@ impl LiveViews {
 /// A damaged sessions checkpoint is set aside only when the log can rebuild the view: with its
 /// oldest events deleted (the archive's dropped segments) it is the only copy, and is kept
 /// as it is for a person (the error says so).
-fn kept_unless_rebuildable(log: &EventLog, reason: &str) -> Result<(), LogError> {
+pub(super) fn kept_unless_rebuildable(log: &EventLog, reason: &str) -> Result<(), LogError> {
     match log.dropped_through() {
         0 => Ok(()),
         through => Err(LogError::Rows {
@@ -1288,32 +1294,38 @@ mod tests {
     }
 
     /// `rows` invariant 5 for a write that replaces nothing: cut before each of its batches
-    /// and reopened, the tree holds the view before or the view after, never rows of both.
+    /// and the log reopened, the tree holds the view before or the view after, never rows of
+    /// both, and nothing staged.
     #[test]
     fn a_large_write_cut_before_any_of_its_batches_leaves_the_view_before_or_after() {
         use super::super::rows;
         let dir = tempfile::tempdir().unwrap();
-        let (log, views) = world(dir.path());
-        let tree = || log.db.open_tree(rows::TREE).unwrap();
+        let (mut log, views) = world(dir.path());
         let before = with_extra_agents(&views.sessions, 1_500);
         let mut after = before.clone();
         after.seq += 1;
         for row in after.state.agent.values_mut() {
             row.title.push_str(" (renamed)");
         }
+        for row in after.state.chat.values_mut() {
+            row.title.push_str(" (renamed)");
+        }
         let (mut kept, mut finished) = (0, 0);
         for cut in 0.. {
-            rows::save_all(&tree(), &before, SessionsView::VERSION).unwrap();
-            let (_, mut residency) = Residency::load(&tree()).unwrap().unwrap();
+            let tree = log.db.open_tree(rows::TREE).unwrap();
+            rows::save_all(&tree, &before, SessionsView::VERSION).unwrap();
+            let (_, mut residency) = Residency::load(&tree).unwrap().unwrap();
             rows::CUT_AFTER_PIECES.set(Some(cut));
             let written = residency.write(&mut after.clone(), &[]);
             rows::CUT_AFTER_PIECES.set(None);
             if written.is_ok() {
                 break;
             }
-            // What the log's next open does.
-            rows::finish_staged(&tree()).unwrap();
-            let stored = Tracked::from_checkpoint(rows::load_all(&tree()).unwrap().unwrap());
+            drop((residency, tree, log));
+            log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+            let tree = log.db.open_tree(rows::TREE).unwrap();
+            assert_eq!(tree.scan_prefix(b"s").count(), 0, "nothing left staged");
+            let stored = Tracked::from_checkpoint(rows::load_all(&tree).unwrap().unwrap());
             let expected = if stored.seq == before.seq {
                 kept += 1;
                 &before
@@ -1322,8 +1334,89 @@ mod tests {
                 &after
             };
             assert_eq!(stored.state.agent, expected.state.agent, "cut {cut}");
+            assert_eq!(stored.state.chat, expected.state.chat, "cut {cut}");
         }
         assert!(kept > 2 && finished > 2, "{kept} {finished}");
+    }
+
+    /// A write that failed after its stage was marked, in a process that goes on: the next
+    /// write finishes that stage before staging its own (else their records would mix).
+    #[test]
+    fn a_write_after_one_that_failed_once_staged_finishes_that_stage_first() {
+        use super::super::rows;
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let tree = log.db.open_tree(rows::TREE).unwrap();
+        let first = with_extra_agents(&views.sessions, 1_500);
+        // Other sessions than the first's: its staged records are not all written over.
+        let mut second = views.sessions.clone();
+        for (id, row) in with_extra_agents(&views.sessions, 1_500).state.agent {
+            second
+                .state
+                .agent
+                .insert(AgentSessionId(id.0.replace("extra", "other")), row);
+        }
+        second.seq += 1;
+        rows::save_all(&tree, &views.sessions, SessionsView::VERSION).unwrap();
+        let (_, mut residency) = Residency::load(&tree).unwrap().unwrap();
+        // Cut after the mark: the stage's batches (a record per bucket, at most one per
+        // agent, 1,000 a batch in tests), then the mark; the assert below checks where.
+        let stage = first.state.agent.len().div_ceil(1_000);
+        rows::CUT_AFTER_PIECES.set(Some(stage + 1));
+        assert!(residency.write(&mut first.clone(), &[]).is_err());
+        rows::CUT_AFTER_PIECES.set(None);
+        assert!(
+            tree.get(b"s").unwrap().is_some(),
+            "cut with its stage marked"
+        );
+        let (_, mut again) = Residency::load(&tree).unwrap().unwrap();
+        again.write(&mut second.clone(), &[]).unwrap();
+        drop((residency, again, tree, log));
+        let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+        let tree = log.db.open_tree(rows::TREE).unwrap();
+        let stored = Tracked::from_checkpoint(rows::load_all(&tree).unwrap().unwrap());
+        assert_eq!(stored.seq, second.seq);
+        for (id, row) in &second.state.agent {
+            assert_eq!(stored.state.agent.get(id), Some(row), "{id:?}");
+        }
+    }
+
+    /// Found in review: a damaged stage failed every open, `rebuild` included. Where the log
+    /// can rebuild the view, it is set aside with its stage and rebuilt; where it cannot, the
+    /// open fails naming it and leaves it as it is.
+    #[test]
+    fn a_damaged_stage_is_set_aside_where_the_log_can_rebuild_and_kept_where_it_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        live.write_checkpoints(&log, START).unwrap();
+        drop(live);
+        let damage = |log: &EventLog| {
+            let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
+            tree.insert(b"s/m", &[7u8, 1, 2][..]).unwrap();
+            tree.insert(b"s", &1u64.to_be_bytes()[..]).unwrap();
+            tree.flush().unwrap();
+        };
+        damage(&log);
+        drop(log);
+        let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+        let (mut live, catch_up) =
+            LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
+        assert!(matches!(
+            catch_up
+                .origins
+                .iter()
+                .find(|(n, _)| *n == ProjectionName::Sessions),
+            Some((_, Origin::Scratch(_)))
+        ));
+        assert_eq!(live.merged().unwrap().sessions.state, views.sessions.state);
+        live.write_checkpoints(&log, START).unwrap();
+        drop(live);
+        drop_archive(&log, START + 365 * 24 * 3_600_000);
+        damage(&log);
+        drop(log);
+        let err = EventLog::open(dir.path(), &LogOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("cannot rebuild"), "{err}");
     }
 
     /// A replacing write (a rebuilt view, `save_all`) leaves no record of the view it

@@ -8,7 +8,8 @@
 //! DIR/IDENTITY.json the worker id, agent server and backend the directory belongs to (mode 0600)
 //! DIR/log/          the sled database
 //!     tree events       u64 big-endian seq -> envelope JSON
-//!     tree views.sessions   the sessions view's checkpoint, its rows in hash buckets (`rows`)
+//!     tree views.sessions   the sessions view's checkpoint, its rows in hash buckets (`rows`),
+//!                           and a large write's stage while one is under way or cut short
 //! DIR/log.compact/, log.ready/, log.old/   a compaction's copy (unfinished, finished) and the
 //!                   database before it: only while one runs or after a crash in one
 //!                   (`compact`: finished or undone at open)
@@ -22,6 +23,10 @@
 //! - Sequence numbers start at 1 and have no gaps; an entry, once written, is never rewritten.
 //! - A batch of events is applied with one `sled::Batch` (atomic); with [`Durability::EveryBatch`]
 //!   the database is flushed before `append` returns, so an acknowledged event survives a crash.
+//!   [`EventLog::append_unflushed`] (the worker's lifecycle records) leaves it to the next flush;
+//!   sled recovers a prefix, so a crash can lose such a batch only with everything after it.
+//! - Every open, inspection commands' too, finishes or drops a write of the sessions view that a
+//!   crash cut short (`rows`, invariant 5), as sled's own recovery does before anything is read.
 //! - There is one key per event and no secondary index: sled's cost is per key, and an index by
 //!   session halved the durable append rate (measured: 0.36 x raw sled with it). Reads by session
 //!   scan with a byte prefilter (the id as a JSON string) and decode only the candidates.
@@ -412,15 +417,12 @@ impl EventLog {
         }
         .max(archive.through());
         // A writer records the versions it writes before it writes anything; inspection
-        // commands (opened without `create`) leave the directory as they found it.
+        // commands (opened without `create`) leave `FORMAT.json` as they found it.
         let merged = Format::current().merged_with(format.as_ref());
         if opts.create && format.as_ref() != Some(&merged) {
             merged.store(&dir)?;
         }
         let session_rows = db.open_tree(rows::TREE)?;
-        // A write of the sessions view cut short by a crash: finished or dropped (`rows`,
-        // invariant 5) before anything reads the tree.
-        rows::finish_staged(&session_rows)?;
         let log = EventLog {
             dir,
             db,
@@ -441,6 +443,9 @@ impl EventLog {
             read_ahead: Mutex::new(read_ahead.and_then(|t| t.join().ok())),
             _lock: lock,
         };
+        // A write of the sessions view cut short by a crash: finished or dropped (`rows`,
+        // invariant 5) before anything reads the tree.
+        log.finish_rows_write()?;
         Ok(log)
     }
 
@@ -490,6 +495,20 @@ impl EventLog {
         let log = EventLog::open_locked(dir, opts, Some(lock))?;
         *log.read_ahead.lock().expect("read-ahead poisoned") = read_ahead;
         Ok(log)
+    }
+
+    /// Finishes or drops a write of the sessions view a crash cut short (`rows::finish_staged`).
+    /// A damaged stage is set aside with the view, to be rebuilt from the log, where the log
+    /// can (else the open fails naming it, and nothing is changed). Blocking.
+    fn finish_rows_write(&self) -> Result<(), LogError> {
+        match rows::finish_staged(&self.session_rows) {
+            Err(LogError::Rows { reason }) => {
+                checkpoint::kept_unless_rebuildable(self, &reason)?;
+                tracing::warn!(%reason, "setting the damaged sessions checkpoint aside: it is rebuilt from the log");
+                rows::discard_staged(&self.session_rows)
+            }
+            finished => finished,
+        }
     }
 
     /// The file checkpoints read while this opened (`LogOptions::read_ahead`), once.

@@ -8,7 +8,8 @@
 //! a chat session's row and `l/AGENT` the chat session of a pair away from memory, packed into
 //! hash buckets ([`super::packed`]: sled's cost is per entry, and there are three records per
 //! session). A tree of the layout before buckets (meta without `layout`) is read whole once
-//! and replaced by the next write.
+//! and replaced by the next write. While a write too large for one batch is under way (or was
+//! cut short by a crash): its stage, `s/` and each record's key, and the mark `s` (invariant 5).
 //!
 //! Invariants:
 //! 1. The tree is the sessions view at `meta.seq`: each write is one atomic sled batch of the
@@ -273,15 +274,17 @@ fn commit(tree: &sled::Tree, writes: Writes, meta: Vec<u8>, replace: bool) -> Re
         tree.flush()?;
         return Ok(());
     }
+    // One piece at a time: a staged copy of the whole write would double its memory.
     let staged = ops
         .iter()
         .map(|(k, v)| (staged_key(k), Some(staged_value(v))));
-    for piece in pieces(staged.collect()) {
+    for piece in pieces(staged) {
         step.apply(tree, piece)?;
     }
     let count = (ops.len() as u64).to_be_bytes().to_vec();
+    drop(ops);
     step.apply(tree, vec![(STAGED_WHOLE.to_vec(), Some(count))])?;
-    apply_staged(tree, ops, &mut step)
+    finish_staged_counting(tree, &mut step)
 }
 
 /// The records of a write in pieces are first written under `s/` and their key, each value
@@ -301,69 +304,83 @@ fn staged_value(v: &Option<Vec<u8>>) -> Vec<u8> {
     }
 }
 
-/// A write staged whole, applied: `ops` in pieces, then the mark removed, then the staged
-/// records. Blocking.
-fn apply_staged(
-    tree: &sled::Tree,
-    ops: Vec<packed::Write>,
-    step: &mut Steps,
-) -> Result<(), LogError> {
-    let staged: Vec<packed::Write> = ops.iter().map(|(k, _)| (staged_key(k), None)).collect();
+/// Finishes a write in pieces that a crash cut short once it was staged whole, or drops what
+/// one cut before left staged (invariant 5): before anything reads the tree (the log's open)
+/// and before each write. A stage that is not as its mark says is damage
+/// ([`LogError::Rows`]; [`discard_staged`] sets it aside with the view). Blocking.
+pub(super) fn finish_staged(tree: &sled::Tree) -> Result<(), LogError> {
+    finish_staged_counting(tree, &mut Steps::default())
+}
+
+/// [`finish_staged`], its batches counted on from `step` (the write that staged it).
+fn finish_staged_counting(tree: &sled::Tree, step: &mut Steps) -> Result<(), LogError> {
+    let mark = tree.get(STAGED_WHOLE)?;
+    let mut staged = 0u64;
+    for item in tree.scan_prefix(STAGED) {
+        let (_, v) = item?;
+        unstaged(&v)?;
+        staged += 1;
+    }
+    match mark {
+        None if staged == 0 => return Ok(()),
+        None => {
+            tracing::info!(
+                records = staged,
+                "dropping a sessions view write cut short before it was staged whole"
+            );
+            return drop_staged(tree, step);
+        }
+        Some(n) if <[u8; 8]>::try_from(n.as_ref()).ok().map(u64::from_be_bytes) != Some(staged) => {
+            return Err(damaged(format!(
+                "a staged write of the sessions view holds {staged} records, not as many as marked"
+            )))
+        }
+        Some(_) => tracing::debug!(records = staged, "applying a staged sessions view write"),
+    }
+    // Straight from the stage, a piece at a time (never the whole write in memory).
+    let mut failed = None;
+    let ops = tree.scan_prefix(STAGED).map_while(|item| {
+        let op = item
+            .map_err(LogError::from)
+            .and_then(|(k, v)| Ok((k[STAGED.len()..].to_vec(), unstaged(&v)?)));
+        op.map_err(|e| failed = Some(e)).ok()
+    });
     for piece in pieces(ops) {
         step.apply(tree, piece)?;
     }
+    if let Some(e) = failed {
+        return Err(e);
+    }
     step.apply(tree, vec![(STAGED_WHOLE.to_vec(), None)])?;
-    for piece in pieces(staged) {
+    drop_staged(tree, step)
+}
+
+/// A staged record's value as the write it stands for.
+fn unstaged(v: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
+    match v.split_first() {
+        Some((1, value)) => Ok(Some(value.to_vec())),
+        Some((0, [])) => Ok(None),
+        _ => Err(damaged("a staged record of a write is damaged")),
+    }
+}
+
+/// Removes the staged records (the mark already gone), durably. Blocking.
+fn drop_staged(tree: &sled::Tree, step: &mut Steps) -> Result<(), LogError> {
+    let keys: Vec<sled::IVec> = tree.scan_prefix(STAGED).keys().collect::<Result<_, _>>()?;
+    for piece in pieces(keys.into_iter().map(|k| (k.to_vec(), None))) {
         step.apply(tree, piece)?;
     }
     tree.flush()?;
     Ok(())
 }
 
-/// Finishes a write in pieces that a crash cut short once it was staged whole, or drops what
-/// one cut before left staged (invariant 5): before anything reads the tree (the log's open)
-/// and before each write. Blocking.
-pub(super) fn finish_staged(tree: &sled::Tree) -> Result<(), LogError> {
-    let whole = tree
-        .get(STAGED_WHOLE)?
-        .map(|n| <[u8; 8]>::try_from(n.as_ref()).map(u64::from_be_bytes));
-    let mut ops = Vec::new();
-    for item in tree.scan_prefix(STAGED) {
-        let (k, v) = item?;
-        let op = match (whole, v.split_first()) {
-            (None, _) => None,
-            (Some(_), Some((1, value))) => Some(value.to_vec()),
-            (Some(_), Some((0, []))) => None,
-            _ => return Err(damaged("a staged record of a write is damaged")),
-        };
-        ops.push((k[STAGED.len()..].to_vec(), op));
-    }
-    match whole {
-        None if ops.is_empty() => Ok(()),
-        None => {
-            tracing::info!(
-                records = ops.len(),
-                "dropping a sessions view write cut short before it was staged whole"
-            );
-            let staged = ops.into_iter().map(|(k, _)| (staged_key(&k), None));
-            for piece in pieces(staged.collect()) {
-                Steps::default().apply(tree, piece)?;
-            }
-            tree.flush()?;
-            Ok(())
-        }
-        Some(Ok(n)) if n == ops.len() as u64 => {
-            tracing::info!(
-                records = n,
-                "finishing a sessions view write cut short after it was staged"
-            );
-            apply_staged(tree, ops, &mut Steps::default())
-        }
-        Some(_) => Err(damaged(format!(
-            "a staged write of the sessions view holds {} records, not as many as marked",
-            ops.len()
-        ))),
-    }
+/// Sets aside a view whose stage is damaged, with the stage: the next start rebuilds the
+/// sessions view from the log (only where it can: `checkpoint::kept_unless_rebuildable`).
+/// Blocking.
+pub(super) fn discard_staged(tree: &sled::Tree) -> Result<(), LogError> {
+    tree.remove(STAGED_WHOLE)?;
+    tree.remove(META)?;
+    drop_staged(tree, &mut Steps::default())
 }
 
 /// Whether `ops` go in one sled batch.
@@ -417,22 +434,23 @@ fn cut_before(_: usize) -> Result<(), LogError> {
 }
 
 /// `ops` in order, cut into sled batches of at most `BATCH_WRITES` and `BATCH_BYTES` (a
-/// single write larger than that alone).
-fn pieces(ops: Vec<packed::Write>) -> Vec<Vec<packed::Write>> {
-    let mut out = Vec::new();
-    let (mut piece, mut bytes) = (Vec::new(), 0);
-    for op in ops {
-        if !piece.is_empty()
-            && (piece.len() == BATCH_WRITES || bytes + write_size(&op) > BATCH_BYTES)
-        {
-            out.push(std::mem::take(&mut piece));
-            bytes = 0;
+/// single write larger than that alone), taken from `ops` one batch at a time.
+fn pieces(
+    ops: impl IntoIterator<Item = packed::Write>,
+) -> impl Iterator<Item = Vec<packed::Write>> {
+    let mut ops = ops.into_iter().peekable();
+    std::iter::from_fn(move || {
+        let (mut piece, mut bytes) = (Vec::new(), 0);
+        while let Some(op) = ops.peek() {
+            let full = piece.len() == BATCH_WRITES || bytes + write_size(op) > BATCH_BYTES;
+            if !piece.is_empty() && full {
+                break;
+            }
+            bytes += write_size(op);
+            piece.extend(ops.next());
         }
-        bytes += write_size(&op);
-        piece.push(op);
-    }
-    out.extend((!piece.is_empty()).then_some(piece));
-    out
+        (!piece.is_empty()).then_some(piece)
+    })
 }
 
 /// Which rows are in memory and which the tree holds for them: what a worker's checkpoints
@@ -911,11 +929,11 @@ mod tests {
         let write = |i: usize| (format!("a/{i:06}").into_bytes(), Some(vec![7; 100]));
         let small: Vec<packed::Write> = (0..10).map(write).collect();
         assert!(fits_one_batch(&small));
-        assert_eq!(pieces(small.clone()), vec![small]);
+        assert_eq!(pieces(small.clone()).collect::<Vec<_>>(), vec![small]);
 
         let large: Vec<packed::Write> = (0..2 * BATCH_WRITES + 7).map(write).collect();
         assert!(!fits_one_batch(&large));
-        let many = pieces(large.clone());
+        let many: Vec<_> = pieces(large.clone()).collect();
         assert_eq!(many.len(), 3);
         assert!(many.iter().all(|p| p.len() <= BATCH_WRITES));
         assert_eq!(many.concat(), large, "every write once, in order");
@@ -927,7 +945,7 @@ mod tests {
                 Some(vec![0; BATCH_BYTES / 2 + 1]),
             )
         };
-        assert_eq!(pieces((0..2).map(big).collect()).len(), 2);
+        assert_eq!(pieces((0..2).map(big)).count(), 2);
     }
 
     /// Invariant 5 at the tree: a staged write cut before its mark is dropped by the next
