@@ -1339,24 +1339,18 @@ mod tests {
         assert!(kept > 2 && finished > 2, "{kept} {finished}");
     }
 
-    /// A write that failed after its stage was marked, in a process that goes on: the next
-    /// write finishes that stage before staging its own (else their records would mix).
+    /// A write that failed after its stage was marked, in a process that goes on: what it
+    /// holds in memory may not be what the tree holds, so its next write is refused and the
+    /// tree left as it is; the log's next open finishes the stage (found in review: finishing
+    /// it and writing on left rows of both writes).
     #[test]
-    fn a_write_after_one_that_failed_once_staged_finishes_that_stage_first() {
+    fn a_write_after_one_cut_once_staged_is_refused_until_the_log_is_reopened() {
         use super::super::rows;
         let dir = tempfile::tempdir().unwrap();
         let (log, views) = world(dir.path());
         let tree = log.db.open_tree(rows::TREE).unwrap();
-        let first = with_extra_agents(&views.sessions, 1_500);
-        // Other sessions than the first's: its staged records are not all written over.
-        let mut second = views.sessions.clone();
-        for (id, row) in with_extra_agents(&views.sessions, 1_500).state.agent {
-            second
-                .state
-                .agent
-                .insert(AgentSessionId(id.0.replace("extra", "other")), row);
-        }
-        second.seq += 1;
+        let mut first = with_extra_agents(&views.sessions, 1_500);
+        first.seq += 1;
         rows::save_all(&tree, &views.sessions, SessionsView::VERSION).unwrap();
         let (_, mut residency) = Residency::load(&tree).unwrap().unwrap();
         // Cut after the mark: the stage's batches (a record per bucket, at most one per
@@ -1369,37 +1363,65 @@ mod tests {
             tree.get(b"s").unwrap().is_some(),
             "cut with its stage marked"
         );
-        let (_, mut again) = Residency::load(&tree).unwrap().unwrap();
-        again.write(&mut second.clone(), &[]).unwrap();
-        drop((residency, again, tree, log));
+        let staged = tree.scan_prefix(b"s").count();
+        let again = residency.write(&mut first.clone(), &[]).unwrap_err();
+        assert!(
+            again.to_string().contains("cut short in this process"),
+            "{again}"
+        );
+        assert_eq!(tree.scan_prefix(b"s").count(), staged, "left as it is");
+        drop((residency, tree, log));
         let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
         let tree = log.db.open_tree(rows::TREE).unwrap();
         let stored = Tracked::from_checkpoint(rows::load_all(&tree).unwrap().unwrap());
-        assert_eq!(stored.seq, second.seq);
-        for (id, row) in &second.state.agent {
-            assert_eq!(stored.state.agent.get(id), Some(row), "{id:?}");
-        }
+        assert_eq!(
+            (stored.seq, &stored.state.agent),
+            (first.seq, &first.state.agent)
+        );
     }
 
-    /// Found in review: a damaged stage failed every open, `rebuild` included. Where the log
-    /// can rebuild the view, it is set aside with its stage and rebuilt; where it cannot, the
-    /// open fails naming it and leaves it as it is.
+    /// Found in review: a damaged stage failed every open, `rebuild` included. A writer's open
+    /// sets it aside with the view where the log can rebuild (and the start rebuilds it); an
+    /// inspection command's open, or a writer's on a log that cannot rebuild, leaves the tree
+    /// as it is, and reading the view then fails naming it.
     #[test]
-    fn a_damaged_stage_is_set_aside_where_the_log_can_rebuild_and_kept_where_it_cannot() {
+    fn a_damaged_stage_is_set_aside_by_a_writer_where_the_log_can_rebuild_else_kept() {
+        use super::super::rows;
         let dir = tempfile::tempdir().unwrap();
         let (log, views) = world(dir.path());
         let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
         live.write_checkpoints(&log, START).unwrap();
         drop(live);
         let damage = |log: &EventLog| {
-            let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
+            let tree = log.db.open_tree(rows::TREE).unwrap();
             tree.insert(b"s/m", &[7u8, 1, 2][..]).unwrap();
             tree.insert(b"s", &1u64.to_be_bytes()[..]).unwrap();
             tree.flush().unwrap();
         };
+        let writer = LogOptions {
+            create: true,
+            ..LogOptions::default()
+        };
+        let stage = |log: &EventLog| {
+            let tree = log.db.open_tree(rows::TREE).unwrap();
+            let keys = |p: &[u8]| tree.scan_prefix(p).keys().count();
+            (keys(b"s"), tree.get(b"m").unwrap().is_some())
+        };
         damage(&log);
         drop(log);
+        // An inspection command's open: nothing changed, the view unreadable.
         let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+        assert_eq!(stage(&log), (2, true));
+        let err = log
+            .checkpoints()
+            .header("sessions")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("its stage is damaged"), "{err}");
+        drop(log);
+        // A writer's: set aside, and the start rebuilds the view from the log.
+        let log = EventLog::open(dir.path(), &writer).unwrap();
+        assert_eq!(stage(&log), (0, false));
         let (mut live, catch_up) =
             LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
         assert!(matches!(
@@ -1412,11 +1434,14 @@ mod tests {
         assert_eq!(live.merged().unwrap().sessions.state, views.sessions.state);
         live.write_checkpoints(&log, START).unwrap();
         drop(live);
+        // A writer's on a log that cannot rebuild: refused, nothing changed.
         drop_archive(&log, START + 365 * 24 * 3_600_000);
         damage(&log);
         drop(log);
-        let err = EventLog::open(dir.path(), &LogOptions::default()).unwrap_err();
+        let err = EventLog::open(dir.path(), &writer).unwrap_err();
         assert!(err.to_string().contains("cannot rebuild"), "{err}");
+        let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+        assert_eq!(stage(&log), (2, true));
     }
 
     /// A replacing write (a rebuilt view, `save_all`) leaves no record of the view it

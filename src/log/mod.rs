@@ -26,7 +26,8 @@
 //!   [`EventLog::append_unflushed`] (the worker's lifecycle records) leaves it to the next flush;
 //!   sled recovers a prefix, so a crash can lose such a batch only with everything after it.
 //! - Every open, inspection commands' too, finishes or drops a write of the sessions view that a
-//!   crash cut short (`rows`, invariant 5), as sled's own recovery does before anything is read.
+//!   crash cut short (`rows`, invariant 5), as sled's own recovery does before anything is read;
+//!   only a writer's open sets a damaged one aside (where the log can rebuild the view).
 //! - There is one key per event and no secondary index: sled's cost is per key, and an index by
 //!   session halved the durable append rate (measured: 0.36 x raw sled with it). Reads by session
 //!   scan with a byte prefilter (the id as a JSON string) and decode only the candidates.
@@ -445,7 +446,7 @@ impl EventLog {
         };
         // A write of the sessions view cut short by a crash: finished or dropped (`rows`,
         // invariant 5) before anything reads the tree.
-        log.finish_rows_write()?;
+        log.finish_rows_write(opts.create)?;
         Ok(log)
     }
 
@@ -498,10 +499,16 @@ impl EventLog {
     }
 
     /// Finishes or drops a write of the sessions view a crash cut short (`rows::finish_staged`).
-    /// A damaged stage is set aside with the view, to be rebuilt from the log, where the log
-    /// can (else the open fails naming it, and nothing is changed). Blocking.
-    fn finish_rows_write(&self) -> Result<(), LogError> {
+    /// A damaged stage is left as it is by inspection commands (`writer` false: reading the
+    /// view then fails naming it), and by a writer on a log that cannot rebuild the view (the
+    /// open fails naming it); else the writer sets it aside with the view, which is rebuilt
+    /// from the log. Blocking.
+    fn finish_rows_write(&self, writer: bool) -> Result<(), LogError> {
         match rows::finish_staged(&self.session_rows) {
+            Err(LogError::Rows { reason }) if !writer => {
+                tracing::warn!(%reason, "the sessions checkpoint is damaged; left as it is");
+                Ok(())
+            }
             Err(LogError::Rows { reason }) => {
                 checkpoint::kept_unless_rebuildable(self, &reason)?;
                 tracing::warn!(%reason, "setting the damaged sessions checkpoint aside: it is rebuilt from the log");
