@@ -319,9 +319,9 @@ fn staged_value(v: &Option<Vec<u8>>) -> Vec<u8> {
 }
 
 /// Finishes a write in pieces that a crash cut short once it was staged whole, or drops what
-/// one cut before left staged (invariant 5): before anything reads the tree (the log's open)
-/// and before each write. A stage that is not as its mark says is damage
-/// ([`LogError::Rows`]; [`discard_staged`] sets it aside with the view). Blocking.
+/// one cut before left staged (invariant 5): at the log's open, before anything reads the
+/// tree. A marked stage that is not as its mark says is damage ([`LogError::Rows`]; a
+/// writer's open sets it aside with the view, [`discard_staged`]). Blocking.
 pub(super) fn finish_staged(tree: &sled::Tree) -> Result<(), LogError> {
     finish_staged_counting(tree, &mut Steps::default())
 }
