@@ -47,13 +47,35 @@ struct CheckpointStats {
     note: Option<String>,
 }
 
-fn checkpoint<P: Projection>(store: &crate::log::CheckpointStore, last: u64) -> CheckpointStats {
+/// What the next start does with a checkpoint of `version` of projection `P`, when not the
+/// current one: rebuilds it from the log, upcasts it (the sessions view of the version before,
+/// on a log that cannot rebuild it), or fails (`dropped`: events deleted with the archive).
+fn other_version<P: Projection>(version: u32, dropped: u64) -> Option<String> {
+    let upcast = P::NAME == SessionsView::NAME && version == crate::log::SESSIONS_UPCASTS_FROM;
+    match (version == P::VERSION, dropped) {
+        (true, _) => None,
+        (false, 0) => Some("other version: will be rebuilt".to_owned()),
+        (false, _) if upcast => {
+            Some("other version: will be upcast (the log cannot rebuild it)".to_owned())
+        }
+        (false, d) => Some(format!(
+            "other version: cannot be rebuilt (events through seq {d} were deleted); a start fails"
+        )),
+    }
+}
+
+fn checkpoint<P: Projection>(
+    store: &crate::log::CheckpointStore,
+    last: u64,
+    dropped: u64,
+) -> CheckpointStats {
     // The header only: `rebuild --verify` is what reads a checkpoint whole and checks it.
     let (seq, version, note) = match store.header(P::NAME) {
-        Ok(Some((seq, version))) => {
-            let note = (version != P::VERSION).then(|| "other version: will be rebuilt".to_owned());
-            (Some(seq), Some(version), note)
-        }
+        Ok(Some((seq, version))) => (
+            Some(seq),
+            Some(version),
+            other_version::<P>(version, dropped),
+        ),
         Ok(None) => (None, None, Some("none".to_owned())),
         Err(e) => (None, None, Some(e.to_string())),
     };
@@ -110,12 +132,12 @@ pub(super) fn run(a: StatsArgs, out: &mut Out) -> Result<(), CliError> {
             Err(e) => return Err(e.into()),
         }
     }
-    let store = log.checkpoints();
+    let (store, dropped) = (log.checkpoints(), log.dropped_through());
     for p in ProjectionName::ALL {
         s.checkpoints.push(match p {
-            ProjectionName::Sessions => checkpoint::<SessionsView>(&store, last),
-            ProjectionName::Messages => checkpoint::<MessagesView>(&store, last),
-            ProjectionName::Commands => checkpoint::<CommandLedger>(&store, last),
+            ProjectionName::Sessions => checkpoint::<SessionsView>(&store, last, dropped),
+            ProjectionName::Messages => checkpoint::<MessagesView>(&store, last, dropped),
+            ProjectionName::Commands => checkpoint::<CommandLedger>(&store, last, dropped),
         });
     }
     if a.json {
@@ -190,4 +212,30 @@ pub(super) fn run(a: StatsArgs, out: &mut Out) -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found in review: on a log whose oldest segments were deleted, `stats` said a sessions
+    /// view of the version before would be rebuilt, where the start upcasts it.
+    #[test]
+    fn a_checkpoint_of_another_version_says_what_the_next_start_does_with_it() {
+        let before = crate::log::SESSIONS_UPCASTS_FROM;
+        assert_eq!(
+            other_version::<SessionsView>(SessionsView::VERSION, 9),
+            None
+        );
+        let note = |n: Option<String>| n.unwrap_or_default();
+        assert!(note(other_version::<SessionsView>(before, 0)).contains("will be rebuilt"));
+        assert!(note(other_version::<SessionsView>(before, 9)).contains("will be upcast"));
+        let older = note(other_version::<SessionsView>(before - 1, 9));
+        assert!(
+            older.contains("seq 9 were deleted); a start fails"),
+            "{older}"
+        );
+        let ledger = note(other_version::<CommandLedger>(0, 9));
+        assert!(ledger.contains("a start fails"), "{ledger}");
+    }
 }

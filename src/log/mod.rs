@@ -76,6 +76,9 @@ pub use identity::{load_identity, store_identity, IdentityStatus};
 use crate::events::{DecodeError, Envelope, EventKind, Identity, NewEvent};
 
 const EVENTS_TREE: &str = "events";
+/// The version of the sessions view a start upcasts, not rebuilds, on a log that cannot rebuild
+/// it (its oldest segments deleted): see `rows::UPCASTS_FROM`.
+pub const SESSIONS_UPCASTS_FROM: u32 = rows::UPCASTS_FROM;
 /// The checkpoint files' directory in a data directory (`checkpoint`).
 const CHECKPOINTS_DIR: &str = "checkpoints";
 /// The tree of the log's own bookkeeping: [`COMPACTED_THROUGH`].
