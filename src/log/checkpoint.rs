@@ -618,10 +618,7 @@ fn load(
             (tracked, None, false)
         }
     };
-    let (messages, commands) = match early {
-        Some(Preloaded { messages, commands }) => (Some(messages), Some(commands)),
-        None => (None, None),
-    };
+    let (messages, commands) = early.map(|e| (e.messages, e.commands)).unzip();
     let mut views = Views {
         sessions,
         messages: start(
@@ -1013,6 +1010,13 @@ mod tests {
 
     const START: Millis = 1_763_700_000_000;
 
+    /// The live views of `log`, opened and their checkpoints written.
+    fn written(log: &EventLog) -> LiveViews {
+        let (mut live, _) = LiveViews::open(log, CheckpointPolicy::default(), START).unwrap();
+        live.write_checkpoints(log, START).unwrap();
+        live
+    }
+
     /// A log of a generated history and the views it folds to.
     fn world(dir: &Path) -> (EventLog, Views) {
         let opts = LogOptions {
@@ -1169,8 +1173,7 @@ mod tests {
         let (log, views) = world(dir.path());
         let settled = crate::reconcile::settled_pairs(&views);
         assert!(!settled.is_empty());
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
-        live.write_checkpoints(&log, START).unwrap();
+        let live = written(&log);
         drop(live);
         // Written as agentsync wrote it before buckets.
         let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
@@ -1223,8 +1226,7 @@ mod tests {
     fn a_bucket_record_with_a_short_key_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = world(dir.path());
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
-        live.write_checkpoints(&log, START).unwrap();
+        let live = written(&log);
         let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
         // One record: key length 0, value length 0.
         let bad = [0u8; 8];
@@ -1254,8 +1256,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, views) = world(dir.path());
         let settled = crate::reconcile::settled_pairs(&views);
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
-        live.write_checkpoints(&log, START).unwrap();
+        let live = written(&log);
         drop(live);
         let (a, c) = settled[0].clone();
         let tree = log.db.open_tree(super::super::rows::TREE).unwrap();
@@ -1267,8 +1268,7 @@ mod tests {
         // An event names the pair: it comes back (its own record reads fine) and changes.
         log.append(vec![NewEvent::new(renamed(&a, &c), START)])
             .unwrap();
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
-        live.write_checkpoints(&log, START).unwrap();
+        let live = written(&log);
         let (want, _) = load_views(&log, None, None, true, |_| {}).unwrap();
         assert!(live.merged().unwrap().sessions.state == want.sessions.state);
         drop(live);
@@ -1389,8 +1389,7 @@ mod tests {
         use super::super::rows;
         let dir = tempfile::tempdir().unwrap();
         let (log, views) = world(dir.path());
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
-        live.write_checkpoints(&log, START).unwrap();
+        let live = written(&log);
         drop(live);
         let damage = |log: &EventLog| {
             let tree = log.db.open_tree(rows::TREE).unwrap();
@@ -1511,8 +1510,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, views) = world(dir.path());
         let settled = crate::reconcile::settled_pairs(&views);
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
-        live.write_checkpoints(&log, START).unwrap();
+        let live = written(&log);
         assert_eq!(live.away(), settled.len() as u64);
         drop(live);
         // The stored view becomes one of another version, its rows and links left in place
@@ -1547,8 +1545,7 @@ mod tests {
     fn a_pair_found_damaged_during_the_tail_rebuilds_the_sessions_view_instead_of_failing() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = world(dir.path());
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
-        live.write_checkpoints(&log, START).unwrap();
+        let live = written(&log);
         // The pair's link points at a chat session that is not its own.
         let (k, _) = overwrite_first(&log, b"l/", b"chat_nobody");
         let settled = [String::from_utf8_lossy(&k[2..]).into_owned()];
@@ -1577,8 +1574,7 @@ mod tests {
             !settled.is_empty(),
             "the generated history settles some pairs"
         );
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
-        live.write_checkpoints(&log, START).unwrap();
+        let live = written(&log);
         assert_eq!(live.away(), settled.len() as u64);
         let (a, c) = &settled[0];
         assert!(!live.views.sessions.state.agent.contains_key(a));
@@ -1643,8 +1639,7 @@ mod tests {
         let changed = infos.iter().cloned().map(Event::AgentSessionChanged);
         let changed: Vec<NewEvent> = changed.map(|e| NewEvent::new(e, START)).collect();
         log.append(changed).unwrap();
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
-        live.write_checkpoints(&log, START).unwrap();
+        let live = written(&log);
         drop(live);
         let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
         let away = live.away();
@@ -1762,8 +1757,7 @@ mod tests {
     fn a_damaged_view_on_a_log_that_cannot_rebuild_it_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = world(dir.path());
-        let (mut live, _) = LiveViews::open(&log, CheckpointPolicy::default(), START).unwrap();
-        live.write_checkpoints(&log, START).unwrap();
+        let live = written(&log);
         assert!(live.away() > 0);
         drop(live);
         drop_archive(&log, START + 365 * 24 * 3_600_000);
