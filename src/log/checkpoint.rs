@@ -1380,6 +1380,66 @@ mod tests {
         );
     }
 
+    /// `rows` invariant 5 when the crash comes again during the open that finishes a marked
+    /// stage: cut before each batch of that finishing (applying, removing the mark, dropping
+    /// the stage), the open after holds the whole view of the write and nothing staged.
+    #[test]
+    fn an_open_cut_while_finishing_a_staged_write_is_finished_by_the_next_open() {
+        use super::super::rows;
+        let dir = tempfile::tempdir().unwrap();
+        let (log, views) = world(dir.path());
+        let mut first = with_extra_agents(&views.sessions, 2_500);
+        first.seq += 1;
+        let stage = first.state.agent.len().div_ceil(1_000);
+        let mut log = Some(log);
+        let mut cuts = 0;
+        for cut in 0.. {
+            let live = log.take().unwrap();
+            let tree = live.db.open_tree(rows::TREE).unwrap();
+            rows::save_all(&tree, &views.sessions, SessionsView::VERSION).unwrap();
+            let (_, mut residency) = Residency::load(&tree).unwrap().unwrap();
+            rows::CUT_AFTER_PIECES.set(Some(stage + 1));
+            assert!(residency.write(&mut first.clone(), &[]).is_err());
+            rows::CUT_AFTER_PIECES.set(None);
+            assert!(
+                tree.get(b"s").unwrap().is_some(),
+                "cut with its stage marked"
+            );
+            drop((residency, tree, live));
+            rows::CUT_AFTER_PIECES.set(Some(cut));
+            let opened = EventLog::open(dir.path(), &LogOptions::default());
+            rows::CUT_AFTER_PIECES.set(None);
+            let (reopened, was_cut) = match opened {
+                Ok(finished) => (finished, false),
+                Err(e) => {
+                    assert!(e.to_string().contains("cut (test)"), "cut {cut}: {e}");
+                    cuts += 1;
+                    (
+                        EventLog::open(dir.path(), &LogOptions::default()).unwrap(),
+                        true,
+                    )
+                }
+            };
+            let tree = reopened.db.open_tree(rows::TREE).unwrap();
+            assert_eq!(tree.scan_prefix(b"s").count(), 0, "cut {cut}: left staged");
+            let stored = Tracked::from_checkpoint(rows::load_all(&tree).unwrap().unwrap());
+            // Not assert_eq: a failure would print two views of 2,500 rows.
+            let whole =
+                stored.state.agent == first.state.agent && stored.state.chat == first.state.chat;
+            assert!(
+                stored.seq == first.seq && whole,
+                "cut {cut}: not the write's view"
+            );
+            drop(tree);
+            if !was_cut {
+                break;
+            }
+            log = Some(reopened);
+        }
+        // Applying (three pieces here), removing the mark, and dropping the stage (three).
+        assert!(cuts >= 5, "{cuts}");
+    }
+
     /// Found in review: a damaged stage failed every open, `rebuild` included. A writer's open
     /// sets it aside with the view where the log can rebuild (and the start rebuilds it); an
     /// inspection command's open, or a writer's on a log that cannot rebuild, leaves the tree
