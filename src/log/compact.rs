@@ -206,15 +206,16 @@ pub(super) fn run(
     if fresh_path.exists() {
         remove(&fresh_path)?;
     }
-    let entries = copy(&db, dir, cache_bytes, stamp)?;
+    let entries = before_step(0).and_then(|_| copy(&db, dir, cache_bytes, stamp))?;
     drop(db);
     let renames = [(FRESH, READY), ("log", OLD), (READY, "log")];
-    for (from, to) in renames.iter().take(steps.saturating_sub(1)) {
+    for (i, (from, to)) in renames.iter().take(steps.saturating_sub(1)).enumerate() {
+        before_step(i + 1)?;
         rename(dir, from, to)?;
     }
     if steps >= STEPS {
         // The swap is done: a failure from here on is left to the next open (invariant 3).
-        match remove(&dir.join(OLD)) {
+        match before_step(4).and_then(|_| remove(&dir.join(OLD))) {
             Ok(()) => sync_dir(dir),
             Err(e) => {
                 tracing::warn!(error = %e, "the database before the compaction is left in log.old/")
@@ -222,6 +223,27 @@ pub(super) fn run(
         }
     }
     Ok(entries)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests run this before each step ([`STEPS`], from 0): to fail it, or to look at the
+    /// directory while the compaction holds it.
+    pub(super) static BEFORE_STEP: std::cell::RefCell<Option<StepHook>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+#[cfg(test)]
+pub(super) type StepHook = Box<dyn FnMut(usize) -> Result<(), LogError>>;
+
+#[cfg(test)]
+fn before_step(step: usize) -> Result<(), LogError> {
+    BEFORE_STEP.with_borrow_mut(|hook| hook.as_mut().map_or(Ok(()), |hook| hook(step)))
+}
+
+#[cfg(not(test))]
+fn before_step(_: usize) -> Result<(), LogError> {
+    Ok(())
 }
 
 #[cfg(test)]
@@ -331,6 +353,59 @@ pub(super) mod tests {
             for left in [super::FRESH, super::READY, super::OLD] {
                 assert!(!dir.path().join(left).exists(), "step {steps}: {left} left");
             }
+        }
+    }
+
+    /// A start whose compaction fails at any step (a full disk, a rename refused) opens the
+    /// log as it is, or as the next open finishes it, with every event there and nothing left
+    /// beside it; and no other process can open the directory while the compaction runs (the
+    /// lock is held from the first open to the reopen). A copy that failed leaves the
+    /// compaction due: the next start tries again (there is no backoff).
+    #[test]
+    fn a_start_whose_compaction_fails_at_any_step_opens_the_log_with_every_event() {
+        use crate::log::lock::DirLock;
+        for failing in 0..super::STEPS {
+            let dir = tempfile::tempdir().unwrap();
+            let log = EventLog::open(dir.path(), &create()).unwrap();
+            log.append(History::of(&History::random_steps(15, 300), 1_000))
+                .unwrap();
+            archive_all(&log);
+            let (stored, n) = (read_all(&log), log.archived_through());
+            drop(log);
+            let path = dir.path().to_path_buf();
+            let seen_by_hook = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+            let record = seen_by_hook.clone();
+            super::BEFORE_STEP.set(Some(Box::new(move |step| {
+                record
+                    .borrow_mut()
+                    .push((step, DirLock::try_acquire(&path).is_err()));
+                match step == failing {
+                    true => Err(crate::log::LogError::Compact("failed (test)".into())),
+                    false => Ok(()),
+                }
+            })));
+            let opened = EventLog::open_compacted(dir.path(), &create(), n);
+            super::BEFORE_STEP.set(None);
+            let log = opened.unwrap_or_else(|e| panic!("failing step {failing}: {e}"));
+            let seen = seen_by_hook.borrow().clone();
+            assert_eq!(seen.first(), Some(&(0, true)), "failing step {failing}");
+            assert!(seen.iter().all(|(_, locked)| *locked), "{seen:?}");
+            assert_eq!(seen.last().map(|s| s.0), Some(failing), "{seen:?}");
+            assert_eq!(read_all(&log), stored, "failing step {failing}");
+            for left in [super::FRESH, super::READY, super::OLD] {
+                assert!(
+                    !dir.path().join(left).exists(),
+                    "step {failing}: {left} left"
+                );
+            }
+            // Before the first rename nothing was swapped in: still due. After it, the copy
+            // was finished and checked, and the open swapped it in.
+            let due = log.compaction_due(n).unwrap();
+            assert_eq!(
+                due.is_some(),
+                failing <= 1,
+                "failing step {failing}: {due:?}"
+            );
         }
     }
 

@@ -39,7 +39,8 @@ impl DirLock {
         }
     }
 
-    fn try_acquire(dir: &Path) -> Result<Self, LogError> {
+    /// [`DirLock::acquire`] without the wait for a lock this process just released.
+    pub(super) fn try_acquire(dir: &Path) -> Result<Self, LogError> {
         let path = dir.join("LOCK");
         let mut file = super::private::open_rw(&path)
             .map_err(|e| LogError::io(format!("cannot open {}", path.display()), e))?;

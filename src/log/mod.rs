@@ -464,7 +464,8 @@ impl EventLog {
     /// `threshold` ([`EventLog::compaction_due`]): for a worker's start, without which its
     /// hourly archives would leave sled as slow to open, and as large in memory, as its
     /// busiest past. A compaction that fails is logged and the log opened as it is (one cut
-    /// short is finished or undone by that open). Blocking.
+    /// short is finished or undone by that open); one that failed before its copy was swapped
+    /// in is still due, and the next start tries again. Blocking.
     pub fn open_compacted(
         dir: impl AsRef<Path>,
         opts: &LogOptions,
