@@ -10,7 +10,9 @@
 //! The steps ([`STEPS`]): copy into `log.compact/` (flushed, reopened, read back and checked
 //! against the source by checksum); rename it `log.ready/`; rename `log/` to `log.old/`; rename
 //! `log.ready/` to `log/`; remove `log.old/`. The directory is fsynced after each rename
-//! (best effort, as everywhere in `log`: not every file system can).
+//! (best effort, as everywhere in `log`: not every file system can). A step that fails with
+//! the process going on is undone before the error returns (`undo_swap`: the database before
+//! back in place, the copy removed), so that a refusal that lasts cannot fail every later open.
 //!
 //! Invariants (a crash between any two steps leaves a state [`recover`] finishes or undoes at
 //! the next open, after the format and identity checks and before sled is opened):
@@ -210,8 +212,10 @@ pub(super) fn run(
     drop(db);
     let renames = [(FRESH, READY), ("log", OLD), (READY, "log")];
     for (i, (from, to)) in renames.iter().take(steps.saturating_sub(1)).enumerate() {
-        before_step(i + 1)?;
-        rename(dir, from, to)?;
+        if let Err(e) = before_step(i + 1).and_then(|_| rename(dir, from, to)) {
+            undo_swap(dir, i);
+            return Err(e);
+        }
     }
     if steps >= STEPS {
         // The swap is done: a failure from here on is left to the next open (invariant 3).
@@ -223,6 +227,30 @@ pub(super) fn run(
         }
     }
     Ok(entries)
+}
+
+/// Puts the database before back in place after rename `failed` (0 to 2) of the swap was
+/// refused, and removes the copy: left to the next open, a refusal that lasts (a directory
+/// made read-only, a rename the file system refuses) would fail that open's `recover` and
+/// every open after it. The database before is as good as the copy (the lock is held, nothing
+/// was written since), and the compaction stays due. Best effort: whatever is left is a state
+/// of the invariants, which the next open finishes or undoes. Blocking.
+fn undo_swap(dir: &Path, failed: usize) {
+    let undone = (|| {
+        if failed == 2 {
+            rename(dir, OLD, "log")?;
+        }
+        for copy in [FRESH, READY] {
+            if dir.join(copy).exists() {
+                remove(&dir.join(copy))?;
+            }
+        }
+        sync_dir(dir);
+        Ok::<_, LogError>(())
+    })();
+    if let Err(e) = undone {
+        tracing::warn!(error = %e, "undoing a compaction that failed: the next open finishes or undoes it");
+    }
 }
 
 #[cfg(test)]
@@ -357,30 +385,38 @@ pub(super) mod tests {
     }
 
     /// A start whose compaction fails at any step (a full disk, a rename refused) opens the
-    /// log as it is, or as the next open finishes it, with every event there and nothing left
-    /// beside it; and no other process can open the directory while the compaction runs (the
-    /// lock is held from the first open to the reopen). A copy that failed leaves the
-    /// compaction due: the next start tries again (there is no backoff).
+    /// log with every event there and nothing left beside it, and no other process can open
+    /// the directory at any step of the compaction. A failure before the swap is done is
+    /// undone in place (`undo_swap`: left to the next open's `recover`, a refusal that lasts
+    /// would fail every open) and the compaction stays due: the next start tries again
+    /// (there is no backoff). Once swapped in, a failure to remove the database before is a
+    /// warning: the compaction is done.
     #[test]
     fn a_start_whose_compaction_fails_at_any_step_opens_the_log_with_every_event() {
-        use crate::log::lock::DirLock;
+        use crate::log::{lock::DirLock, LogError};
         for failing in 0..super::STEPS {
             let dir = tempfile::tempdir().unwrap();
             let log = EventLog::open(dir.path(), &create()).unwrap();
             log.append(History::of(&History::random_steps(15, 300), 1_000))
                 .unwrap();
             archive_all(&log);
-            let (stored, n) = (read_all(&log), log.archived_through());
+            let n = log.archived_through();
+            // Some live events too: the archive's files are not what a compaction copies.
+            log.append(History::of(&History::random_steps(16, 20), 1_000))
+                .unwrap();
+            let stored = read_all(&log);
+            assert!(log.last_seq() > n && log.compaction_due(n).unwrap().is_some());
             drop(log);
             let path = dir.path().to_path_buf();
             let seen_by_hook = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
             let record = seen_by_hook.clone();
+            let own = std::process::id();
             super::BEFORE_STEP.set(Some(Box::new(move |step| {
-                record
-                    .borrow_mut()
-                    .push((step, DirLock::try_acquire(&path).is_err()));
+                let held = DirLock::try_acquire(&path);
+                let by_us = matches!(held, Err(LogError::Locked { pid: Some(p), .. }) if p == own);
+                record.borrow_mut().push((step, by_us));
                 match step == failing {
-                    true => Err(crate::log::LogError::Compact("failed (test)".into())),
+                    true => Err(LogError::Compact("failed (test)".into())),
                     false => Ok(()),
                 }
             })));
@@ -388,9 +424,16 @@ pub(super) mod tests {
             super::BEFORE_STEP.set(None);
             let log = opened.unwrap_or_else(|e| panic!("failing step {failing}: {e}"));
             let seen = seen_by_hook.borrow().clone();
-            assert_eq!(seen.first(), Some(&(0, true)), "failing step {failing}");
-            assert!(seen.iter().all(|(_, locked)| *locked), "{seen:?}");
-            assert_eq!(seen.last().map(|s| s.0), Some(failing), "{seen:?}");
+            let steps: Vec<usize> = seen.iter().map(|s| s.0).collect();
+            assert_eq!(
+                steps,
+                (0..=failing).collect::<Vec<_>>(),
+                "failing step {failing}"
+            );
+            assert!(
+                seen.iter().all(|(_, held)| *held),
+                "lock not held: {seen:?}"
+            );
             assert_eq!(read_all(&log), stored, "failing step {failing}");
             for left in [super::FRESH, super::READY, super::OLD] {
                 assert!(
@@ -398,15 +441,38 @@ pub(super) mod tests {
                     "step {failing}: {left} left"
                 );
             }
-            // Before the first rename nothing was swapped in: still due. After it, the copy
-            // was finished and checked, and the open swapped it in.
             let due = log.compaction_due(n).unwrap();
             assert_eq!(
                 due.is_some(),
-                failing <= 1,
+                failing < 4,
                 "failing step {failing}: {due:?}"
             );
         }
+    }
+
+    /// `archive --compact` whose removal of the database before fails (after the swap)
+    /// reports the compaction done, and the next open removes what is left.
+    #[test]
+    fn a_compaction_that_cannot_remove_the_database_before_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(dir.path(), &create()).unwrap();
+        let stored = log
+            .append(History::of(&History::random_steps(17, 100), 1_000))
+            .unwrap();
+        super::BEFORE_STEP.set(Some(Box::new(|step| match step {
+            4 => Err(crate::log::LogError::Compact("failed (test)".into())),
+            _ => Ok(()),
+        })));
+        let compacted = log.compact();
+        super::BEFORE_STEP.set(None);
+        assert!(compacted.is_ok(), "{compacted:?}");
+        assert!(
+            dir.path().join(super::OLD).exists(),
+            "the removal was not failed"
+        );
+        let log = EventLog::open(dir.path(), &LogOptions::default()).unwrap();
+        assert!(!dir.path().join(super::OLD).exists());
+        assert_eq!(read_all(&log), stored);
     }
 
     /// Invariant 4: an unknown state (here an empty `log/` made between the renames, as an
