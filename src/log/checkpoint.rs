@@ -1339,6 +1339,28 @@ mod tests {
         assert!(kept > 2 && finished > 2, "{kept} {finished}");
     }
 
+    /// `before` stored, then the write of `after` cut just after its stage was marked whole:
+    /// the stage's batches (a record per bucket, at most one per agent, 1,000 a batch in
+    /// tests), then the mark; the assert checks where. The residency that wrote it.
+    fn cut_once_staged(
+        tree: &sled::Tree,
+        before: &Tracked<SessionsView>,
+        after: &Tracked<SessionsView>,
+    ) -> Residency {
+        use super::super::rows;
+        rows::save_all(tree, before, SessionsView::VERSION).unwrap();
+        let (_, mut residency) = Residency::load(tree).unwrap().unwrap();
+        let stage = after.state.agent.len().div_ceil(1_000);
+        rows::CUT_AFTER_PIECES.set(Some(stage + 1));
+        assert!(residency.write(&mut after.clone(), &[]).is_err());
+        rows::CUT_AFTER_PIECES.set(None);
+        assert!(
+            tree.get(b"s").unwrap().is_some(),
+            "cut with its stage marked"
+        );
+        residency
+    }
+
     /// A write that failed after its stage was marked, in a process that goes on: what it
     /// holds in memory may not be what the tree holds, so its next write is refused and the
     /// tree left as it is; the log's next open finishes the stage (found in review: finishing
@@ -1351,18 +1373,7 @@ mod tests {
         let tree = log.db.open_tree(rows::TREE).unwrap();
         let mut first = with_extra_agents(&views.sessions, 1_500);
         first.seq += 1;
-        rows::save_all(&tree, &views.sessions, SessionsView::VERSION).unwrap();
-        let (_, mut residency) = Residency::load(&tree).unwrap().unwrap();
-        // Cut after the mark: the stage's batches (a record per bucket, at most one per
-        // agent, 1,000 a batch in tests), then the mark; the assert below checks where.
-        let stage = first.state.agent.len().div_ceil(1_000);
-        rows::CUT_AFTER_PIECES.set(Some(stage + 1));
-        assert!(residency.write(&mut first.clone(), &[]).is_err());
-        rows::CUT_AFTER_PIECES.set(None);
-        assert!(
-            tree.get(b"s").unwrap().is_some(),
-            "cut with its stage marked"
-        );
+        let mut residency = cut_once_staged(&tree, &views.sessions, &first);
         let staged = tree.scan_prefix(b"s").count();
         let again = residency.write(&mut first.clone(), &[]).unwrap_err();
         assert!(
@@ -1390,21 +1401,12 @@ mod tests {
         let (log, views) = world(dir.path());
         let mut first = with_extra_agents(&views.sessions, 2_500);
         first.seq += 1;
-        let stage = first.state.agent.len().div_ceil(1_000);
         let mut log = Some(log);
         let mut cuts = 0;
         for cut in 0.. {
             let live = log.take().unwrap();
             let tree = live.db.open_tree(rows::TREE).unwrap();
-            rows::save_all(&tree, &views.sessions, SessionsView::VERSION).unwrap();
-            let (_, mut residency) = Residency::load(&tree).unwrap().unwrap();
-            rows::CUT_AFTER_PIECES.set(Some(stage + 1));
-            assert!(residency.write(&mut first.clone(), &[]).is_err());
-            rows::CUT_AFTER_PIECES.set(None);
-            assert!(
-                tree.get(b"s").unwrap().is_some(),
-                "cut with its stage marked"
-            );
+            let residency = cut_once_staged(&tree, &views.sessions, &first);
             drop((residency, tree, live));
             rows::CUT_AFTER_PIECES.set(Some(cut));
             let opened = EventLog::open(dir.path(), &LogOptions::default());
