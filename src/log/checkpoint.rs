@@ -1398,31 +1398,23 @@ mod tests {
     fn an_open_cut_while_finishing_a_staged_write_is_finished_by_the_next_open() {
         use super::super::rows;
         let dir = tempfile::tempdir().unwrap();
-        let (log, views) = world(dir.path());
+        let (mut log, views) = world(dir.path());
         let mut first = with_extra_agents(&views.sessions, 2_500);
         first.seq += 1;
-        let mut log = Some(log);
         let mut cuts = 0;
         for cut in 0.. {
-            let live = log.take().unwrap();
-            let tree = live.db.open_tree(rows::TREE).unwrap();
+            let tree = log.db.open_tree(rows::TREE).unwrap();
             let residency = cut_once_staged(&tree, &views.sessions, &first);
-            drop((residency, tree, live));
+            drop((residency, tree, log));
             rows::CUT_AFTER_PIECES.set(Some(cut));
             let opened = EventLog::open(dir.path(), &LogOptions::default());
             rows::CUT_AFTER_PIECES.set(None);
-            let (reopened, was_cut) = match opened {
-                Ok(finished) => (finished, false),
-                Err(e) => {
-                    assert!(e.to_string().contains("cut (test)"), "cut {cut}: {e}");
-                    cuts += 1;
-                    (
-                        EventLog::open(dir.path(), &LogOptions::default()).unwrap(),
-                        true,
-                    )
-                }
-            };
-            let tree = reopened.db.open_tree(rows::TREE).unwrap();
+            let was_cut = opened.is_err();
+            log = opened
+                .inspect_err(|e| assert!(e.to_string().contains("cut (test)"), "cut {cut}: {e}"))
+                .or_else(|_| EventLog::open(dir.path(), &LogOptions::default()))
+                .unwrap();
+            let tree = log.db.open_tree(rows::TREE).unwrap();
             assert_eq!(tree.scan_prefix(b"s").count(), 0, "cut {cut}: left staged");
             let stored = Tracked::from_checkpoint(rows::load_all(&tree).unwrap().unwrap());
             // Not assert_eq: a failure would print two views of 2,500 rows.
@@ -1432,11 +1424,10 @@ mod tests {
                 stored.seq == first.seq && whole,
                 "cut {cut}: not the write's view"
             );
-            drop(tree);
             if !was_cut {
                 break;
             }
-            log = Some(reopened);
+            cuts += 1;
         }
         // Applying (three pieces here), removing the mark, and dropping the stage (three).
         assert!(cuts >= 5, "{cuts}");
